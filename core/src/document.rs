@@ -1,0 +1,623 @@
+//! One Automerge document: apply the shared operation set in a transaction, apply remote
+//! changes in batches, read it as JSON.
+
+use automerge::transaction::Transactable;
+use automerge::{Automerge, ObjId, ObjType, Prop, ROOT, ReadDoc, ScalarValue};
+use base64::Engine as _;
+
+use crate::error::{Error, Result};
+use crate::ids::{ChangeHash, DocId};
+use crate::ops::{MAX_DEPTH, Op, PathElem, Value, path_to_string};
+
+/// A document held by a replica.
+pub struct Document {
+    id: DocId,
+    doc: Automerge,
+}
+
+impl std::fmt::Debug for Document {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Document({})", self.id)
+    }
+}
+
+/// What one applied change did, as reported to observers.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct PatchSummary {
+    /// The path of the property that changed.
+    pub path: Vec<PathElem>,
+    /// `put`, `delete`, `insert`, `splice`, `increment`, `conflict` or `mark`.
+    pub action: &'static str,
+}
+
+impl Document {
+    /// An empty document that writes with `actor`.
+    pub fn new(id: DocId, actor: automerge::ActorId) -> Self {
+        Document {
+            id,
+            doc: Automerge::new().with_actor(actor),
+        }
+    }
+
+    /// A document from a saved snapshot (or empty) plus changes not in the snapshot.
+    pub(crate) fn load(
+        id: DocId,
+        actor: automerge::ActorId,
+        snapshot: Option<&[u8]>,
+        changes: Vec<automerge::Change>,
+    ) -> Result<Self> {
+        let mut doc = match snapshot {
+            Some(bytes) => Automerge::load(bytes).map_err(|e| Error::Corrupt {
+                what: format!("snapshot of {id}"),
+                reason: e.to_string(),
+            })?,
+            None => Automerge::new(),
+        };
+        doc.set_actor(actor);
+        doc.apply_changes(changes)
+            .map_err(|source| Error::Automerge {
+                doc: id.clone(),
+                source,
+            })?;
+        Ok(Document { id, doc })
+    }
+
+    /// The document's id.
+    pub fn id(&self) -> &DocId {
+        &self.id
+    }
+
+    /// The hashes of the changes no other change depends on.
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.doc
+            .get_heads()
+            .into_iter()
+            .map(ChangeHash::from)
+            .collect()
+    }
+
+    /// The underlying Automerge document, for reads the JSON view does not give.
+    pub fn automerge(&self) -> &Automerge {
+        &self.doc
+    }
+
+    /// Whether the document holds the change.
+    pub fn has_change(&self, hash: &ChangeHash) -> bool {
+        self.doc.get_change_meta_by_hash(&(*hash).into()).is_some()
+    }
+
+    /// Hashes among `hashes` the document does not hold.
+    pub fn missing(&self, hashes: &[ChangeHash]) -> Vec<ChangeHash> {
+        hashes
+            .iter()
+            .filter(|h| !self.has_change(h))
+            .copied()
+            .collect()
+    }
+
+    /// The changes that are not ancestors of `have` (the hashes of `have` this document does not
+    /// know are ignored, so the answer may hold changes the other side already has).
+    pub fn changes_since(&self, have: &[ChangeHash]) -> Vec<automerge::Change> {
+        let known: Vec<automerge::ChangeHash> = have
+            .iter()
+            .filter(|h| self.has_change(h))
+            .map(|h| (*h).into())
+            .collect();
+        self.doc.get_changes(&known)
+    }
+
+    /// Applies `ops` as one transaction. Nothing is applied if one op fails. Returns the new
+    /// change, or `None` if the ops changed nothing.
+    pub(crate) fn apply_ops(&mut self, ops: &[Op]) -> Result<Option<automerge::Change>> {
+        let id = self.id.clone();
+        let before = self.doc.get_heads();
+        let mut tx = self.doc.transaction();
+        for op in ops {
+            if let Err(e) = apply_op(&mut tx, &id, op) {
+                tx.rollback();
+                return Err(e);
+            }
+        }
+        tx.commit();
+        if self.doc.get_heads() == before {
+            return Ok(None);
+        }
+        Ok(self.doc.get_last_local_change())
+    }
+
+    /// Applies remote changes (already verified) in one batch. Changes whose dependencies are
+    /// missing wait inside Automerge's queue until they arrive.
+    pub(crate) fn apply_changes(&mut self, changes: Vec<automerge::Change>) -> Result<()> {
+        self.doc
+            .apply_changes(changes)
+            .map_err(|source| Error::Automerge {
+                doc: self.id.clone(),
+                source,
+            })
+    }
+
+    /// A compact snapshot of the whole document.
+    pub(crate) fn save(&self) -> Vec<u8> {
+        self.doc.save()
+    }
+
+    /// What changed between two sets of heads, for observers.
+    pub fn diff(&self, before: &[ChangeHash], after: &[ChangeHash]) -> Vec<PatchSummary> {
+        let b: Vec<automerge::ChangeHash> = before.iter().map(|h| (*h).into()).collect();
+        let a: Vec<automerge::ChangeHash> = after.iter().map(|h| (*h).into()).collect();
+        self.doc
+            .diff(&b, &a)
+            .into_iter()
+            .map(|p| {
+                use automerge::PatchAction as A;
+                let mut path: Vec<PathElem> =
+                    p.path.iter().map(|(_, prop)| prop_elem(prop)).collect();
+                let (last, action) = match &p.action {
+                    A::PutMap { key, .. } => (Some(PathElem::Key(key.clone())), "put"),
+                    A::PutSeq { index, .. } => (Some(PathElem::Index(*index as i64)), "put"),
+                    A::Insert { index, .. } => (Some(PathElem::Index(*index as i64)), "insert"),
+                    A::SpliceText { index, .. } => (Some(PathElem::Index(*index as i64)), "splice"),
+                    A::Increment { prop, .. } => (Some(prop_elem(prop)), "increment"),
+                    A::Conflict { prop } => (Some(prop_elem(prop)), "conflict"),
+                    A::DeleteMap { key } => (Some(PathElem::Key(key.clone())), "delete"),
+                    A::DeleteSeq { index, .. } => (Some(PathElem::Index(*index as i64)), "delete"),
+                    A::Mark { .. } => (None, "mark"),
+                };
+                path.extend(last);
+                PatchSummary { path, action }
+            })
+            .collect()
+    }
+
+    /// The document as plain JSON: counters as numbers, text as strings, timestamps as
+    /// milliseconds, bytes as base64 strings.
+    pub fn to_json(&self) -> serde_json::Value {
+        render(&self.doc, &ROOT, ObjType::Map, 0)
+    }
+
+    /// The value at `path` as plain JSON, or `None` if nothing is there.
+    pub fn get_json(&self, path: &[PathElem]) -> Option<serde_json::Value> {
+        let mut obj = ROOT;
+        let mut value: Option<(automerge::Value<'_>, ObjId)> = None;
+        for elem in path {
+            if let Some((v, id)) = &value {
+                match v {
+                    automerge::Value::Object(_) => obj = id.clone(),
+                    automerge::Value::Scalar(_) => return None,
+                }
+            }
+            let prop = match elem {
+                PathElem::Key(k) => Prop::Map(k.clone()),
+                PathElem::Index(i) => Prop::Seq(usize::try_from(*i).ok()?),
+            };
+            value = self.doc.get(&obj, prop).ok()?;
+            value.as_ref()?;
+        }
+        match value {
+            None => Some(self.to_json()),
+            Some((automerge::Value::Object(t), id)) => Some(render(&self.doc, &id, t, 0)),
+            Some((automerge::Value::Scalar(s), _)) => Some(scalar_json(&s)),
+        }
+    }
+}
+
+fn prop_elem(prop: &Prop) -> PathElem {
+    match prop {
+        Prop::Map(k) => PathElem::Key(k.clone()),
+        Prop::Seq(i) => PathElem::Index(*i as i64),
+    }
+}
+
+fn render(doc: &Automerge, obj: &ObjId, t: ObjType, depth: usize) -> serde_json::Value {
+    use serde_json::Value as J;
+    if depth > MAX_DEPTH {
+        return serde_json::json!({"$error": "nested too deep to render"});
+    }
+    let child = |v: automerge::Value<'_>, id: ObjId| match v {
+        automerge::Value::Object(t) => render(doc, &id, t, depth + 1),
+        automerge::Value::Scalar(s) => scalar_json(&s),
+    };
+    match t {
+        ObjType::Map | ObjType::Table => J::Object(
+            doc.map_range(obj, ..)
+                .map(|item| {
+                    let id = item.id();
+                    (item.key.to_string(), child(item.value.into(), id))
+                })
+                .collect(),
+        ),
+        ObjType::List => J::Array(
+            doc.list_range(obj, ..)
+                .map(|item| {
+                    let id = item.id();
+                    child(item.value.into(), id)
+                })
+                .collect(),
+        ),
+        ObjType::Text => J::String(doc.text(obj).unwrap_or_default()),
+    }
+}
+
+fn scalar_json(s: &ScalarValue) -> serde_json::Value {
+    use serde_json::json;
+    match s {
+        ScalarValue::Bytes(b) => json!(base64::engine::general_purpose::STANDARD.encode(b)),
+        ScalarValue::Str(s) => json!(s.as_str()),
+        ScalarValue::Int(i) => json!(i),
+        ScalarValue::Uint(u) => json!(u),
+        ScalarValue::F64(f) => json!(f),
+        ScalarValue::Counter(c) => json!(i64::from(c)),
+        ScalarValue::Timestamp(t) => json!(t),
+        ScalarValue::Boolean(b) => json!(b),
+        ScalarValue::Null | ScalarValue::Unknown { .. } => serde_json::Value::Null,
+    }
+}
+
+fn path_error(doc: &DocId, path: &[PathElem], reason: impl Into<String>) -> Error {
+    Error::InvalidPath {
+        doc: doc.clone(),
+        path: path_to_string(path),
+        reason: reason.into(),
+    }
+}
+
+/// Follows `path` from the root to an object; returns it and its type.
+fn resolve<T: Transactable>(tx: &T, doc: &DocId, path: &[PathElem]) -> Result<(ObjId, ObjType)> {
+    let mut obj = ROOT;
+    let mut t = ObjType::Map;
+    for (i, elem) in path.iter().enumerate() {
+        let prop = prop_for(tx, doc, &path[..=i], &obj, t, elem, false)?;
+        match tx.get(&obj, prop) {
+            Ok(Some((automerge::Value::Object(ct), id))) => {
+                obj = id;
+                t = ct;
+            }
+            Ok(Some((automerge::Value::Scalar(_), _))) => {
+                return Err(path_error(
+                    doc,
+                    &path[..=i],
+                    "is a value, not a map, list or text",
+                ));
+            }
+            Ok(None) => return Err(path_error(doc, &path[..=i], "does not exist")),
+            Err(e) => return Err(path_error(doc, &path[..=i], e.to_string())),
+        }
+    }
+    Ok((obj, t))
+}
+
+/// Checks that `elem` addresses `obj` (a key for a map, an in-range index for a list) and
+/// turns it into a prop. `append_ok` allows `-1` and `len` (insert).
+fn prop_for<T: Transactable>(
+    tx: &T,
+    doc: &DocId,
+    path: &[PathElem],
+    obj: &ObjId,
+    t: ObjType,
+    elem: &PathElem,
+    append_ok: bool,
+) -> Result<Prop> {
+    match (t, elem) {
+        (ObjType::Map | ObjType::Table, PathElem::Key(k)) => Ok(Prop::Map(k.clone())),
+        (ObjType::Map | ObjType::Table, PathElem::Index(_)) => Err(path_error(
+            doc,
+            path,
+            "indexes a map with a number; use a string key",
+        )),
+        (ObjType::List, PathElem::Index(i)) => {
+            let len = tx.length(obj);
+            let idx = if append_ok && *i == -1 {
+                len
+            } else {
+                usize::try_from(*i).unwrap_or(usize::MAX)
+            };
+            let limit = if append_ok {
+                len
+            } else {
+                len.saturating_sub(1)
+            };
+            if idx > limit || (!append_ok && len == 0) {
+                return Err(path_error(
+                    doc,
+                    path,
+                    format!("index {i} is out of range (length {len})"),
+                ));
+            }
+            Ok(Prop::Seq(idx))
+        }
+        (ObjType::List, PathElem::Key(_)) => {
+            Err(path_error(doc, path, "uses a string key on a list"))
+        }
+        (ObjType::Text, _) => Err(path_error(doc, path, "goes inside text; use splice")),
+    }
+}
+
+fn apply_op<T: Transactable>(tx: &mut T, doc: &DocId, op: &Op) -> Result<()> {
+    let path = op.path();
+    let am = |e: automerge::AutomergeError| Error::Automerge {
+        doc: doc.clone(),
+        source: e,
+    };
+    match op {
+        Op::Splice {
+            index,
+            delete,
+            text,
+            ..
+        } => {
+            let (obj, t) = resolve(tx, doc, path)?;
+            if t != ObjType::Text {
+                return Err(path_error(
+                    doc,
+                    path,
+                    "is not text; splice needs a {\"$text\": ...} value",
+                ));
+            }
+            let len = tx.length(&obj);
+            if *index > len || *delete > len - index {
+                return Err(Error::InvalidOperation {
+                    doc: doc.clone(),
+                    reason: format!(
+                        "splice at {index} deleting {delete} is out of range (text length {len})"
+                    ),
+                });
+            }
+            tx.splice_text(&obj, *index, *delete as isize, text)
+                .map_err(am)?;
+            Ok(())
+        }
+        _ => {
+            let (last, parent_path) = path.split_last().ok_or_else(|| {
+                path_error(doc, path, "is empty; an operation needs a key or index")
+            })?;
+            let (parent, t) = resolve(tx, doc, parent_path)?;
+            match op {
+                Op::Put { value, .. } => {
+                    let prop = prop_for(tx, doc, path, &parent, t, last, false)?;
+                    put_value(tx, doc, &parent, prop, value, false)
+                }
+                Op::Insert { value, .. } => {
+                    if t != ObjType::List {
+                        return Err(path_error(
+                            doc,
+                            parent_path,
+                            "is not a list; insert needs a list",
+                        ));
+                    }
+                    let prop = prop_for(tx, doc, path, &parent, t, last, true)?;
+                    put_value(tx, doc, &parent, prop, value, true)
+                }
+                Op::Delete { .. } => {
+                    let prop = prop_for(tx, doc, path, &parent, t, last, false)?;
+                    if tx.get(&parent, prop.clone()).map_err(am)?.is_none() {
+                        return Err(path_error(doc, path, "does not exist"));
+                    }
+                    tx.delete(&parent, prop).map_err(am)
+                }
+                Op::Increment { by, .. } => {
+                    let prop = prop_for(tx, doc, path, &parent, t, last, false)?;
+                    match tx.get(&parent, prop.clone()).map_err(am)? {
+                        Some((automerge::Value::Scalar(s), _))
+                            if matches!(s.as_ref(), ScalarValue::Counter(_)) =>
+                        {
+                            tx.increment(&parent, prop, *by).map_err(am)
+                        }
+                        Some(_) => Err(path_error(
+                            doc,
+                            path,
+                            "is not a counter; put {\"$counter\": 0} first",
+                        )),
+                        None => Err(path_error(doc, path, "does not exist")),
+                    }
+                }
+                Op::Splice { .. } => unreachable!("handled above"),
+            }
+        }
+    }
+}
+
+fn scalar(value: &Value) -> Option<ScalarValue> {
+    Some(match value {
+        Value::Null => ScalarValue::Null,
+        Value::Bool(b) => ScalarValue::Boolean(*b),
+        Value::Int(i) => ScalarValue::Int(*i),
+        Value::Float(f) => ScalarValue::F64(*f),
+        Value::Str(s) => ScalarValue::Str(s.as_str().into()),
+        Value::Bytes(b) => ScalarValue::Bytes(b.clone()),
+        Value::Counter(c) => ScalarValue::counter(*c),
+        Value::Timestamp(t) => ScalarValue::Timestamp(*t),
+        Value::Map(_) | Value::List(_) | Value::Text(_) => return None,
+    })
+}
+
+fn put_value<T: Transactable>(
+    tx: &mut T,
+    doc: &DocId,
+    obj: &ObjId,
+    prop: Prop,
+    value: &Value,
+    insert: bool,
+) -> Result<()> {
+    let am = |e: automerge::AutomergeError| Error::Automerge {
+        doc: doc.clone(),
+        source: e,
+    };
+    if let Some(s) = scalar(value) {
+        return match (insert, prop) {
+            (true, Prop::Seq(i)) => tx.insert(obj, i, s).map_err(am),
+            (_, prop) => tx.put(obj, prop, s).map_err(am),
+        };
+    }
+    let t = match value {
+        Value::Map(_) => ObjType::Map,
+        Value::List(_) => ObjType::List,
+        _ => ObjType::Text,
+    };
+    let child = match (insert, prop) {
+        (true, Prop::Seq(i)) => tx.insert_object(obj, i, t).map_err(am)?,
+        (_, prop) => tx.put_object(obj, prop, t).map_err(am)?,
+    };
+    match value {
+        Value::Map(m) => {
+            for (k, v) in m {
+                put_value(tx, doc, &child, Prop::Map(k.clone()), v, false)?;
+            }
+        }
+        Value::List(l) => {
+            for (i, v) in l.iter().enumerate() {
+                put_value(tx, doc, &child, Prop::Seq(i), v, true)?;
+            }
+        }
+        Value::Text(s) => {
+            tx.splice_text(&child, 0, 0, s).map_err(am)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn doc() -> Document {
+        Document::new(DocId::new("t").unwrap(), automerge::ActorId::random())
+    }
+
+    fn ops(j: serde_json::Value) -> Vec<Op> {
+        Op::list_from_json(&j.to_string()).unwrap()
+    }
+
+    #[test]
+    fn every_op_and_type_reads_back_as_plain_json() {
+        let mut d = doc();
+        d.apply_ops(&ops(json!([
+            {"op":"put","path":["n"],"value":null},
+            {"op":"put","path":["b"],"value":true},
+            {"op":"put","path":["i"],"value":-3},
+            {"op":"put","path":["f"],"value":2.5},
+            {"op":"put","path":["s"],"value":"str"},
+            {"op":"put","path":["by"],"value":{"$bytes":"AAE="}},
+            {"op":"put","path":["c"],"value":{"$counter":10}},
+            {"op":"put","path":["ts"],"value":{"$timestamp":1700000000000i64}},
+            {"op":"put","path":["m"],"value":{"k":{"deep":[1]}}},
+            {"op":"put","path":["l"],"value":[1,2]},
+            {"op":"put","path":["t"],"value":{"$text":"hello"}},
+        ])))
+        .unwrap()
+        .unwrap();
+        d.apply_ops(&ops(json!([
+            {"op":"increment","path":["c"],"by":5},
+            {"op":"insert","path":["l",-1],"value":3},
+            {"op":"insert","path":["l",0],"value":0},
+            {"op":"put","path":["l",1],"value":"one"},
+            {"op":"delete","path":["l",2]},
+            {"op":"splice","path":["t"],"index":5,"delete":0,"text":" world"},
+            {"op":"splice","path":["t"],"index":0,"delete":1,"text":"H"},
+            {"op":"delete","path":["n"]},
+            {"op":"put","path":["m","k","deep",0],"value":{"$text":"x"}},
+        ])))
+        .unwrap();
+        assert_eq!(
+            d.to_json(),
+            json!({"b":true,"i":-3,"f":2.5,"s":"str","by":"AAE=","c":15,"ts":1700000000000i64,
+                   "m":{"k":{"deep":["x"]}},"l":[0,"one",3],"t":"Hello world"})
+        );
+        assert_eq!(
+            d.get_json(&["m".into(), "k".into()]),
+            Some(json!({"deep":["x"]}))
+        );
+        assert_eq!(d.get_json(&["zz".into()]), None);
+    }
+
+    #[test]
+    fn a_failing_op_applies_nothing() {
+        let mut d = doc();
+        d.apply_ops(&ops(json!([{"op":"put","path":["a"],"value":1}])))
+            .unwrap();
+        let heads = d.heads();
+        let cases = [
+            (
+                json!([{"op":"put","path":["x"],"value":1},{"op":"put","path":["no","such"],"value":1}]),
+                "does not exist",
+            ),
+            (
+                json!([{"op":"increment","path":["a"],"by":1}]),
+                "not a counter",
+            ),
+            (
+                json!([{"op":"insert","path":["a",0],"value":1}]),
+                "is a value",
+            ),
+            (json!([{"op":"put","path":[],"value":1}]), "empty"),
+            (
+                json!([{"op":"put","path":[0],"value":1}]),
+                "map with a number",
+            ),
+            (
+                json!([{"op":"splice","path":["a"],"index":0,"text":"x"}]),
+                "is a value",
+            ),
+            (json!([{"op":"delete","path":["zz"]}]), "does not exist"),
+        ];
+        for (body, needle) in cases {
+            let err = d.apply_ops(&ops(body.clone())).unwrap_err().to_string();
+            assert!(err.contains(needle), "{body}: {err}");
+            assert_eq!(d.heads(), heads, "{body} left a change behind");
+        }
+        d.apply_ops(&ops(json!([{"op":"put","path":["l"],"value":[1]},{"op":"put","path":["t"],"value":{"$text":"ab"}}])))
+            .unwrap();
+        let heads = d.heads();
+        for body in [
+            json!([{"op":"put","path":["l",1],"value":1}]),
+            json!([{"op":"insert","path":["l",2],"value":1}]),
+            json!([{"op":"insert","path":["l",-2],"value":1}]),
+            json!([{"op":"delete","path":["l",5]}]),
+            json!([{"op":"splice","path":["t"],"index":3,"text":"x"}]),
+            json!([{"op":"splice","path":["t"],"index":1,"delete":2}]),
+            json!([{"op":"put","path":["t",0],"value":"x"}]),
+        ] {
+            assert!(d.apply_ops(&ops(body.clone())).is_err(), "{body}");
+            assert_eq!(d.heads(), heads, "{body}");
+        }
+        assert_eq!(d.to_json(), json!({"a":1,"l":[1],"t":"ab"}));
+    }
+
+    #[test]
+    fn concurrent_counters_add_up_and_patches_say_what_changed() {
+        let mut a = doc();
+        a.apply_ops(&ops(
+            json!([{"op":"put","path":["c"],"value":{"$counter":0}}]),
+        ))
+        .unwrap();
+        let base = a.automerge().get_changes(&[]);
+        let mut b = Document::load(
+            DocId::new("t").unwrap(),
+            automerge::ActorId::random(),
+            None,
+            base,
+        )
+        .unwrap();
+        let before = b.heads();
+        let ca = a
+            .apply_ops(&ops(json!([{"op":"increment","path":["c"],"by":2}])))
+            .unwrap()
+            .unwrap();
+        let cb = b
+            .apply_ops(&ops(json!([{"op":"increment","path":["c"],"by":3}])))
+            .unwrap()
+            .unwrap();
+        a.apply_changes(vec![cb]).unwrap();
+        b.apply_changes(vec![ca]).unwrap();
+        assert_eq!(a.to_json(), json!({"c":5}));
+        assert_eq!(a.heads(), b.heads());
+        let patches = b.diff(&before, &b.heads());
+        assert!(
+            patches.iter().all(|p| p.path == vec![PathElem::from("c")]),
+            "{patches:?}"
+        );
+        assert!(!patches.is_empty());
+    }
+}

@@ -1,0 +1,12 @@
+//! Syncline's engine.
+#![warn(missing_docs)]
+
+pub mod change;
+pub mod document;
+pub mod error;
+pub mod identity;
+pub mod ids;
+pub mod ops;
+
+pub use error::{Error, Result};
+pub use ids::{ChangeHash, Cursor, DocId, DocPrefix, Epoch, PeerId};
