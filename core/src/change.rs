@@ -239,24 +239,6 @@ pub fn sign(
     })
 }
 
-/// Re-wraps a change already verified and stored by this replica (read back from its own
-/// store, whose contents were verified before they were written).
-pub(crate) fn trusted(
-    doc: &DocId,
-    signed: SignedChange,
-    change: automerge::Change,
-) -> Option<VerifiedChange> {
-    let hash = ChangeHash(change.hash().0);
-    let author = author_of(change.actor_id())?;
-    Some(VerifiedChange {
-        doc: doc.clone(),
-        signed,
-        change,
-        author,
-        hash,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use automerge::transaction::Transactable;

@@ -4,9 +4,14 @@
 pub mod change;
 pub mod document;
 pub mod error;
+pub mod hub;
 pub mod identity;
 pub mod ids;
 pub mod ops;
+pub mod protocol;
+pub mod replica;
+pub mod store;
+pub mod wire;
 
 pub use error::{Error, Result};
 pub use ids::{ChangeHash, Cursor, DocId, DocPrefix, Epoch, PeerId};

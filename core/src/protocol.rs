@@ -1,0 +1,243 @@
+//! The handshake both sides run: exchange [`Hello`]s, agree on a version, and prove each
+//! holds the key it announced by signing the other's fresh nonce.
+
+use crate::error::ProtocolError;
+use crate::identity::Identity;
+use crate::ids::PeerId;
+use crate::wire::{Auth, Hello, Message, PROTOCOL_VERSION, Role};
+
+const HANDSHAKE_DOMAIN: &[u8] = b"syncline/handshake/v1\0";
+
+/// The lowest protocol version this build accepts.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// What a peer signs to prove its identity: a domain tag, the agreed version, the signer's
+/// key, the other side's key and the other side's nonce. Binding both keys stops a relay from
+/// reusing the proof on another session; the nonce stops replays.
+pub fn handshake_message(
+    version: u16,
+    signer: &PeerId,
+    other: &PeerId,
+    other_nonce: &[u8; 32],
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(HANDSHAKE_DOMAIN.len() + 2 + 96);
+    m.extend_from_slice(HANDSHAKE_DOMAIN);
+    m.extend_from_slice(&version.to_be_bytes());
+    m.extend_from_slice(signer.as_bytes());
+    m.extend_from_slice(other.as_bytes());
+    m.extend_from_slice(other_nonce);
+    m
+}
+
+/// One side of a handshake.
+#[derive(Debug)]
+pub(crate) struct Handshake {
+    identity: Identity,
+    expected_role: Role,
+    expected_peer: Option<PeerId>,
+    nonce: [u8; 32],
+    their: Option<(Hello, u16)>,
+    peer: Option<PeerId>,
+}
+
+impl Handshake {
+    /// Starts a handshake; the returned Hello goes out first.
+    pub(crate) fn start(
+        identity: Identity,
+        role: Role,
+        expected_role: Role,
+        expected_peer: Option<PeerId>,
+        nonce: [u8; 32],
+    ) -> (Self, Message) {
+        let hello = Hello {
+            min_version: MIN_PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            role,
+            peer: identity.peer_id(),
+            nonce,
+        };
+        (
+            Handshake {
+                identity,
+                expected_role,
+                expected_peer,
+                nonce,
+                their: None,
+                peer: None,
+            },
+            Message::Hello(hello),
+        )
+    }
+
+    /// Handles the peer's Hello; returns our Auth.
+    pub(crate) fn on_hello(&mut self, hello: Hello) -> Result<Message, ProtocolError> {
+        if self.their.is_some() {
+            return Err(ProtocolError::Unexpected {
+                message: "Hello",
+                state: "after the handshake started",
+            });
+        }
+        let version = PROTOCOL_VERSION.min(hello.max_version);
+        if version < MIN_PROTOCOL_VERSION.max(hello.min_version) {
+            return Err(ProtocolError::VersionMismatch {
+                ours_min: MIN_PROTOCOL_VERSION,
+                ours_max: PROTOCOL_VERSION,
+                theirs_min: hello.min_version,
+                theirs_max: hello.max_version,
+            });
+        }
+        if hello.role != self.expected_role {
+            return Err(ProtocolError::Unexpected {
+                message: "Hello",
+                state: "from a peer in the wrong role",
+            });
+        }
+        if let Some(expected) = self.expected_peer {
+            if expected != hello.peer {
+                return Err(ProtocolError::WrongPeer {
+                    expected: expected.to_string(),
+                    actual: hello.peer.to_string(),
+                });
+            }
+        }
+        if hello.peer == self.identity.peer_id() {
+            return Err(ProtocolError::Unexpected {
+                message: "Hello",
+                state: "from our own key",
+            });
+        }
+        let signature = self.identity.sign(&handshake_message(
+            version,
+            &self.identity.peer_id(),
+            &hello.peer,
+            &hello.nonce,
+        ));
+        self.their = Some((hello, version));
+        Ok(Message::Auth(Auth { signature }))
+    }
+
+    /// Handles the peer's Auth; returns the peer's proven identity.
+    pub(crate) fn on_auth(&mut self, auth: Auth) -> Result<PeerId, ProtocolError> {
+        let Some((hello, version)) = &self.their else {
+            return Err(ProtocolError::Unexpected {
+                message: "Auth",
+                state: "before Hello",
+            });
+        };
+        if self.peer.is_some() {
+            return Err(ProtocolError::Unexpected {
+                message: "Auth",
+                state: "after the handshake",
+            });
+        }
+        let key = hello
+            .peer
+            .verifying_key()
+            .ok_or(ProtocolError::BadHandshake)?;
+        let message =
+            handshake_message(*version, &hello.peer, &self.identity.peer_id(), &self.nonce);
+        key.verify_strict(
+            &message,
+            &ed25519_dalek::Signature::from_bytes(&auth.signature),
+        )
+        .map_err(|_| ProtocolError::BadHandshake)?;
+        self.peer = Some(hello.peer);
+        Ok(hello.peer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (Handshake, Message, Handshake, Message) {
+        let (a, ha) = Handshake::start(
+            Identity::generate(),
+            Role::Replica,
+            Role::Hub,
+            None,
+            [1; 32],
+        );
+        let (b, hb) = Handshake::start(
+            Identity::generate(),
+            Role::Hub,
+            Role::Replica,
+            None,
+            [2; 32],
+        );
+        (a, ha, b, hb)
+    }
+
+    fn hello(m: Message) -> Hello {
+        match m {
+            Message::Hello(h) => h,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn auth(m: Message) -> Auth {
+        match m {
+            Message::Auth(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn both_sides_prove_their_keys() {
+        let (mut a, ha, mut b, hb) = pair();
+        let aa = auth(a.on_hello(hello(hb.clone())).unwrap());
+        let ab = auth(b.on_hello(hello(ha.clone())).unwrap());
+        assert_eq!(a.on_auth(ab).unwrap(), hello(hb).peer);
+        assert_eq!(b.on_auth(aa).unwrap(), hello(ha).peer);
+    }
+
+    #[test]
+    fn a_replayed_or_forged_proof_is_refused() {
+        let (mut a, ha, mut b, hb) = pair();
+        a.on_hello(hello(hb.clone())).unwrap();
+        let ab = auth(b.on_hello(hello(ha.clone())).unwrap());
+        // A proof made for another nonce (a replay from an old session) fails.
+        let (mut a2, _, _, _) = pair();
+        a2.on_hello(hello(hb)).unwrap();
+        assert_eq!(
+            a2.on_auth(ab.clone()).unwrap_err(),
+            ProtocolError::BadHandshake
+        );
+        let mut forged = ab;
+        forged.signature[5] ^= 1;
+        assert_eq!(a.on_auth(forged).unwrap_err(), ProtocolError::BadHandshake);
+    }
+
+    #[test]
+    fn versions_roles_and_pinned_keys_are_checked() {
+        let (mut a, _, _, hb) = pair();
+        let mut h = hello(hb.clone());
+        h.min_version = 7;
+        h.max_version = 9;
+        assert!(matches!(
+            a.on_hello(h).unwrap_err(),
+            ProtocolError::VersionMismatch { theirs_min: 7, .. }
+        ));
+        let (mut a, ha, _, _) = pair();
+        assert!(matches!(
+            a.on_hello(hello(ha)).unwrap_err(),
+            ProtocolError::Unexpected { .. }
+        ));
+        let (mut pinned, _) = Handshake::start(
+            Identity::generate(),
+            Role::Replica,
+            Role::Hub,
+            Some(PeerId([9; 32])),
+            [0; 32],
+        );
+        assert!(matches!(
+            pinned.on_hello(hello(hb)).unwrap_err(),
+            ProtocolError::WrongPeer { .. }
+        ));
+        let (mut a, _, _, _) = pair();
+        assert!(matches!(
+            a.on_auth(Auth { signature: [0; 64] }).unwrap_err(),
+            ProtocolError::Unexpected { .. }
+        ));
+    }
+}

@@ -1,0 +1,933 @@
+//! A replica: its documents, its durable store, and its sync session with a hub.
+//!
+//! The replica is a sans-IO state machine. A driver (the edge-node's QUIC client, the wasm
+//! WebSocket client, a test simulator) calls, in this order:
+//!
+//! 1. [`Replica::connect`] when a transport to a hub is open, and sends what
+//!    [`Replica::poll_transmit`] returns;
+//! 2. [`Replica::handle_message`] for every message received (it only queues and checks);
+//! 3. [`Replica::poll_transmit`] until it returns `None` (it first commits what was received,
+//!    in one transaction, then hands out acknowledgements, subscriptions and uploads);
+//! 4. [`Replica::poll_event`] to learn what changed;
+//! 5. [`Replica::disconnect`] when the transport closes.
+//!
+//! Local writes ([`Replica::change`]) work with or without a session: they are committed to
+//! the store and kept in the outbox until the hub acknowledges them.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::Path;
+
+use automerge::ReadDoc;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::change::{self, SignedChange, VerifiedChange};
+use crate::document::{Document, PatchSummary};
+use crate::error::{Error, ProtocolError, Result};
+use crate::identity::Identity;
+use crate::ids::{ChangeHash, Cursor, DocId, Epoch, PeerId};
+use crate::ops::Op;
+use crate::protocol::Handshake;
+use crate::store::ReplicaStore;
+use crate::wire::{
+    self, CaughtUp, Changes, ErrorCode, Heads, Message, Push, Reconcile, Reject, Role, Subscribe,
+    Target,
+};
+
+/// Pushes sent and not yet answered, at most.
+const MAX_INFLIGHT_PUSHES: usize = 8;
+/// Changes in one push, at most.
+const MAX_PUSH_CHANGES: usize = 256;
+/// Bytes in one push, about (one oversized change still goes alone).
+const MAX_PUSH_BYTES: usize = 1024 * 1024;
+/// Received messages queued before they must be committed.
+const MAX_INCOMING: usize = 64;
+/// Events kept for the app before the oldest are dropped.
+const MAX_EVENTS: usize = 10_000;
+
+/// Settings of a replica.
+#[derive(Debug, Clone)]
+pub struct ReplicaOptions {
+    /// Suffix of this store instance's Automerge actor. `None` (the default) draws a fresh one
+    /// at every open, so that a store restored from an old backup never reuses a sequence
+    /// number the hub has seen. Simulations fix it to be reproducible.
+    pub instance: Option<[u8; 8]>,
+    /// Seed for handshake nonces; `None` uses the OS random source.
+    pub rng_seed: Option<u64>,
+    /// Compact a document (snapshot, drop incremental bytes) when its incremental changes
+    /// exceed this many bytes.
+    pub compact_after_bytes: u64,
+    /// Changes of one document that may wait for missing dependencies.
+    pub max_pending_per_doc: usize,
+    /// Compute what changed (patches) for [`Event::DocChanged`].
+    pub patch_events: bool,
+}
+
+impl Default for ReplicaOptions {
+    fn default() -> Self {
+        ReplicaOptions {
+            instance: None,
+            rng_seed: None,
+            compact_after_bytes: 1024 * 1024,
+            max_pending_per_doc: 65_536,
+            patch_events: true,
+        }
+    }
+}
+
+/// Where a change came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// This replica's app.
+    Local,
+    /// Another replica, through the hub.
+    Remote,
+}
+
+/// What a replica reports to its app.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A document changed.
+    DocChanged {
+        /// Which.
+        doc: DocId,
+        /// Local write or remote change.
+        origin: Origin,
+        /// Its heads now.
+        heads: Vec<ChangeHash>,
+        /// What changed (empty if [`ReplicaOptions::patch_events`] is off).
+        patches: Vec<PatchSummary>,
+    },
+    /// The hub refused some local changes (they stay here, and are offered again next session).
+    Rejected {
+        /// The document.
+        doc: DocId,
+        /// Why.
+        code: ErrorCode,
+        /// In words.
+        message: String,
+    },
+    /// A subscription has caught up with the hub.
+    Synced {
+        /// The subscription.
+        target: Target,
+    },
+    /// The session is authenticated and syncing.
+    Connected {
+        /// The hub's key.
+        hub: PeerId,
+    },
+    /// Events were dropped because the app did not read them.
+    Lagged {
+        /// How many.
+        dropped: u64,
+    },
+}
+
+/// A replica's sync state, for status pages.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Status {
+    /// The hub, when a session is authenticated.
+    pub hub: Option<String>,
+    /// Local changes not yet acknowledged by the hub.
+    pub outbox: u64,
+    /// Of those, how many the hub refused.
+    pub rejected: u64,
+    /// Subscriptions that have caught up in this session.
+    pub synced: Vec<String>,
+    /// Subscriptions.
+    pub subscriptions: Vec<String>,
+}
+
+struct DocState {
+    doc: Document,
+    /// Stored changes Automerge holds back until their dependencies arrive.
+    pending: HashSet<ChangeHash>,
+    incremental_bytes: u64,
+}
+
+struct InFlight {
+    doc: DocId,
+    rows: Vec<i64>,
+}
+
+struct Session {
+    handshake: Handshake,
+    hub: Option<PeerId>,
+    out: VecDeque<Message>,
+    inflight: BTreeMap<u64, InFlight>,
+    next_push: u64,
+    sent_upto: i64,
+    /// Epoch each subscription was requested with in this session.
+    requested: HashMap<Target, Epoch>,
+    /// Documents the hub listed during a repair.
+    heads_seen: HashSet<DocId>,
+    synced: HashSet<Target>,
+    failed: bool,
+}
+
+/// A replica of a set of documents. See the module docs for how a driver runs it.
+pub struct Replica {
+    identity: Identity,
+    actor: automerge::ActorId,
+    store: ReplicaStore,
+    docs: HashMap<DocId, DocState>,
+    subscriptions: Vec<Target>,
+    session: Option<Session>,
+    incoming: Vec<Changes>,
+    events: VecDeque<Event>,
+    dropped_events: u64,
+    options: ReplicaOptions,
+    rng: StdRng,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Replica({:?})", self.identity.peer_id())
+    }
+}
+
+impl Replica {
+    /// Opens (or creates) the replica stored at `path`.
+    pub fn open(path: &Path, identity: Identity, options: ReplicaOptions) -> Result<Self> {
+        Self::with_store(ReplicaStore::open(path)?, identity, options)
+    }
+
+    /// A replica whose store lives in memory (lost on drop).
+    pub fn open_in_memory(identity: Identity, options: ReplicaOptions) -> Result<Self> {
+        Self::with_store(ReplicaStore::open_in_memory()?, identity, options)
+    }
+
+    fn with_store(
+        store: ReplicaStore,
+        identity: Identity,
+        options: ReplicaOptions,
+    ) -> Result<Self> {
+        let mut rng = match options.rng_seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_entropy(),
+        };
+        let instance = options.instance.unwrap_or_else(|| rng.r#gen());
+        let actor = change::actor_for(&identity.peer_id(), instance);
+        let subscriptions = store
+            .subscriptions()?
+            .into_iter()
+            .map(|(t, _, _)| t)
+            .collect();
+        Ok(Replica {
+            identity,
+            actor,
+            store,
+            docs: HashMap::new(),
+            subscriptions,
+            session: None,
+            incoming: Vec::new(),
+            events: VecDeque::new(),
+            dropped_events: 0,
+            options,
+            rng,
+        })
+    }
+
+    /// This replica's public key.
+    pub fn peer_id(&self) -> PeerId {
+        self.identity.peer_id()
+    }
+
+    /// The store, for checks and tools.
+    pub fn store(&self) -> &ReplicaStore {
+        &self.store
+    }
+
+    /// The documents held.
+    pub fn doc_ids(&self) -> Result<Vec<DocId>> {
+        self.store.doc_ids()
+    }
+
+    fn load(&mut self, id: &DocId, create: bool) -> Result<&mut DocState> {
+        if !self.docs.contains_key(id) {
+            let state = match self.store.load_doc(id)? {
+                Some(stored) => {
+                    let mut changes = Vec::with_capacity(stored.changes.len());
+                    let mut hashes = Vec::with_capacity(stored.changes.len());
+                    for bytes in stored.changes {
+                        let c = automerge::Change::try_from(&bytes[..]).map_err(|e| {
+                            Error::Corrupt {
+                                what: format!("stored change of {id}"),
+                                reason: e.to_string(),
+                            }
+                        })?;
+                        hashes.push(ChangeHash::from(c.hash()));
+                        changes.push(c);
+                    }
+                    let doc = Document::load(
+                        id.clone(),
+                        self.actor.clone(),
+                        stored.snapshot.as_deref(),
+                        changes,
+                    )?;
+                    let pending = hashes.into_iter().filter(|h| !doc.has_change(h)).collect();
+                    DocState {
+                        doc,
+                        pending,
+                        incremental_bytes: stored.incremental_bytes,
+                    }
+                }
+                None if create => DocState {
+                    doc: Document::new(id.clone(), self.actor.clone()),
+                    pending: HashSet::new(),
+                    incremental_bytes: 0,
+                },
+                None => return Err(Error::UnknownDocument(id.clone())),
+            };
+            self.docs.insert(id.clone(), state);
+        }
+        self.docs
+            .get_mut(id)
+            .ok_or_else(|| Error::UnknownDocument(id.clone()))
+    }
+
+    /// A document held by this replica.
+    pub fn doc(&mut self, id: &DocId) -> Result<&Document> {
+        Ok(&self.load(id, false)?.doc)
+    }
+
+    /// A document as plain JSON.
+    pub fn json(&mut self, id: &DocId) -> Result<serde_json::Value> {
+        Ok(self.doc(id)?.to_json())
+    }
+
+    /// Applies `ops` to `doc` (created if new) as one change, signs it, commits it durably with
+    /// its outbox entry, and returns the document's new heads. Nothing is applied if an op
+    /// fails.
+    pub fn change(&mut self, doc: &DocId, ops: &[Op]) -> Result<Vec<ChangeHash>> {
+        self.change_many(&[(doc.clone(), ops.to_vec())])?;
+        Ok(self
+            .load(doc, false)
+            .map(|s| s.doc.heads())
+            .unwrap_or_default())
+    }
+
+    /// Applies several changes and commits them in one transaction (group commit): all are
+    /// durable when this returns, or none is.
+    pub fn change_many(&mut self, changes: &[(DocId, Vec<Op>)]) -> Result<()> {
+        let result = self.change_many_inner(changes);
+        if result.is_err() {
+            // In-memory documents may be ahead of the store: reload them from disk when next used.
+            for (doc, _) in changes {
+                self.docs.remove(doc);
+            }
+        }
+        result
+    }
+
+    fn change_many_inner(&mut self, changes: &[(DocId, Vec<Op>)]) -> Result<()> {
+        let mut made: Vec<(VerifiedChange, Vec<ChangeHash>)> = Vec::with_capacity(changes.len());
+        for (doc, ops) in changes {
+            let identity = self.identity.clone();
+            let state = self.load(doc, true)?;
+            let before = state.doc.heads();
+            if let Some(c) = state.doc.apply_ops(ops)? {
+                made.push((change::sign(&identity, doc, c)?, before));
+            }
+        }
+        let new_subs: Vec<Target> = {
+            let mut subs = Vec::new();
+            for (c, _) in &made {
+                if !self
+                    .subscriptions
+                    .iter()
+                    .chain(subs.iter())
+                    .any(|t| t.covers(c.doc()))
+                {
+                    subs.push(Target::Doc(c.doc().clone()));
+                }
+            }
+            subs
+        };
+        let mut batch = self.store.batch()?;
+        for (c, _) in &made {
+            batch.insert_change(c)?;
+            batch.enqueue_upload(c.doc(), &c.hash(), None)?;
+        }
+        for t in &new_subs {
+            batch.add_subscription(t)?;
+        }
+        batch.commit()?;
+        for t in new_subs {
+            if let Some(s) = self.session.as_mut().filter(|s| s.hub.is_some()) {
+                s.requested.insert(t.clone(), Epoch::none());
+                s.out.push_back(Message::Subscribe(Subscribe {
+                    target: t.clone(),
+                    epoch: Epoch::none(),
+                    cursor: Cursor(0),
+                }));
+            }
+            self.subscriptions.push(t);
+        }
+        for (c, before) in made {
+            let bytes = c.signed().bytes.len() as u64;
+            let patch_events = self.options.patch_events;
+            let state = self.load(c.doc(), false)?;
+            state.incremental_bytes += bytes;
+            let heads = state.doc.heads();
+            let patches = if patch_events {
+                state.doc.diff(&before, &heads)
+            } else {
+                Vec::new()
+            };
+            self.push_event(Event::DocChanged {
+                doc: c.doc().clone(),
+                origin: Origin::Local,
+                heads,
+                patches,
+            });
+            self.maybe_compact(c.doc())?;
+        }
+        Ok(())
+    }
+
+    /// Follows a document or prefix from the hub (persisted; sent now if connected).
+    pub fn subscribe(&mut self, target: Target) -> Result<()> {
+        if self.subscriptions.contains(&target) {
+            return Ok(());
+        }
+        let mut batch = self.store.batch()?;
+        batch.add_subscription(&target)?;
+        batch.commit()?;
+        if let Some(s) = self.session.as_mut().filter(|s| s.hub.is_some()) {
+            s.requested.insert(target.clone(), Epoch::none());
+            s.out.push_back(Message::Subscribe(Subscribe {
+                target: target.clone(),
+                epoch: Epoch::none(),
+                cursor: Cursor(0),
+            }));
+        }
+        self.subscriptions.push(target);
+        Ok(())
+    }
+
+    /// The sync state.
+    pub fn status(&self) -> Result<Status> {
+        let (outbox, rejected) = self.store.outbox_len()?;
+        let session = self.session.as_ref();
+        Ok(Status {
+            hub: session.and_then(|s| s.hub).map(|h| h.to_string()),
+            outbox,
+            rejected,
+            synced: session
+                .map(|s| s.synced.iter().map(Target::key).collect())
+                .unwrap_or_default(),
+            subscriptions: self.subscriptions.iter().map(Target::key).collect(),
+        })
+    }
+
+    /// Whether a session is authenticated and every subscription has caught up.
+    pub fn is_synced(&self) -> bool {
+        self.session.as_ref().is_some_and(|s| {
+            s.hub.is_some() && self.subscriptions.iter().all(|t| s.synced.contains(t))
+        })
+    }
+
+    fn push_event(&mut self, e: Event) {
+        if self.events.len() >= MAX_EVENTS {
+            self.events.pop_front();
+            self.dropped_events += 1;
+        }
+        self.events.push_back(e);
+    }
+
+    /// The next event for the app.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        if self.dropped_events > 0 {
+            let dropped = std::mem::take(&mut self.dropped_events);
+            return Some(Event::Lagged { dropped });
+        }
+        self.events.pop_front()
+    }
+
+    // ---- sync session ----
+
+    /// Starts a session over a freshly opened transport. `expected_hub` pins the hub's key.
+    pub fn connect(&mut self, expected_hub: Option<PeerId>) {
+        let nonce: [u8; 32] = self.rng.r#gen();
+        let (handshake, hello) = Handshake::start(
+            self.identity.clone(),
+            Role::Replica,
+            Role::Hub,
+            expected_hub,
+            nonce,
+        );
+        self.incoming.clear();
+        self.session = Some(Session {
+            handshake,
+            hub: None,
+            out: VecDeque::from([hello]),
+            inflight: BTreeMap::new(),
+            next_push: 1,
+            sent_upto: 0,
+            requested: HashMap::new(),
+            heads_seen: HashSet::new(),
+            synced: HashSet::new(),
+            failed: false,
+        });
+    }
+
+    /// Ends the session (the transport closed). Unacknowledged uploads stay in the outbox.
+    pub fn disconnect(&mut self) {
+        self.session = None;
+        self.incoming.clear();
+    }
+
+    /// Whether a session is open (authenticated or not).
+    pub fn is_connected(&self) -> bool {
+        self.session.is_some()
+    }
+
+    /// Handles one message from the hub. An error is fatal to the session: send what
+    /// `poll_transmit` still returns (an error message for the hub), then close the transport
+    /// and call [`Replica::disconnect`].
+    pub fn handle_message(&mut self, msg: Message) -> Result<()> {
+        let result = self.handle_message_inner(msg);
+        if let Err(e) = &result {
+            self.fail_session(e);
+        }
+        result
+    }
+
+    fn fail_session(&mut self, e: &Error) {
+        if let Some(s) = self.session.as_mut() {
+            s.failed = true;
+            s.out.clear();
+            let code = match e {
+                Error::Change(_) => ErrorCode::BadSignature,
+                Error::Wire(_) => ErrorCode::ProtocolViolation,
+                Error::Protocol(ProtocolError::VersionMismatch { .. }) => {
+                    ErrorCode::VersionMismatch
+                }
+                _ => ErrorCode::ProtocolViolation,
+            };
+            let mut message = e.to_string();
+            message.truncate(wire::MAX_ERROR_TEXT);
+            s.out
+                .push_back(Message::Error(wire::ErrorMessage { code, message }));
+        }
+        self.incoming.clear();
+    }
+
+    fn handle_message_inner(&mut self, msg: Message) -> Result<()> {
+        msg.check_limits()?;
+        let Some(s) = self.session.as_mut() else {
+            return Err(ProtocolError::Unexpected {
+                message: msg.kind(),
+                state: "without a session",
+            }
+            .into());
+        };
+        if s.failed {
+            return Err(ProtocolError::Unexpected {
+                message: msg.kind(),
+                state: "after the session failed",
+            }
+            .into());
+        }
+        if s.hub.is_none() {
+            match msg {
+                Message::Hello(h) => {
+                    let auth = s.handshake.on_hello(h)?;
+                    s.out.push_back(auth);
+                }
+                Message::Auth(a) => {
+                    let hub = s.handshake.on_auth(a)?;
+                    s.hub = Some(hub);
+                    let subs = self.store.subscriptions()?;
+                    let s = self.session.as_mut().ok_or(ProtocolError::Unexpected {
+                        message: "Auth",
+                        state: "closed",
+                    })?;
+                    for (target, epoch, cursor) in subs {
+                        s.requested.insert(target.clone(), epoch);
+                        s.out.push_back(Message::Subscribe(Subscribe {
+                            target,
+                            epoch,
+                            cursor,
+                        }));
+                    }
+                    self.push_event(Event::Connected { hub });
+                }
+                Message::Error(e) => {
+                    return Err(ProtocolError::Closed {
+                        code: e.code as u16,
+                        message: e.message,
+                    }
+                    .into());
+                }
+                other => {
+                    return Err(ProtocolError::Unexpected {
+                        message: other.kind(),
+                        state: "during the handshake",
+                    }
+                    .into());
+                }
+            }
+            return Ok(());
+        }
+        match msg {
+            Message::Changes(c) => {
+                if let Some((t, _)) = &c.cursor {
+                    if !s.requested.contains_key(t) {
+                        return Err(ProtocolError::Unexpected {
+                            message: "Changes",
+                            state: "for a target not subscribed",
+                        }
+                        .into());
+                    }
+                }
+                self.incoming.push(c);
+                if self.incoming.len() >= MAX_INCOMING {
+                    self.flush()?;
+                }
+            }
+            Message::CaughtUp(c) => {
+                self.flush()?;
+                self.on_caught_up(c)?;
+            }
+            Message::Ack(a) => {
+                // A duplicate acknowledgement is harmless: the rows are gone already.
+                if let Some(f) = s.inflight.remove(&a.push_id) {
+                    self.store.ack_outbox(&f.rows)?;
+                }
+            }
+            Message::Reject(r) => self.on_reject(r)?,
+            Message::Heads(h) => {
+                self.flush()?;
+                self.on_heads(h)?;
+            }
+            Message::Error(e) => {
+                return Err(ProtocolError::Closed {
+                    code: e.code as u16,
+                    message: e.message,
+                }
+                .into());
+            }
+            other => {
+                return Err(ProtocolError::Unexpected {
+                    message: other.kind(),
+                    state: "from a hub",
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    fn on_reject(&mut self, r: Reject) -> Result<()> {
+        let s = self.session.as_mut().ok_or(ProtocolError::Unexpected {
+            message: "Reject",
+            state: "closed",
+        })?;
+        let Some(f) = s.inflight.remove(&r.push_id) else {
+            return Ok(());
+        };
+        self.store.reject_outbox(&f.rows, &r.message)?;
+        tracing::warn!(doc = %f.doc, code = ?r.code, message = %r.message, "hub refused local changes");
+        self.push_event(Event::Rejected {
+            doc: f.doc,
+            code: r.code,
+            message: r.message,
+        });
+        Ok(())
+    }
+
+    /// Repair path: the hub lists its heads for a document.
+    fn on_heads(&mut self, h: Heads) -> Result<()> {
+        let held = self.store.has_doc(&h.doc)?;
+        let mut upload: Vec<automerge::Change> = Vec::new();
+        let mine = if held {
+            let state = self.load(&h.doc, false)?;
+            let mine = state.doc.heads();
+            let mut sorted = mine.clone();
+            sorted.sort();
+            let mut theirs = h.heads.clone();
+            theirs.sort();
+            if sorted == theirs {
+                None
+            } else {
+                upload = state.doc.changes_since(&h.heads);
+                Some(mine)
+            }
+        } else {
+            Some(Vec::new())
+        };
+        self.enqueue_uploads(&h.doc, upload)?;
+        let s = self.session.as_mut().ok_or(ProtocolError::Unexpected {
+            message: "Heads",
+            state: "closed",
+        })?;
+        s.heads_seen.insert(h.doc.clone());
+        if let Some(heads) = mine {
+            s.out
+                .push_back(Message::Reconcile(Reconcile { doc: h.doc, heads }));
+        }
+        Ok(())
+    }
+
+    /// Puts changes the hub lacks into the outbox (durably, so a lost session retries).
+    fn enqueue_uploads(&mut self, doc: &DocId, changes: Vec<automerge::Change>) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.store.batch()?;
+        for c in &changes {
+            batch.enqueue_upload(doc, &ChangeHash::from(c.hash()), Some(c.raw_bytes()))?;
+        }
+        batch.commit()
+    }
+
+    fn on_caught_up(&mut self, c: CaughtUp) -> Result<()> {
+        let s = self.session.as_mut().ok_or(ProtocolError::Unexpected {
+            message: "CaughtUp",
+            state: "closed",
+        })?;
+        let Some(requested) = s.requested.get(&c.target).copied() else {
+            return Err(ProtocolError::Unexpected {
+                message: "CaughtUp",
+                state: "for a target not subscribed",
+            }
+            .into());
+        };
+        if requested != c.epoch && requested != Epoch::none() {
+            // The hub's log is not the one our cursor came from (restored or another hub):
+            // upload every document under the target the hub did not list.
+            let seen = std::mem::take(&mut s.heads_seen);
+            let docs: Vec<DocId> = self
+                .store
+                .doc_ids()?
+                .into_iter()
+                .filter(|d| c.target.covers(d) && !seen.contains(d))
+                .collect();
+            for d in docs {
+                let all = self.load(&d, false)?.doc.changes_since(&[]);
+                self.enqueue_uploads(&d, all)?;
+            }
+        }
+        let mut batch = self.store.batch()?;
+        batch.set_cursor(&c.target, c.epoch, c.cursor)?;
+        batch.commit()?;
+        let s = self.session.as_mut().ok_or(ProtocolError::Unexpected {
+            message: "CaughtUp",
+            state: "closed",
+        })?;
+        s.requested.insert(c.target.clone(), c.epoch);
+        s.synced.insert(c.target.clone());
+        self.push_event(Event::Synced { target: c.target });
+        Ok(())
+    }
+
+    /// Commits every received change: verified (in batches), applied to the documents (one
+    /// Automerge call per document), stored with the cursors they advance in one transaction.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.incoming.is_empty() {
+            return Ok(());
+        }
+        let incoming = std::mem::take(&mut self.incoming);
+        let mut touched: Vec<DocId> = Vec::new();
+        let result = self.ingest(incoming, &mut touched);
+        if let Err(e) = &result {
+            for d in &touched {
+                self.docs.remove(d);
+            }
+            self.fail_session(e);
+        }
+        result
+    }
+
+    fn ingest(&mut self, incoming: Vec<Changes>, touched: &mut Vec<DocId>) -> Result<()> {
+        let mut per_doc: Vec<(DocId, Vec<VerifiedChange>)> = Vec::new();
+        let mut cursors: Vec<(Target, Cursor)> = Vec::new();
+        for m in incoming {
+            let verified = change::verify_batch(&m.doc, m.changes)?;
+            match per_doc.last_mut() {
+                Some((d, v)) if *d == m.doc => v.extend(verified),
+                _ => match per_doc.iter_mut().find(|(d, _)| *d == m.doc) {
+                    Some((_, v)) => v.extend(verified),
+                    None => per_doc.push((m.doc, verified)),
+                },
+            }
+            cursors.extend(m.cursor);
+        }
+        let max_pending = self.options.max_pending_per_doc;
+        let mut fresh_all: Vec<VerifiedChange> = Vec::new();
+        let mut changed: Vec<(DocId, Vec<ChangeHash>)> = Vec::new();
+        for (doc, changes) in per_doc {
+            touched.push(doc.clone());
+            let state = self.load(&doc, true)?;
+            let mut seen = HashSet::new();
+            let fresh: Vec<VerifiedChange> = changes
+                .into_iter()
+                .filter(|c| {
+                    seen.insert(c.hash())
+                        && !state.pending.contains(&c.hash())
+                        && !state.doc.has_change(&c.hash())
+                })
+                .collect();
+            if fresh.is_empty() {
+                continue;
+            }
+            let before = state.doc.heads();
+            state
+                .doc
+                .apply_changes(fresh.iter().map(|c| c.automerge().clone()).collect())?;
+            state.pending.extend(fresh.iter().map(|c| c.hash()));
+            let doc_ref = &state.doc;
+            state.pending.retain(|h| !doc_ref.has_change(h));
+            if state.pending.len() > max_pending {
+                return Err(Error::TooManyPending {
+                    doc: doc.clone(),
+                    count: state.pending.len(),
+                });
+            }
+            state.incremental_bytes += fresh
+                .iter()
+                .map(|c| c.signed().bytes.len() as u64)
+                .sum::<u64>();
+            if state.doc.heads() != before {
+                changed.push((doc, before));
+            }
+            fresh_all.extend(fresh);
+        }
+        let mut batch = self.store.batch()?;
+        for c in &fresh_all {
+            batch.insert_change(c)?;
+        }
+        for (t, c) in &cursors {
+            batch.advance_cursor(t, *c)?;
+        }
+        batch.commit()?;
+        for (doc, before) in changed {
+            let patch_events = self.options.patch_events;
+            let state = self.load(&doc, false)?;
+            let heads = state.doc.heads();
+            let patches = if patch_events {
+                state.doc.diff(&before, &heads)
+            } else {
+                Vec::new()
+            };
+            self.push_event(Event::DocChanged {
+                doc: doc.clone(),
+                origin: Origin::Remote,
+                heads,
+                patches,
+            });
+            self.maybe_compact(&doc)?;
+        }
+        Ok(())
+    }
+
+    fn maybe_compact(&mut self, doc: &DocId) -> Result<()> {
+        let limit = self.options.compact_after_bytes;
+        let Some(state) = self.docs.get_mut(doc) else {
+            return Ok(());
+        };
+        if state.incremental_bytes <= limit {
+            return Ok(());
+        }
+        let snapshot = state.doc.save();
+        let covered: Vec<ChangeHash> = state
+            .doc
+            .automerge()
+            .get_changes_meta(&[])
+            .into_iter()
+            .map(|m| ChangeHash::from(m.hash))
+            .collect();
+        self.store.compact(doc, &snapshot, &covered)?;
+        // What stays incremental: pending changes and outbox entries.
+        if let Some(stored) = self.store.load_doc(doc)? {
+            if let Some(state) = self.docs.get_mut(doc) {
+                state.incremental_bytes = stored.incremental_bytes;
+            }
+        }
+        tracing::debug!(%doc, snapshot = snapshot.len(), "compacted");
+        Ok(())
+    }
+
+    /// The next message for the hub. Commits received changes first.
+    pub fn poll_transmit(&mut self) -> Result<Option<Message>> {
+        if self.session.is_none() {
+            return Ok(None);
+        }
+        if let Err(e) = self.flush() {
+            tracing::warn!(error = %e, "refused changes from the hub");
+        }
+        let Some(s) = self.session.as_mut() else {
+            return Ok(None);
+        };
+        if let Some(m) = s.out.pop_front() {
+            return Ok(Some(m));
+        }
+        if s.failed || s.hub.is_none() || s.inflight.len() >= MAX_INFLIGHT_PUSHES {
+            return Ok(None);
+        }
+        let entries = self.store.outbox_after(s.sent_upto, MAX_PUSH_CHANGES)?;
+        let Some(first) = entries.first() else {
+            return Ok(None);
+        };
+        let doc = first.doc.clone();
+        let mut rows = Vec::new();
+        let mut changes: Vec<SignedChange> = Vec::new();
+        let mut bytes = 0usize;
+        let mut last_row = s.sent_upto;
+        for e in entries.into_iter().take_while(|e| e.doc == doc) {
+            let signed = match e.signed {
+                Some(s) => s,
+                None => {
+                    // Compacted: rebuild the bytes from the document (same hash, same signature).
+                    let state = self.load(&doc, false)?;
+                    let c = state
+                        .doc
+                        .automerge()
+                        .get_change_by_hash(&e.hash.into())
+                        .ok_or_else(|| Error::Corrupt {
+                            what: format!("outbox of {doc}"),
+                            reason: format!(
+                                "change {} is in neither the store nor the document",
+                                e.hash
+                            ),
+                        })?;
+                    SignedChange {
+                        bytes: c.raw_bytes().to_vec(),
+                        signature: e.signature,
+                    }
+                }
+            };
+            if !changes.is_empty() && bytes + signed.bytes.len() > MAX_PUSH_BYTES {
+                break;
+            }
+            bytes += signed.bytes.len();
+            last_row = e.row;
+            rows.push(e.row);
+            changes.push(signed);
+        }
+        let s = self.session.as_mut().ok_or(ProtocolError::Unexpected {
+            message: "Push",
+            state: "closed",
+        })?;
+        s.sent_upto = last_row;
+        let push_id = s.next_push;
+        s.next_push += 1;
+        s.inflight.insert(
+            push_id,
+            InFlight {
+                doc: doc.clone(),
+                rows,
+            },
+        );
+        Ok(Some(Message::Push(Push {
+            push_id,
+            doc,
+            changes,
+        })))
+    }
+}

@@ -1,0 +1,389 @@
+//! The hub's change log: every verified change, numbered in commit order, with its author's
+//! bytes and signature. The hub never materializes documents on this path: heads and
+//! dependencies come from change metadata.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::change::{SignedChange, VerifiedChange};
+use crate::error::{Error, Result, SqlContext};
+use crate::ids::{ChangeHash, Cursor, DocId, Epoch};
+use crate::store::sqlite::{self, blob_to_hashes, hashes_to_blob};
+use crate::wire::Target;
+
+const MIGRATIONS: &[&str] = &[
+    // Version 1.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+    CREATE TABLE docs (doc TEXT PRIMARY KEY) WITHOUT ROWID;
+    CREATE TABLE log (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        doc TEXT NOT NULL,
+        hash BLOB NOT NULL,
+        deps BLOB NOT NULL,
+        author BLOB NOT NULL,
+        signature BLOB NOT NULL,
+        bytes BLOB NOT NULL,
+        UNIQUE (doc, hash)
+    );
+    CREATE INDEX log_doc_seq ON log (doc, seq);",
+];
+
+/// One change in the hub's log.
+#[derive(Debug, Clone)]
+pub struct LogEntry {
+    /// Its position.
+    pub cursor: Cursor,
+    /// Its document.
+    pub doc: DocId,
+    /// The author's bytes and signature.
+    pub change: SignedChange,
+}
+
+/// A page of the log for one subscription target.
+#[derive(Debug, Clone)]
+pub struct LogBatch {
+    /// Matching changes, in log order.
+    pub entries: Vec<LogEntry>,
+    /// Position reached: every matching change up to it is in `entries` or was before `after`.
+    pub next: Cursor,
+    /// Whether `next` is the end of the log (when the read started).
+    pub at_end: bool,
+}
+
+/// What a hub needs from its storage. One implementation per engine (SQLite embedded,
+/// PostgreSQL for several hub instances). Calls are blocking; a hub runs its store on a
+/// thread of its own. Every method that writes commits before it returns.
+pub trait HubStore {
+    /// The identity of this log: changes when the log is replaced (restore from backup).
+    fn epoch(&self) -> Epoch;
+
+    /// Appends verified changes in one durable transaction (group commit). Returns, for each
+    /// change, its new position, or `None` if it was already stored.
+    fn append(&mut self, changes: &[VerifiedChange]) -> Result<Vec<Option<Cursor>>>;
+
+    /// Up to `limit` changes of documents under `target` with positions after `after`.
+    fn read_log(&mut self, target: &Target, after: Cursor, limit: usize) -> Result<LogBatch>;
+
+    /// The last position in the log.
+    fn last_cursor(&mut self) -> Result<Cursor>;
+
+    /// Documents under `target`, in id order, after `after`, at most `limit`.
+    fn docs_page(
+        &mut self,
+        target: &Target,
+        after: Option<&DocId>,
+        limit: usize,
+    ) -> Result<Vec<DocId>>;
+
+    /// The document's heads, from change metadata.
+    fn heads(&mut self, doc: &DocId) -> Result<Vec<ChangeHash>>;
+
+    /// The document's changes that are not ancestors of the known hashes in `have`, in log
+    /// order (the repair path).
+    fn changes_not_covered(
+        &mut self,
+        doc: &DocId,
+        have: &[ChangeHash],
+    ) -> Result<Vec<SignedChange>>;
+}
+
+/// The embedded SQLite hub store.
+pub struct SqliteHubStore {
+    conn: Connection,
+    epoch: Epoch,
+}
+
+impl std::fmt::Debug for SqliteHubStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SqliteHubStore({:?})", self.epoch)
+    }
+}
+
+impl SqliteHubStore {
+    /// Opens or creates the hub store at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::init(sqlite::open(path, "hub", MIGRATIONS)?)
+    }
+
+    /// A hub store in memory.
+    pub fn open_in_memory() -> Result<Self> {
+        Self::init(sqlite::open_in_memory("hub", MIGRATIONS)?)
+    }
+
+    fn init(conn: Connection) -> Result<Self> {
+        let existing: Option<Vec<u8>> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .ctx("reading the epoch")?;
+        let epoch = match existing {
+            Some(b) => Epoch(b.try_into().map_err(|_| Error::Corrupt {
+                what: "epoch".into(),
+                reason: "length".into(),
+            })?),
+            None => {
+                let e = Epoch::random();
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('epoch', ?1)",
+                    [&e.0[..]],
+                )
+                .ctx("writing the epoch")?;
+                e
+            }
+        };
+        Ok(SqliteHubStore { conn, epoch })
+    }
+
+    /// Gives the log a new epoch, as after a restore: cursors handed out before mean nothing.
+    pub fn new_epoch(&mut self) -> Result<Epoch> {
+        let e = Epoch::random();
+        self.conn
+            .execute("UPDATE meta SET value = ?1 WHERE key = 'epoch'", [&e.0[..]])
+            .ctx("writing the epoch")?;
+        self.epoch = e;
+        Ok(e)
+    }
+
+    /// Writes a consistent copy of the store to `path` while it is in use (`VACUUM INTO`).
+    pub fn backup_to(&self, path: &Path) -> Result<()> {
+        let target = path.to_str().ok_or_else(|| Error::Corrupt {
+            what: "backup path".into(),
+            reason: "not UTF-8".into(),
+        })?;
+        self.conn
+            .execute("VACUUM INTO ?1", [target])
+            .ctx("writing a backup")?;
+        Ok(())
+    }
+
+    /// Number of changes stored.
+    pub fn change_count(&self) -> Result<u64> {
+        self.conn
+            .query_row("SELECT count(*) FROM log", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .ctx("counting")
+    }
+
+    fn graph(&self, doc: &DocId) -> Result<Vec<(i64, ChangeHash, Vec<ChangeHash>)>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT seq, hash, deps FROM log WHERE doc = ?1 ORDER BY seq")
+            .ctx("reading a change graph")?;
+        let rows = st
+            .query_map([doc.as_str()], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
+            })
+            .ctx("reading a change graph")?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, h, d) = row.ctx("reading a change graph")?;
+            let hash = blob_to_hashes(&h)?.pop().ok_or_else(|| Error::Corrupt {
+                what: "hash".into(),
+                reason: "empty".into(),
+            })?;
+            out.push((seq, hash, blob_to_hashes(&d)?));
+        }
+        Ok(out)
+    }
+}
+
+fn target_filter(target: &Target) -> (&'static str, String) {
+    match target {
+        Target::Doc(d) => ("doc = ?3", d.as_str().to_owned()),
+        Target::Prefix(p) => ("substr(doc, 1, length(?3)) = ?3", p.as_str().to_owned()),
+    }
+}
+
+impl HubStore for SqliteHubStore {
+    fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    fn append(&mut self, changes: &[VerifiedChange]) -> Result<Vec<Option<Cursor>>> {
+        let tx = self.conn.transaction().ctx("starting a commit")?;
+        let mut out = Vec::with_capacity(changes.len());
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO log (doc, hash, deps, author, signature, bytes)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .ctx("appending to the log")?;
+            let mut doc = tx
+                .prepare_cached("INSERT OR IGNORE INTO docs (doc) VALUES (?1)")
+                .ctx("appending to the log")?;
+            let mut last_doc: Option<&DocId> = None;
+            for c in changes {
+                if last_doc != Some(c.doc()) {
+                    doc.execute([c.doc().as_str()])
+                        .ctx("appending to the log")?;
+                    last_doc = Some(c.doc());
+                }
+                let n = insert
+                    .execute(params![
+                        c.doc().as_str(),
+                        &c.hash().0[..],
+                        hashes_to_blob(&c.deps()),
+                        &c.author().as_bytes()[..],
+                        &c.signed().signature[..],
+                        &c.signed().bytes,
+                    ])
+                    .ctx("appending to the log")?;
+                out.push((n == 1).then(|| Cursor(tx.last_insert_rowid() as u64)));
+            }
+        }
+        tx.commit().ctx("committing to the log")?;
+        Ok(out)
+    }
+
+    fn read_log(&mut self, target: &Target, after: Cursor, limit: usize) -> Result<LogBatch> {
+        let tx = self.conn.transaction().ctx("reading the log")?;
+        let end: i64 = tx
+            .query_row("SELECT coalesce(max(seq), 0) FROM log", [], |r| r.get(0))
+            .ctx("reading the log")?;
+        let (filter, arg) = target_filter(target);
+        let sql = format!(
+            "SELECT seq, doc, bytes, signature FROM log WHERE seq > ?1 AND seq <= ?2 AND {filter} ORDER BY seq LIMIT ?4"
+        );
+        let mut entries = Vec::new();
+        {
+            let mut st = tx.prepare_cached(&sql).ctx("reading the log")?;
+            let rows = st
+                .query_map(params![after.0 as i64, end, arg, limit as i64], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                    ))
+                })
+                .ctx("reading the log")?;
+            for row in rows {
+                let (seq, doc, bytes, sig) = row.ctx("reading the log")?;
+                let signature: [u8; 64] = sig.try_into().map_err(|_| Error::Corrupt {
+                    what: "signature in the hub log".into(),
+                    reason: format!("seq {seq}"),
+                })?;
+                let doc = DocId::new(doc).map_err(|e| Error::Corrupt {
+                    what: "hub log".into(),
+                    reason: e.to_string(),
+                })?;
+                entries.push(LogEntry {
+                    cursor: Cursor(seq as u64),
+                    doc,
+                    change: SignedChange { bytes, signature },
+                });
+            }
+        }
+        let full = entries.len() >= limit;
+        let next = if full {
+            entries.last().map_or(after, |e| e.cursor)
+        } else {
+            Cursor(end.max(after.0 as i64) as u64)
+        };
+        Ok(LogBatch {
+            entries,
+            next,
+            at_end: !full,
+        })
+    }
+
+    fn last_cursor(&mut self) -> Result<Cursor> {
+        self.conn
+            .query_row("SELECT coalesce(max(seq), 0) FROM log", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| Cursor(n as u64))
+            .ctx("reading the log end")
+    }
+
+    fn docs_page(
+        &mut self,
+        target: &Target,
+        after: Option<&DocId>,
+        limit: usize,
+    ) -> Result<Vec<DocId>> {
+        let (filter, arg) = target_filter(target);
+        let sql = format!("SELECT doc FROM docs WHERE doc > ?1 AND {filter} ORDER BY doc LIMIT ?2");
+        let mut st = self.conn.prepare_cached(&sql).ctx("listing documents")?;
+        let rows = st
+            .query_map(
+                params![after.map_or("", |d| d.as_str()), limit as i64, arg],
+                |r| r.get::<_, String>(0),
+            )
+            .ctx("listing documents")?;
+        rows.map(|r| {
+            DocId::new(r.ctx("listing documents")?).map_err(|e| Error::Corrupt {
+                what: "hub docs".into(),
+                reason: e.to_string(),
+            })
+        })
+        .collect()
+    }
+
+    fn heads(&mut self, doc: &DocId) -> Result<Vec<ChangeHash>> {
+        let graph = self.graph(doc)?;
+        let deps: HashSet<ChangeHash> = graph
+            .iter()
+            .flat_map(|(_, _, d)| d.iter().copied())
+            .collect();
+        let mut heads: Vec<ChangeHash> = graph
+            .into_iter()
+            .map(|(_, h, _)| h)
+            .filter(|h| !deps.contains(h))
+            .collect();
+        heads.sort();
+        Ok(heads)
+    }
+
+    fn changes_not_covered(
+        &mut self,
+        doc: &DocId,
+        have: &[ChangeHash],
+    ) -> Result<Vec<SignedChange>> {
+        let graph = self.graph(doc)?;
+        let deps_of: HashMap<ChangeHash, &Vec<ChangeHash>> =
+            graph.iter().map(|(_, h, d)| (*h, d)).collect();
+        let mut covered: HashSet<ChangeHash> = HashSet::new();
+        let mut stack: Vec<ChangeHash> = have
+            .iter()
+            .filter(|h| deps_of.contains_key(h))
+            .copied()
+            .collect();
+        while let Some(h) = stack.pop() {
+            if covered.insert(h) {
+                if let Some(deps) = deps_of.get(&h) {
+                    stack.extend(deps.iter().filter(|d| deps_of.contains_key(d)).copied());
+                }
+            }
+        }
+        let wanted: Vec<i64> = graph
+            .iter()
+            .filter(|(_, h, _)| !covered.contains(h))
+            .map(|(s, _, _)| *s)
+            .collect();
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT bytes, signature FROM log WHERE seq = ?1")
+            .ctx("reading changes")?;
+        let mut out = Vec::with_capacity(wanted.len());
+        for seq in wanted {
+            let (bytes, sig): (Vec<u8>, Vec<u8>) = st
+                .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+                .ctx("reading changes")?;
+            let signature: [u8; 64] = sig.try_into().map_err(|_| Error::Corrupt {
+                what: "signature in the hub log".into(),
+                reason: format!("seq {seq}"),
+            })?;
+            out.push(SignedChange { bytes, signature });
+        }
+        Ok(out)
+    }
+}

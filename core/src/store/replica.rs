@@ -1,0 +1,475 @@
+//! A replica's SQLite file: documents (snapshot plus incremental signed changes), the outbox
+//! of local changes the hub has not acknowledged, subscriptions with their cursors.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::change::{SignedChange, VerifiedChange};
+use crate::error::{Error, Result, SqlContext};
+use crate::ids::{ChangeHash, Cursor, DocId, Epoch};
+use crate::store::sqlite;
+use crate::wire::Target;
+
+const MIGRATIONS: &[&str] = &[
+    // Version 1.
+    "CREATE TABLE docs (
+        doc TEXT PRIMARY KEY,
+        snapshot BLOB,
+        incremental_bytes INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    -- Every verified change the replica holds. `bytes` is NULL once the change is inside the
+    -- document's snapshot; the signature stays so the change can be re-uploaded and proven.
+    CREATE TABLE changes (
+        id INTEGER PRIMARY KEY,
+        doc TEXT NOT NULL REFERENCES docs(doc),
+        hash BLOB NOT NULL,
+        signature BLOB NOT NULL,
+        bytes BLOB,
+        UNIQUE (doc, hash)
+    );
+    CREATE INDEX changes_incremental ON changes (doc, id) WHERE bytes IS NOT NULL;
+    -- Changes to upload, in the order they were made. A row leaves when the hub acknowledges.
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        doc TEXT NOT NULL,
+        hash BLOB NOT NULL,
+        rejected TEXT,
+        UNIQUE (doc, hash)
+    );
+    CREATE TABLE subscriptions (
+        target TEXT PRIMARY KEY,
+        epoch BLOB NOT NULL,
+        cursor INTEGER NOT NULL
+    ) WITHOUT ROWID;",
+];
+
+/// A document as stored: its snapshot (if compacted) and the changes not in it.
+#[derive(Debug, Default)]
+pub struct StoredDoc {
+    /// `Automerge::save` output, if the document was compacted.
+    pub snapshot: Option<Vec<u8>>,
+    /// Changes not in the snapshot, in the order they were stored.
+    pub changes: Vec<Vec<u8>>,
+    /// Their total size in bytes.
+    pub incremental_bytes: u64,
+}
+
+/// One outbox row to upload.
+#[derive(Debug, Clone)]
+pub struct OutboxEntry {
+    /// Row id (increasing).
+    pub row: i64,
+    /// The document.
+    pub doc: DocId,
+    /// The change hash.
+    pub hash: ChangeHash,
+    /// The signed change, or `None` if its bytes must come from the document (compacted).
+    pub signed: Option<SignedChange>,
+    /// The signature.
+    pub signature: [u8; 64],
+}
+
+/// A replica's store. One process owns it: it is not shared between writers.
+pub struct ReplicaStore {
+    conn: Connection,
+}
+
+impl std::fmt::Debug for ReplicaStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplicaStore")
+    }
+}
+
+/// Writes grouped in one transaction: nothing is durable (nor acknowledged) before
+/// [`WriteBatch::commit`] returns.
+pub struct WriteBatch<'a> {
+    tx: rusqlite::Transaction<'a>,
+}
+
+fn signature_from(blob: Vec<u8>) -> Result<[u8; 64]> {
+    blob.try_into().map_err(|b: Vec<u8>| Error::Corrupt {
+        what: "signature".into(),
+        reason: format!("{} bytes instead of 64", b.len()),
+    })
+}
+
+fn hash_from(blob: Vec<u8>) -> Result<ChangeHash> {
+    let a: [u8; 32] = blob.try_into().map_err(|b: Vec<u8>| Error::Corrupt {
+        what: "change hash".into(),
+        reason: format!("{} bytes instead of 32", b.len()),
+    })?;
+    Ok(ChangeHash(a))
+}
+
+fn doc_from(s: String) -> Result<DocId> {
+    DocId::new(s).map_err(|e| Error::Corrupt {
+        what: "document id".into(),
+        reason: e.to_string(),
+    })
+}
+
+impl ReplicaStore {
+    /// Opens or creates the store at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        Ok(ReplicaStore {
+            conn: sqlite::open(path, "replica", MIGRATIONS)?,
+        })
+    }
+
+    /// A store in memory (lost when dropped).
+    pub fn open_in_memory() -> Result<Self> {
+        Ok(ReplicaStore {
+            conn: sqlite::open_in_memory("replica", MIGRATIONS)?,
+        })
+    }
+
+    /// Starts a group of writes.
+    pub fn batch(&mut self) -> Result<WriteBatch<'_>> {
+        Ok(WriteBatch {
+            tx: self.conn.transaction().ctx("starting a write")?,
+        })
+    }
+
+    /// The documents held, in id order.
+    pub fn doc_ids(&self) -> Result<Vec<DocId>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT doc FROM docs ORDER BY doc")
+            .ctx("listing documents")?;
+        let rows = st
+            .query_map([], |r| r.get::<_, String>(0))
+            .ctx("listing documents")?;
+        rows.map(|r| doc_from(r.ctx("listing documents")?))
+            .collect()
+    }
+
+    /// Whether the document is held.
+    pub fn has_doc(&self, doc: &DocId) -> Result<bool> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM docs WHERE doc = ?1")
+            .and_then(|mut st| st.exists([doc.as_str()]))
+            .ctx("looking up a document")
+    }
+
+    /// Reads a document's snapshot and incremental changes.
+    pub fn load_doc(&self, doc: &DocId) -> Result<Option<StoredDoc>> {
+        let head = self
+            .conn
+            .prepare_cached("SELECT snapshot, incremental_bytes FROM docs WHERE doc = ?1")
+            .and_then(|mut st| {
+                st.query_row([doc.as_str()], |r| {
+                    Ok((r.get::<_, Option<Vec<u8>>>(0)?, r.get::<_, i64>(1)?))
+                })
+                .optional()
+            })
+            .ctx("loading a document")?;
+        let Some((snapshot, incremental_bytes)) = head else {
+            return Ok(None);
+        };
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT bytes FROM changes WHERE doc = ?1 AND bytes IS NOT NULL ORDER BY id",
+            )
+            .ctx("loading changes")?;
+        let changes = st
+            .query_map([doc.as_str()], |r| r.get::<_, Vec<u8>>(0))
+            .ctx("loading changes")?
+            .collect::<Result<Vec<_>, _>>()
+            .ctx("loading changes")?;
+        Ok(Some(StoredDoc {
+            snapshot,
+            changes,
+            incremental_bytes: incremental_bytes.max(0) as u64,
+        }))
+    }
+
+    /// The signature stored for a change.
+    pub fn signature(&self, doc: &DocId, hash: &ChangeHash) -> Result<Option<[u8; 64]>> {
+        let sig = self
+            .conn
+            .prepare_cached("SELECT signature FROM changes WHERE doc = ?1 AND hash = ?2")
+            .and_then(|mut st| {
+                st.query_row(params![doc.as_str(), &hash.0[..]], |r| {
+                    r.get::<_, Vec<u8>>(0)
+                })
+                .optional()
+            })
+            .ctx("reading a signature")?;
+        sig.map(signature_from).transpose()
+    }
+
+    /// Whether the change is stored.
+    pub fn has_change(&self, doc: &DocId, hash: &ChangeHash) -> Result<bool> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM changes WHERE doc = ?1 AND hash = ?2")
+            .and_then(|mut st| st.exists(params![doc.as_str(), &hash.0[..]]))
+            .ctx("looking up a change")
+    }
+
+    /// Outbox rows after `after_row`, oldest first, at most `limit`.
+    pub fn outbox_after(&self, after_row: i64, limit: usize) -> Result<Vec<OutboxEntry>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT o.id, o.doc, o.hash, c.signature, c.bytes FROM outbox o
+                 JOIN changes c ON c.doc = o.doc AND c.hash = o.hash
+                 WHERE o.id > ?1 ORDER BY o.id LIMIT ?2",
+            )
+            .ctx("reading the outbox")?;
+        let rows = st
+            .query_map(params![after_row, limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, Vec<u8>>(3)?,
+                    r.get::<_, Option<Vec<u8>>>(4)?,
+                ))
+            })
+            .ctx("reading the outbox")?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (row, doc, hash, sig, bytes) = row.ctx("reading the outbox")?;
+            let signature = signature_from(sig)?;
+            out.push(OutboxEntry {
+                row,
+                doc: doc_from(doc)?,
+                hash: hash_from(hash)?,
+                signed: bytes.map(|bytes| SignedChange { bytes, signature }),
+                signature,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Removes acknowledged rows from the outbox (durably).
+    pub fn ack_outbox(&mut self, rows: &[i64]) -> Result<()> {
+        let tx = self.conn.transaction().ctx("acknowledging uploads")?;
+        {
+            let mut st = tx
+                .prepare_cached("DELETE FROM outbox WHERE id = ?1")
+                .ctx("acknowledging uploads")?;
+            for r in rows {
+                st.execute([r]).ctx("acknowledging uploads")?;
+            }
+        }
+        tx.commit().ctx("acknowledging uploads")
+    }
+
+    /// Marks rows as refused by the hub (they stay, and are offered again next session).
+    pub fn reject_outbox(&mut self, rows: &[i64], reason: &str) -> Result<()> {
+        let tx = self.conn.transaction().ctx("recording a refusal")?;
+        {
+            let mut st = tx
+                .prepare_cached("UPDATE outbox SET rejected = ?2 WHERE id = ?1")
+                .ctx("recording a refusal")?;
+            for r in rows {
+                st.execute(params![r, reason]).ctx("recording a refusal")?;
+            }
+        }
+        tx.commit().ctx("recording a refusal")
+    }
+
+    /// Rows waiting for the hub, and how many of them it refused.
+    pub fn outbox_len(&self) -> Result<(u64, u64)> {
+        self.conn
+            .query_row("SELECT count(*), count(rejected) FROM outbox", [], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })
+            .ctx("counting the outbox")
+    }
+
+    /// Subscriptions with their hub epoch and cursor.
+    pub fn subscriptions(&self) -> Result<Vec<(Target, Epoch, Cursor)>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT target, epoch, cursor FROM subscriptions ORDER BY target")
+            .ctx("reading subscriptions")?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .ctx("reading subscriptions")?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (t, e, c) = row.ctx("reading subscriptions")?;
+            let target = Target::from_key(&t).ok_or_else(|| Error::Corrupt {
+                what: "subscription".into(),
+                reason: t.clone(),
+            })?;
+            let epoch = Epoch(e.try_into().map_err(|_| Error::Corrupt {
+                what: "epoch".into(),
+                reason: t,
+            })?);
+            out.push((target, epoch, Cursor(c.max(0) as u64)));
+        }
+        Ok(out)
+    }
+
+    /// Replaces a document's snapshot: `snapshot` holds every change in `covered`, whose bytes
+    /// are dropped (their signatures stay). Changes still in the outbox keep their bytes.
+    pub fn compact(&mut self, doc: &DocId, snapshot: &[u8], covered: &[ChangeHash]) -> Result<()> {
+        let tx = self.conn.transaction().ctx("compacting")?;
+        {
+            let mut drop_bytes = tx
+                .prepare_cached(
+                    "UPDATE changes SET bytes = NULL WHERE doc = ?1 AND hash = ?2 AND bytes IS NOT NULL
+                     AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.doc = ?1 AND o.hash = ?2)",
+                )
+                .ctx("compacting")?;
+            for h in covered {
+                drop_bytes
+                    .execute(params![doc.as_str(), &h.0[..]])
+                    .ctx("compacting")?;
+            }
+            tx.execute(
+                "UPDATE docs SET snapshot = ?2,
+                   incremental_bytes = (SELECT coalesce(sum(length(bytes)), 0) FROM changes WHERE doc = ?1)
+                 WHERE doc = ?1",
+                params![doc.as_str(), snapshot],
+            )
+            .ctx("compacting")?;
+        }
+        tx.commit().ctx("compacting")
+    }
+
+    /// Runs `PRAGMA integrity_check`; `Ok(())` if the file is sound.
+    pub fn integrity_check(&self) -> Result<()> {
+        let r: String = self
+            .conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .ctx("checking integrity")?;
+        if r == "ok" {
+            Ok(())
+        } else {
+            Err(Error::Corrupt {
+                what: "store file".into(),
+                reason: r,
+            })
+        }
+    }
+
+    /// Every stored (doc, hash, signature, bytes-if-any), for checks and exports.
+    pub fn all_changes(&self) -> Result<Vec<(DocId, ChangeHash, [u8; 64], Option<Vec<u8>>)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT doc, hash, signature, bytes FROM changes ORDER BY id")
+            .ctx("reading changes")?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, Option<Vec<u8>>>(3)?,
+                ))
+            })
+            .ctx("reading changes")?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (d, h, s, b) = row.ctx("reading changes")?;
+            out.push((doc_from(d)?, hash_from(h)?, signature_from(s)?, b));
+        }
+        Ok(out)
+    }
+}
+
+impl WriteBatch<'_> {
+    fn ensure_doc(&self, doc: &DocId) -> Result<()> {
+        self.tx
+            .prepare_cached("INSERT OR IGNORE INTO docs (doc) VALUES (?1)")
+            .and_then(|mut st| st.execute([doc.as_str()]))
+            .ctx("creating a document")?;
+        Ok(())
+    }
+
+    /// Stores a change; `false` if it was already there.
+    pub fn insert_change(&mut self, change: &VerifiedChange) -> Result<bool> {
+        self.ensure_doc(change.doc())?;
+        let signed = change.signed();
+        let n = self
+            .tx
+            .prepare_cached("INSERT OR IGNORE INTO changes (doc, hash, signature, bytes) VALUES (?1, ?2, ?3, ?4)")
+            .and_then(|mut st| {
+                st.execute(params![change.doc().as_str(), &change.hash().0[..], &signed.signature[..], &signed.bytes])
+            })
+            .ctx("storing a change")?;
+        if n == 1 {
+            self.tx
+                .prepare_cached(
+                    "UPDATE docs SET incremental_bytes = incremental_bytes + ?2 WHERE doc = ?1",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![change.doc().as_str(), signed.bytes.len() as i64])
+                })
+                .ctx("storing a change")?;
+        }
+        Ok(n == 1)
+    }
+
+    /// Queues a stored change for upload. If its bytes were compacted away, `bytes` puts them
+    /// back so the outbox can be read without the document.
+    pub fn enqueue_upload(
+        &mut self,
+        doc: &DocId,
+        hash: &ChangeHash,
+        bytes: Option<&[u8]>,
+    ) -> Result<()> {
+        if let Some(bytes) = bytes {
+            self.tx
+                .prepare_cached(
+                    "UPDATE changes SET bytes = ?3 WHERE doc = ?1 AND hash = ?2 AND bytes IS NULL",
+                )
+                .and_then(|mut st| st.execute(params![doc.as_str(), &hash.0[..], bytes]))
+                .ctx("queueing an upload")?;
+        }
+        self.tx
+            .prepare_cached("INSERT OR IGNORE INTO outbox (doc, hash) VALUES (?1, ?2)")
+            .and_then(|mut st| st.execute(params![doc.as_str(), &hash.0[..]]))
+            .ctx("queueing an upload")?;
+        Ok(())
+    }
+
+    /// Adds a subscription if it is not there yet (from the start of the hub's log).
+    pub fn add_subscription(&mut self, target: &Target) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO subscriptions (target, epoch, cursor) VALUES (?1, ?2, 0)",
+            )
+            .and_then(|mut st| st.execute(params![target.key(), &Epoch::none().0[..]]))
+            .ctx("adding a subscription")?;
+        Ok(())
+    }
+
+    /// Records how far a subscription has received, with the changes that got it there.
+    pub fn set_cursor(&mut self, target: &Target, epoch: Epoch, cursor: Cursor) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO subscriptions (target, epoch, cursor) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (target) DO UPDATE SET epoch = excluded.epoch, cursor = excluded.cursor",
+            )
+            .and_then(|mut st| st.execute(params![target.key(), &epoch.0[..], cursor.0 as i64]))
+            .ctx("recording a cursor")?;
+        Ok(())
+    }
+
+    /// Advances a subscription's cursor within its current epoch (never backwards).
+    pub fn advance_cursor(&mut self, target: &Target, cursor: Cursor) -> Result<()> {
+        self.tx
+            .prepare_cached("UPDATE subscriptions SET cursor = max(cursor, ?2) WHERE target = ?1")
+            .and_then(|mut st| st.execute(params![target.key(), cursor.0 as i64]))
+            .ctx("recording a cursor")?;
+        Ok(())
+    }
+
+    /// Makes every write of the batch durable.
+    pub fn commit(self) -> Result<()> {
+        self.tx.commit().ctx("committing")
+    }
+}

@@ -1,0 +1,95 @@
+//! Opening SQLite files with the settings every store uses, and schema migrations.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use crate::error::{Error, Result, SqlContext};
+
+/// The schema version this build writes. Stores are migrated up to it on open; a store
+/// written by a newer build is refused.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Opens (or creates) a store file: WAL, `synchronous=FULL` (a commit survives power loss),
+/// foreign keys on, and migrations run in one transaction.
+pub(crate) fn open(path: &Path, kind: &str, migrations: &[&str]) -> Result<Connection> {
+    let conn = Connection::open(path).ctx("opening the store file")?;
+    configure(&conn)?;
+    migrate(conn, kind, migrations)
+}
+
+/// An in-memory store (tests and simulations that do not restart).
+pub(crate) fn open_in_memory(kind: &str, migrations: &[&str]) -> Result<Connection> {
+    let conn = Connection::open_in_memory().ctx("opening an in-memory store")?;
+    configure(&conn)?;
+    migrate(conn, kind, migrations)
+}
+
+fn configure(conn: &Connection) -> Result<()> {
+    conn.busy_timeout(Duration::from_secs(5))
+        .ctx("setting the busy timeout")?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .ctx("enabling WAL")?;
+    if mode != "wal" && mode != "memory" {
+        return Err(Error::Corrupt {
+            what: "journal".into(),
+            reason: format!("journal_mode is {mode}, not wal"),
+        });
+    }
+    conn.pragma_update(None, "synchronous", "FULL")
+        .ctx("setting synchronous=FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .ctx("enabling foreign keys")?;
+    Ok(())
+}
+
+fn migrate(mut conn: Connection, kind: &str, migrations: &[&str]) -> Result<Connection> {
+    let current: u32 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .ctx("reading the schema version")?;
+    let target = migrations.len() as u32;
+    if current > target {
+        return Err(Error::Corrupt {
+            what: format!("{kind} schema"),
+            reason: format!(
+                "version {current} was written by a newer Syncline (this one knows {target}); upgrade"
+            ),
+        });
+    }
+    if current < target {
+        let tx = conn.transaction().ctx("starting a migration")?;
+        for (i, sql) in migrations.iter().enumerate().skip(current as usize) {
+            tx.execute_batch(sql).ctx("migrating the schema")?;
+            tracing::info!(kind, version = i + 1, "migrated store schema");
+        }
+        tx.pragma_update(None, "user_version", target)
+            .ctx("recording the schema version")?;
+        tx.commit().ctx("committing a migration")?;
+    }
+    Ok(conn)
+}
+
+/// Encodes hashes as one blob of 32-byte chunks.
+pub(crate) fn hashes_to_blob(hashes: &[crate::ChangeHash]) -> Vec<u8> {
+    hashes.iter().flat_map(|h| h.0).collect()
+}
+
+/// Inverse of [`hashes_to_blob`]; a blob that is not whole chunks is corrupt.
+pub(crate) fn blob_to_hashes(blob: &[u8]) -> Result<Vec<crate::ChangeHash>> {
+    if blob.len() % 32 != 0 {
+        return Err(Error::Corrupt {
+            what: "hash list".into(),
+            reason: format!("{} bytes", blob.len()),
+        });
+    }
+    Ok(blob
+        .chunks_exact(32)
+        .map(|c| {
+            let mut h = [0u8; 32];
+            h.copy_from_slice(c);
+            crate::ChangeHash(h)
+        })
+        .collect())
+}
