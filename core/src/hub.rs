@@ -22,7 +22,8 @@ use crate::ids::{ChangeHash, Cursor, DocId, Epoch, PeerId};
 use crate::protocol::Handshake;
 use crate::store::HubStore;
 use crate::wire::{
-    self, Ack, CaughtUp, Changes, ErrorCode, ErrorMessage, Heads, Message, Reject, Role, Target,
+    self, Ack, CaughtUp, Changes, ErrorCode, ErrorMessage, Heads, Message, Reconciled, Reject,
+    Role, Target,
 };
 
 /// Identifies a connection to the hub.
@@ -213,13 +214,27 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         self.sessions.get(&id).and_then(|s| s.peer)
     }
 
-    /// A new connection: returns its id; its first message (Hello) is ready to send.
+    /// A new connection without channel binding: returns its id; its first message (Hello)
+    /// is ready to send.
     pub fn accept(&mut self) -> SessionId {
+        self.accept_bound([0; 32])
+    }
+
+    /// A new connection over a transport that gives a channel binding (a TLS exporter value
+    /// both ends compute); both sides must pass the same value or the handshake fails.
+    pub fn accept_bound(&mut self, binding: [u8; 32]) -> SessionId {
         let id = self.next_session;
         self.next_session += 1;
         let nonce: [u8; 32] = self.rng.r#gen();
-        let (handshake, hello) =
-            Handshake::start(self.identity.clone(), Role::Hub, Role::Replica, None, nonce);
+        let (handshake, hello) = Handshake::start(
+            self.identity.clone(),
+            Role::Hub,
+            Role::Replica,
+            None,
+            nonce,
+            self.store.epoch(),
+            binding,
+        );
         self.sessions.insert(
             id,
             HubSession {
@@ -256,7 +271,16 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
     /// queues an error message for the peer; send it, then close the connection.
     pub fn handle_message(&mut self, id: SessionId, msg: Message) -> Result<()> {
         let result = self.handle_inner(id, msg);
-        if let Err(e) = &result {
+        if let Err(Error::Protocol(ProtocolError::Closed { .. })) = &result {
+            // The peer closed the session with an error: nothing to answer.
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.failed = true;
+                s.out.clear();
+                s.subs.clear();
+                s.reconciles.clear();
+            }
+            self.queued.retain(|q| q.session != id);
+        } else if let Err(e) = &result {
             let code = match e {
                 Error::Protocol(ProtocolError::VersionMismatch { .. }) => {
                     ErrorCode::VersionMismatch
@@ -271,6 +295,11 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
     }
 
     fn fail(&mut self, id: SessionId, code: ErrorCode, mut message: String) {
+        // A failed session goes quiet: its peer's further messages (its own Error among them)
+        // get no answer, or two failing sides would trade errors forever.
+        if self.sessions.get(&id).is_none_or(|s| s.failed) {
+            return;
+        }
         self.metrics.reject(match code {
             ErrorCode::UnknownPeer => "unknown_peer",
             ErrorCode::VersionMismatch => "version",
@@ -278,7 +307,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             _ => "protocol",
         });
         if let Some(s) = self.sessions.get_mut(&id) {
-            message.truncate(wire::MAX_ERROR_TEXT);
+            wire::truncate_text(&mut message, wire::MAX_ERROR_TEXT);
             s.failed = true;
             s.out.clear();
             s.subs.clear();
@@ -579,6 +608,9 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             } else {
                 self.metrics.reject("read_denied");
             }
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.out.push_back(Message::Reconciled(Reconciled { doc }));
+            }
             return Ok(self.sessions.get_mut(&id).and_then(|s| s.out.pop_front()));
         }
         let work = s
@@ -595,9 +627,13 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 let mut out = Vec::new();
                 for d in &docs {
                     if self.policy.may_read(&peer, d) {
+                        let h = self.store.heads(d)?;
+                        // Too many heads to list: send none and ask for a full reconcile.
+                        let listable = h.heads.len() <= wire::MAX_HEADS;
                         out.push(Message::Heads(Heads {
                             doc: d.clone(),
-                            heads: self.store.heads(d)?,
+                            heads: if listable { h.heads } else { Vec::new() },
+                            complete: h.complete && listable,
                         }));
                     }
                 }
@@ -728,4 +764,326 @@ fn chunk_changes(changes: Vec<SignedChange>) -> Vec<Vec<SignedChange>> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::ids::DocPrefix;
+    use crate::ops::Op;
+    use crate::replica::{Event, Replica, ReplicaOptions};
+    use crate::store::SqliteHubStore;
+
+    fn ops(j: serde_json::Value) -> Vec<Op> {
+        Op::list_from_json(&j.to_string()).unwrap()
+    }
+
+    fn replica() -> Replica {
+        Replica::open_in_memory(Identity::generate(), ReplicaOptions::default()).unwrap()
+    }
+
+    fn grant(peer: PeerId, prefix: &str, read: bool, write: bool) -> Grant {
+        Grant {
+            peer,
+            prefix: DocPrefix::new(prefix).unwrap(),
+            read,
+            write,
+        }
+    }
+
+    /// Moves messages both ways until nothing moves; returns the replicas' errors.
+    fn pump<P: Policy>(
+        hub: &mut Hub<SqliteHubStore, P>,
+        reps: &mut [(&mut Replica, SessionId)],
+    ) -> Vec<Error> {
+        let mut errors = Vec::new();
+        for _ in 0..10_000 {
+            let mut moved = false;
+            for (r, sid) in reps.iter_mut() {
+                while let Ok(Some(m)) = r.poll_transmit() {
+                    moved = true;
+                    let _ = hub.handle_message(*sid, m);
+                }
+            }
+            hub.flush().unwrap();
+            for (r, sid) in reps.iter_mut() {
+                while let Ok(Some(m)) = hub.poll_transmit(*sid) {
+                    moved = true;
+                    if let Err(e) = r.handle_message(m) {
+                        errors.push(e);
+                    }
+                }
+            }
+            if !moved {
+                return errors;
+            }
+        }
+        panic!("pump did not settle");
+    }
+
+    fn hub_with(grants: Vec<Grant>) -> Hub<SqliteHubStore, Grants> {
+        Hub::new(
+            Identity::generate(),
+            SqliteHubStore::open_in_memory().unwrap(),
+            Grants { grants },
+            None,
+        )
+    }
+
+    fn connect<P: Policy>(hub: &mut Hub<SqliteHubStore, P>, r: &mut Replica) -> SessionId {
+        let sid = hub.accept();
+        r.connect(Some(hub.peer_id()));
+        sid
+    }
+
+    fn events(r: &mut Replica) -> Vec<Event> {
+        std::iter::from_fn(|| r.poll_event()).collect()
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_at_the_handshake() {
+        let mut hub = hub_with(vec![]);
+        let mut r = replica();
+        let sid = connect(&mut hub, &mut r);
+        let errors = pump(&mut hub, &mut [(&mut r, sid)]);
+        assert!(
+            errors.iter().any(|e| matches!(e, Error::Protocol(ProtocolError::Closed { message, .. }) if message.contains("not known"))),
+            "{errors:?}"
+        );
+        assert_eq!(hub.session_peer(sid), None);
+        assert_eq!(hub.metrics().rejects.get("unknown_peer"), Some(&1));
+    }
+
+    #[test]
+    fn a_read_only_key_has_its_writes_refused_and_its_app_told() {
+        let mut r = replica();
+        let mut hub = hub_with(vec![grant(r.peer_id(), "", true, false)]);
+        let doc = DocId::new("d").unwrap();
+        r.change(&doc, &ops(json!([{"op":"put","path":["a"],"value":1}])))
+            .unwrap();
+        let sid = connect(&mut hub, &mut r);
+        pump(&mut hub, &mut [(&mut r, sid)]);
+        assert!(events(&mut r).iter().any(|e| matches!(
+            e,
+            Event::Rejected {
+                code: ErrorCode::NotAuthorized,
+                ..
+            }
+        )));
+        let status = r.status().unwrap();
+        assert_eq!(
+            (status.outbox, status.rejected),
+            (1, 1),
+            "the refused change stays, marked"
+        );
+        assert_eq!(hub.store().change_count().unwrap(), 0);
+        // Still held locally.
+        assert_eq!(r.json(&doc).unwrap(), json!({"a": 1}));
+    }
+
+    #[test]
+    fn a_key_without_read_rights_never_receives_the_document() {
+        let mut writer = replica();
+        let mut reader = replica();
+        let mut hub = hub_with(vec![
+            grant(writer.peer_id(), "", true, true),
+            grant(reader.peer_id(), "public/", true, true),
+        ]);
+        reader.subscribe(Target::Prefix(DocPrefix::all())).unwrap();
+        let secret = DocId::new("secret/plans").unwrap();
+        let public = DocId::new("public/news").unwrap();
+        writer
+            .change(&secret, &ops(json!([{"op":"put","path":["x"],"value":1}])))
+            .unwrap();
+        writer
+            .change(&public, &ops(json!([{"op":"put","path":["y"],"value":2}])))
+            .unwrap();
+        let ws = connect(&mut hub, &mut writer);
+        let rs = connect(&mut hub, &mut reader);
+        pump(&mut hub, &mut [(&mut writer, ws), (&mut reader, rs)]);
+        // Live changes too, not only catch-up.
+        writer
+            .change(&secret, &ops(json!([{"op":"put","path":["x"],"value":3}])))
+            .unwrap();
+        writer
+            .change(&public, &ops(json!([{"op":"put","path":["y"],"value":4}])))
+            .unwrap();
+        pump(&mut hub, &mut [(&mut writer, ws), (&mut reader, rs)]);
+        assert_eq!(reader.doc_ids().unwrap(), vec![public.clone()]);
+        assert_eq!(reader.json(&public).unwrap(), json!({"y": 4}));
+        // A direct subscription or a reconcile does not leak it either.
+        reader.subscribe(Target::Doc(secret.clone())).unwrap();
+        pump(&mut hub, &mut [(&mut writer, ws), (&mut reader, rs)]);
+        assert!(!reader.store().has_doc(&secret).unwrap());
+    }
+
+    #[test]
+    fn a_revoked_grant_holds_at_once_on_a_live_session() {
+        let mut r = replica();
+        let mut hub = hub_with(vec![grant(r.peer_id(), "", true, true)]);
+        let sid = connect(&mut hub, &mut r);
+        let doc = DocId::new("d").unwrap();
+        r.change(&doc, &ops(json!([{"op":"put","path":["a"],"value":1}])))
+            .unwrap();
+        pump(&mut hub, &mut [(&mut r, sid)]);
+        assert_eq!(hub.store().change_count().unwrap(), 1);
+        hub.policy_mut().grants[0].write = false;
+        r.change(&doc, &ops(json!([{"op":"put","path":["a"],"value":2}])))
+            .unwrap();
+        pump(&mut hub, &mut [(&mut r, sid)]);
+        assert_eq!(hub.store().change_count().unwrap(), 1);
+        assert_eq!(r.status().unwrap().rejected, 1);
+    }
+
+    #[test]
+    fn forged_and_replayed_pushes_are_refused_and_store_nothing() {
+        let mut r = replica();
+        let mut hub = hub_with(vec![grant(r.peer_id(), "", true, true)]);
+        let sid = connect(&mut hub, &mut r);
+        pump(&mut hub, &mut [(&mut r, sid)]);
+        // A real signed change, taken from another replica's outbox.
+        let mut author = replica();
+        let doc = DocId::new("a").unwrap();
+        author
+            .change(&doc, &ops(json!([{"op":"put","path":["k"],"value":1}])))
+            .unwrap();
+        let real = author
+            .store()
+            .outbox_after(0, 10)
+            .unwrap()
+            .remove(0)
+            .signed
+            .unwrap();
+        let mut forged = real.clone();
+        forged.signature[0] ^= 1;
+        let other = DocId::new("b").unwrap();
+        for (push_id, doc, change) in [(90, doc.clone(), forged), (91, other, real)] {
+            hub.handle_message(
+                sid,
+                Message::Push(wire::Push {
+                    push_id,
+                    doc,
+                    changes: vec![change],
+                }),
+            )
+            .unwrap();
+            hub.flush().unwrap();
+            match hub.poll_transmit(sid).unwrap() {
+                Some(Message::Reject(rj)) => {
+                    assert_eq!((rj.push_id, rj.code), (push_id, ErrorCode::BadSignature));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(hub.store().change_count().unwrap(), 0);
+        assert_eq!(hub.metrics().rejects.get("bad_signature"), Some(&2));
+        // The session stays usable.
+        assert!(!hub.is_failed(sid));
+    }
+
+    #[test]
+    fn a_peer_error_with_multibyte_text_is_absorbed_without_panicking_or_answering() {
+        // 1023 bytes, byte 1024 of a longer rendering inside a character: this used to panic
+        // both the hub and the replica when they cut the text to quote it back.
+        let text: String = std::iter::once('x')
+            .chain(std::iter::repeat_n('é', 511))
+            .collect();
+        let mut r = replica();
+        let mut hub = hub_with(vec![grant(r.peer_id(), "", true, true)]);
+        let sid = connect(&mut hub, &mut r);
+        pump(&mut hub, &mut [(&mut r, sid)]);
+        let closing = ErrorMessage {
+            code: ErrorCode::ProtocolViolation,
+            message: text.clone(),
+        };
+        assert!(
+            hub.handle_message(sid, Message::Error(closing.clone()))
+                .is_err()
+        );
+        assert!(hub.is_failed(sid));
+        assert_eq!(
+            hub.poll_transmit(sid).unwrap(),
+            None,
+            "an Error is not answered"
+        );
+        let mut r2 = replica();
+        r2.connect(None);
+        let _hello = r2.poll_transmit().unwrap();
+        assert!(r2.handle_message(Message::Error(closing)).is_err());
+        assert_eq!(r2.poll_transmit().unwrap(), None);
+        let mut long = text.repeat(3);
+        wire::truncate_text(&mut long, wire::MAX_ERROR_TEXT);
+        assert!(long.len() <= wire::MAX_ERROR_TEXT && long.len() >= wire::MAX_ERROR_TEXT - 1);
+    }
+
+    #[test]
+    fn an_oversized_local_change_is_refused_and_leaves_nothing_behind() {
+        let mut r = replica();
+        let doc = DocId::new("d").unwrap();
+        r.change(&doc, &ops(json!([{"op":"put","path":["a"],"value":1}])))
+            .unwrap();
+        let big = "x".repeat(wire::MAX_CHANGE_BYTES + 10);
+        let err = r
+            .change(
+                &doc,
+                &[Op::Put {
+                    path: vec!["b".into()],
+                    value: crate::ops::Value::Str(big),
+                }],
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("split it"), "{err}");
+        assert_eq!(r.json(&doc).unwrap(), json!({"a": 1}));
+        assert_eq!(r.status().unwrap().outbox, 1);
+    }
+
+    #[test]
+    fn a_slow_replica_falls_back_to_the_log_and_still_catches_up() {
+        let mut fast = replica();
+        let mut slow = replica();
+        let mut hub = Hub::new(
+            Identity::generate(),
+            SqliteHubStore::open_in_memory().unwrap(),
+            AllowAll,
+            None,
+        );
+        slow.subscribe(Target::Prefix(DocPrefix::all())).unwrap();
+        let fs = connect(&mut hub, &mut fast);
+        let ss = connect(&mut hub, &mut slow);
+        pump(&mut hub, &mut [(&mut fast, fs), (&mut slow, ss)]);
+        let doc = DocId::new("d").unwrap();
+        fast.change(
+            &doc,
+            &ops(json!([{"op":"put","path":["n"],"value":{"$counter":0}}])),
+        )
+        .unwrap();
+        // The slow replica's connection is never polled while the fast one writes a lot.
+        for _ in 0..(MAX_QUEUED_MESSAGES * 2) {
+            fast.change(&doc, &ops(json!([{"op":"increment","path":["n"],"by":1}])))
+                .unwrap();
+            while let Ok(Some(m)) = fast.poll_transmit() {
+                hub.handle_message(fs, m).unwrap();
+            }
+            hub.flush().unwrap();
+            while let Ok(Some(m)) = hub.poll_transmit(fs) {
+                fast.handle_message(m).unwrap();
+            }
+        }
+        assert!(hub.metrics().slow_fallbacks > 0);
+        assert!(
+            hub.sessions[&ss].out.len() <= MAX_QUEUED_MESSAGES,
+            "the queue stayed bounded"
+        );
+        pump(&mut hub, &mut [(&mut fast, fs), (&mut slow, ss)]);
+        assert_eq!(
+            slow.json(&doc).unwrap(),
+            json!({"n": MAX_QUEUED_MESSAGES * 2})
+        );
+        assert_eq!(
+            slow.doc(&doc).unwrap().heads(),
+            fast.doc(&doc).unwrap().heads()
+        );
+    }
 }

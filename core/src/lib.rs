@@ -11,6 +11,9 @@ pub mod ops;
 pub mod protocol;
 pub mod replica;
 pub mod store;
+
+#[cfg(test)]
+mod sim;
 pub mod wire;
 
 pub use error::{Error, Result};

@@ -82,6 +82,8 @@ impl fmt::Display for ValueError {
     }
 }
 
+impl std::error::Error for ValueError {}
+
 impl Value {
     /// Reads the JSON form (with the `$counter`, `$text`, `$timestamp`, `$bytes` objects).
     pub fn from_json(v: &serde_json::Value) -> Result<Value, ValueError> {

@@ -3,7 +3,7 @@
 
 use crate::error::ProtocolError;
 use crate::identity::Identity;
-use crate::ids::PeerId;
+use crate::ids::{Epoch, PeerId};
 use crate::wire::{Auth, Hello, Message, PROTOCOL_VERSION, Role};
 
 const HANDSHAKE_DOMAIN: &[u8] = b"syncline/handshake/v1\0";
@@ -12,20 +12,32 @@ const HANDSHAKE_DOMAIN: &[u8] = b"syncline/handshake/v1\0";
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 
 /// What a peer signs to prove its identity: a domain tag, the agreed version, the signer's
-/// key, the other side's key and the other side's nonce. Binding both keys stops a relay from
-/// reusing the proof on another session; the nonce stops replays.
+/// key, nonce and announced epoch, the other side's key and nonce, and the channel binding.
+///
+/// Binding both keys stops a relay from reusing the proof on another session; the other
+/// side's fresh nonce stops replays; the signer's epoch cannot be changed in transit; and
+/// the channel binding (a TLS exporter value both ends of one TLS connection compute the
+/// same, or zeros where the transport gives none) stops a relay that terminates TLS on both
+/// sides from splicing two sessions together.
+#[allow(clippy::too_many_arguments)] // Each field of the transcript is named at the call.
 pub fn handshake_message(
     version: u16,
     signer: &PeerId,
+    signer_nonce: &[u8; 32],
+    signer_epoch: &Epoch,
     other: &PeerId,
     other_nonce: &[u8; 32],
+    binding: &[u8; 32],
 ) -> Vec<u8> {
-    let mut m = Vec::with_capacity(HANDSHAKE_DOMAIN.len() + 2 + 96);
+    let mut m = Vec::with_capacity(HANDSHAKE_DOMAIN.len() + 2 + 32 * 5 + 16);
     m.extend_from_slice(HANDSHAKE_DOMAIN);
     m.extend_from_slice(&version.to_be_bytes());
     m.extend_from_slice(signer.as_bytes());
+    m.extend_from_slice(signer_nonce);
+    m.extend_from_slice(&signer_epoch.0);
     m.extend_from_slice(other.as_bytes());
     m.extend_from_slice(other_nonce);
+    m.extend_from_slice(binding);
     m
 }
 
@@ -36,6 +48,8 @@ pub(crate) struct Handshake {
     expected_role: Role,
     expected_peer: Option<PeerId>,
     nonce: [u8; 32],
+    epoch: Epoch,
+    binding: [u8; 32],
     their: Option<(Hello, u16)>,
     peer: Option<PeerId>,
 }
@@ -48,6 +62,8 @@ impl Handshake {
         expected_role: Role,
         expected_peer: Option<PeerId>,
         nonce: [u8; 32],
+        epoch: Epoch,
+        binding: [u8; 32],
     ) -> (Self, Message) {
         let hello = Hello {
             min_version: MIN_PROTOCOL_VERSION,
@@ -55,6 +71,7 @@ impl Handshake {
             role,
             peer: identity.peer_id(),
             nonce,
+            epoch,
         };
         (
             Handshake {
@@ -62,11 +79,18 @@ impl Handshake {
                 expected_role,
                 expected_peer,
                 nonce,
+                epoch,
+                binding,
                 their: None,
                 peer: None,
             },
             Message::Hello(hello),
         )
+    }
+
+    /// The epoch the peer announced in its Hello.
+    pub(crate) fn their_epoch(&self) -> Option<crate::ids::Epoch> {
+        self.their.as_ref().map(|(h, _)| h.epoch)
     }
 
     /// Handles the peer's Hello; returns our Auth.
@@ -109,8 +133,11 @@ impl Handshake {
         let signature = self.identity.sign(&handshake_message(
             version,
             &self.identity.peer_id(),
+            &self.nonce,
+            &self.epoch,
             &hello.peer,
             &hello.nonce,
+            &self.binding,
         ));
         self.their = Some((hello, version));
         Ok(Message::Auth(Auth { signature }))
@@ -134,8 +161,15 @@ impl Handshake {
             .peer
             .verifying_key()
             .ok_or(ProtocolError::BadHandshake)?;
-        let message =
-            handshake_message(*version, &hello.peer, &self.identity.peer_id(), &self.nonce);
+        let message = handshake_message(
+            *version,
+            &hello.peer,
+            &hello.nonce,
+            &hello.epoch,
+            &self.identity.peer_id(),
+            &self.nonce,
+            &self.binding,
+        );
         key.verify_strict(
             &message,
             &ed25519_dalek::Signature::from_bytes(&auth.signature),
@@ -157,6 +191,8 @@ mod tests {
             Role::Hub,
             None,
             [1; 32],
+            Epoch::none(),
+            [0; 32],
         );
         let (b, hb) = Handshake::start(
             Identity::generate(),
@@ -164,6 +200,8 @@ mod tests {
             Role::Replica,
             None,
             [2; 32],
+            Epoch::none(),
+            [0; 32],
         );
         (a, ha, b, hb)
     }
@@ -209,6 +247,38 @@ mod tests {
     }
 
     #[test]
+    fn a_spliced_session_or_a_changed_epoch_fails() {
+        let id_a = Identity::generate();
+        let id_b = Identity::generate();
+        let start = |id: &Identity, role, other, nonce, binding| {
+            Handshake::start(
+                id.clone(),
+                role,
+                other,
+                None,
+                nonce,
+                Epoch([7; 16]),
+                binding,
+            )
+        };
+        // Different channel bindings: each side sits on another TLS connection.
+        let (mut a, ha) = start(&id_a, Role::Replica, Role::Hub, [1; 32], [1; 32]);
+        let (mut b, hb) = start(&id_b, Role::Hub, Role::Replica, [2; 32], [2; 32]);
+        let aa = auth(a.on_hello(hello(hb)).unwrap());
+        let ab = auth(b.on_hello(hello(ha)).unwrap());
+        assert_eq!(a.on_auth(ab).unwrap_err(), ProtocolError::BadHandshake);
+        assert_eq!(b.on_auth(aa).unwrap_err(), ProtocolError::BadHandshake);
+        // The hub's announced epoch changed in transit.
+        let (mut a, ha) = start(&id_a, Role::Replica, Role::Hub, [1; 32], [0; 32]);
+        let (mut b, hb) = start(&id_b, Role::Hub, Role::Replica, [2; 32], [0; 32]);
+        let mut tampered = hello(hb);
+        tampered.epoch = Epoch([8; 16]);
+        a.on_hello(tampered).unwrap();
+        let ab = auth(b.on_hello(hello(ha)).unwrap());
+        assert_eq!(a.on_auth(ab).unwrap_err(), ProtocolError::BadHandshake);
+    }
+
+    #[test]
     fn versions_roles_and_pinned_keys_are_checked() {
         let (mut a, _, _, hb) = pair();
         let mut h = hello(hb.clone());
@@ -228,6 +298,8 @@ mod tests {
             Role::Replica,
             Role::Hub,
             Some(PeerId([9; 32])),
+            [0; 32],
+            Epoch::none(),
             [0; 32],
         );
         assert!(matches!(

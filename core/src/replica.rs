@@ -156,6 +156,7 @@ struct InFlight {
 struct Session {
     handshake: Handshake,
     hub: Option<PeerId>,
+    hub_epoch: Epoch,
     out: VecDeque<Message>,
     inflight: BTreeMap<u64, InFlight>,
     next_push: u64,
@@ -164,6 +165,10 @@ struct Session {
     requested: HashMap<Target, Epoch>,
     /// Documents the hub listed during a repair.
     heads_seen: HashSet<DocId>,
+    /// Documents whose Reconcile the hub has not finished answering.
+    reconciling: HashSet<DocId>,
+    /// Repairs that caught up but wait for reconciles before their new epoch is recorded.
+    deferred: Vec<CaughtUp>,
     synced: HashSet<Target>,
     failed: bool,
 }
@@ -330,6 +335,18 @@ impl Replica {
             let state = self.load(doc, true)?;
             let before = state.doc.heads();
             if let Some(c) = state.doc.apply_ops(ops)? {
+                // A change the hub would refuse would block the outbox behind it forever.
+                if c.raw_bytes().len() > wire::MAX_CHANGE_BYTES {
+                    return Err(Error::InvalidOperation {
+                        doc: doc.clone(),
+                        reason: format!(
+                            "the change is {} bytes, over the limit of {} bytes; split it into \
+                             several smaller changes",
+                            c.raw_bytes().len(),
+                            wire::MAX_CHANGE_BYTES
+                        ),
+                    });
+                }
                 made.push((change::sign(&identity, doc, c)?, before));
             }
         }
@@ -370,7 +387,10 @@ impl Replica {
         for (c, before) in made {
             let bytes = c.signed().bytes.len() as u64;
             let patch_events = self.options.patch_events;
-            let state = self.load(c.doc(), false)?;
+            // Committed: from here on nothing may turn the write into an error.
+            let Some(state) = self.docs.get_mut(c.doc()) else {
+                continue;
+            };
             state.incremental_bytes += bytes;
             let heads = state.doc.heads();
             let patches = if patch_events {
@@ -384,7 +404,7 @@ impl Replica {
                 heads,
                 patches,
             });
-            self.maybe_compact(c.doc())?;
+            self.compact_after_commit(c.doc());
         }
         Ok(())
     }
@@ -452,6 +472,12 @@ impl Replica {
 
     /// Starts a session over a freshly opened transport. `expected_hub` pins the hub's key.
     pub fn connect(&mut self, expected_hub: Option<PeerId>) {
+        self.connect_bound(expected_hub, [0; 32]);
+    }
+
+    /// Like [`Replica::connect`], over a transport that gives a channel binding (a TLS
+    /// exporter value); the hub must see the same value.
+    pub fn connect_bound(&mut self, expected_hub: Option<PeerId>, binding: [u8; 32]) {
         let nonce: [u8; 32] = self.rng.r#gen();
         let (handshake, hello) = Handshake::start(
             self.identity.clone(),
@@ -459,17 +485,22 @@ impl Replica {
             Role::Hub,
             expected_hub,
             nonce,
+            Epoch::none(),
+            binding,
         );
         self.incoming.clear();
         self.session = Some(Session {
             handshake,
             hub: None,
+            hub_epoch: Epoch::none(),
             out: VecDeque::from([hello]),
             inflight: BTreeMap::new(),
             next_push: 1,
             sent_upto: 0,
             requested: HashMap::new(),
             heads_seen: HashSet::new(),
+            reconciling: HashSet::new(),
+            deferred: Vec::new(),
             synced: HashSet::new(),
             failed: false,
         });
@@ -499,6 +530,12 @@ impl Replica {
 
     fn fail_session(&mut self, e: &Error) {
         if let Some(s) = self.session.as_mut() {
+            // Never answer a failed session, nor the hub's own Error, with an Error.
+            if s.failed || matches!(e, Error::Protocol(ProtocolError::Closed { .. })) {
+                s.failed = true;
+                s.out.clear();
+                return;
+            }
             s.failed = true;
             s.out.clear();
             let code = match e {
@@ -510,7 +547,7 @@ impl Replica {
                 _ => ErrorCode::ProtocolViolation,
             };
             let mut message = e.to_string();
-            message.truncate(wire::MAX_ERROR_TEXT);
+            wire::truncate_text(&mut message, wire::MAX_ERROR_TEXT);
             s.out
                 .push_back(Message::Error(wire::ErrorMessage { code, message }));
         }
@@ -542,12 +579,21 @@ impl Replica {
                 Message::Auth(a) => {
                     let hub = s.handshake.on_auth(a)?;
                     s.hub = Some(hub);
+                    s.hub_epoch = s.handshake.their_epoch().unwrap_or_else(Epoch::none);
                     let subs = self.store.subscriptions()?;
+                    // A subscription that never caught up must still be repaired if the hub
+                    // we last exchanged changes with had another log (it may have lost them).
+                    let last = self.store.last_epoch()?;
                     let s = self.session.as_mut().ok_or(ProtocolError::Unexpected {
                         message: "Auth",
                         state: "closed",
                     })?;
                     for (target, epoch, cursor) in subs {
+                        let (epoch, cursor) = if epoch == Epoch::none() {
+                            (last, Cursor(0))
+                        } else {
+                            (epoch, cursor)
+                        };
                         s.requested.insert(target.clone(), epoch);
                         s.out.push_back(Message::Subscribe(Subscribe {
                             target,
@@ -597,13 +643,33 @@ impl Replica {
             Message::Ack(a) => {
                 // A duplicate acknowledgement is harmless: the rows are gone already.
                 if let Some(f) = s.inflight.remove(&a.push_id) {
-                    self.store.ack_outbox(&f.rows)?;
+                    self.store.ack_outbox(&f.rows, s.hub_epoch)?;
                 }
             }
             Message::Reject(r) => self.on_reject(r)?,
             Message::Heads(h) => {
                 self.flush()?;
                 self.on_heads(h)?;
+            }
+            Message::Reconciled(r) => {
+                // The answer's changes are committed before the repair can count as done.
+                self.flush()?;
+                let s = self.session.as_mut().ok_or(ProtocolError::Unexpected {
+                    message: "Reconciled",
+                    state: "closed",
+                })?;
+                s.reconciling.remove(&r.doc);
+                let ready: Vec<CaughtUp> = {
+                    let reconciling = &s.reconciling;
+                    let (ready, wait) = std::mem::take(&mut s.deferred)
+                        .into_iter()
+                        .partition(|c: &CaughtUp| !reconciling.iter().any(|d| c.target.covers(d)));
+                    s.deferred = wait;
+                    ready
+                };
+                for c in ready {
+                    self.record_caught_up(c)?;
+                }
             }
             Message::Error(e) => {
                 return Err(ProtocolError::Closed {
@@ -652,7 +718,7 @@ impl Replica {
             sorted.sort();
             let mut theirs = h.heads.clone();
             theirs.sort();
-            if sorted == theirs {
+            if sorted == theirs && h.complete {
                 None
             } else {
                 upload = state.doc.changes_since(&h.heads);
@@ -667,7 +733,12 @@ impl Replica {
             state: "closed",
         })?;
         s.heads_seen.insert(h.doc.clone());
-        if let Some(heads) = mine {
+        if let Some(mut heads) = mine {
+            if heads.len() > wire::MAX_HEADS {
+                // Too many to list: ask for everything (duplicates are harmless).
+                heads.clear();
+            }
+            s.reconciling.insert(h.doc.clone());
             s.out
                 .push_back(Message::Reconcile(Reconcile { doc: h.doc, heads }));
         }
@@ -713,6 +784,20 @@ impl Replica {
                 self.enqueue_uploads(&d, all)?;
             }
         }
+        let s = self.session.as_mut().ok_or(ProtocolError::Unexpected {
+            message: "CaughtUp",
+            state: "closed",
+        })?;
+        if s.reconciling.iter().any(|d| c.target.covers(d)) {
+            // Changes we lack from before the repair are still on their way: record the new
+            // epoch only once they are committed, or a broken session would skip them.
+            s.deferred.push(c);
+            return Ok(());
+        }
+        self.record_caught_up(c)
+    }
+
+    fn record_caught_up(&mut self, c: CaughtUp) -> Result<()> {
         let mut batch = self.store.batch()?;
         batch.set_cursor(&c.target, c.epoch, c.cursor)?;
         batch.commit()?;
@@ -805,10 +890,15 @@ impl Replica {
         for (t, c) in &cursors {
             batch.advance_cursor(t, *c)?;
         }
+        if let Some(epoch) = self.session.as_ref().map(|s| s.hub_epoch) {
+            batch.set_last_epoch(epoch)?;
+        }
         batch.commit()?;
         for (doc, before) in changed {
             let patch_events = self.options.patch_events;
-            let state = self.load(&doc, false)?;
+            let Some(state) = self.docs.get_mut(&doc) else {
+                continue;
+            };
             let heads = state.doc.heads();
             let patches = if patch_events {
                 state.doc.diff(&before, &heads)
@@ -821,9 +911,18 @@ impl Replica {
                 heads,
                 patches,
             });
-            self.maybe_compact(&doc)?;
+            self.compact_after_commit(&doc);
         }
         Ok(())
+    }
+
+    /// Compaction runs after a write is committed and acknowledged: its failure must not
+    /// turn that write into an error (the app would retry a durable write), so it is logged
+    /// and retried at the next write.
+    fn compact_after_commit(&mut self, doc: &DocId) {
+        if let Err(e) = self.maybe_compact(doc) {
+            tracing::warn!(%doc, error = %e, "compaction failed; the document stays uncompacted");
+        }
     }
 
     fn maybe_compact(&mut self, doc: &DocId) -> Result<()> {

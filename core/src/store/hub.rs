@@ -52,6 +52,17 @@ pub struct LogBatch {
     pub at_end: bool,
 }
 
+/// A document's heads as the hub knows them, from change metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocHeads {
+    /// Heads of the changes whose whole history is stored (sorted).
+    pub heads: Vec<ChangeHash>,
+    /// Whether every stored change has its whole history stored too. After a restore from an
+    /// older backup, a change can be stored while an ancestor is not: those are left out of
+    /// `heads`, or a replica would take the ancestor as present and never upload it.
+    pub complete: bool,
+}
+
 /// What a hub needs from its storage. One implementation per engine (SQLite embedded,
 /// PostgreSQL for several hub instances). Calls are blocking; a hub runs its store on a
 /// thread of its own. Every method that writes commits before it returns.
@@ -78,7 +89,7 @@ pub trait HubStore {
     ) -> Result<Vec<DocId>>;
 
     /// The document's heads, from change metadata.
-    fn heads(&mut self, doc: &DocId) -> Result<Vec<ChangeHash>>;
+    fn heads(&mut self, doc: &DocId) -> Result<DocHeads>;
 
     /// The document's changes that are not ancestors of the known hashes in `have`, in log
     /// order (the repair path).
@@ -191,6 +202,64 @@ impl SqliteHubStore {
             out.push((seq, hash, blob_to_hashes(&d)?));
         }
         Ok(out)
+    }
+}
+
+/// Heads of the sub-graph of changes whose every ancestor is present (Kahn's algorithm:
+/// a change joins once all its dependencies have).
+pub(crate) fn complete_heads<'a>(
+    changes: impl Iterator<Item = (ChangeHash, &'a [ChangeHash])>,
+) -> DocHeads {
+    let changes: Vec<(ChangeHash, &[ChangeHash])> = changes.collect();
+    let present: HashSet<ChangeHash> = changes.iter().map(|(h, _)| *h).collect();
+    let mut waiting: HashMap<ChangeHash, usize> = HashMap::new();
+    let mut children: HashMap<ChangeHash, Vec<ChangeHash>> = HashMap::new();
+    let mut ready: Vec<ChangeHash> = Vec::new();
+    let mut incomplete = false;
+    for (h, deps) in &changes {
+        if deps.iter().any(|d| !present.contains(d)) {
+            incomplete = true;
+            continue; // never joins
+        }
+        waiting.insert(*h, deps.len());
+        if deps.is_empty() {
+            ready.push(*h);
+        }
+        for d in *deps {
+            children.entry(*d).or_default().push(*h);
+        }
+    }
+    let mut complete: HashSet<ChangeHash> = HashSet::new();
+    while let Some(h) = ready.pop() {
+        if !complete.insert(h) {
+            continue;
+        }
+        for c in children.get(&h).map(Vec::as_slice).unwrap_or_default() {
+            if let Some(n) = waiting.get_mut(c) {
+                *n -= 1;
+                if *n == 0 {
+                    ready.push(*c);
+                }
+            }
+        }
+    }
+    if complete.len() != changes.len() {
+        incomplete = true;
+    }
+    let deps_of_complete: HashSet<ChangeHash> = changes
+        .iter()
+        .filter(|(h, _)| complete.contains(h))
+        .flat_map(|(_, d)| d.iter().copied())
+        .collect();
+    let mut heads: Vec<ChangeHash> = complete
+        .iter()
+        .filter(|h| !deps_of_complete.contains(h))
+        .copied()
+        .collect();
+    heads.sort();
+    DocHeads {
+        heads,
+        complete: !incomplete,
     }
 }
 
@@ -328,19 +397,11 @@ impl HubStore for SqliteHubStore {
         .collect()
     }
 
-    fn heads(&mut self, doc: &DocId) -> Result<Vec<ChangeHash>> {
+    fn heads(&mut self, doc: &DocId) -> Result<DocHeads> {
         let graph = self.graph(doc)?;
-        let deps: HashSet<ChangeHash> = graph
-            .iter()
-            .flat_map(|(_, _, d)| d.iter().copied())
-            .collect();
-        let mut heads: Vec<ChangeHash> = graph
-            .into_iter()
-            .map(|(_, h, _)| h)
-            .filter(|h| !deps.contains(h))
-            .collect();
-        heads.sort();
-        Ok(heads)
+        Ok(complete_heads(
+            graph.iter().map(|(_, h, d)| (*h, d.as_slice())),
+        ))
     }
 
     fn changes_not_covered(

@@ -6,6 +6,6 @@ mod hub;
 mod replica;
 mod sqlite;
 
-pub use hub::{HubStore, LogBatch, LogEntry, SqliteHubStore};
+pub use hub::{DocHeads, HubStore, LogBatch, LogEntry, SqliteHubStore};
 pub use replica::{OutboxEntry, ReplicaStore, StoredDoc};
 pub use sqlite::SCHEMA_VERSION;

@@ -30,13 +30,16 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX changes_incremental ON changes (doc, id) WHERE bytes IS NOT NULL;
     -- Changes to upload, in the order they were made. A row leaves when the hub acknowledges.
+    -- AUTOINCREMENT: ids are never reused, so a session's sent-up-to mark stays valid.
     CREATE TABLE outbox (
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
         doc TEXT NOT NULL,
         hash BLOB NOT NULL,
         rejected TEXT,
         UNIQUE (doc, hash)
     );
+    -- `last_epoch`: the hub log this replica last exchanged changes with.
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
     CREATE TABLE subscriptions (
         target TEXT PRIMARY KEY,
         epoch BLOB NOT NULL,
@@ -244,9 +247,32 @@ impl ReplicaStore {
         Ok(out)
     }
 
-    /// Removes acknowledged rows from the outbox (durably).
-    pub fn ack_outbox(&mut self, rows: &[i64]) -> Result<()> {
+    /// The epoch of the hub log this replica last exchanged changes with.
+    pub fn last_epoch(&self) -> Result<Epoch> {
+        let v: Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'last_epoch'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .ctx("reading the last epoch")?;
+        let Some(b) = v else { return Ok(Epoch::none()) };
+        let bytes: [u8; 16] = b.try_into().map_err(|_| Error::Corrupt {
+            what: "last epoch".into(),
+            reason: "length".into(),
+        })?;
+        Ok(Epoch(bytes))
+    }
+
+    /// Removes acknowledged rows from the outbox (durably), recording the acknowledging hub's
+    /// epoch in the same transaction.
+    pub fn ack_outbox(&mut self, rows: &[i64], epoch: Epoch) -> Result<()> {
         let tx = self.conn.transaction().ctx("acknowledging uploads")?;
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_epoch', ?1)",
+            [&epoch.0[..]],
+        )
+        .ctx("acknowledging uploads")?;
         {
             let mut st = tx
                 .prepare_cached("DELETE FROM outbox WHERE id = ?1")
@@ -465,6 +491,15 @@ impl WriteBatch<'_> {
             .prepare_cached("UPDATE subscriptions SET cursor = max(cursor, ?2) WHERE target = ?1")
             .and_then(|mut st| st.execute(params![target.key(), cursor.0 as i64]))
             .ctx("recording a cursor")?;
+        Ok(())
+    }
+
+    /// Records the epoch of the hub log this batch's changes came from.
+    pub fn set_last_epoch(&mut self, epoch: Epoch) -> Result<()> {
+        self.tx
+            .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_epoch', ?1)")
+            .and_then(|mut st| st.execute([&epoch.0[..]]))
+            .ctx("recording the hub epoch")?;
         Ok(())
     }
 
