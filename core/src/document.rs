@@ -57,7 +57,7 @@ impl Document {
         doc.apply_changes(changes)
             .map_err(|source| Error::Automerge {
                 doc: id.clone(),
-                source,
+                source: Box::new(source),
             })?;
         Ok(Document { id, doc })
     }
@@ -132,7 +132,7 @@ impl Document {
             .apply_changes(changes)
             .map_err(|source| Error::Automerge {
                 doc: self.id.clone(),
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -336,7 +336,7 @@ fn apply_op<T: Transactable>(tx: &mut T, doc: &DocId, op: &Op) -> Result<()> {
     let path = op.path();
     let am = |e: automerge::AutomergeError| Error::Automerge {
         doc: doc.clone(),
-        source: e,
+        source: Box::new(e),
     };
     match op {
         Op::Splice {
@@ -440,7 +440,7 @@ fn put_value<T: Transactable>(
 ) -> Result<()> {
     let am = |e: automerge::AutomergeError| Error::Automerge {
         doc: doc.clone(),
-        source: e,
+        source: Box::new(e),
     };
     if let Some(s) = scalar(value) {
         return match (insert, prop) {

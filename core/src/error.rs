@@ -217,9 +217,9 @@ pub enum Error {
     Automerge {
         /// The document.
         doc: DocId,
-        /// The cause.
+        /// The cause (boxed: Automerge's error is large, and errors travel by value).
         #[source]
-        source: automerge::AutomergeError,
+        source: Box<automerge::AutomergeError>,
     },
 }
 

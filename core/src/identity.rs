@@ -80,10 +80,10 @@ impl Identity {
         hex::decode_to_slice(secret.trim(), &mut seed)
             .map_err(|_| bad("the secret key is not 64 hex characters"))?;
         let id = Identity::from_seed(seed);
-        if let Some(public) = lines.next() {
-            if public.trim() != id.peer_id().to_string() {
-                return Err(bad("the public key does not match the secret key"));
-            }
+        if let Some(public) = lines.next()
+            && public.trim() != id.peer_id().to_string()
+        {
+            return Err(bad("the public key does not match the secret key"));
         }
         Ok(id)
     }

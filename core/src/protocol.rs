@@ -116,13 +116,13 @@ impl Handshake {
                 state: "from a peer in the wrong role",
             });
         }
-        if let Some(expected) = self.expected_peer {
-            if expected != hello.peer {
-                return Err(ProtocolError::WrongPeer {
-                    expected: expected.to_string(),
-                    actual: hello.peer.to_string(),
-                });
-            }
+        if let Some(expected) = self.expected_peer
+            && expected != hello.peer
+        {
+            return Err(ProtocolError::WrongPeer {
+                expected: expected.to_string(),
+                actual: hello.peer.to_string(),
+            });
         }
         if hello.peer == self.identity.peer_id() {
             return Err(ProtocolError::Unexpected {

@@ -622,14 +622,14 @@ impl Replica {
         }
         match msg {
             Message::Changes(c) => {
-                if let Some((t, _)) = &c.cursor {
-                    if !s.requested.contains_key(t) {
-                        return Err(ProtocolError::Unexpected {
-                            message: "Changes",
-                            state: "for a target not subscribed",
-                        }
-                        .into());
+                if let Some((t, _)) = &c.cursor
+                    && !s.requested.contains_key(t)
+                {
+                    return Err(ProtocolError::Unexpected {
+                        message: "Changes",
+                        state: "for a target not subscribed",
                     }
+                    .into());
                 }
                 self.incoming.push(c);
                 if self.incoming.len() >= MAX_INCOMING {
@@ -943,10 +943,10 @@ impl Replica {
             .collect();
         self.store.compact(doc, &snapshot, &covered)?;
         // What stays incremental: pending changes and outbox entries.
-        if let Some(stored) = self.store.load_doc(doc)? {
-            if let Some(state) = self.docs.get_mut(doc) {
-                state.incremental_bytes = stored.incremental_bytes;
-            }
+        if let Some(stored) = self.store.load_doc(doc)?
+            && let Some(state) = self.docs.get_mut(doc)
+        {
+            state.incremental_bytes = stored.incremental_bytes;
         }
         tracing::debug!(%doc, snapshot = snapshot.len(), "compacted");
         Ok(())

@@ -121,13 +121,12 @@ pub struct Sim {
 fn temp_root() -> tempfile::TempDir {
     // tmpfs makes fsync free, which keeps hundreds of seeds fast; the crash test uses a disk.
     let shm = std::path::Path::new("/dev/shm");
-    if shm.is_dir() {
-        if let Ok(d) = tempfile::Builder::new()
+    if shm.is_dir()
+        && let Ok(d) = tempfile::Builder::new()
             .prefix("syncline-sim")
             .tempdir_in(shm)
-        {
-            return d;
-        }
+    {
+        return d;
     }
     tempfile::tempdir().expect("a temp dir")
 }
@@ -310,10 +309,11 @@ impl Sim {
                     }
                 }
             }
-            if let Some(hub) = self.hub.as_ref() {
-                if hub.is_failed(session) && hub.is_idle(session) {
-                    self.drop_conn(conn);
-                }
+            if let Some(hub) = self.hub.as_ref()
+                && hub.is_failed(session)
+                && hub.is_idle(session)
+            {
+                self.drop_conn(conn);
             }
         }
     }
@@ -769,8 +769,12 @@ impl Sim {
                 view.insert(d, (heads, doc.to_json()));
             }
             // Every stored change verifies against its author's signature.
-            for (doc, hash, signature, bytes) in
-                rep.store().all_changes().map_err(|e| e.to_string())?
+            for crate::store::StoredChange {
+                doc,
+                hash,
+                signature,
+                bytes,
+            } in rep.store().all_changes().map_err(|e| e.to_string())?
             {
                 let bytes = match bytes {
                     Some(b) => b,

@@ -419,10 +419,10 @@ impl HubStore for SqliteHubStore {
             .copied()
             .collect();
         while let Some(h) = stack.pop() {
-            if covered.insert(h) {
-                if let Some(deps) = deps_of.get(&h) {
-                    stack.extend(deps.iter().filter(|d| deps_of.contains_key(d)).copied());
-                }
+            if covered.insert(h)
+                && let Some(deps) = deps_of.get(&h)
+            {
+                stack.extend(deps.iter().filter(|d| deps_of.contains_key(d)).copied());
             }
         }
         let wanted: Vec<i64> = graph

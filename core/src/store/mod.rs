@@ -7,5 +7,5 @@ mod replica;
 mod sqlite;
 
 pub use hub::{DocHeads, HubStore, LogBatch, LogEntry, SqliteHubStore};
-pub use replica::{OutboxEntry, ReplicaStore, StoredDoc};
+pub use replica::{OutboxEntry, ReplicaStore, StoredChange, StoredDoc};
 pub use sqlite::SCHEMA_VERSION;

@@ -58,6 +58,19 @@ pub struct StoredDoc {
     pub incremental_bytes: u64,
 }
 
+/// A change as the replica stores it.
+#[derive(Debug, Clone)]
+pub struct StoredChange {
+    /// The document.
+    pub doc: DocId,
+    /// The change hash.
+    pub hash: ChangeHash,
+    /// The author's signature.
+    pub signature: [u8; 64],
+    /// The change bytes, or `None` once they live only in the document's snapshot.
+    pub bytes: Option<Vec<u8>>,
+}
+
 /// One outbox row to upload.
 #[derive(Debug, Clone)]
 pub struct OutboxEntry {
@@ -382,7 +395,7 @@ impl ReplicaStore {
     }
 
     /// Every stored (doc, hash, signature, bytes-if-any), for checks and exports.
-    pub fn all_changes(&self) -> Result<Vec<(DocId, ChangeHash, [u8; 64], Option<Vec<u8>>)>> {
+    pub fn all_changes(&self) -> Result<Vec<StoredChange>> {
         let mut st = self
             .conn
             .prepare("SELECT doc, hash, signature, bytes FROM changes ORDER BY id")
@@ -400,7 +413,12 @@ impl ReplicaStore {
         let mut out = Vec::new();
         for row in rows {
             let (d, h, s, b) = row.ctx("reading changes")?;
-            out.push((doc_from(d)?, hash_from(h)?, signature_from(s)?, b));
+            out.push(StoredChange {
+                doc: doc_from(d)?,
+                hash: hash_from(h)?,
+                signature: signature_from(s)?,
+                bytes: b,
+            });
         }
         Ok(out)
     }

@@ -78,7 +78,7 @@ pub(crate) fn hashes_to_blob(hashes: &[crate::ChangeHash]) -> Vec<u8> {
 
 /// Inverse of [`hashes_to_blob`]; a blob that is not whole chunks is corrupt.
 pub(crate) fn blob_to_hashes(blob: &[u8]) -> Result<Vec<crate::ChangeHash>> {
-    if blob.len() % 32 != 0 {
+    if !blob.len().is_multiple_of(32) {
         return Err(Error::Corrupt {
             what: "hash list".into(),
             reason: format!("{} bytes", blob.len()),
