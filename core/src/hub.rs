@@ -257,6 +257,13 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         self.ready.remove(&id);
     }
 
+    /// The connection's bytes could not be read as messages (garbage, an oversized frame):
+    /// the session fails with an error message for the peer, and the refusal is counted.
+    pub fn refuse_stream(&mut self, id: SessionId, error: &crate::error::WireError) {
+        self.metrics.reject("wire");
+        self.fail(id, ErrorCode::ProtocolViolation, error.to_string());
+    }
+
     /// Whether the session failed: send what `poll_transmit` still returns, then close it.
     pub fn is_failed(&self, id: SessionId) -> bool {
         self.sessions.get(&id).is_none_or(|s| s.failed)

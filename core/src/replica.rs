@@ -512,6 +512,12 @@ impl Replica {
         self.incoming.clear();
     }
 
+    /// Whether the session failed (its last message, an error for the hub, may still be
+    /// queued): close the transport once it is sent.
+    pub fn session_failed(&self) -> bool {
+        self.session.as_ref().is_some_and(|s| s.failed)
+    }
+
     /// Whether a session is open (authenticated or not).
     pub fn is_connected(&self) -> bool {
         self.session.is_some()

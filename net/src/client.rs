@@ -1,0 +1,346 @@
+//! The replica's QUIC driver. One thread owns the [`Replica`] and its store; the app's calls
+//! and the sync task's messages reach it through one channel. The sync task keeps a session
+//! with one of the configured hubs: it connects (pinning the hub's certificate fingerprint),
+//! runs the session until it breaks, and tries again with exponential backoff and jitter,
+//! moving to the next hub on failure (failover).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::Rng;
+use syncline_core::PeerId;
+use syncline_core::replica::{Event, Replica};
+use syncline_core::wire::{FrameDecoder, Message};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::{NetError, tls};
+
+const REPLICA_QUEUE: usize = 1024;
+const SESSION_QUEUE: usize = 64;
+const MAX_BATCH: usize = 1024;
+const EVENT_BUFFER: usize = 1024;
+
+/// One hub a replica may sync with.
+#[derive(Debug, Clone)]
+pub struct HubAddress {
+    /// `host:port`.
+    pub addr: String,
+    /// SHA-256 fingerprint of the hub's TLS certificate.
+    pub fingerprint: [u8; 32],
+    /// The hub's Syncline key, if known (pinned in the handshake too).
+    pub key: Option<PeerId>,
+}
+
+/// How the sync task behaves.
+#[derive(Debug, Clone)]
+pub struct SyncSettings {
+    /// Hubs in order of preference.
+    pub hubs: Vec<HubAddress>,
+    /// First wait after every hub failed.
+    pub backoff_min: Duration,
+    /// Longest wait.
+    pub backoff_max: Duration,
+    /// Give up a connection attempt after this long.
+    pub connect_timeout: Duration,
+}
+
+impl SyncSettings {
+    /// Settings with the default timings.
+    pub fn new(hubs: Vec<HubAddress>) -> Self {
+        SyncSettings {
+            hubs,
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The state of the link to the hubs, for status pages.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LinkState {
+    /// The hub of the current session.
+    pub hub: Option<String>,
+    /// Whether a session is up.
+    pub connected: bool,
+    /// The last connection error, if any.
+    pub last_error: Option<String>,
+    /// When the current or last session started (ms since the Unix epoch).
+    pub last_connected_ms: Option<u64>,
+    /// Connection attempts so far.
+    pub attempts: u64,
+}
+
+type Job = Box<dyn FnOnce(&mut Replica) + Send>;
+
+enum Command {
+    Call(Job),
+    Connected {
+        binding: [u8; 32],
+        hub_key: Option<PeerId>,
+        outbound: mpsc::Sender<Message>,
+    },
+    Message(Message),
+    Writable,
+    Disconnected,
+}
+
+/// A cloneable handle to the replica thread.
+#[derive(Clone)]
+pub struct ReplicaHandle {
+    tx: mpsc::Sender<Command>,
+    events: broadcast::Sender<Event>,
+    link: Arc<Mutex<LinkState>>,
+}
+
+impl ReplicaHandle {
+    /// Starts the replica thread. It ends when every handle is dropped.
+    pub fn spawn(replica: Replica) -> (Self, std::thread::JoinHandle<Replica>) {
+        let (tx, rx) = mpsc::channel(REPLICA_QUEUE);
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let ev = events.clone();
+        let thread = std::thread::Builder::new()
+            .name("syncline-replica".into())
+            .spawn(move || run(replica, rx, ev))
+            .expect("spawning the replica thread");
+        (
+            ReplicaHandle {
+                tx,
+                events,
+                link: Arc::new(Mutex::new(LinkState::default())),
+            },
+            thread,
+        )
+    }
+
+    /// Runs `f` on the replica thread (writes, reads, status) and returns its result. A write
+    /// made here is durable when this returns; it is uploaded as soon as a session allows.
+    pub async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Replica) -> R + Send + 'static,
+    ) -> Result<R, NetError> {
+        let (reply, rx) = oneshot::channel();
+        let job: Job = Box::new(move |r| {
+            let _ = reply.send(f(r));
+        });
+        self.tx
+            .send(Command::Call(job))
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+
+    /// The replica's events (document changes, refusals, sync progress). A receiver that
+    /// falls more than 1,024 events behind is told how many it missed.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// The state of the link to the hubs.
+    pub fn link(&self) -> LinkState {
+        self.link.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Starts the sync task on the current tokio runtime.
+    pub fn start_sync(
+        &self,
+        settings: SyncSettings,
+    ) -> Result<tokio::task::JoinHandle<()>, NetError> {
+        if settings.hubs.is_empty() {
+            return Err(NetError::Config(
+                "no hub configured; add one with --hub".into(),
+            ));
+        }
+        let endpoint = quinn::Endpoint::client(
+            "0.0.0.0:0"
+                .parse()
+                .map_err(|_| NetError::Config("bind".into()))?,
+        )?;
+        let handle = self.clone();
+        Ok(tokio::spawn(async move {
+            sync_loop(handle, endpoint, settings).await
+        }))
+    }
+
+    fn set_link(&self, f: impl FnOnce(&mut LinkState)) {
+        if let Ok(mut l) = self.link.lock() {
+            f(&mut l);
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn sync_loop(handle: ReplicaHandle, endpoint: quinn::Endpoint, settings: SyncSettings) {
+    let mut backoff = settings.backoff_min;
+    let mut index = 0usize;
+    let mut failures_in_round = 0usize;
+    loop {
+        let hub = settings.hubs[index % settings.hubs.len()].clone();
+        handle.set_link(|l| l.attempts += 1);
+        let started = Instant::now();
+        match session(&handle, &endpoint, &hub, &settings).await {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(hub = %hub.addr, error = %e, "hub session ended");
+                handle.set_link(|l| l.last_error = Some(format!("{}: {e}", hub.addr)));
+            }
+        }
+        handle.set_link(|l| {
+            l.connected = false;
+        });
+        if handle.tx.is_closed() {
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            // The session was up for a while: start over gently with the preferred hub.
+            backoff = settings.backoff_min;
+            failures_in_round = 0;
+            index = 0;
+            continue;
+        }
+        index += 1;
+        failures_in_round += 1;
+        if failures_in_round >= settings.hubs.len() {
+            failures_in_round = 0;
+            // Every hub failed: wait, with jitter so a fleet does not reconnect in lockstep.
+            let jitter = rand::thread_rng().gen_range(0.5..1.5);
+            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            backoff = (backoff * 2).min(settings.backoff_max);
+        }
+    }
+}
+
+async fn session(
+    handle: &ReplicaHandle,
+    endpoint: &quinn::Endpoint,
+    hub: &HubAddress,
+    settings: &SyncSettings,
+) -> Result<(), NetError> {
+    let addr = tokio::net::lookup_host(&hub.addr)
+        .await?
+        .next()
+        .ok_or_else(|| NetError::Config(format!("{} resolves to no address", hub.addr)))?;
+    let config = tls::client_config(vec![hub.fingerprint])?;
+    let connecting = endpoint.connect_with(config, addr, "syncline")?;
+    let conn = tokio::time::timeout(settings.connect_timeout, connecting)
+        .await
+        .map_err(|_| NetError::Timeout("connecting to the hub"))??;
+    let binding = tls::channel_binding(&conn)?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let (out_tx, mut out_rx) = mpsc::channel::<Message>(SESSION_QUEUE);
+    handle
+        .tx
+        .send(Command::Connected {
+            binding,
+            hub_key: hub.key,
+            outbound: out_tx,
+        })
+        .await
+        .map_err(|_| NetError::Stopped)?;
+    handle.set_link(|l| {
+        l.connected = true;
+        l.hub = Some(hub.addr.clone());
+        l.last_connected_ms = Some(now_ms());
+    });
+    let tx = handle.tx.clone();
+    let writer = async move {
+        while let Some(m) = out_rx.recv().await {
+            send.write_all(&m.to_frame()).await?;
+            if out_rx.is_empty() && tx.send(Command::Writable).await.is_err() {
+                break;
+            }
+        }
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+        Ok::<(), NetError>(())
+    };
+    let tx = handle.tx.clone();
+    let reader = async move {
+        let mut decoder = FrameDecoder::new();
+        loop {
+            match recv.read_chunk(64 * 1024, true).await? {
+                Some(chunk) => decoder.extend(&chunk.bytes),
+                None => return decoder.finish().map_err(NetError::from),
+            }
+            while let Some(msg) = decoder.next_message()? {
+                tx.send(Command::Message(msg))
+                    .await
+                    .map_err(|_| NetError::Stopped)?;
+            }
+        }
+    };
+    let result = tokio::select! {
+        r = reader => r,
+        r = writer => r,
+    };
+    let _ = handle.tx.send(Command::Disconnected).await;
+    conn.close(0u32.into(), b"session ended");
+    result
+}
+
+fn run(
+    mut replica: Replica,
+    mut rx: mpsc::Receiver<Command>,
+    events: broadcast::Sender<Event>,
+) -> Replica {
+    let mut outbound: Option<mpsc::Sender<Message>> = None;
+    while let Some(first) = rx.blocking_recv() {
+        let mut cmd = Some(first);
+        let mut taken = 0;
+        while let Some(c) = cmd.take() {
+            match c {
+                Command::Call(job) => job(&mut replica),
+                Command::Connected {
+                    binding,
+                    hub_key,
+                    outbound: tx,
+                } => {
+                    replica.connect_bound(hub_key, binding);
+                    outbound = Some(tx);
+                }
+                Command::Message(m) => {
+                    if let Err(e) = replica.handle_message(m) {
+                        tracing::warn!(error = %e, "the session with the hub failed");
+                    }
+                }
+                Command::Writable => {}
+                Command::Disconnected => {
+                    replica.disconnect();
+                    outbound = None;
+                }
+            }
+            taken += 1;
+            if taken < MAX_BATCH {
+                cmd = rx.try_recv().ok();
+            }
+        }
+        if let Some(tx) = outbound.as_ref() {
+            // A full channel stops the pump; the writer's Writable brings us back.
+            while let Ok(permit) = tx.try_reserve() {
+                match replica.poll_transmit() {
+                    Ok(Some(m)) => permit.send(m),
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the outbox failed");
+                        break;
+                    }
+                }
+            }
+            if replica.session_failed() {
+                // The error for the hub is queued: dropping the sender ends the stream after
+                // it; the sync task reconnects with backoff.
+                outbound = None;
+            }
+        }
+        while let Some(e) = replica.poll_event() {
+            let _ = events.send(e);
+        }
+    }
+    replica
+}

@@ -1,0 +1,272 @@
+//! The hub's QUIC driver. One thread owns the [`Hub`] machine and its store (blocking SQLite
+//! never runs on async workers); connection tasks talk to it through a bounded channel, so a
+//! flood of messages meets backpressure that reaches QUIC flow control. The thread drains
+//! what is queued, commits it in one group commit ([`Hub::flush`]), then pumps each session
+//! only while that connection's outbound channel has room: a slow reader stops being pumped
+//! and its subscriptions fall back to the log, it never makes the hub buffer without bound.
+
+use std::collections::{BTreeSet, HashMap};
+
+use syncline_core::hub::{Hub, Policy, SessionId};
+use syncline_core::store::HubStore;
+use syncline_core::wire::{FrameDecoder, Message};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{NetError, tls};
+
+/// Messages queued from all connections to the hub thread.
+const HUB_QUEUE: usize = 4096;
+/// Messages queued from the hub thread to one connection.
+const SESSION_QUEUE: usize = 64;
+/// Commands the hub thread takes before it commits and answers.
+const MAX_BATCH: usize = 4096;
+
+type Job<S, P> = Box<dyn FnOnce(&mut Hub<S, P>) + Send>;
+
+enum Command<S, P> {
+    Open {
+        binding: [u8; 32],
+        outbound: mpsc::Sender<Message>,
+        reply: oneshot::Sender<SessionId>,
+    },
+    Message {
+        session: SessionId,
+        msg: Message,
+    },
+    WireError {
+        session: SessionId,
+        error: syncline_core::error::WireError,
+    },
+    Writable {
+        session: SessionId,
+    },
+    Close {
+        session: SessionId,
+    },
+    Call(Job<S, P>),
+}
+
+/// A cloneable handle to the hub thread.
+pub struct HubHandle<S, P> {
+    tx: mpsc::Sender<Command<S, P>>,
+}
+
+impl<S, P> Clone for HubHandle<S, P> {
+    fn clone(&self) -> Self {
+        HubHandle {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<S, P> HubHandle<S, P>
+where
+    S: HubStore + Send + 'static,
+    P: Policy + Send + 'static,
+{
+    /// Starts the hub thread. It ends when every handle is dropped.
+    pub fn spawn(hub: Hub<S, P>) -> (Self, std::thread::JoinHandle<Hub<S, P>>) {
+        let (tx, rx) = mpsc::channel(HUB_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("syncline-hub".into())
+            .spawn(move || run(hub, rx))
+            .expect("spawning the hub thread");
+        (HubHandle { tx }, thread)
+    }
+
+    /// Runs `f` on the hub thread and returns its result (metrics, grant changes, checks).
+    pub async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Hub<S, P>) -> R + Send + 'static,
+    ) -> Result<R, NetError> {
+        let (reply, rx) = oneshot::channel();
+        let job: Job<S, P> = Box::new(move |hub| {
+            let _ = reply.send(f(hub));
+        });
+        self.tx
+            .send(Command::Call(job))
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+
+    /// Serves one QUIC connection until it ends: the replica opens one bidirectional stream
+    /// and the Syncline session runs over it.
+    pub async fn serve_connection(&self, conn: quinn::Connection) -> Result<(), NetError> {
+        let binding = tls::channel_binding(&conn)?;
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let (out_tx, mut out_rx) = mpsc::channel::<Message>(SESSION_QUEUE);
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Open {
+                binding,
+                outbound: out_tx,
+                reply,
+            })
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        let session = rx.await.map_err(|_| NetError::Stopped)?;
+        let tx = self.tx.clone();
+        let writer = async move {
+            while let Some(m) = out_rx.recv().await {
+                send.write_all(&m.to_frame()).await?;
+                if out_rx.is_empty() && tx.send(Command::Writable { session }).await.is_err() {
+                    break;
+                }
+            }
+            // The hub closed the session (it failed, or the hub stops): end the stream cleanly.
+            let _ = send.finish();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), send.stopped()).await;
+            Ok::<(), NetError>(())
+        };
+        let tx = self.tx.clone();
+        let reader = async move {
+            let mut decoder = FrameDecoder::new();
+            loop {
+                match recv.read_chunk(64 * 1024, true).await? {
+                    Some(chunk) => decoder.extend(&chunk.bytes),
+                    None => return decoder.finish().map_err(NetError::from),
+                }
+                loop {
+                    match decoder.next_message() {
+                        Ok(Some(msg)) => {
+                            tx.send(Command::Message { session, msg })
+                                .await
+                                .map_err(|_| NetError::Stopped)?;
+                        }
+                        Ok(None) => break,
+                        Err(error) => {
+                            let _ = tx
+                                .send(Command::WireError {
+                                    session,
+                                    error: error.clone(),
+                                })
+                                .await;
+                            return Err(error.into());
+                        }
+                    }
+                }
+            }
+        };
+        let result = tokio::select! {
+            r = reader => r,
+            r = writer => r,
+        };
+        let _ = self.tx.send(Command::Close { session }).await;
+        conn.close(0u32.into(), b"session ended");
+        result
+    }
+}
+
+/// Accepts connections on `endpoint` until it is closed, serving each in its own task.
+pub async fn serve<S, P>(endpoint: quinn::Endpoint, hub: HubHandle<S, P>)
+where
+    S: HubStore + Send + 'static,
+    P: Policy + Send + 'static,
+{
+    while let Some(incoming) = endpoint.accept().await {
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => {
+                    if let Err(e) = hub.serve_connection(conn).await {
+                        tracing::debug!(%remote, error = %e, "connection ended");
+                    }
+                }
+                Err(e) => tracing::debug!(%remote, error = %e, "QUIC handshake failed"),
+            }
+        });
+    }
+}
+
+fn run<S: HubStore, P: Policy>(
+    mut hub: Hub<S, P>,
+    mut rx: mpsc::Receiver<Command<S, P>>,
+) -> Hub<S, P> {
+    let mut outbound: HashMap<SessionId, mpsc::Sender<Message>> = HashMap::new();
+    let mut due: BTreeSet<SessionId> = BTreeSet::new();
+    while let Some(first) = rx.blocking_recv() {
+        let mut cmd = Some(first);
+        let mut taken = 0;
+        while let Some(c) = cmd.take() {
+            match c {
+                Command::Open {
+                    binding,
+                    outbound: tx,
+                    reply,
+                } => {
+                    let id = hub.accept_bound(binding);
+                    outbound.insert(id, tx);
+                    due.insert(id);
+                    let _ = reply.send(id);
+                }
+                Command::Message { session, msg } => {
+                    if let Err(e) = hub.handle_message(session, msg) {
+                        tracing::debug!(session, error = %e, "session refused a message");
+                    }
+                    due.insert(session);
+                }
+                Command::WireError { session, error } => {
+                    hub.refuse_stream(session, &error);
+                    due.insert(session);
+                }
+                Command::Writable { session } => {
+                    due.insert(session);
+                }
+                Command::Close { session } => {
+                    hub.close(session);
+                    outbound.remove(&session);
+                }
+                Command::Call(job) => job(&mut hub),
+            }
+            taken += 1;
+            if taken < MAX_BATCH {
+                cmd = rx.try_recv().ok();
+            }
+        }
+        if let Err(e) = hub.flush() {
+            tracing::error!(error = %e, "group commit failed; pushes were refused");
+        }
+        due.extend(hub.take_ready());
+        for session in std::mem::take(&mut due) {
+            pump(&mut hub, &mut outbound, session);
+        }
+    }
+    hub
+}
+
+/// Sends a session's output while its connection has room. A full channel stops the pump;
+/// the connection's writer asks again when it has drained.
+fn pump<S: HubStore, P: Policy>(
+    hub: &mut Hub<S, P>,
+    outbound: &mut HashMap<SessionId, mpsc::Sender<Message>>,
+    session: SessionId,
+) {
+    let Some(tx) = outbound.get(&session).cloned() else {
+        return;
+    };
+    loop {
+        match tx.try_reserve() {
+            Ok(permit) => match hub.poll_transmit(session) {
+                Ok(Some(m)) => permit.send(m),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(session, error = %e, "reading the store for a session failed");
+                    break;
+                }
+            },
+            Err(mpsc::error::TrySendError::Full(())) => return,
+            Err(mpsc::error::TrySendError::Closed(())) => {
+                hub.close(session);
+                outbound.remove(&session);
+                return;
+            }
+        }
+    }
+    if hub.is_failed(session) && hub.is_idle(session) {
+        // Its last message (an Error) is queued: dropping the sender ends the stream after it.
+        outbound.remove(&session);
+        hub.close(session);
+    }
+}

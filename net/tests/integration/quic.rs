@@ -1,0 +1,214 @@
+use std::time::Duration;
+
+use serde_json::json;
+use syncline_core::hub::{AllowAll, Hub};
+use syncline_core::identity::Identity;
+use syncline_core::ops::Op;
+use syncline_core::replica::{Replica, ReplicaOptions};
+use syncline_core::store::SqliteHubStore;
+use syncline_core::wire::Target;
+use syncline_core::{DocId, DocPrefix};
+use syncline_net::client::{HubAddress, ReplicaHandle, SyncSettings};
+use syncline_net::server::{self, HubHandle};
+use syncline_net::tls;
+
+struct TestHub {
+    addr: String,
+    fingerprint: [u8; 32],
+    endpoint: quinn::Endpoint,
+    handle: HubHandle<SqliteHubStore, AllowAll>,
+}
+
+fn start_hub(dir: &std::path::Path) -> TestHub {
+    let cert = tls::self_signed(vec!["localhost".into()]).unwrap();
+    let fingerprint = tls::parse_fingerprint(&tls::fingerprint(&cert.cert_der)).unwrap();
+    let store = SqliteHubStore::open(&dir.join("hub.db")).unwrap();
+    let hub = Hub::new(Identity::generate(), store, AllowAll, None);
+    let (handle, _thread) = HubHandle::spawn(hub);
+    let endpoint = quinn::Endpoint::server(
+        tls::server_config(&cert).unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let addr = endpoint.local_addr().unwrap().to_string();
+    tokio::spawn(server::serve(endpoint.clone(), handle.clone()));
+    TestHub {
+        addr,
+        fingerprint,
+        endpoint,
+        handle,
+    }
+}
+
+fn replica(dir: &std::path::Path, name: &str) -> ReplicaHandle {
+    let r = Replica::open(
+        &dir.join(name),
+        Identity::generate(),
+        ReplicaOptions::default(),
+    )
+    .unwrap();
+    ReplicaHandle::spawn(r).0
+}
+
+fn ops(j: serde_json::Value) -> Vec<Op> {
+    Op::list_from_json(&j.to_string()).unwrap()
+}
+
+/// Waits for a condition, polling, up to a deadline.
+async fn until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !f().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_converge_through_a_hub_over_quic() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path());
+    let address = HubAddress {
+        addr: hub.addr.clone(),
+        fingerprint: hub.fingerprint,
+        key: None,
+    };
+    let a = replica(dir.path(), "a.db");
+    let b = replica(dir.path(), "b.db");
+    b.call(|r| r.subscribe(Target::Prefix(DocPrefix::all())))
+        .await
+        .unwrap()
+        .unwrap();
+    let doc = DocId::new("sites/berlin").unwrap();
+    let d = doc.clone();
+    a.call(move |r| {
+        r.change(
+            &d,
+            &ops(json!([{"op":"put","path":["n"],"value":{"$counter":0}}])),
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    a.start_sync(SyncSettings::new(vec![address.clone()]))
+        .unwrap();
+    b.start_sync(SyncSettings::new(vec![address])).unwrap();
+    for (r, by) in [(&a, 2), (&b, 5), (&a, 1)] {
+        let d = doc.clone();
+        until("the document to reach the replica", || {
+            let d = d.clone();
+            async move { r.call(move |r| r.doc(&d).is_ok()).await.unwrap() }
+        })
+        .await;
+        let d = doc.clone();
+        r.call(move |r| r.change(&d, &ops(json!([{"op":"increment","path":["n"],"by":by}]))))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    for r in [&a, &b] {
+        let d = doc.clone();
+        until("both replicas to see all increments", || {
+            let d = d.clone();
+            async move { r.call(move |r| r.json(&d).ok()).await.unwrap() == Some(json!({"n": 8})) }
+        })
+        .await;
+    }
+    until("the outboxes to drain", || async {
+        a.call(|r| r.status().unwrap().outbox).await.unwrap() == 0
+            && b.call(|r| r.status().unwrap().outbox).await.unwrap() == 0
+    })
+    .await;
+    let stored = hub
+        .handle
+        .call(|h| h.store().change_count().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(stored, 4);
+    assert!(a.link().connected);
+    hub.endpoint.close(0u32.into(), b"done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_fingerprint_makes_the_replica_refuse_the_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path());
+    let mut wrong = hub.fingerprint;
+    wrong[0] ^= 1;
+    let a = replica(dir.path(), "a.db");
+    let doc = DocId::new("d").unwrap();
+    let d = doc.clone();
+    a.call(move |r| r.change(&d, &ops(json!([{"op":"put","path":["x"],"value":1}]))))
+        .await
+        .unwrap()
+        .unwrap();
+    a.start_sync(SyncSettings::new(vec![HubAddress {
+        addr: hub.addr.clone(),
+        fingerprint: wrong,
+        key: None,
+    }]))
+    .unwrap();
+    until("a refused connection attempt", || async {
+        a.link()
+            .last_error
+            .is_some_and(|e| e.contains("fingerprint"))
+    })
+    .await;
+    assert!(!a.link().connected);
+    let stored = hub
+        .handle
+        .call(|h| h.store().change_count().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        stored, 0,
+        "nothing reached a hub the replica does not trust"
+    );
+    assert_eq!(a.call(|r| r.status().unwrap().outbox).await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_fails_over_to_the_second_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path());
+    // The first configured hub is down: nothing listens there.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    let a = replica(dir.path(), "a.db");
+    let doc = DocId::new("d").unwrap();
+    let d = doc.clone();
+    a.call(move |r| r.change(&d, &ops(json!([{"op":"put","path":["x"],"value":1}]))))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut settings = SyncSettings::new(vec![
+        HubAddress {
+            addr: dead_addr,
+            fingerprint: hub.fingerprint,
+            key: None,
+        },
+        HubAddress {
+            addr: hub.addr.clone(),
+            fingerprint: hub.fingerprint,
+            key: None,
+        },
+    ]);
+    settings.connect_timeout = Duration::from_millis(500);
+    a.start_sync(settings).unwrap();
+    until("the write to reach the second hub", || async {
+        hub.handle
+            .call(|h| h.store().change_count().unwrap())
+            .await
+            .unwrap()
+            == 1
+    })
+    .await;
+    assert_eq!(a.link().hub.as_deref(), Some(hub.addr.as_str()));
+}
