@@ -9,7 +9,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::change::{SignedChange, VerifiedChange};
 use crate::error::{Error, Result, SqlContext};
-use crate::ids::{ChangeHash, Cursor, DocId, Epoch};
+use crate::hub::Grant;
+use crate::ids::{ChangeHash, Cursor, DocId, DocPrefix, Epoch, PeerId};
 use crate::store::sqlite::{self, blob_to_hashes, hashes_to_blob};
 use crate::wire::Target;
 
@@ -28,6 +29,15 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (doc, hash)
     );
     CREATE INDEX log_doc_seq ON log (doc, seq);",
+    // Version 2: grants live with the data, so every hub instance on one store sees the same.
+    "CREATE TABLE grants (
+        peer BLOB NOT NULL,
+        prefix TEXT NOT NULL,
+        can_read INTEGER NOT NULL,
+        can_write INTEGER NOT NULL,
+        PRIMARY KEY (peer, prefix)
+    ) WITHOUT ROWID;
+    INSERT INTO meta (key, value) VALUES ('grants_version', 0);",
 ];
 
 /// One change in the hub's log.
@@ -90,6 +100,18 @@ pub trait HubStore {
 
     /// The document's heads, from change metadata.
     fn heads(&mut self, doc: &DocId) -> Result<DocHeads>;
+
+    /// Every grant.
+    fn grants(&mut self) -> Result<Vec<Grant>>;
+
+    /// Adds or replaces the grant of `grant.peer` on `grant.prefix`.
+    fn put_grant(&mut self, grant: &Grant) -> Result<()>;
+
+    /// Removes the grants of `peer` (on `prefix` only, if given); returns how many went.
+    fn revoke(&mut self, peer: &PeerId, prefix: Option<&DocPrefix>) -> Result<usize>;
+
+    /// A number that changes whenever the grants change (a hub reloads them when it does).
+    fn grants_version(&mut self) -> Result<u64>;
 
     /// The document's changes that are not ancestors of the known hashes in `have`, in log
     /// order (the repair path).
@@ -404,6 +426,92 @@ impl HubStore for SqliteHubStore {
         ))
     }
 
+    fn grants(&mut self) -> Result<Vec<Grant>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT peer, prefix, can_read, can_write FROM grants ORDER BY peer, prefix",
+            )
+            .ctx("reading grants")?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, bool>(2)?,
+                    r.get::<_, bool>(3)?,
+                ))
+            })
+            .ctx("reading grants")?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (peer, prefix, read, write) = row.ctx("reading grants")?;
+            let peer: [u8; 32] = peer.try_into().map_err(|_| Error::Corrupt {
+                what: "grant".into(),
+                reason: "key length".into(),
+            })?;
+            let prefix = DocPrefix::new(prefix).map_err(|e| Error::Corrupt {
+                what: "grant".into(),
+                reason: e.to_string(),
+            })?;
+            out.push(Grant {
+                peer: PeerId::from_bytes(peer),
+                prefix,
+                read,
+                write,
+            });
+        }
+        Ok(out)
+    }
+
+    fn put_grant(&mut self, grant: &Grant) -> Result<()> {
+        let tx = self.conn.transaction().ctx("granting")?;
+        tx.execute(
+            "INSERT OR REPLACE INTO grants (peer, prefix, can_read, can_write) VALUES (?1, ?2, ?3, ?4)",
+            params![&grant.peer.as_bytes()[..], grant.prefix.as_str(), grant.read, grant.write],
+        )
+        .ctx("granting")?;
+        tx.execute(
+            "UPDATE meta SET value = value + 1 WHERE key = 'grants_version'",
+            [],
+        )
+        .ctx("granting")?;
+        tx.commit().ctx("granting")
+    }
+
+    fn revoke(&mut self, peer: &PeerId, prefix: Option<&DocPrefix>) -> Result<usize> {
+        let tx = self.conn.transaction().ctx("revoking")?;
+        let n = match prefix {
+            Some(p) => tx.execute(
+                "DELETE FROM grants WHERE peer = ?1 AND prefix = ?2",
+                params![&peer.as_bytes()[..], p.as_str()],
+            ),
+            None => tx.execute(
+                "DELETE FROM grants WHERE peer = ?1",
+                params![&peer.as_bytes()[..]],
+            ),
+        }
+        .ctx("revoking")?;
+        tx.execute(
+            "UPDATE meta SET value = value + 1 WHERE key = 'grants_version'",
+            [],
+        )
+        .ctx("revoking")?;
+        tx.commit().ctx("revoking")?;
+        Ok(n)
+    }
+
+    fn grants_version(&mut self) -> Result<u64> {
+        self.conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'grants_version'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|v| v.max(0) as u64)
+            .ctx("reading the grants version")
+    }
+
     fn changes_not_covered(
         &mut self,
         doc: &DocId,
@@ -446,5 +554,83 @@ impl HubStore for SqliteHubStore {
             out.push(SignedChange { bytes, signature });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grants_persist_and_every_change_bumps_the_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let peer = PeerId::from_bytes([3; 32]);
+        let all = DocPrefix::all();
+        let sites = DocPrefix::new("sites/").unwrap();
+        {
+            let mut s = SqliteHubStore::open(&path).unwrap();
+            assert_eq!(s.grants_version().unwrap(), 0);
+            s.put_grant(&Grant {
+                peer,
+                prefix: all.clone(),
+                read: true,
+                write: false,
+            })
+            .unwrap();
+            s.put_grant(&Grant {
+                peer,
+                prefix: sites.clone(),
+                read: true,
+                write: true,
+            })
+            .unwrap();
+            // Replacing a grant on the same prefix.
+            s.put_grant(&Grant {
+                peer,
+                prefix: all.clone(),
+                read: true,
+                write: true,
+            })
+            .unwrap();
+            assert_eq!(s.grants_version().unwrap(), 3);
+        }
+        let mut s = SqliteHubStore::open(&path).unwrap();
+        let g = s.grants().unwrap();
+        assert_eq!(g.len(), 2);
+        assert!(g.iter().all(|g| g.write));
+        assert_eq!(s.revoke(&peer, Some(&sites)).unwrap(), 1);
+        assert_eq!(s.revoke(&peer, None).unwrap(), 1);
+        assert!(s.grants().unwrap().is_empty());
+        assert_eq!(s.grants_version().unwrap(), 5);
+    }
+
+    #[test]
+    fn heads_leave_out_changes_whose_history_is_missing() {
+        let h = |n: u8| ChangeHash([n; 32]);
+        // 1 <- 2 <- 3, and 5 depends on the missing 4.
+        let graph = [
+            (h(1), vec![]),
+            (h(2), vec![h(1)]),
+            (h(3), vec![h(2)]),
+            (h(5), vec![h(4)]),
+        ];
+        let heads = complete_heads(graph.iter().map(|(a, d)| (*a, d.as_slice())));
+        assert_eq!(
+            heads,
+            DocHeads {
+                heads: vec![h(3)],
+                complete: false
+            }
+        );
+        let full = [(h(1), vec![]), (h(2), vec![h(1)]), (h(3), vec![h(1)])];
+        let heads = complete_heads(full.iter().map(|(a, d)| (*a, d.as_slice())));
+        assert_eq!(
+            heads,
+            DocHeads {
+                heads: vec![h(2), h(3)],
+                complete: true
+            }
+        );
     }
 }
