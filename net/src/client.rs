@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rand::Rng;
 use syncline_core::PeerId;
 use syncline_core::replica::{Event, Replica};
-use syncline_core::wire::{FrameDecoder, Message};
+use syncline_core::wire::Message;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::{NetError, tls};
@@ -232,8 +232,8 @@ async fn session(
         .await
         .map_err(|_| NetError::Timeout("connecting to the hub"))??;
     let binding = tls::channel_binding(&conn)?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let (out_tx, mut out_rx) = mpsc::channel::<Message>(SESSION_QUEUE);
+    let (send, recv) = conn.open_bi().await?;
+    let (out_tx, out_rx) = mpsc::channel::<Message>(SESSION_QUEUE);
     handle
         .tx
         .send(Command::Connected {
@@ -248,37 +248,16 @@ async fn session(
         l.hub = Some(hub.addr.clone());
         l.last_connected_ms = Some(now_ms());
     });
-    let tx = handle.tx.clone();
-    let writer = async move {
-        while let Some(m) = out_rx.recv().await {
-            send.write_all(&m.to_frame()).await?;
-            if out_rx.is_empty() && tx.send(Command::Writable).await.is_err() {
-                break;
-            }
-        }
-        let _ = send.finish();
-        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
-        Ok::<(), NetError>(())
-    };
-    let tx = handle.tx.clone();
-    let reader = async move {
-        let mut decoder = FrameDecoder::new();
-        loop {
-            match recv.read_chunk(64 * 1024, true).await? {
-                Some(chunk) => decoder.extend(&chunk.bytes),
-                None => return decoder.finish().map_err(NetError::from),
-            }
-            while let Some(msg) = decoder.next_message()? {
-                tx.send(Command::Message(msg))
-                    .await
-                    .map_err(|_| NetError::Stopped)?;
-            }
-        }
-    };
-    let result = tokio::select! {
-        r = reader => r,
-        r = writer => r,
-    };
+    let result = crate::stream::run(
+        send,
+        recv,
+        out_rx,
+        handle.tx.clone(),
+        Command::Message,
+        || Command::Writable,
+        |_| None,
+    )
+    .await;
     let _ = handle.tx.send(Command::Disconnected).await;
     conn.close(0u32.into(), b"session ended");
     result

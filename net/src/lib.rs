@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod server;
+mod stream;
 pub mod tls;
 
 /// Transport errors.

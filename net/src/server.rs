@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use syncline_core::hub::{Hub, Policy, SessionId};
 use syncline_core::store::HubStore;
-use syncline_core::wire::{FrameDecoder, Message};
+use syncline_core::wire::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{NetError, tls};
@@ -94,8 +94,8 @@ where
     /// and the Syncline session runs over it.
     pub async fn serve_connection(&self, conn: quinn::Connection) -> Result<(), NetError> {
         let binding = tls::channel_binding(&conn)?;
-        let (mut send, mut recv) = conn.accept_bi().await?;
-        let (out_tx, mut out_rx) = mpsc::channel::<Message>(SESSION_QUEUE);
+        let (send, recv) = conn.accept_bi().await?;
+        let (out_tx, out_rx) = mpsc::channel::<Message>(SESSION_QUEUE);
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Open {
@@ -106,52 +106,16 @@ where
             .await
             .map_err(|_| NetError::Stopped)?;
         let session = rx.await.map_err(|_| NetError::Stopped)?;
-        let tx = self.tx.clone();
-        let writer = async move {
-            while let Some(m) = out_rx.recv().await {
-                send.write_all(&m.to_frame()).await?;
-                if out_rx.is_empty() && tx.send(Command::Writable { session }).await.is_err() {
-                    break;
-                }
-            }
-            // The hub closed the session (it failed, or the hub stops): end the stream cleanly.
-            let _ = send.finish();
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), send.stopped()).await;
-            Ok::<(), NetError>(())
-        };
-        let tx = self.tx.clone();
-        let reader = async move {
-            let mut decoder = FrameDecoder::new();
-            loop {
-                match recv.read_chunk(64 * 1024, true).await? {
-                    Some(chunk) => decoder.extend(&chunk.bytes),
-                    None => return decoder.finish().map_err(NetError::from),
-                }
-                loop {
-                    match decoder.next_message() {
-                        Ok(Some(msg)) => {
-                            tx.send(Command::Message { session, msg })
-                                .await
-                                .map_err(|_| NetError::Stopped)?;
-                        }
-                        Ok(None) => break,
-                        Err(error) => {
-                            let _ = tx
-                                .send(Command::WireError {
-                                    session,
-                                    error: error.clone(),
-                                })
-                                .await;
-                            return Err(error.into());
-                        }
-                    }
-                }
-            }
-        };
-        let result = tokio::select! {
-            r = reader => r,
-            r = writer => r,
-        };
+        let result = crate::stream::run(
+            send,
+            recv,
+            out_rx,
+            self.tx.clone(),
+            |msg| Command::Message { session, msg },
+            || Command::Writable { session },
+            |error| Some(Command::WireError { session, error }),
+        )
+        .await;
         let _ = self.tx.send(Command::Close { session }).await;
         conn.close(0u32.into(), b"session ended");
         result

@@ -1,0 +1,69 @@
+//! One session's QUIC stream, for both sides: frames out of a channel onto the stream, and
+//! frames off the stream into the owning thread's command channel.
+
+use std::time::Duration;
+
+use syncline_core::error::WireError;
+use syncline_core::wire::{FrameDecoder, Message};
+use tokio::sync::mpsc;
+
+use crate::NetError;
+
+/// Bytes read from the stream at a time.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Runs the stream until either direction ends. Outgoing messages come from `outbound`;
+/// `writable()` is sent to the owner whenever `outbound` has been drained, so the owner pumps
+/// more (it stops pumping while the channel is full). Each decoded message goes to the owner
+/// as `message(m)`; undecodable bytes are reported as `wire_error(e)` and end the stream.
+pub(crate) async fn run<C: Send>(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mut outbound: mpsc::Receiver<Message>,
+    owner: mpsc::Sender<C>,
+    message: impl Fn(Message) -> C,
+    writable: impl Fn() -> C,
+    wire_error: impl Fn(WireError) -> Option<C>,
+) -> Result<(), NetError> {
+    let writer_owner = owner.clone();
+    let writer = async move {
+        while let Some(m) = outbound.recv().await {
+            send.write_all(&m.to_frame()).await?;
+            if outbound.is_empty() && writer_owner.send(writable()).await.is_err() {
+                break;
+            }
+        }
+        // The owner closed the session: end the stream after what was queued.
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+        Ok::<(), NetError>(())
+    };
+    let reader = async move {
+        let mut decoder = FrameDecoder::new();
+        loop {
+            match recv.read_chunk(READ_CHUNK, true).await? {
+                Some(chunk) => decoder.extend(&chunk.bytes),
+                None => return decoder.finish().map_err(NetError::from),
+            }
+            loop {
+                match decoder.next_message() {
+                    Ok(Some(m)) => owner
+                        .send(message(m))
+                        .await
+                        .map_err(|_| NetError::Stopped)?,
+                    Ok(None) => break,
+                    Err(e) => {
+                        if let Some(c) = wire_error(e.clone()) {
+                            let _ = owner.send(c).await;
+                        }
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        r = reader => r,
+        r = writer => r,
+    }
+}
