@@ -51,6 +51,12 @@ pub trait Policy {
     fn may_read(&self, peer: &PeerId, doc: &DocId) -> bool;
     /// Whether changes authored by `author` may be stored in `doc`.
     fn may_write(&self, author: &PeerId, doc: &DocId) -> bool;
+
+    /// Whether `peer` is a hub whose pushes are taken on its word about authors' rights (it
+    /// checked them; signatures are still verified here). Peer hubs need this.
+    fn may_relay(&self, _peer: &PeerId) -> bool {
+        false
+    }
 }
 
 /// Lets every key do everything (tests, single-user setups).
@@ -65,6 +71,9 @@ impl Policy for AllowAll {
         true
     }
     fn may_write(&self, _: &PeerId, _: &DocId) -> bool {
+        true
+    }
+    fn may_relay(&self, _: &PeerId) -> bool {
         true
     }
 }
@@ -147,11 +156,32 @@ struct HubSession {
     subs: BTreeMap<Target, SubState>,
     reconciles: VecDeque<(DocId, Vec<ChangeHash>)>,
     failed: bool,
+    /// Set when this hub opened the session to a peer hub (it acts as a replica there).
+    link: Option<Box<PeerLink>>,
+}
+
+/// This hub's side of a session it opened to a peer hub: it follows the peer's whole log and
+/// pushes its own log from the last position the peer acknowledged. No document is
+/// materialized; when either log's epoch changed, it starts over from zero (idempotent).
+struct PeerLink {
+    peer_epoch: Epoch,
+    ready: bool,
+    next_push: u64,
+    inflight: BTreeMap<u64, Cursor>,
+    sent_upto: Cursor,
+}
+
+/// What to do once a queued batch is committed.
+enum Reply {
+    /// Acknowledge the replica's push.
+    Ack(u64),
+    /// Changes from a peer hub: record how far its log was received.
+    PeerCursor(Option<Cursor>),
 }
 
 struct QueuedPush {
     session: SessionId,
-    push_id: u64,
+    reply: Reply,
     changes: Vec<VerifiedChange>,
 }
 
@@ -244,6 +274,46 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 subs: BTreeMap::new(),
                 reconciles: VecDeque::new(),
                 failed: false,
+                link: None,
+            },
+        );
+        self.ready.insert(id);
+        id
+    }
+
+    /// A connection this hub opened to a peer hub (`expected` pins its key). This hub acts as
+    /// a replica there: it follows the peer's whole log into its own store, and pushes its own
+    /// log to the peer, so both hubs serve the same data set without shared storage. The peer
+    /// must let this hub's key connect, read everything and relay ([`Policy::may_relay`]).
+    pub fn connect_peer(&mut self, expected: Option<PeerId>, binding: [u8; 32]) -> SessionId {
+        let id = self.next_session;
+        self.next_session += 1;
+        let nonce: [u8; 32] = self.rng.r#gen();
+        let (handshake, hello) = Handshake::start(
+            self.identity.clone(),
+            Role::Replica,
+            Role::Hub,
+            expected,
+            nonce,
+            self.store.epoch(),
+            binding,
+        );
+        self.sessions.insert(
+            id,
+            HubSession {
+                handshake,
+                peer: None,
+                out: VecDeque::from([hello]),
+                subs: BTreeMap::new(),
+                reconciles: VecDeque::new(),
+                failed: false,
+                link: Some(Box::new(PeerLink {
+                    peer_epoch: Epoch::none(),
+                    ready: false,
+                    next_push: 1,
+                    inflight: BTreeMap::new(),
+                    sent_upto: Cursor(0),
+                })),
             },
         );
         self.ready.insert(id);
@@ -342,6 +412,9 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             }
             .into());
         }
+        if s.link.is_some() {
+            return self.handle_link(id, msg);
+        }
         let Some(peer) = s.peer else {
             match msg {
                 Message::Hello(h) => {
@@ -424,9 +497,11 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                         return Ok(());
                     }
                 };
+                // A peer hub relays changes whose authors' rights it checked itself.
+                let relay = self.policy.may_relay(&peer);
                 if let Some(c) = verified
                     .iter()
-                    .find(|c| !self.policy.may_write(&c.author(), &push.doc))
+                    .find(|c| !relay && !self.policy.may_write(&c.author(), &push.doc))
                 {
                     self.metrics.reject("not_authorized");
                     let message = format!(
@@ -445,7 +520,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 }
                 self.queued.push(QueuedPush {
                     session: id,
-                    push_id: push.push_id,
+                    reply: Reply::Ack(push.push_id),
                     changes: verified,
                 });
             }
@@ -495,10 +570,19 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 tracing::error!(error = %e, "commit failed; refusing the queued pushes");
                 for q in queued {
                     self.metrics.reject("storage");
+                    let Reply::Ack(push_id) = q.reply else {
+                        // Changes from a peer hub were not stored: restart that link from its
+                        // recorded position rather than skip them.
+                        self.fail(q.session, ErrorCode::StorageUnavailable, e.to_string());
+                        continue;
+                    };
+                    let Some(first) = q.changes.first() else {
+                        continue;
+                    };
                     if let Some(s) = self.sessions.get_mut(&q.session) {
-                        let doc = q.changes[0].doc().clone();
+                        let doc = first.doc().clone();
                         s.out.push_back(Message::Reject(Reject {
-                            push_id: q.push_id,
+                            push_id,
                             doc,
                             code: ErrorCode::StorageUnavailable,
                             message: format!("the hub could not store the changes ({e}); they stay in your outbox"),
@@ -510,6 +594,14 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             }
         };
         self.metrics.commits += 1;
+        if cursors.iter().any(Option::is_some) {
+            // Links to peer hubs push from the log: wake them.
+            for (&id, s) in &self.sessions {
+                if s.link.as_ref().is_some_and(|l| l.ready) {
+                    self.ready.insert(id);
+                }
+            }
+        }
         let mut cursors = cursors.into_iter();
         for q in queued {
             let mut fresh: Vec<(Cursor, SignedChange)> = Vec::new();
@@ -520,9 +612,15 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 }
             }
             self.metrics.changes_stored += fresh.len() as u64;
-            if let Some(s) = self.sessions.get_mut(&q.session) {
-                s.out.push_back(Message::Ack(Ack { push_id: q.push_id }));
-                self.ready.insert(q.session);
+            match q.reply {
+                Reply::Ack(push_id) => {
+                    if let Some(s) = self.sessions.get_mut(&q.session) {
+                        s.out.push_back(Message::Ack(Ack { push_id }));
+                        self.ready.insert(q.session);
+                    }
+                }
+                Reply::PeerCursor(Some(cursor)) => self.record_peer_received(q.session, cursor),
+                Reply::PeerCursor(None) => {}
             }
             if let (Some(first), Some((last, _))) = (q.changes.first(), fresh.last()) {
                 let doc = first.doc().clone();
@@ -536,6 +634,178 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             }
         }
         Ok(())
+    }
+
+    /// A message on a session this hub opened to a peer hub.
+    fn handle_link(&mut self, id: SessionId, msg: Message) -> Result<()> {
+        let closed = || ProtocolError::Unexpected {
+            message: "message",
+            state: "on a closed link",
+        };
+        let s = self.sessions.get_mut(&id).ok_or_else(closed)?;
+        match msg {
+            Message::Hello(h) => {
+                let auth = s.handshake.on_hello(h)?;
+                s.out.push_back(auth);
+            }
+            Message::Auth(a) => {
+                let peer = s.handshake.on_auth(a)?;
+                let peer_epoch = s.handshake.their_epoch().unwrap_or_else(Epoch::none);
+                let state = self.store.peer_state(&peer)?;
+                let s = self.sessions.get_mut(&id).ok_or_else(closed)?;
+                s.peer = Some(peer);
+                let link = s.link.as_mut().ok_or_else(closed)?;
+                link.peer_epoch = peer_epoch;
+                link.ready = true;
+                // Positions from another epoch of the peer's log mean nothing: start over
+                // (everything sent again is deduplicated by hash on both sides).
+                link.sent_upto = if state.push_epoch == peer_epoch {
+                    state.pushed
+                } else {
+                    Cursor(0)
+                };
+                let (epoch, cursor) = if state.recv_epoch == peer_epoch {
+                    (peer_epoch, state.recv_cursor)
+                } else {
+                    (Epoch::none(), Cursor(0))
+                };
+                s.out.push_back(Message::Subscribe(wire::Subscribe {
+                    target: Target::Prefix(crate::ids::DocPrefix::all()),
+                    epoch,
+                    cursor,
+                }));
+                self.metrics.sessions_opened += 1;
+                tracing::info!(session = id, %peer, "linked to peer hub");
+            }
+            _ if s.peer.is_none() => {
+                return Err(ProtocolError::Unexpected {
+                    message: msg.kind(),
+                    state: "during the handshake",
+                }
+                .into());
+            }
+            Message::Changes(c) => {
+                let verified = change::verify_batch(&c.doc, c.changes)?;
+                let cursor = c.cursor.map(|(_, cursor)| cursor);
+                self.queued.push(QueuedPush {
+                    session: id,
+                    reply: Reply::PeerCursor(cursor),
+                    changes: verified,
+                });
+            }
+            Message::CaughtUp(c) => {
+                // Recorded after the changes queued before it are committed.
+                self.queued.push(QueuedPush {
+                    session: id,
+                    reply: Reply::PeerCursor(Some(c.cursor)),
+                    changes: Vec::new(),
+                });
+            }
+            Message::Ack(a) => {
+                let peer = s.peer.ok_or_else(closed)?;
+                let link = s.link.as_mut().ok_or_else(closed)?;
+                if let Some(pushed) = link.inflight.remove(&a.push_id) {
+                    let push_epoch = link.peer_epoch;
+                    let mut state = self.store.peer_state(&peer)?;
+                    state.push_epoch = push_epoch;
+                    state.pushed = pushed;
+                    self.store.set_peer_state(&peer, &state)?;
+                }
+            }
+            Message::Reject(r) => {
+                // The peer refused part of our log (most likely: this hub lacks the relay
+                // right there). It is skipped, loudly; the operator fixes the grant.
+                self.metrics.reject("peer_refused");
+                tracing::error!(session = id, doc = %r.doc, code = ?r.code, message = %r.message,
+                    "the peer hub refused changes; grant this hub's key hub rights on the peer");
+                if let Some(link) = s.link.as_mut() {
+                    link.inflight.remove(&r.push_id);
+                }
+            }
+            Message::Heads(_) | Message::Reconciled(_) => {
+                // Never asked for: the link subscribes with the peer's own epoch or none.
+            }
+            Message::Error(e) => {
+                return Err(ProtocolError::Closed {
+                    code: e.code as u16,
+                    message: e.message,
+                }
+                .into());
+            }
+            other => {
+                return Err(ProtocolError::Unexpected {
+                    message: other.kind(),
+                    state: "from a peer hub",
+                }
+                .into());
+            }
+        }
+        self.ready.insert(id);
+        Ok(())
+    }
+
+    fn record_peer_received(&mut self, id: SessionId, cursor: Cursor) {
+        let Some((peer, epoch)) = self
+            .sessions
+            .get(&id)
+            .and_then(|s| Some((s.peer?, s.link.as_ref()?.peer_epoch)))
+        else {
+            return;
+        };
+        let result = self.store.peer_state(&peer).and_then(|mut state| {
+            if state.recv_epoch != epoch {
+                state.recv_epoch = epoch;
+                state.recv_cursor = Cursor(0);
+            }
+            state.recv_cursor = state.recv_cursor.max(cursor);
+            self.store.set_peer_state(&peer, &state)
+        });
+        if let Err(e) = result {
+            // Not fatal: the changes are stored; the link would only receive them again.
+            tracing::warn!(%peer, error = %e, "could not record the peer's position");
+        }
+    }
+
+    /// The next push of this hub's log to a peer hub.
+    fn poll_link(&mut self, id: SessionId) -> Result<Option<Message>> {
+        let Some(link) = self.sessions.get(&id).and_then(|s| s.link.as_ref()) else {
+            return Ok(None);
+        };
+        if !link.ready || link.inflight.len() >= 8 {
+            return Ok(None);
+        }
+        let from = link.sent_upto;
+        let batch =
+            self.store
+                .read_log(&Target::Prefix(crate::ids::DocPrefix::all()), from, 256)?;
+        let Some(first) = batch.entries.first() else {
+            return Ok(None);
+        };
+        let doc = first.doc.clone();
+        let mut changes = Vec::new();
+        let mut last = from;
+        let mut bytes = 0;
+        for e in batch.entries.into_iter().take_while(|e| e.doc == doc) {
+            if !changes.is_empty() && bytes + e.change.bytes.len() > MAX_MESSAGE_BYTES {
+                break;
+            }
+            bytes += e.change.bytes.len();
+            last = e.cursor;
+            changes.push(e.change);
+        }
+        let Some(link) = self.sessions.get_mut(&id).and_then(|s| s.link.as_mut()) else {
+            return Ok(None);
+        };
+        let push_id = link.next_push;
+        link.next_push += 1;
+        link.sent_upto = last;
+        link.inflight.insert(push_id, last);
+        self.metrics.changes_sent += changes.len() as u64;
+        Ok(Some(Message::Push(wire::Push {
+            push_id,
+            doc,
+            changes,
+        })))
     }
 
     fn broadcast(
@@ -592,6 +862,9 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         }
         if s.failed {
             return Ok(None);
+        }
+        if s.link.is_some() {
+            return self.poll_link(id);
         }
         let Some(peer) = s.peer else { return Ok(None) };
         if let Some((doc, have)) = s.reconciles.pop_front() {
@@ -1092,5 +1365,168 @@ mod tests {
             slow.doc(&doc).unwrap().heads(),
             fast.doc(&doc).unwrap().heads()
         );
+    }
+
+    type MemHub = Hub<SqliteHubStore, AllowAll>;
+
+    fn mem_hub() -> MemHub {
+        Hub::new(
+            Identity::generate(),
+            SqliteHubStore::open_in_memory().unwrap(),
+            AllowAll,
+            None,
+        )
+    }
+
+    fn pump_once(hub: &mut MemHub, reps: &mut [(&mut Replica, SessionId)]) -> bool {
+        let mut moved = false;
+        for (r, sid) in reps.iter_mut() {
+            while let Ok(Some(m)) = r.poll_transmit() {
+                moved = true;
+                let _ = hub.handle_message(*sid, m);
+            }
+        }
+        hub.flush().unwrap();
+        for (r, sid) in reps.iter_mut() {
+            while let Ok(Some(m)) = hub.poll_transmit(*sid) {
+                moved = true;
+                let _ = r.handle_message(m);
+            }
+        }
+        moved
+    }
+
+    /// Moves messages on a link between two hubs and between each hub and its replicas.
+    fn pump_two(
+        a: &mut MemHub,
+        b: &mut MemHub,
+        link: Option<(SessionId, SessionId)>,
+        on_a: &mut [(&mut Replica, SessionId)],
+        on_b: &mut [(&mut Replica, SessionId)],
+    ) {
+        for _ in 0..10_000 {
+            let mut moved = false;
+            if let Some((la, lb)) = link {
+                while let Ok(Some(m)) = a.poll_transmit(la) {
+                    moved = true;
+                    let _ = b.handle_message(lb, m);
+                }
+                b.flush().unwrap();
+                while let Ok(Some(m)) = b.poll_transmit(lb) {
+                    moved = true;
+                    let _ = a.handle_message(la, m);
+                }
+                a.flush().unwrap();
+            }
+            moved |= pump_once(a, on_a);
+            moved |= pump_once(b, on_b);
+            if !moved {
+                return;
+            }
+        }
+        panic!("did not settle");
+    }
+
+    #[test]
+    fn two_peered_hubs_serve_the_same_data_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let path_b = dir.path().join("b.db");
+        let mut a = mem_hub();
+        let b_id = Identity::generate();
+        let mut b = Hub::new(
+            b_id.clone(),
+            SqliteHubStore::open(&path_b).unwrap(),
+            AllowAll,
+            None,
+        );
+        let mut ra = replica();
+        let mut rb = replica();
+        for r in [&mut ra, &mut rb] {
+            r.subscribe(Target::Prefix(DocPrefix::all())).unwrap();
+        }
+        let doc = DocId::new("plant/line").unwrap();
+        ra.change(
+            &doc,
+            &ops(json!([{"op":"put","path":["a"],"value":{"$counter":1}}])),
+        )
+        .unwrap();
+        rb.change(
+            &DocId::new("plant/other").unwrap(),
+            &ops(json!([{"op":"put","path":["b"],"value":2}])),
+        )
+        .unwrap();
+        let sa = connect(&mut a, &mut ra);
+        let sb = connect(&mut b, &mut rb);
+        let lb = b.accept();
+        let la = a.connect_peer(Some(b.peer_id()), [0; 32]);
+        pump_two(
+            &mut a,
+            &mut b,
+            Some((la, lb)),
+            &mut [(&mut ra, sa)],
+            &mut [(&mut rb, sb)],
+        );
+        // Each edge sees the other's document through its own hub.
+        assert_eq!(rb.json(&doc).unwrap(), json!({"a": 1}));
+        assert_eq!(
+            ra.json(&DocId::new("plant/other").unwrap()).unwrap(),
+            json!({"b": 2})
+        );
+        // Live changes cross too.
+        ra.change(&doc, &ops(json!([{"op":"increment","path":["a"],"by":5}])))
+            .unwrap();
+        rb.change(&doc, &ops(json!([{"op":"increment","path":["a"],"by":7}])))
+            .unwrap();
+        pump_two(
+            &mut a,
+            &mut b,
+            Some((la, lb)),
+            &mut [(&mut ra, sa)],
+            &mut [(&mut rb, sb)],
+        );
+        assert_eq!(ra.json(&doc).unwrap(), json!({"a": 13}));
+        assert_eq!(ra.doc(&doc).unwrap().heads(), rb.doc(&doc).unwrap().heads());
+        assert_eq!(
+            a.store().change_count().unwrap(),
+            b.store().change_count().unwrap()
+        );
+        let stored = a.store().change_count().unwrap();
+        assert_eq!(stored, 4);
+
+        // Hub B loses everything (a new, empty store: a new epoch). The link notices the epoch
+        // change and pushes A's whole log again; B's edge repairs itself from B.
+        drop(b);
+        for ext in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{ext}", path_b.display()));
+        }
+        let mut b = Hub::new(b_id, SqliteHubStore::open(&path_b).unwrap(), AllowAll, None);
+        assert_eq!(b.store().change_count().unwrap(), 0);
+        rb.disconnect();
+        let sb = connect(&mut b, &mut rb);
+        let lb = b.accept();
+        a.close(la);
+        let la = a.connect_peer(Some(b.peer_id()), [0; 32]);
+        pump_two(
+            &mut a,
+            &mut b,
+            Some((la, lb)),
+            &mut [(&mut ra, sa)],
+            &mut [(&mut rb, sb)],
+        );
+        assert_eq!(b.store().change_count().unwrap(), stored);
+        rb.change(
+            &doc,
+            &ops(json!([{"op":"increment","path":["a"],"by":100}])),
+        )
+        .unwrap();
+        pump_two(
+            &mut a,
+            &mut b,
+            Some((la, lb)),
+            &mut [(&mut ra, sa)],
+            &mut [(&mut rb, sb)],
+        );
+        assert_eq!(ra.json(&doc).unwrap(), json!({"a": 113}));
+        assert_eq!(ra.doc(&doc).unwrap().heads(), rb.doc(&doc).unwrap().heads());
     }
 }

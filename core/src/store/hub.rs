@@ -38,6 +38,14 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (peer, prefix)
     ) WITHOUT ROWID;
     INSERT INTO meta (key, value) VALUES ('grants_version', 0);",
+    // Version 3: how far this hub has synced with each peer hub.
+    "CREATE TABLE peers (
+        peer BLOB PRIMARY KEY,
+        recv_epoch BLOB NOT NULL,
+        recv_cursor INTEGER NOT NULL,
+        push_epoch BLOB NOT NULL,
+        pushed INTEGER NOT NULL
+    ) WITHOUT ROWID;",
 ];
 
 /// One change in the hub's log.
@@ -71,6 +79,19 @@ pub struct DocHeads {
     /// older backup, a change can be stored while an ancestor is not: those are left out of
     /// `heads`, or a replica would take the ancestor as present and never upload it.
     pub complete: bool,
+}
+
+/// How far a hub has synced with one peer hub.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerState {
+    /// The peer's log epoch `recv_cursor` belongs to.
+    pub recv_epoch: Epoch,
+    /// Position in the peer's log received and committed here.
+    pub recv_cursor: Cursor,
+    /// The peer's log epoch that acknowledged `pushed`.
+    pub push_epoch: Epoch,
+    /// Position in this hub's log the peer has acknowledged.
+    pub pushed: Cursor,
 }
 
 /// What a hub needs from its storage. One implementation per engine (SQLite embedded,
@@ -112,6 +133,12 @@ pub trait HubStore {
 
     /// A number that changes whenever the grants change (a hub reloads them when it does).
     fn grants_version(&mut self) -> Result<u64>;
+
+    /// How far this hub has synced with a peer hub (all zero if never).
+    fn peer_state(&mut self, peer: &PeerId) -> Result<PeerState>;
+
+    /// Records how far this hub has synced with a peer hub.
+    fn set_peer_state(&mut self, peer: &PeerId, state: &PeerState) -> Result<()>;
 
     /// The document's changes that are not ancestors of the known hashes in `have`, in log
     /// order (the repair path).
@@ -510,6 +537,55 @@ impl HubStore for SqliteHubStore {
             )
             .map(|v| v.max(0) as u64)
             .ctx("reading the grants version")
+    }
+
+    fn peer_state(&mut self, peer: &PeerId) -> Result<PeerState> {
+        let row: Option<(Vec<u8>, i64, Vec<u8>, i64)> = self
+            .conn
+            .prepare_cached(
+                "SELECT recv_epoch, recv_cursor, push_epoch, pushed FROM peers WHERE peer = ?1",
+            )
+            .and_then(|mut st| {
+                st.query_row([&peer.as_bytes()[..]], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .optional()
+            })
+            .ctx("reading a peer's sync state")?;
+        let Some((re, rc, pe, pc)) = row else {
+            return Ok(PeerState::default());
+        };
+        let epoch = |b: Vec<u8>| -> Result<Epoch> {
+            Ok(Epoch(b.try_into().map_err(|_| Error::Corrupt {
+                what: "peer epoch".into(),
+                reason: "length".into(),
+            })?))
+        };
+        Ok(PeerState {
+            recv_epoch: epoch(re)?,
+            recv_cursor: Cursor(rc.max(0) as u64),
+            push_epoch: epoch(pe)?,
+            pushed: Cursor(pc.max(0) as u64),
+        })
+    }
+
+    fn set_peer_state(&mut self, peer: &PeerId, state: &PeerState) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO peers (peer, recv_epoch, recv_cursor, push_epoch, pushed)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    &peer.as_bytes()[..],
+                    &state.recv_epoch.0[..],
+                    state.recv_cursor.0 as i64,
+                    &state.push_epoch.0[..],
+                    state.pushed.0 as i64
+                ])
+            })
+            .ctx("recording a peer's sync state")?;
+        Ok(())
     }
 
     fn changes_not_covered(

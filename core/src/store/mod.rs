@@ -6,6 +6,6 @@ mod hub;
 mod replica;
 mod sqlite;
 
-pub use hub::{DocHeads, HubStore, LogBatch, LogEntry, SqliteHubStore};
+pub use hub::{DocHeads, HubStore, LogBatch, LogEntry, PeerState, SqliteHubStore};
 pub use replica::{OutboxEntry, ReplicaStore, StoredChange, StoredDoc};
 pub use sqlite::SCHEMA_VERSION;
