@@ -89,6 +89,8 @@ pub struct Grant {
     pub read: bool,
     /// May author changes to them.
     pub write: bool,
+    /// Is a peer hub: its pushes are taken on its word about authors' rights.
+    pub relay: bool,
 }
 
 /// A policy from a list of grants: a key with no grant is unknown and refused at the handshake.
@@ -111,6 +113,9 @@ impl Policy for Grants {
         self.grants
             .iter()
             .any(|g| g.peer == *author && g.write && doc.matches(&g.prefix))
+    }
+    fn may_relay(&self, peer: &PeerId) -> bool {
+        self.grants.iter().any(|g| g.peer == *peer && g.relay)
     }
 }
 
@@ -1070,6 +1075,7 @@ mod tests {
             prefix: DocPrefix::new(prefix).unwrap(),
             read,
             write,
+            relay: false,
         }
     }
 

@@ -7,12 +7,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rand::Rng;
 use syncline_core::PeerId;
 use syncline_core::replica::{Event, Replica};
 use syncline_core::wire::Message;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::backoff::Backoff;
 use crate::{NetError, tls};
 
 const REPLICA_QUEUE: usize = 1024;
@@ -177,7 +177,7 @@ fn now_ms() -> u64 {
 }
 
 async fn sync_loop(handle: ReplicaHandle, endpoint: quinn::Endpoint, settings: SyncSettings) {
-    let mut backoff = settings.backoff_min;
+    let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
     let mut index = 0usize;
     let mut failures_in_round = 0usize;
     loop {
@@ -199,7 +199,7 @@ async fn sync_loop(handle: ReplicaHandle, endpoint: quinn::Endpoint, settings: S
         }
         if started.elapsed() > Duration::from_secs(10) {
             // The session was up for a while: start over gently with the preferred hub.
-            backoff = settings.backoff_min;
+            backoff.reset();
             failures_in_round = 0;
             index = 0;
             continue;
@@ -208,10 +208,8 @@ async fn sync_loop(handle: ReplicaHandle, endpoint: quinn::Endpoint, settings: S
         failures_in_round += 1;
         if failures_in_round >= settings.hubs.len() {
             failures_in_round = 0;
-            // Every hub failed: wait, with jitter so a fleet does not reconnect in lockstep.
-            let jitter = rand::thread_rng().gen_range(0.5..1.5);
-            tokio::time::sleep(backoff.mul_f64(jitter)).await;
-            backoff = (backoff * 2).min(settings.backoff_max);
+            // Every hub failed: wait before the next round.
+            tokio::time::sleep(backoff.next_delay()).await;
         }
     }
 }

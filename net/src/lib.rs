@@ -8,6 +8,7 @@
 //!   and its store; a sync task keeps a session with one of several hubs, reconnecting with
 //!   backoff and failing over.
 
+pub mod backoff;
 pub mod client;
 pub mod server;
 mod stream;

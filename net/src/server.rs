@@ -12,6 +12,10 @@ use syncline_core::store::HubStore;
 use syncline_core::wire::Message;
 use tokio::sync::{mpsc, oneshot};
 
+use std::time::Duration;
+
+use crate::backoff::Backoff;
+use crate::client::HubAddress;
 use crate::{NetError, tls};
 
 /// Messages queued from all connections to the hub thread.
@@ -26,6 +30,12 @@ type Job<S, P> = Box<dyn FnOnce(&mut Hub<S, P>) + Send>;
 enum Command<S, P> {
     Open {
         binding: [u8; 32],
+        outbound: mpsc::Sender<Message>,
+        reply: oneshot::Sender<SessionId>,
+    },
+    OpenPeer {
+        binding: [u8; 32],
+        expected: Option<syncline_core::PeerId>,
         outbound: mpsc::Sender<Message>,
         reply: oneshot::Sender<SessionId>,
     },
@@ -122,6 +132,83 @@ where
     }
 }
 
+impl<S, P> HubHandle<S, P>
+where
+    S: HubStore + Send + 'static,
+    P: Policy + Send + 'static,
+{
+    /// Keeps a link to a peer hub for as long as the hub runs: connects from `endpoint`
+    /// (pinning the peer's certificate), runs the link session, and reconnects with backoff
+    /// when it breaks. Both hubs then serve the same data set.
+    pub fn start_peer(
+        &self,
+        endpoint: quinn::Endpoint,
+        peer: HubAddress,
+    ) -> tokio::task::JoinHandle<()> {
+        let hub = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+            loop {
+                let started = std::time::Instant::now();
+                match hub.peer_session(&endpoint, &peer).await {
+                    Ok(()) => tracing::info!(peer = %peer.addr, "peer link ended"),
+                    Err(e) => tracing::warn!(peer = %peer.addr, error = %e, "peer link failed"),
+                }
+                if hub.tx.is_closed() {
+                    return;
+                }
+                if started.elapsed() > Duration::from_secs(10) {
+                    backoff.reset();
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        })
+    }
+
+    async fn peer_session(
+        &self,
+        endpoint: &quinn::Endpoint,
+        peer: &HubAddress,
+    ) -> Result<(), NetError> {
+        let addr = tokio::net::lookup_host(&peer.addr)
+            .await?
+            .next()
+            .ok_or_else(|| NetError::Config(format!("{} resolves to no address", peer.addr)))?;
+        let config = tls::client_config(vec![peer.fingerprint])?;
+        let connecting = endpoint.connect_with(config, addr, "syncline")?;
+        let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
+            .await
+            .map_err(|_| NetError::Timeout("connecting to the peer hub"))??;
+        let binding = tls::channel_binding(&conn)?;
+        let (send, recv) = conn.open_bi().await?;
+        let (out_tx, out_rx) = mpsc::channel::<Message>(SESSION_QUEUE);
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::OpenPeer {
+                binding,
+                expected: peer.key,
+                outbound: out_tx,
+                reply,
+            })
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        let session = rx.await.map_err(|_| NetError::Stopped)?;
+        let result = crate::stream::run(
+            send,
+            recv,
+            out_rx,
+            self.tx.clone(),
+            |msg| Command::Message { session, msg },
+            || Command::Writable { session },
+            |error| Some(Command::WireError { session, error }),
+        )
+        .await;
+        let _ = self.tx.send(Command::Close { session }).await;
+        conn.close(0u32.into(), b"link ended");
+        result
+    }
+}
+
 /// Accepts connections on `endpoint` until it is closed, serving each in its own task.
 pub async fn serve<S, P>(endpoint: quinn::Endpoint, hub: HubHandle<S, P>)
 where
@@ -161,6 +248,17 @@ fn run<S: HubStore, P: Policy>(
                     reply,
                 } => {
                     let id = hub.accept_bound(binding);
+                    outbound.insert(id, tx);
+                    due.insert(id);
+                    let _ = reply.send(id);
+                }
+                Command::OpenPeer {
+                    binding,
+                    expected,
+                    outbound: tx,
+                    reply,
+                } => {
+                    let id = hub.connect_peer(expected, binding);
                     outbound.insert(id, tx);
                     due.insert(id);
                     let _ = reply.send(id);

@@ -35,6 +35,7 @@ const MIGRATIONS: &[&str] = &[
         prefix TEXT NOT NULL,
         can_read INTEGER NOT NULL,
         can_write INTEGER NOT NULL,
+        can_relay INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (peer, prefix)
     ) WITHOUT ROWID;
     INSERT INTO meta (key, value) VALUES ('grants_version', 0);",
@@ -457,7 +458,7 @@ impl HubStore for SqliteHubStore {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT peer, prefix, can_read, can_write FROM grants ORDER BY peer, prefix",
+                "SELECT peer, prefix, can_read, can_write, can_relay FROM grants ORDER BY peer, prefix",
             )
             .ctx("reading grants")?;
         let rows = st
@@ -467,12 +468,13 @@ impl HubStore for SqliteHubStore {
                     r.get::<_, String>(1)?,
                     r.get::<_, bool>(2)?,
                     r.get::<_, bool>(3)?,
+                    r.get::<_, bool>(4)?,
                 ))
             })
             .ctx("reading grants")?;
         let mut out = Vec::new();
         for row in rows {
-            let (peer, prefix, read, write) = row.ctx("reading grants")?;
+            let (peer, prefix, read, write, relay) = row.ctx("reading grants")?;
             let peer: [u8; 32] = peer.try_into().map_err(|_| Error::Corrupt {
                 what: "grant".into(),
                 reason: "key length".into(),
@@ -486,6 +488,7 @@ impl HubStore for SqliteHubStore {
                 prefix,
                 read,
                 write,
+                relay,
             });
         }
         Ok(out)
@@ -494,8 +497,14 @@ impl HubStore for SqliteHubStore {
     fn put_grant(&mut self, grant: &Grant) -> Result<()> {
         let tx = self.conn.transaction().ctx("granting")?;
         tx.execute(
-            "INSERT OR REPLACE INTO grants (peer, prefix, can_read, can_write) VALUES (?1, ?2, ?3, ?4)",
-            params![&grant.peer.as_bytes()[..], grant.prefix.as_str(), grant.read, grant.write],
+            "INSERT OR REPLACE INTO grants (peer, prefix, can_read, can_write, can_relay) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                &grant.peer.as_bytes()[..],
+                grant.prefix.as_str(),
+                grant.read,
+                grant.write,
+                grant.relay
+            ],
         )
         .ctx("granting")?;
         tx.execute(
@@ -652,6 +661,7 @@ mod tests {
                 prefix: all.clone(),
                 read: true,
                 write: false,
+                relay: false,
             })
             .unwrap();
             s.put_grant(&Grant {
@@ -659,6 +669,7 @@ mod tests {
                 prefix: sites.clone(),
                 read: true,
                 write: true,
+                relay: false,
             })
             .unwrap();
             // Replacing a grant on the same prefix.
@@ -667,6 +678,7 @@ mod tests {
                 prefix: all.clone(),
                 read: true,
                 write: true,
+                relay: true,
             })
             .unwrap();
             assert_eq!(s.grants_version().unwrap(), 3);
@@ -675,6 +687,7 @@ mod tests {
         let g = s.grants().unwrap();
         assert_eq!(g.len(), 2);
         assert!(g.iter().all(|g| g.write));
+        assert!(g.iter().any(|g| g.relay && g.prefix == all));
         assert_eq!(s.revoke(&peer, Some(&sites)).unwrap(), 1);
         assert_eq!(s.revoke(&peer, None).unwrap(), 1);
         assert!(s.grants().unwrap().is_empty());

@@ -1,0 +1,282 @@
+//! The settings of `syncline-hub run`. Each key comes from, in this order: a flag, its
+//! `SYNCLINE_*` environment variable (clap reads both), the TOML config file, the default.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::usage;
+
+/// Where the QUIC server listens when nothing says otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
+/// The log filter when nothing says otherwise.
+pub const DEFAULT_LOG: &str = "info";
+
+/// The config file: every key is optional. Relative paths are taken from the file's folder.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// QUIC listen address.
+    pub listen: Option<String>,
+    /// Metrics HTTP listen address (no metrics server if absent).
+    pub metrics: Option<String>,
+    /// The data directory.
+    pub data: Option<PathBuf>,
+    /// A certificate file (PEM or DER) to use instead of the self-signed one.
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM or DER, PKCS#8).
+    pub key: Option<PathBuf>,
+    /// The log filter (`info`, `syncline_hub=debug,info`...).
+    pub log: Option<String>,
+}
+
+impl FileConfig {
+    /// Reads and parses a config file; an unknown key or a bad value is a [`crate::Usage`]
+    /// error naming the file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            usage(format!(
+                "cannot read the config file {}: {e}; check --config / SYNCLINE_CONFIG",
+                path.display()
+            ))
+        })?;
+        let mut cfg: FileConfig = toml::from_str(&text).map_err(|e| {
+            usage(format!(
+                "the config file {} is not valid: {e}\nknown keys: listen, metrics, data, \
+                 cert, key, log",
+                path.display()
+            ))
+        })?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        for p in [&mut cfg.data, &mut cfg.cert, &mut cfg.key]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+/// What the flags and the environment gave (clap has already merged these two).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen` / `SYNCLINE_LISTEN`.
+    pub listen: Option<String>,
+    /// `--metrics` / `SYNCLINE_METRICS`.
+    pub metrics: Option<String>,
+    /// `--data` / `SYNCLINE_DATA`.
+    pub data: Option<PathBuf>,
+    /// `--cert` / `SYNCLINE_CERT`.
+    pub cert: Option<PathBuf>,
+    /// `--key` / `SYNCLINE_KEY`.
+    pub key: Option<PathBuf>,
+    /// `--log` / `SYNCLINE_LOG`, else `RUST_LOG`.
+    pub log: Option<String>,
+}
+
+/// Where the hub's TLS certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// The self-signed certificate in the data directory (made on first start).
+    SelfSigned,
+    /// Operator-provided files.
+    Files {
+        /// The certificate (PEM or DER).
+        cert: PathBuf,
+        /// The private key (PEM or DER).
+        key: PathBuf,
+    },
+}
+
+/// The resolved settings of a running hub.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// QUIC listen address.
+    pub listen: SocketAddr,
+    /// Metrics listen address.
+    pub metrics: Option<SocketAddr>,
+    /// The data directory.
+    pub data: PathBuf,
+    /// The certificate.
+    pub tls: TlsSource,
+    /// The log filter.
+    pub log: String,
+    /// Peer hubs to sync with.
+    pub peers: Vec<syncline_net::client::HubAddress>,
+}
+
+/// Merges flags and environment over the file over the defaults.
+pub fn resolve(over: Overrides, file: FileConfig) -> anyhow::Result<Settings> {
+    let data = over.data.or(file.data).ok_or_else(|| {
+        usage(
+            "no data directory: pass --data DIR, set SYNCLINE_DATA, or put `data = \"DIR\"` \
+             in the config file",
+        )
+    })?;
+    let listen = over
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+    let listen = socket_addr("listen", &listen)?;
+    let metrics = match over.metrics.or(file.metrics) {
+        Some(m) if !m.trim().is_empty() => Some(socket_addr("metrics", &m)?),
+        _ => None,
+    };
+    let tls = match (over.cert.or(file.cert), over.key.or(file.key)) {
+        (None, None) => TlsSource::SelfSigned,
+        (Some(cert), Some(key)) => TlsSource::Files { cert, key },
+        (Some(_), None) => {
+            return Err(usage(
+                "a certificate was given without its key: set both `cert` and `key` \
+                 (--cert/--key, SYNCLINE_CERT/SYNCLINE_KEY) or neither",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(usage(
+                "a key was given without its certificate: set both `cert` and `key` \
+                 (--cert/--key, SYNCLINE_CERT/SYNCLINE_KEY) or neither",
+            ));
+        }
+    };
+    let log = over
+        .log
+        .or(file.log)
+        .unwrap_or_else(|| DEFAULT_LOG.to_owned());
+    Ok(Settings {
+        listen,
+        metrics,
+        data,
+        tls,
+        log,
+        peers: Vec::new(),
+    })
+}
+
+/// Pairs `--peer` addresses with their `--peer-fingerprint`s.
+pub fn peers(
+    addrs: &[String],
+    fingerprints: &[String],
+) -> anyhow::Result<Vec<syncline_net::client::HubAddress>> {
+    if addrs.len() != fingerprints.len() {
+        return Err(usage(format!(
+            "{} --peer but {} --peer-fingerprint: give one fingerprint per peer, in order",
+            addrs.len(),
+            fingerprints.len()
+        )));
+    }
+    addrs
+        .iter()
+        .zip(fingerprints)
+        .map(|(addr, fp)| {
+            if !addr.contains(':') {
+                return Err(usage(format!("--peer {addr:?} is not HOST:PORT")));
+            }
+            let fingerprint = syncline_net::tls::parse_fingerprint(fp)
+                .map_err(|e| usage(format!("--peer-fingerprint {fp:?}: {e}")))?;
+            Ok(syncline_net::client::HubAddress {
+                addr: addr.clone(),
+                fingerprint,
+                key: None,
+            })
+        })
+        .collect()
+}
+
+/// Parses `host:port` (an IP address or a name that resolves).
+fn socket_addr(key: &str, s: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(a) = s.trim().parse() {
+        return Ok(a);
+    }
+    s.trim()
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| {
+            usage(format!(
+                "`{key}` = {s:?} is not an address: write HOST:PORT, such as 127.0.0.1:4433, \
+                 0.0.0.0:4433 or [::]:4433"
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests: a panic is a failed test with its message.
+
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let file = FileConfig {
+            listen: Some("127.0.0.1:5000".into()),
+            metrics: Some("127.0.0.1:9100".into()),
+            data: Some("/from/file".into()),
+            log: Some("debug".into()),
+            ..FileConfig::default()
+        };
+        let over = Overrides {
+            listen: Some("127.0.0.1:6000".into()),
+            ..Overrides::default()
+        };
+        let s = resolve(over, file).unwrap();
+        assert_eq!(s.listen, "127.0.0.1:6000".parse().unwrap());
+        assert_eq!(s.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(s.data, PathBuf::from("/from/file"));
+        assert_eq!(s.log, "debug");
+        assert_eq!(s.tls, TlsSource::SelfSigned);
+
+        let s = resolve(
+            Overrides {
+                data: Some("d".into()),
+                ..Overrides::default()
+            },
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(s.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(s.metrics, None);
+        assert_eq!(s.log, DEFAULT_LOG);
+    }
+
+    #[test]
+    fn missing_data_half_a_certificate_and_bad_addresses_are_usage_errors() {
+        let is_usage = |r: anyhow::Result<Settings>| r.unwrap_err().is::<crate::Usage>();
+        assert!(is_usage(resolve(
+            Overrides::default(),
+            FileConfig::default()
+        )));
+        let with = |o: Overrides| {
+            resolve(
+                Overrides {
+                    data: Some("d".into()),
+                    ..o
+                },
+                FileConfig::default(),
+            )
+        };
+        assert!(is_usage(with(Overrides {
+            cert: Some("c.pem".into()),
+            ..Overrides::default()
+        })));
+        assert!(is_usage(with(Overrides {
+            listen: Some("nowhere".into()),
+            ..Overrides::default()
+        })));
+    }
+
+    #[test]
+    fn the_file_refuses_unknown_keys_and_resolves_relative_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.toml");
+        std::fs::write(&path, "data = \"state\"\ncert = \"/abs/cert.pem\"\n").unwrap();
+        let cfg = FileConfig::load(&path).unwrap();
+        assert_eq!(cfg.data, Some(dir.path().join("state")));
+        assert_eq!(cfg.cert, Some(PathBuf::from("/abs/cert.pem")));
+        std::fs::write(&path, "listn = \"127.0.0.1:1\"\n").unwrap();
+        assert!(FileConfig::load(&path).unwrap_err().is::<crate::Usage>());
+    }
+}

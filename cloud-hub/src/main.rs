@@ -1,0 +1,258 @@
+//! `syncline-hub`: the Syncline hub service and its operator CLI. See docs/OPERATIONS.md.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::builder::TypedValueParser;
+use clap::{Args, Parser, Subcommand};
+use syncline_core::hub::Grant;
+use syncline_core::store::HubStore;
+use syncline_core::{DocPrefix, PeerId};
+use syncline_hub::config::{self, FileConfig, Overrides};
+use syncline_hub::data::{self, DataDir};
+use syncline_hub::grants::{self, Mode};
+use syncline_hub::{Usage, service, usage};
+use tracing_subscriber::EnvFilter;
+
+/// The Syncline hub: verifies, stores and relays the signed changes of Syncline replicas
+/// over QUIC, with grants per public key and document prefix.
+///
+/// Start one with `syncline-hub run --data DIR`, give each replica a grant with
+/// `syncline-hub grant --data DIR KEY PREFIX rw`, and give the replicas the fingerprint and
+/// key that `run` (or `init`) prints. Exit codes: 0 success, 1 failure, 2 bad input.
+#[derive(Debug, Parser)]
+#[command(name = "syncline-hub", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a data directory (identity, self-signed TLS certificate, store) and print the
+    /// hub's public key and certificate fingerprint. On an existing directory it makes nothing
+    /// new and prints the same values.
+    Init {
+        /// The data directory (created if missing).
+        #[arg(long, env = "SYNCLINE_DATA", value_name = "DIR")]
+        data: PathBuf,
+        /// Print `{"public_key": "...", "fingerprint": "..."}` on one line.
+        #[arg(long)]
+        json: bool,
+        /// A DNS name or IP address for the certificate; repeat for more
+        /// [default: localhost and 127.0.0.1]. Ignored if the certificate exists.
+        #[arg(long = "name", value_name = "HOST")]
+        names: Vec<String>,
+    },
+    /// Run the hub: initialize the data directory if needed, serve QUIC, and serve
+    /// /healthz and /metrics if --metrics is set. Prints
+    /// `listening on ADDR fingerprint FP key KEY` (and `metrics on ADDR`) on stdout once
+    /// ready. Stops cleanly on SIGTERM or SIGINT.
+    ///
+    /// Each setting comes from its flag, else its SYNCLINE_* variable, else the config file,
+    /// else the default.
+    Run(RunArgs),
+    /// Allow a replica's public key to read and/or write the documents under a prefix
+    /// (replacing its grant on that prefix). A running hub applies it within 250 ms.
+    Grant {
+        /// The data directory of the hub.
+        #[arg(long, env = "SYNCLINE_DATA", value_name = "DIR")]
+        data: PathBuf,
+        /// The replica's public key: 64 hex characters, as `syncline-edge init --json`
+        /// prints it.
+        #[arg(value_parser = grants::parse_key)]
+        key: PeerId,
+        /// The documents: "" for all, `sites/` for a folder, or a document id (a plain
+        /// string prefix: `sites/berlin` also matches `sites/berlin2`).
+        #[arg(value_parser = grants::parse_prefix)]
+        prefix: DocPrefix,
+        /// read, write, rw, or hub (a peer hub: rw plus relaying other authors' changes).
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(["read", "write", "rw", "hub"])
+            .try_map(|s| s.parse::<Mode>()))]
+        mode: Mode,
+    },
+    /// Remove a key's grant on PREFIX, or all its grants. A running hub applies it within
+    /// 250 ms, to live sessions too.
+    Revoke {
+        /// The data directory of the hub.
+        #[arg(long, env = "SYNCLINE_DATA", value_name = "DIR")]
+        data: PathBuf,
+        /// The replica's public key (64 hex characters).
+        #[arg(value_parser = grants::parse_key)]
+        key: PeerId,
+        /// Only the grant on this exact prefix (default: every grant of the key).
+        #[arg(value_parser = grants::parse_prefix)]
+        prefix: Option<DocPrefix>,
+    },
+    /// List the grants.
+    Grants {
+        /// The data directory of the hub.
+        #[arg(long, env = "SYNCLINE_DATA", value_name = "DIR")]
+        data: PathBuf,
+        /// Print a JSON array of {"public_key", "prefix", "mode"}.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// A TOML config file with any of the keys listen, metrics, data, cert, key, log
+    /// (relative paths are taken from the file's folder).
+    #[arg(long, env = "SYNCLINE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The data directory (created and initialized if missing or empty).
+    #[arg(long, env = "SYNCLINE_DATA", value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// The QUIC (UDP) address to serve replicas on; port 0 picks a free port
+    /// [default: 127.0.0.1:4433].
+    #[arg(long, env = "SYNCLINE_LISTEN", value_name = "ADDR")]
+    listen: Option<String>,
+    /// The HTTP address of /healthz and /metrics [default: none, no metrics server].
+    #[arg(long, env = "SYNCLINE_METRICS", value_name = "ADDR")]
+    metrics: Option<String>,
+    /// A TLS certificate (PEM or DER) to serve instead of the self-signed one in the data
+    /// directory; replicas pin its fingerprint, printed on start.
+    #[arg(long, env = "SYNCLINE_CERT", value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// The certificate's private key (PKCS#8, PEM or DER).
+    #[arg(long, env = "SYNCLINE_KEY", value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// The log filter, tracing's syntax (`info`, `debug`, `syncline_net=debug,info`); else
+    /// RUST_LOG, else the config file [default: info]. Logs go to stderr.
+    #[arg(long, env = "SYNCLINE_LOG", value_name = "FILTER")]
+    log: Option<String>,
+    /// Another hub to sync every document with, both ways (repeat for more), as
+    /// `HOST:PORT`; pair each with a --peer-fingerprint. The other hub must grant this hub's
+    /// key the `hub` mode (`syncline-hub grant --data DIR KEY "" hub`), and this hub the
+    /// other's, so that two hubs serve the same data set without shared storage.
+    #[arg(long = "peer", value_name = "HOST:PORT")]
+    peers: Vec<String>,
+    /// The SHA-256 fingerprint of each --peer's certificate, in the same order.
+    #[arg(long = "peer-fingerprint", value_name = "FP")]
+    peer_fingerprints: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("syncline-hub: error: {e:#}");
+            if e.is::<Usage>() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init { data, json, names } => {
+            cli_logs()?;
+            let info = data::init_info(&DataDir::new(&data), &names)?;
+            if json {
+                println!("{}", info.to_json());
+            } else {
+                println!("data directory  {}", data.display());
+                println!("public key      {}", info.public_key);
+                println!("fingerprint     {}", info.fingerprint);
+            }
+            Ok(())
+        }
+        Command::Run(args) => {
+            let file = match &args.config {
+                Some(path) => FileConfig::load(path)?,
+                None => FileConfig::default(),
+            };
+            let over = Overrides {
+                listen: args.listen,
+                metrics: args.metrics,
+                data: args.data,
+                cert: args.cert,
+                key: args.key,
+                log: args.log.or_else(|| std::env::var("RUST_LOG").ok()),
+            };
+            let mut settings = config::resolve(over, file)?;
+            settings.peers = config::peers(&args.peers, &args.peer_fingerprints)?;
+            init_logs(&settings.log)?;
+            service::run(settings)
+        }
+        Command::Grant {
+            data,
+            key,
+            prefix,
+            mode,
+        } => {
+            cli_logs()?;
+            let mut store = open_store(&data)?;
+            let (read, write, relay) = mode.rights();
+            store
+                .put_grant(&Grant {
+                    peer: key,
+                    prefix: prefix.clone(),
+                    read,
+                    write,
+                    relay,
+                })
+                .context("writing the grant")?;
+            println!("granted {key} {mode} on {:?}", prefix.as_str());
+            Ok(())
+        }
+        Command::Revoke { data, key, prefix } => {
+            cli_logs()?;
+            let mut store = open_store(&data)?;
+            let n = store
+                .revoke(&key, prefix.as_ref())
+                .context("removing the grant")?;
+            match (&prefix, n) {
+                (_, 0) => println!("{key} had no matching grant; nothing revoked"),
+                (Some(p), _) => println!("revoked {key} on {:?}", p.as_str()),
+                (None, n) => println!("revoked {n} grant(s) of {key}"),
+            }
+            Ok(())
+        }
+        Command::Grants { data, json } => {
+            cli_logs()?;
+            let mut store = open_store(&data)?;
+            let list = store.grants().context("reading the grants")?;
+            if json {
+                println!("{}", grants::to_json(&list));
+            } else {
+                print!("{}", grants::to_table(&list));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Opens the store of an existing data directory (never creates one).
+fn open_store(dir: &std::path::Path) -> anyhow::Result<syncline_core::store::SqliteHubStore> {
+    let dir = DataDir::existing(dir)?;
+    syncline_core::store::SqliteHubStore::open(&dir.store_path())
+        .with_context(|| format!("opening {}", dir.store_path().display()))
+}
+
+/// Logs of the one-shot commands: warnings only, unless RUST_LOG says otherwise.
+fn cli_logs() -> anyhow::Result<()> {
+    init_logs(&std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()))
+}
+
+/// Structured logs on stderr.
+fn init_logs(filter: &str) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(filter).map_err(|e| {
+        usage(format!(
+            "the log filter {filter:?} is not valid: {e}; write e.g. info or \
+             syncline_net=debug,info"
+        ))
+    })?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("starting the logger: {e}"))
+}

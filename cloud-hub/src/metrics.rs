@@ -1,0 +1,201 @@
+//! The hub's HTTP endpoint for operators: `GET /healthz` and `GET /metrics` (Prometheus text
+//! format 0.0.4, written by hand). Both ask the hub thread through its handle, so a stuck hub
+//! thread shows as unhealthy.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use syncline_core::hub::{Grants, HubMetrics};
+use syncline_core::store::SqliteHubStore;
+use syncline_net::server::HubHandle;
+
+/// How long `/healthz` and `/metrics` wait for the hub thread.
+pub const HUB_ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The hub handle the service drives.
+pub type Handle = HubHandle<SqliteHubStore, Grants>;
+
+/// One reading of the hub's counters.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Open sessions.
+    pub sessions: usize,
+    /// The hub machine's counters.
+    pub hub: HubMetrics,
+    /// Changes in the log.
+    pub log_changes: u64,
+}
+
+/// Reads a snapshot on the hub thread. `log_base` is the log's size when the hub started:
+/// counting the log on every scrape would scan the whole table on the hub thread, and only
+/// this process writes the log, so the size is `log_base` plus what it stored since.
+pub async fn snapshot(handle: &Handle, log_base: u64) -> Option<Snapshot> {
+    let read = handle.call(move |hub| Snapshot {
+        sessions: hub.session_count(),
+        hub: hub.metrics().clone(),
+        log_changes: log_base + hub.metrics().changes_stored,
+    });
+    match tokio::time::timeout(HUB_ANSWER_TIMEOUT, read).await {
+        Ok(Ok(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// The Prometheus text of a snapshot.
+pub fn render(s: &Snapshot) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let one = |v: u64| [(String::new(), v)];
+    let m = &s.hub;
+    family(
+        "syncline_hub_sessions",
+        "gauge",
+        "Open sessions, authenticated or not.",
+        &one(s.sessions as u64),
+    );
+    family(
+        "syncline_hub_sessions_opened_total",
+        "counter",
+        "Sessions authenticated since the hub started.",
+        &one(m.sessions_opened),
+    );
+    family(
+        "syncline_hub_changes_stored_total",
+        "counter",
+        "Changes committed to the log.",
+        &one(m.changes_stored),
+    );
+    family(
+        "syncline_hub_changes_duplicate_total",
+        "counter",
+        "Changes received that the log already held.",
+        &one(m.changes_duplicate),
+    );
+    family(
+        "syncline_hub_changes_sent_total",
+        "counter",
+        "Changes relayed live to subscribed replicas.",
+        &one(m.changes_sent),
+    );
+    family(
+        "syncline_hub_commits_total",
+        "counter",
+        "Group commits of the log.",
+        &one(m.commits),
+    );
+    let rejects: Vec<(String, u64)> = m
+        .rejects
+        .iter()
+        .map(|(reason, n)| (format!("{{reason=\"{}\"}}", escape_label(reason)), *n))
+        .collect();
+    family(
+        "syncline_hub_rejects_total",
+        "counter",
+        "Refused pushes and sessions, by reason.",
+        &rejects,
+    );
+    family(
+        "syncline_hub_slow_fallbacks_total",
+        "counter",
+        "Live subscriptions sent back to the log because their session read too slowly.",
+        &one(m.slow_fallbacks),
+    );
+    family(
+        "syncline_hub_log_changes",
+        "gauge",
+        "Changes held in the hub's log.",
+        &one(s.log_changes),
+    );
+    out
+}
+
+/// Escapes a label value: backslash, double quote and newline.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[derive(Clone)]
+struct AppState {
+    handle: Handle,
+    log_base: u64,
+}
+
+/// The HTTP routes: `/healthz` and `/metrics`.
+pub fn router(handle: Handle, log_base: u64) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .with_state(AppState { handle, log_base })
+}
+
+async fn healthz(State(st): State<AppState>) -> Response {
+    let answered = tokio::time::timeout(HUB_ANSWER_TIMEOUT, st.handle.call(|_| ())).await;
+    let (status, body) = match answered {
+        Ok(Ok(())) => (StatusCode::OK, r#"{"status":"ok"}"#),
+        Ok(Err(_)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"status":"stopped","reason":"the hub thread has stopped"}"#,
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"status":"busy","reason":"the hub thread did not answer within 1 s"}"#,
+        ),
+    };
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    match snapshot(&st.handle, st.log_base).await {
+        Some(s) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            render(&s),
+        )
+            .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the hub thread did not answer within 1 s\n",
+        )
+            .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_has_help_and_type_and_labels_are_escaped() {
+        let mut s = Snapshot::default();
+        s.hub.rejects.insert("unknown_peer", 2);
+        s.hub.rejects.insert("we\"ird", 1);
+        let text = render(&s);
+        for name in [
+            "syncline_hub_sessions",
+            "syncline_hub_rejects_total",
+            "syncline_hub_log_changes",
+        ] {
+            assert!(text.contains(&format!("# HELP {name} ")), "{text}");
+            assert!(text.contains(&format!("# TYPE {name} ")), "{text}");
+        }
+        assert!(text.contains("syncline_hub_rejects_total{reason=\"unknown_peer\"} 2\n"));
+        assert!(text.contains("{reason=\"we\\\"ird\"} 1\n"));
+        assert!(text.ends_with('\n'));
+    }
+}

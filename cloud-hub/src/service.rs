@@ -1,0 +1,238 @@
+//! `syncline-hub run`: opens the data directory (making it if empty), starts the hub thread
+//! with the store's grants as its policy, serves QUIC and the metrics endpoint, reloads grants
+//! when the store's grants version changes, and shuts down cleanly on SIGTERM or SIGINT.
+//!
+//! Shutdown order: close the QUIC endpoint (no new connections; open ones end and their tasks
+//! tell the hub thread), stop the grant poller and the metrics server, drop every hub handle,
+//! then join the hub thread. It ends only once its queue is empty, so commands already queued
+//! (an in-flight group commit among them) finish first; what was acknowledged stays durable
+//! and what was not stays in the replicas' outboxes.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use syncline_core::hub::{Grants, Hub};
+use syncline_core::store::{HubStore, SqliteHubStore};
+use syncline_net::NetError;
+use syncline_net::server::{self, HubHandle};
+use syncline_net::tls;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::{Settings, TlsSource};
+use crate::data::{self, DataDir};
+use crate::metrics::{self, Handle};
+use crate::{GRANTS_POLL, usage};
+
+/// How long shutdown waits for open connections to end before it drops them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Runs the hub until SIGTERM or SIGINT (then returns `Ok`) or until the hub thread fails.
+pub fn run(settings: Settings) -> anyhow::Result<()> {
+    let dir = DataDir::new(&settings.data);
+    let self_signed = settings.tls == TlsSource::SelfSigned;
+    let (identity, cert) = dir.init(&[], self_signed)?;
+    let cert = match (&settings.tls, cert) {
+        (TlsSource::Files { cert, key }, _) => data::load_tls_files(cert, key)?,
+        (TlsSource::SelfSigned, Some(c)) => c,
+        (TlsSource::SelfSigned, None) => anyhow::bail!("the self-signed certificate was not made"),
+    };
+    let fingerprint = tls::fingerprint(&cert.cert_der);
+    let server_config = tls::server_config(&cert).context("the TLS certificate")?;
+
+    let mut store = SqliteHubStore::open(&dir.store_path())
+        .with_context(|| format!("opening {}", dir.store_path().display()))?;
+    // Version first, then grants: a change in between is picked up again by the first poll.
+    let version = store
+        .grants_version()
+        .context("reading the grants version")?;
+    let grants = store.grants().context("reading the grants")?;
+    let log_base = store.change_count().context("counting the log")?;
+    if grants.is_empty() {
+        tracing::warn!(
+            "no grants: every replica will be refused until you run `syncline-hub grant`"
+        );
+    }
+    tracing::info!(
+        data = %dir.root().display(),
+        grants = grants.len(),
+        log_changes = log_base,
+        epoch = ?store.epoch(),
+        "store opened"
+    );
+    let hub = Hub::new(identity, store, Grants { grants }, None);
+    let key = hub.peer_id();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("syncline-hub-io")
+        .build()
+        .context("starting the async runtime")?;
+    let (handle, thread) = HubHandle::spawn(hub);
+    let outcome = runtime.block_on(serve(
+        handle,
+        settings.listen,
+        settings.metrics,
+        server_config,
+        &fingerprint,
+        &key.to_string(),
+        version,
+        log_base,
+        settings.peers.clone(),
+    ));
+    // Drops whatever connection task is still alive, and with it its hub handle.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    tracing::info!("waiting for the hub thread to finish the queued commands");
+    match thread.join() {
+        Ok(hub) => drop(hub),
+        Err(_) => anyhow::bail!("the hub thread panicked; the store is consistent, restart"),
+    }
+    tracing::info!("hub stopped");
+    outcome
+}
+
+#[allow(clippy::too_many_arguments)] // One call site; a struct would only rename them.
+async fn serve(
+    handle: Handle,
+    listen: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    server_config: quinn::ServerConfig,
+    fingerprint: &str,
+    key: &str,
+    grants_version: u64,
+    log_base: u64,
+    peers: Vec<syncline_net::client::HubAddress>,
+) -> anyhow::Result<()> {
+    // Signals first: a SIGTERM during startup still shuts down cleanly.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+
+    let endpoint = quinn::Endpoint::server(server_config, listen).map_err(|e| {
+        usage(format!(
+            "cannot listen on {listen} (UDP): {e}; choose another --listen"
+        ))
+    })?;
+    let quic_addr = endpoint.local_addr().context("reading the QUIC address")?;
+    let metrics_listener = match metrics_addr {
+        Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|e| {
+            usage(format!(
+                "cannot listen on {a} (TCP) for metrics: {e}; choose another --metrics"
+            ))
+        })?),
+        None => None,
+    };
+
+    let serve_task = tokio::spawn(server::serve(endpoint.clone(), handle.clone()));
+    let peer_tasks: Vec<_> = peers
+        .into_iter()
+        .map(|p| {
+            tracing::info!(peer = %p.addr, "linking to peer hub");
+            handle.start_peer(endpoint.clone(), p)
+        })
+        .collect();
+    let mut poller = tokio::spawn(poll_grants(handle.clone(), grants_version));
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut metrics_task = None;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "listening on {quic_addr} fingerprint {fingerprint} key {key}"
+    )?;
+    tracing::info!(%quic_addr, %fingerprint, %key, "QUIC server started");
+    if let Some(listener) = metrics_listener {
+        let addr = listener
+            .local_addr()
+            .context("reading the metrics address")?;
+        let app = metrics::router(handle.clone(), log_base);
+        metrics_task = Some(tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = metrics_stopped.await;
+                })
+                .await
+        }));
+        writeln!(out, "metrics on {addr}")?;
+        tracing::info!(%addr, "metrics server started");
+    }
+    out.flush()?;
+    drop(out);
+
+    let result = tokio::select! {
+        _ = term.recv() => {
+            tracing::info!("SIGTERM received: shutting down");
+            Ok(())
+        }
+        _ = int.recv() => {
+            tracing::info!("SIGINT received: shutting down");
+            Ok(())
+        }
+        r = &mut poller => {
+            let why = match r {
+                Ok(e) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            tracing::error!(error = %why, "the hub thread stopped; shutting down");
+            Err(anyhow::anyhow!("the hub thread stopped: {why}"))
+        }
+    };
+
+    tracing::info!("closing the QUIC endpoint: no new connections, open ones end");
+    for t in &peer_tasks {
+        t.abort();
+    }
+    endpoint.close(0u32.into(), b"hub shutting down");
+    let _ = serve_task.await;
+    if tokio::time::timeout(DRAIN_TIMEOUT, endpoint.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections did not end within {DRAIN_TIMEOUT:?}; dropping them");
+    }
+    poller.abort();
+    let _ = poller.await;
+    let _ = stop_metrics.send(());
+    if let Some(task) = metrics_task {
+        match tokio::time::timeout(DRAIN_TIMEOUT, task).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the metrics server failed"),
+            Err(_) => tracing::warn!("the metrics server did not stop in time"),
+            _ => {}
+        }
+    }
+    drop(handle);
+    result
+}
+
+/// Reloads the grants when the store's grants version moves (the CLI or another process
+/// changed them): a grant or a revoke holds within [`GRANTS_POLL`] on live sessions, since
+/// the hub checks its policy on every push and every relay. Returns when the hub thread has
+/// stopped.
+async fn poll_grants(handle: Handle, mut version: u64) -> NetError {
+    let mut tick = tokio::time::interval(GRANTS_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let seen = version;
+        let reload = handle.call(move |hub| -> syncline_core::Result<Option<(u64, usize)>> {
+            let v = hub.store().grants_version()?;
+            if v == seen {
+                return Ok(None);
+            }
+            let grants = hub.store().grants()?;
+            let n = grants.len();
+            hub.policy_mut().grants = grants;
+            Ok(Some((v, n)))
+        });
+        match reload.await {
+            Ok(Ok(Some((v, n)))) => {
+                version = v;
+                tracing::info!(grants = n, version = v, "grants reloaded");
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "reading the grants failed; keeping the previous ones");
+            }
+            Err(e) => return e,
+        }
+    }
+}

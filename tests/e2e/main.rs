@@ -1,0 +1,43 @@
+//! End-to-end: the real `syncline-hub` and `syncline-edge` processes on 127.0.0.1, killed and
+//! restarted with real signals.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests: a panic is a failed test.
+
+mod faults;
+mod peering;
+mod replication;
+mod security;
+
+use serde_json::Value;
+use syncline_e2e::{Edge, Hub, until};
+
+/// A hub and `n` edges granted rw on everything and following everything.
+pub fn cluster(dir: &std::path::Path, n: usize) -> (Hub, Vec<Edge>) {
+    let hub = Hub::start(&dir.join("hub"), "127.0.0.1:0");
+    let edges = (0..n)
+        .map(|i| {
+            let data = dir.join(format!("edge{i}"));
+            let key = Edge::init(&data, &[(&hub.addr, &hub.fingerprint)]);
+            hub.grant(&key, "", "rw");
+            let e = Edge::start(&data);
+            e.subscribe("").unwrap();
+            e
+        })
+        .collect();
+    (hub, edges)
+}
+
+/// Waits until every edge holds `doc` with the same heads and JSON; returns the JSON.
+pub fn converged(edges: &[&Edge], doc: &str, secs: u64) -> Value {
+    until(
+        &format!("{doc} to converge on {} edges", edges.len()),
+        secs,
+        || {
+            let views: Vec<Value> = edges
+                .iter()
+                .filter_map(|e| e.get(doc).ok().flatten())
+                .collect();
+            (views.len() == edges.len() && views.windows(2).all(|w| w[0] == w[1]))
+                .then(|| views[0]["doc"].clone())
+        },
+    )
+}

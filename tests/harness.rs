@@ -1,0 +1,402 @@
+//! A harness for end-to-end tests over real processes: it starts `syncline-hub` and
+//! `syncline-edge` binaries from the workspace's target directory on 127.0.0.1 with free
+//! ports and temp dirs, talks to the edge API over HTTP, and ends the processes it started.
+//! Every wait is on a condition with a deadline.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test support: a panic is a failed test.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+
+/// Where the workspace's binaries are: next to the test executable's `deps` folder.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (`cargo test --workspace` builds it)",
+        path.display()
+    );
+    path
+}
+
+/// Waits until `f` returns `Some`, polling, for at most `secs` seconds.
+pub fn until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs a command to completion; returns (exit code, stdout, stderr).
+pub fn run(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().expect("running a command");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A process whose stdout lines are read on a thread.
+pub struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    /// Lines seen so far.
+    pub seen: Vec<String>,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Proc {
+        // Warnings and errors only: the test output stays readable.
+        let mut child = cmd
+            .env("RUST_LOG", "warn")
+            .env("SYNCLINE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting a process");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first line (seen or coming) that starts with `prefix`.
+    pub fn line_starting(&mut self, prefix: &str, secs: u64) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.starts_with(prefix)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.starts_with(prefix) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line starting with {prefix:?} within {secs}s; saw {:?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (`KILL`, `TERM`, `STOP`, `CONT`).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{sig} failed");
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(mut self) {
+        self.signal("KILL");
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit code.
+    pub fn terminate(mut self, secs: u64) -> i32 {
+        self.signal("TERM");
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the process did not exit within {secs}s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running hub.
+pub struct Hub {
+    /// Its process.
+    pub proc: Proc,
+    /// Its data dir.
+    pub data: PathBuf,
+    /// QUIC address.
+    pub addr: String,
+    /// Certificate fingerprint.
+    pub fingerprint: String,
+    /// Public key.
+    pub key: String,
+    /// Metrics address.
+    pub metrics: String,
+}
+
+impl Hub {
+    /// Starts a hub on `listen` (use `127.0.0.1:0` for a free port) with data in `data`.
+    pub fn start(data: &Path, listen: &str) -> Hub {
+        Hub::start_with(data, listen, &[])
+    }
+
+    /// Like [`Hub::start`], with more arguments for `run` (`--peer`...).
+    pub fn start_with(data: &Path, listen: &str, extra: &[&str]) -> Hub {
+        let mut proc = Proc::spawn(
+            Command::new(bin("syncline-hub"))
+                .args(["run", "--data"])
+                .arg(data)
+                .args(["--listen", listen, "--metrics", "127.0.0.1:0"])
+                .args(extra),
+        );
+        let line = proc.line_starting("listening on ", 30);
+        let words: Vec<&str> = line.split_whitespace().collect();
+        // listening on ADDR fingerprint FP key KEY
+        let (addr, fingerprint, key) = (
+            words[2].to_string(),
+            words[4].to_string(),
+            words[6].to_string(),
+        );
+        let metrics = proc.line_starting("metrics on ", 10)["metrics on ".len()..]
+            .trim()
+            .to_string();
+        Hub {
+            proc,
+            data: data.to_path_buf(),
+            addr,
+            fingerprint,
+            key,
+            metrics,
+        }
+    }
+
+    /// Grants `key` on `prefix` (`read`, `write` or `rw`).
+    pub fn grant(&self, key: &str, prefix: &str, mode: &str) {
+        let (code, _, err) = run(Command::new(bin("syncline-hub"))
+            .args(["grant", "--data"])
+            .arg(&self.data)
+            .args([key, prefix, mode]));
+        assert_eq!(code, 0, "grant failed: {err}");
+    }
+
+    /// GET on the metrics port.
+    pub fn http(&self, path: &str) -> Result<(u16, String)> {
+        http(&self.metrics, "GET", path, None)
+    }
+}
+
+/// Initializes a hub's data directory; returns (public key, fingerprint).
+pub fn hub_init(data: &Path) -> (String, String) {
+    let (code, out, err) = run(Command::new(bin("syncline-hub"))
+        .args(["init", "--json", "--data"])
+        .arg(data));
+    assert_eq!(code, 0, "hub init failed: {err}");
+    let v: Value = serde_json::from_str(out.trim()).expect("init --json prints JSON");
+    (
+        v["public_key"].as_str().expect("key").to_string(),
+        v["fingerprint"].as_str().expect("fp").to_string(),
+    )
+}
+
+/// A UDP port on 127.0.0.1 that was free a moment ago.
+pub fn free_udp_addr() -> String {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("binding a UDP socket");
+    s.local_addr().expect("its address").to_string()
+}
+
+/// A running edge daemon.
+pub struct Edge {
+    /// Its process.
+    pub proc: Option<Proc>,
+    /// Its data dir.
+    pub data: PathBuf,
+    /// API address.
+    pub api: String,
+    /// Public key.
+    pub key: String,
+}
+
+impl Edge {
+    /// Initializes an edge for `hubs` (address, fingerprint), in failover order.
+    pub fn init(data: &Path, hubs: &[(&str, &str)]) -> String {
+        let mut cmd = Command::new(bin("syncline-edge"));
+        cmd.args(["init", "--json", "--data"]).arg(data);
+        for (addr, fp) in hubs {
+            cmd.args(["--hub", addr, "--hub-fingerprint", fp]);
+        }
+        let (code, out, err) = run(&mut cmd);
+        assert_eq!(code, 0, "edge init failed: {err}");
+        let v: Value = serde_json::from_str(out.trim()).expect("init --json prints JSON");
+        v["public_key"].as_str().expect("public_key").to_string()
+    }
+
+    /// Starts the daemon on a free API port.
+    pub fn start(data: &Path) -> Edge {
+        let mut proc = Proc::spawn(
+            Command::new(bin("syncline-edge"))
+                .args(["run", "--api", "127.0.0.1:0", "--data"])
+                .arg(data),
+        );
+        let line = proc.line_starting("api on ", 30);
+        let words: Vec<&str> = line.split_whitespace().collect();
+        Edge {
+            api: words[2].to_string(),
+            key: words[4].to_string(),
+            proc: Some(proc),
+            data: data.to_path_buf(),
+        }
+    }
+
+    /// Restarts the daemon (after a kill or stop).
+    pub fn restart(&mut self) {
+        let fresh = Edge::start(&self.data);
+        self.api = fresh.api;
+        self.proc = fresh.proc;
+    }
+
+    /// SIGKILLs the daemon.
+    pub fn kill9(&mut self) {
+        if let Some(p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+
+    /// Applies ops to a document; returns the HTTP status and body.
+    pub fn change(&self, doc: &str, ops: Value) -> Result<(u16, Value)> {
+        let body = serde_json::json!({ "ops": ops }).to_string();
+        let (status, text) = http(
+            &self.api,
+            "POST",
+            &format!("/v1/docs/{}/changes", enc(doc)),
+            Some(&body),
+        )?;
+        Ok((
+            status,
+            serde_json::from_str(&text).with_context(|| format!("body {text:?}"))?,
+        ))
+    }
+
+    /// The document and its heads, or `None` on 404.
+    pub fn get(&self, doc: &str) -> Result<Option<Value>> {
+        let (status, text) = http(&self.api, "GET", &format!("/v1/docs/{}", enc(doc)), None)?;
+        match status {
+            200 => Ok(Some(serde_json::from_str(&text)?)),
+            404 => Ok(None),
+            s => bail!("GET {doc}: {s} {text}"),
+        }
+    }
+
+    /// The status document.
+    pub fn status(&self) -> Result<Value> {
+        let (status, text) = http(&self.api, "GET", "/v1/status", None)?;
+        if status != 200 {
+            bail!("status: {status} {text}");
+        }
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// Subscribes to a prefix.
+    pub fn subscribe(&self, prefix: &str) -> Result<()> {
+        let body = serde_json::json!({ "prefix": prefix }).to_string();
+        let (status, text) = http(&self.api, "POST", "/v1/subscriptions", Some(&body))?;
+        if status != 200 {
+            bail!("subscribe: {status} {text}");
+        }
+        Ok(())
+    }
+}
+
+/// Percent-encodes a document id as one path segment.
+pub fn enc(id: &str) -> String {
+    id.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A minimal HTTP/1.1 client (one request per connection), enough for the tests.
+pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no HTTP header end in {text:?}"))?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("no status in {head:?}"))?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
