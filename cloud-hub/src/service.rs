@@ -41,6 +41,8 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     let fingerprint = tls::fingerprint(&cert.cert_der);
     let server_config = tls::server_config(&cert).context("the TLS certificate")?;
 
+    // One hub process owns the data directory (the grants CLI may still write to it).
+    let _lock = syncline_core::store::lock_dir(dir.root()).map_err(|e| usage(e.to_string()))?;
     let mut store = SqliteHubStore::open(&dir.store_path())
         .with_context(|| format!("opening {}", dir.store_path().display()))?;
     // Version first, then grants: a change in between is picked up again by the first poll.

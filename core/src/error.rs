@@ -203,6 +203,12 @@ pub enum Error {
         /// How many wait.
         count: usize,
     },
+    /// Another process holds the data directory: one process owns a store's writes.
+    #[error("{path} is in use by another process; stop it first (one process owns a store)")]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
     /// SQLite failed.
     #[error("storage error while {context}: {source}")]
     Sqlite {

@@ -28,6 +28,8 @@ pub async fn run(data: &DataDir, api: Option<String>) -> anyhow::Result<()> {
         )
     })?;
     let public_key = identity.peer_id().to_string();
+    // One process owns the store: a second daemon on this directory stops here.
+    let _lock = syncline_core::store::lock_dir(data.root())?;
     let replica = Replica::open(&data.store(), identity, ReplicaOptions::default())
         .with_context(|| format!("opening the store {}", data.store().display()))?;
     let (handle, thread) = ReplicaHandle::spawn(replica);

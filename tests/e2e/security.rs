@@ -120,3 +120,61 @@ fn metrics_are_valid_prometheus_text_and_health_answers() {
     }
     assert!(typed.contains("syncline_hub_changes_stored_total"));
 }
+
+/// Starts `args` and waits (bounded) for it to exit; returns its code and stderr.
+fn exits(bin: &str, args: &[&std::ffi::OsStr]) -> (i32, String) {
+    use std::io::Read;
+    let mut child = std::process::Command::new(syncline_e2e::bin(bin))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let code = until(&format!("a second {bin} to give up"), 20, || {
+        child.try_wait().ok().flatten()
+    });
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (code.code().unwrap_or(-1), err)
+}
+
+#[test]
+fn a_second_process_on_the_same_data_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(&dir.path().join("hub"), "127.0.0.1:0");
+    let (code, err) = exits(
+        "syncline-hub",
+        &[
+            "run".as_ref(),
+            "--data".as_ref(),
+            hub.data.as_os_str(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("in use by another process"), "{err}");
+    let data = dir.path().join("edge");
+    Edge::init(&data, &[(&hub.addr, &hub.fingerprint)]);
+    let edge = Edge::start(&data);
+    let (code, err) = exits(
+        "syncline-edge",
+        &[
+            "run".as_ref(),
+            "--data".as_ref(),
+            data.as_os_str(),
+            "--api".as_ref(),
+            "127.0.0.1:0".as_ref(),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("in use by another process"), "{err}");
+    // The first ones still serve.
+    assert_eq!(hub.http("/healthz").unwrap().0, 200);
+    assert!(edge.status().is_ok());
+}

@@ -526,3 +526,19 @@ impl WriteBatch<'_> {
         self.tx.commit().ctx("committing")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_data_directory_has_one_owner_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = crate::store::lock_dir(dir.path()).unwrap();
+        let second = crate::store::lock_dir(dir.path());
+        assert!(
+            matches!(second, Err(crate::Error::Locked { .. })),
+            "{second:?}"
+        );
+        drop(first);
+        crate::store::lock_dir(dir.path()).unwrap();
+    }
+}
