@@ -29,16 +29,32 @@ pub struct Snapshot {
     pub hub: HubMetrics,
     /// Changes in the log.
     pub log_changes: u64,
+    /// Each replica session's lag (log positions still to receive, an upper bound).
+    pub lags: Vec<(String, u64)>,
+    /// Bytes read from and written to peers.
+    pub bytes: (u64, u64),
 }
 
 /// Reads a snapshot on the hub thread. `log_base` is the log's size when the hub started:
 /// counting the log on every scrape would scan the whole table on the hub thread, and only
 /// this process writes the log, so the size is `log_base` plus what it stored since.
 pub async fn snapshot(handle: &Handle, log_base: u64) -> Option<Snapshot> {
+    let traffic = handle.traffic();
+    let bytes = (
+        traffic.bytes_in.load(std::sync::atomic::Ordering::Relaxed),
+        traffic.bytes_out.load(std::sync::atomic::Ordering::Relaxed),
+    );
     let read = handle.call(move |hub| Snapshot {
         sessions: hub.session_count(),
         hub: hub.metrics().clone(),
         log_changes: log_base + hub.metrics().changes_stored,
+        lags: hub
+            .replica_lags()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(peer, lag)| (peer.to_string(), lag))
+            .collect(),
+        bytes,
     });
     match tokio::time::timeout(HUB_ANSWER_TIMEOUT, read).await {
         Ok(Ok(s)) => Some(s),
@@ -85,7 +101,7 @@ pub fn render(s: &Snapshot) -> String {
     family(
         "syncline_hub_changes_sent_total",
         "counter",
-        "Changes relayed live to subscribed replicas.",
+        "Changes sent to replicas and peer hubs (catch-up, live and repair).",
         &one(m.changes_sent),
     );
     family(
@@ -117,6 +133,53 @@ pub fn render(s: &Snapshot) -> String {
         "Changes held in the hub's log.",
         &one(s.log_changes),
     );
+    family(
+        "syncline_hub_bytes_received_total",
+        "counter",
+        "Bytes read from replicas and peer hubs.",
+        &one(s.bytes.0),
+    );
+    family(
+        "syncline_hub_bytes_sent_total",
+        "counter",
+        "Bytes written to replicas and peer hubs.",
+        &one(s.bytes.1),
+    );
+    let lags: Vec<(String, u64)> = s
+        .lags
+        .iter()
+        .map(|(peer, lag)| (format!("{{peer=\"{}\"}}", escape_label(peer)), *lag))
+        .collect();
+    family(
+        "syncline_hub_replica_lag",
+        "gauge",
+        "Log positions each connected replica has still to receive (an upper bound; 0 when \
+         live and its queue is empty).",
+        &lags,
+    );
+    family(
+        "syncline_hub_replica_lag_max",
+        "gauge",
+        "The largest replica lag.",
+        &one(s.lags.iter().map(|(_, l)| *l).max().unwrap_or(0)),
+    );
+    let h = &m.commit_seconds;
+    let name = "syncline_hub_commit_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time of one group commit of the log (fsync included)."
+    );
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (bound, count) in h.cumulative() {
+        let le = if bound.is_infinite() {
+            "+Inf".to_owned()
+        } else {
+            bound.to_string()
+        };
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {count}");
+    }
+    let _ = writeln!(out, "{name}_sum {}", h.sum);
+    let _ = writeln!(out, "{name}_count {}", h.count);
     out
 }
 

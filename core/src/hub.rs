@@ -136,6 +136,61 @@ pub struct HubMetrics {
     pub rejects: BTreeMap<&'static str, u64>,
     /// Live subscriptions that fell back to the log because their session was slow.
     pub slow_fallbacks: u64,
+    /// How long group commits took, as measured by the driver.
+    pub commit_seconds: Histogram,
+}
+
+/// A fixed-bucket histogram (Prometheus' cumulative buckets are computed when exported).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Histogram {
+    /// Upper bounds of the buckets, increasing.
+    pub bounds: &'static [f64],
+    /// Observations per bucket (not cumulative); one more for "above the last bound".
+    pub counts: Vec<u64>,
+    /// Sum of the observations.
+    pub sum: f64,
+    /// Number of observations.
+    pub count: u64,
+}
+
+/// Buckets for commit latency, in seconds: 0.5 ms to 2.5 s.
+pub const COMMIT_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::new(COMMIT_BUCKETS)
+    }
+}
+
+impl Histogram {
+    /// An empty histogram with these bucket bounds.
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Histogram { bounds, counts: vec![0; bounds.len() + 1], sum: 0.0, count: 0 }
+    }
+
+    /// Records one observation.
+    pub fn observe(&mut self, value: f64) {
+        let i = self.bounds.iter().position(|b| value <= *b).unwrap_or(self.bounds.len());
+        self.counts[i] += 1;
+        self.sum += value;
+        self.count += 1;
+    }
+
+    /// `(upper bound, cumulative count)` pairs, ending with `+Inf` (as `f64::INFINITY`).
+    pub fn cumulative(&self) -> Vec<(f64, u64)> {
+        let mut total = 0;
+        self.bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(&self.counts)
+            .map(|(b, c)| {
+                total += c;
+                (b, total)
+            })
+            .collect()
+    }
 }
 
 impl HubMetrics {
@@ -242,6 +297,47 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
     /// Open sessions, authenticated or not.
     pub fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// Records how long a group commit took (the core has no clock: the driver measures
+    /// [`Hub::flush`] when it committed something, see [`HubMetrics::commits`]).
+    pub fn record_commit_seconds(&mut self, seconds: f64) {
+        self.metrics.commit_seconds.observe(seconds);
+    }
+
+    /// For each authenticated replica session: how far behind the log it is, as an upper bound
+    /// of the log positions it has still to receive (its catching-up subscriptions' distance
+    /// to the end of the log, plus the changes queued for it). Zero when it is live and its
+    /// queue is empty.
+    pub fn replica_lags(&mut self) -> Result<Vec<(PeerId, u64)>> {
+        let end = self.store.last_cursor()?.0;
+        Ok(self
+            .sessions
+            .values()
+            .filter(|s| s.link.is_none())
+            .filter_map(|s| {
+                let peer = s.peer?;
+                let catching_up: u64 = s
+                    .subs
+                    .values()
+                    .map(|st| match st {
+                        SubState::CatchUp { from } => end.saturating_sub(from.0),
+                        SubState::Reset { then, .. } => end.saturating_sub(then.0).max(1),
+                        SubState::Live => 0,
+                    })
+                    .max()
+                    .unwrap_or(0);
+                let queued: u64 = s
+                    .out
+                    .iter()
+                    .map(|m| match m {
+                        Message::Changes(c) => c.changes.len() as u64,
+                        _ => 0,
+                    })
+                    .sum();
+                Some((peer, catching_up + queued))
+            })
+            .collect())
     }
 
     /// The authenticated peer of a session.
@@ -1534,5 +1630,50 @@ mod tests {
         );
         assert_eq!(ra.json(&doc).unwrap(), json!({"a": 113}));
         assert_eq!(ra.doc(&doc).unwrap().heads(), rb.doc(&doc).unwrap().heads());
+    }
+
+    #[test]
+    fn histograms_bucket_and_accumulate() {
+        let mut h = Histogram::new(&[0.1, 1.0]);
+        for v in [0.05, 0.1, 0.5, 3.0] {
+            h.observe(v);
+        }
+        assert_eq!(h.cumulative(), vec![(0.1, 2), (1.0, 3), (f64::INFINITY, 4)]);
+        assert_eq!(h.count, 4);
+        assert!((h.sum - 3.65).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_replica_that_has_not_caught_up_shows_lag() {
+        let mut writer = replica();
+        let mut reader = replica();
+        let mut hub = mem_hub();
+        reader.subscribe(Target::Prefix(DocPrefix::all())).unwrap();
+        let doc = DocId::new("d").unwrap();
+        for i in 0..5 {
+            writer.change(&doc, &ops(json!([{"op":"put","path":["k"],"value":i}]))).unwrap();
+        }
+        let ws = connect(&mut hub, &mut writer);
+        pump(&mut hub, &mut [(&mut writer, ws)]);
+        let rs = connect(&mut hub, &mut reader);
+        // Run the handshake by hand and stop as soon as the hub holds the subscription,
+        // before it polls the catch-up from its log.
+        let mut subscribed = false;
+        while !subscribed {
+            while let Ok(Some(m)) = reader.poll_transmit() {
+                subscribed |= matches!(m, Message::Subscribe(_));
+                hub.handle_message(rs, m).unwrap();
+            }
+            if !subscribed {
+                while let Ok(Some(m)) = hub.poll_transmit(rs) {
+                    reader.handle_message(m).unwrap();
+                }
+            }
+        }
+        let lag = hub.replica_lags().unwrap();
+        let reader_lag = lag.iter().find(|(p, _)| *p == reader.peer_id()).map(|(_, l)| *l);
+        assert!(reader_lag.is_some_and(|l| l > 0), "{lag:?}");
+        pump(&mut hub, &mut [(&mut writer, ws), (&mut reader, rs)]);
+        assert!(hub.replica_lags().unwrap().iter().all(|(_, l)| *l == 0));
     }
 }

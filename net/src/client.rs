@@ -89,6 +89,7 @@ enum Command {
 #[derive(Clone)]
 pub struct ReplicaHandle {
     tx: mpsc::Sender<Command>,
+    traffic: Arc<crate::stream::Traffic>,
     events: broadcast::Sender<Event>,
     link: Arc<Mutex<LinkState>>,
 }
@@ -106,6 +107,7 @@ impl ReplicaHandle {
         (
             ReplicaHandle {
                 tx,
+                traffic: Arc::default(),
                 events,
                 link: Arc::new(Mutex::new(LinkState::default())),
             },
@@ -134,6 +136,11 @@ impl ReplicaHandle {
     /// falls more than 1,024 events behind is told how many it missed.
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+
+    /// Bytes moved with the hubs so far.
+    pub fn traffic(&self) -> &crate::stream::Traffic {
+        &self.traffic
     }
 
     /// The state of the link to the hubs.
@@ -247,6 +254,7 @@ async fn session(
         l.last_connected_ms = Some(now_ms());
     });
     let result = crate::stream::run(
+        handle.traffic.clone(),
         send,
         recv,
         out_rx,

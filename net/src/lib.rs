@@ -12,6 +12,8 @@ pub mod backoff;
 pub mod client;
 pub mod server;
 mod stream;
+
+pub use stream::Traffic;
 pub mod tls;
 
 /// Transport errors.

@@ -12,10 +12,12 @@ use syncline_core::store::HubStore;
 use syncline_core::wire::Message;
 use tokio::sync::{mpsc, oneshot};
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backoff::Backoff;
 use crate::client::HubAddress;
+use crate::stream::Traffic;
 use crate::{NetError, tls};
 
 /// Messages queued from all connections to the hub thread.
@@ -59,12 +61,14 @@ enum Command<S, P> {
 /// A cloneable handle to the hub thread.
 pub struct HubHandle<S, P> {
     tx: mpsc::Sender<Command<S, P>>,
+    traffic: Arc<Traffic>,
 }
 
 impl<S, P> Clone for HubHandle<S, P> {
     fn clone(&self) -> Self {
         HubHandle {
             tx: self.tx.clone(),
+            traffic: self.traffic.clone(),
         }
     }
 }
@@ -81,7 +85,18 @@ where
             .name("syncline-hub".into())
             .spawn(move || run(hub, rx))
             .expect("spawning the hub thread");
-        (HubHandle { tx }, thread)
+        (
+            HubHandle {
+                tx,
+                traffic: Arc::new(Traffic::default()),
+            },
+            thread,
+        )
+    }
+
+    /// Bytes moved by every session of this hub so far.
+    pub fn traffic(&self) -> &Traffic {
+        &self.traffic
     }
 
     /// Runs `f` on the hub thread and returns its result (metrics, grant changes, checks).
@@ -117,6 +132,7 @@ where
             .map_err(|_| NetError::Stopped)?;
         let session = rx.await.map_err(|_| NetError::Stopped)?;
         let result = crate::stream::run(
+            self.traffic.clone(),
             send,
             recv,
             out_rx,
@@ -194,6 +210,7 @@ where
             .map_err(|_| NetError::Stopped)?;
         let session = rx.await.map_err(|_| NetError::Stopped)?;
         let result = crate::stream::run(
+            self.traffic.clone(),
             send,
             recv,
             out_rx,
@@ -287,8 +304,13 @@ fn run<S: HubStore, P: Policy>(
                 cmd = rx.try_recv().ok();
             }
         }
+        let commits = hub.metrics().commits;
+        let started = std::time::Instant::now();
         if let Err(e) = hub.flush() {
             tracing::error!(error = %e, "group commit failed; pushes were refused");
+        }
+        if hub.metrics().commits > commits {
+            hub.record_commit_seconds(started.elapsed().as_secs_f64());
         }
         due.extend(hub.take_ready());
         for session in std::mem::take(&mut due) {

@@ -1,6 +1,8 @@
 //! One session's QUIC stream, for both sides: frames out of a channel onto the stream, and
 //! frames off the stream into the owning thread's command channel.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use syncline_core::error::WireError;
@@ -9,6 +11,15 @@ use tokio::sync::mpsc;
 
 use crate::NetError;
 
+/// Bytes moved by a driver's sessions, for metrics.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// Bytes read from peers.
+    pub bytes_in: AtomicU64,
+    /// Bytes written to peers.
+    pub bytes_out: AtomicU64,
+}
+
 /// Bytes read from the stream at a time.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -16,7 +27,9 @@ const READ_CHUNK: usize = 64 * 1024;
 /// `writable()` is sent to the owner whenever `outbound` has been drained, so the owner pumps
 /// more (it stops pumping while the channel is full). Each decoded message goes to the owner
 /// as `message(m)`; undecodable bytes are reported as `wire_error(e)` and end the stream.
+#[allow(clippy::too_many_arguments)] // Two call sites; each argument is named there.
 pub(crate) async fn run<C: Send>(
+    traffic: Arc<Traffic>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     mut outbound: mpsc::Receiver<Message>,
@@ -26,9 +39,14 @@ pub(crate) async fn run<C: Send>(
     wire_error: impl Fn(WireError) -> Option<C>,
 ) -> Result<(), NetError> {
     let writer_owner = owner.clone();
+    let writer_traffic = traffic.clone();
     let writer = async move {
         while let Some(m) = outbound.recv().await {
-            send.write_all(&m.to_frame()).await?;
+            let frame = m.to_frame();
+            send.write_all(&frame).await?;
+            writer_traffic
+                .bytes_out
+                .fetch_add(frame.len() as u64, Ordering::Relaxed);
             if outbound.is_empty() && writer_owner.send(writable()).await.is_err() {
                 break;
             }
@@ -42,7 +60,12 @@ pub(crate) async fn run<C: Send>(
         let mut decoder = FrameDecoder::new();
         loop {
             match recv.read_chunk(READ_CHUNK, true).await? {
-                Some(chunk) => decoder.extend(&chunk.bytes),
+                Some(chunk) => {
+                    traffic
+                        .bytes_in
+                        .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+                    decoder.extend(&chunk.bytes);
+                }
                 None => return decoder.finish().map_err(NetError::from),
             }
             loop {

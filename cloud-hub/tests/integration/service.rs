@@ -7,7 +7,7 @@ use base64::Engine;
 
 use crate::support::{HubProcess, STARTUP, Start, http_get, wait_for};
 
-const FAMILIES: [(&str, &str); 9] = [
+const FAMILIES: [(&str, &str); 14] = [
     ("syncline_hub_sessions", "gauge"),
     ("syncline_hub_sessions_opened_total", "counter"),
     ("syncline_hub_changes_stored_total", "counter"),
@@ -17,6 +17,11 @@ const FAMILIES: [(&str, &str); 9] = [
     ("syncline_hub_rejects_total", "counter"),
     ("syncline_hub_slow_fallbacks_total", "counter"),
     ("syncline_hub_log_changes", "gauge"),
+    ("syncline_hub_bytes_received_total", "counter"),
+    ("syncline_hub_bytes_sent_total", "counter"),
+    ("syncline_hub_replica_lag", "gauge"),
+    ("syncline_hub_replica_lag_max", "gauge"),
+    ("syncline_hub_commit_seconds", "histogram"),
 ];
 
 #[test]
@@ -87,8 +92,30 @@ fn metrics_are_valid_prometheus_text() {
         .collect();
     for (name, kind) in FAMILIES {
         assert!(scrape.docs.contains_key(name), "no HELP for {name}");
-        if name == "syncline_hub_rejects_total" {
-            continue; // no refusal yet: the family has no sample
+        if name == "syncline_hub_rejects_total" || name == "syncline_hub_replica_lag" {
+            continue; // no refusal and no replica yet: the family has no sample
+        }
+        if kind == "histogram" {
+            // No commit yet: every bucket, the sum and the count are zero.
+            match scrape
+                .samples
+                .iter()
+                .find(|s| s.metric == name)
+                .map(|s| &s.value)
+            {
+                Some(prometheus_parse::Value::Histogram(buckets)) => {
+                    assert!(
+                        buckets.iter().any(|b| b.less_than.is_infinite()),
+                        "{name}: +Inf"
+                    );
+                    assert!(
+                        buckets.iter().all(|b| b.count == 0.0),
+                        "{name} on a fresh hub"
+                    );
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+            continue;
         }
         match (kind, values.get(name)) {
             ("gauge", Some(prometheus_parse::Value::Gauge(v)))
@@ -113,6 +140,8 @@ fn strict_check(body: &str) -> usize {
     let mut help = HashSet::new();
     let mut typed = HashMap::new();
     let mut samples = 0;
+    // The parser folds a histogram's bucket lines into one sample: count them once.
+    let mut bucketed = HashSet::new();
     for line in body.lines() {
         if let Some(rest) = line.strip_prefix("# HELP ") {
             let (name, text) = rest.split_once(' ').unwrap();
@@ -121,7 +150,7 @@ fn strict_check(body: &str) -> usize {
         } else if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').unwrap();
             assert!(name_ok(name), "{line}");
-            assert!(["counter", "gauge"].contains(&kind), "{line}");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
             assert!(
                 typed.insert(name.to_owned(), kind.to_owned()).is_none(),
                 "{line}"
@@ -144,13 +173,21 @@ fn strict_check(body: &str) -> usize {
                 None => series,
             };
             assert!(name_ok(name), "{line}");
+            // A histogram's samples are NAME_bucket, NAME_sum and NAME_count.
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .filter_map(|suffix| name.strip_suffix(suffix))
+                .find(|base| typed.get(*base).is_some_and(|k| k == "histogram"))
+                .unwrap_or(name);
             assert!(
-                help.contains(name) && typed.contains_key(name),
+                help.contains(family) && typed.contains_key(family),
                 "undescribed: {line}"
             );
             let v: f64 = value.parse().unwrap();
             assert!(v >= 0.0, "{line}");
-            samples += 1;
+            if !name.ends_with("_bucket") || bucketed.insert(family.to_owned()) {
+                samples += 1;
+            }
         }
     }
     for (name, kind) in FAMILIES {
