@@ -354,32 +354,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
     /// A new connection over a transport that gives a channel binding (a TLS exporter value
     /// both ends compute); both sides must pass the same value or the handshake fails.
     pub fn accept_bound(&mut self, binding: [u8; 32]) -> SessionId {
-        let id = self.next_session;
-        self.next_session += 1;
-        let nonce: [u8; 32] = self.rng.r#gen();
-        let (handshake, hello) = Handshake::start(
-            self.identity.clone(),
-            Role::Hub,
-            Role::Replica,
-            None,
-            nonce,
-            self.store.epoch(),
-            binding,
-        );
-        self.sessions.insert(
-            id,
-            HubSession {
-                handshake,
-                peer: None,
-                out: VecDeque::from([hello]),
-                subs: BTreeMap::new(),
-                reconciles: VecDeque::new(),
-                failed: false,
-                link: None,
-            },
-        );
-        self.ready.insert(id);
-        id
+        self.open_session(Role::Hub, None, binding, None)
     }
 
     /// A connection this hub opened to a peer hub (`expected` pins its key). This hub acts as
@@ -387,36 +362,50 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
     /// log to the peer, so both hubs serve the same data set without shared storage. The peer
     /// must let this hub's key connect, read everything and relay ([`Policy::may_relay`]).
     pub fn connect_peer(&mut self, expected: Option<PeerId>, binding: [u8; 32]) -> SessionId {
+        let link = PeerLink {
+            peer_epoch: Epoch::none(),
+            ready: false,
+            next_push: 1,
+            inflight: BTreeMap::new(),
+            sent_upto: Cursor(0),
+        };
+        self.open_session(Role::Replica, expected, binding, Some(Box::new(link)))
+    }
+
+    /// A new session playing `role` (the peer plays the other); its Hello is queued.
+    fn open_session(
+        &mut self,
+        role: Role,
+        expected: Option<PeerId>,
+        binding: [u8; 32],
+        link: Option<Box<PeerLink>>,
+    ) -> SessionId {
         let id = self.next_session;
         self.next_session += 1;
         let nonce: [u8; 32] = self.rng.r#gen();
+        let other = match role {
+            Role::Hub => Role::Replica,
+            Role::Replica => Role::Hub,
+        };
         let (handshake, hello) = Handshake::start(
             self.identity.clone(),
-            Role::Replica,
-            Role::Hub,
+            role,
+            other,
             expected,
             nonce,
             self.store.epoch(),
             binding,
         );
-        self.sessions.insert(
-            id,
-            HubSession {
-                handshake,
-                peer: None,
-                out: VecDeque::from([hello]),
-                subs: BTreeMap::new(),
-                reconciles: VecDeque::new(),
-                failed: false,
-                link: Some(Box::new(PeerLink {
-                    peer_epoch: Epoch::none(),
-                    ready: false,
-                    next_push: 1,
-                    inflight: BTreeMap::new(),
-                    sent_upto: Cursor(0),
-                })),
-            },
-        );
+        let session = HubSession {
+            handshake,
+            peer: None,
+            out: VecDeque::from([hello]),
+            subs: BTreeMap::new(),
+            reconciles: VecDeque::new(),
+            failed: false,
+            link,
+        };
+        self.sessions.insert(id, session);
         self.ready.insert(id);
         id
     }

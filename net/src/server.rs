@@ -27,17 +27,21 @@ const SESSION_QUEUE: usize = 64;
 /// Commands the hub thread takes before it commits and answers.
 const MAX_BATCH: usize = 4096;
 
+/// Who opened a session's connection.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    /// A replica (or a peer hub) connected to this hub.
+    Accepted,
+    /// This hub connected to a peer hub (whose key may be pinned).
+    Peer(Option<syncline_core::PeerId>),
+}
+
 type Job<S, P> = Box<dyn FnOnce(&mut Hub<S, P>) + Send>;
 
 enum Command<S, P> {
     Open {
         binding: [u8; 32],
-        outbound: mpsc::Sender<Message>,
-        reply: oneshot::Sender<SessionId>,
-    },
-    OpenPeer {
-        binding: [u8; 32],
-        expected: Option<syncline_core::PeerId>,
+        side: Side,
         outbound: mpsc::Sender<Message>,
         reply: oneshot::Sender<SessionId>,
     },
@@ -118,13 +122,25 @@ where
     /// Serves one QUIC connection until it ends: the replica opens one bidirectional stream
     /// and the Syncline session runs over it.
     pub async fn serve_connection(&self, conn: quinn::Connection) -> Result<(), NetError> {
-        let binding = tls::channel_binding(&conn)?;
         let (send, recv) = conn.accept_bi().await?;
+        self.run_session(&conn, send, recv, Side::Accepted).await
+    }
+
+    /// Runs one session over a connection's stream until either side ends it.
+    async fn run_session(
+        &self,
+        conn: &quinn::Connection,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        side: Side,
+    ) -> Result<(), NetError> {
+        let binding = tls::channel_binding(conn)?;
         let (out_tx, out_rx) = mpsc::channel::<Message>(SESSION_QUEUE);
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Open {
                 binding,
+                side,
                 outbound: out_tx,
                 reply,
             })
@@ -195,34 +211,9 @@ where
         let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
             .await
             .map_err(|_| NetError::Timeout("connecting to the peer hub"))??;
-        let binding = tls::channel_binding(&conn)?;
         let (send, recv) = conn.open_bi().await?;
-        let (out_tx, out_rx) = mpsc::channel::<Message>(SESSION_QUEUE);
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::OpenPeer {
-                binding,
-                expected: peer.key,
-                outbound: out_tx,
-                reply,
-            })
+        self.run_session(&conn, send, recv, Side::Peer(peer.key))
             .await
-            .map_err(|_| NetError::Stopped)?;
-        let session = rx.await.map_err(|_| NetError::Stopped)?;
-        let result = crate::stream::run(
-            self.traffic.clone(),
-            send,
-            recv,
-            out_rx,
-            self.tx.clone(),
-            |msg| Command::Message { session, msg },
-            || Command::Writable { session },
-            |error| Some(Command::WireError { session, error }),
-        )
-        .await;
-        let _ = self.tx.send(Command::Close { session }).await;
-        conn.close(0u32.into(), b"link ended");
-        result
     }
 }
 
@@ -261,21 +252,14 @@ fn run<S: HubStore, P: Policy>(
             match c {
                 Command::Open {
                     binding,
+                    side,
                     outbound: tx,
                     reply,
                 } => {
-                    let id = hub.accept_bound(binding);
-                    outbound.insert(id, tx);
-                    due.insert(id);
-                    let _ = reply.send(id);
-                }
-                Command::OpenPeer {
-                    binding,
-                    expected,
-                    outbound: tx,
-                    reply,
-                } => {
-                    let id = hub.connect_peer(expected, binding);
+                    let id = match side {
+                        Side::Accepted => hub.accept_bound(binding),
+                        Side::Peer(expected) => hub.connect_peer(expected, binding),
+                    };
                     outbound.insert(id, tx);
                     due.insert(id);
                     let _ = reply.send(id);
