@@ -154,8 +154,9 @@ pub struct Histogram {
 }
 
 /// Buckets for commit latency, in seconds: 0.5 ms to 2.5 s.
-pub const COMMIT_BUCKETS: &[f64] =
-    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+pub const COMMIT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
 
 impl Default for Histogram {
     fn default() -> Self {
@@ -166,12 +167,21 @@ impl Default for Histogram {
 impl Histogram {
     /// An empty histogram with these bucket bounds.
     pub fn new(bounds: &'static [f64]) -> Self {
-        Histogram { bounds, counts: vec![0; bounds.len() + 1], sum: 0.0, count: 0 }
+        Histogram {
+            bounds,
+            counts: vec![0; bounds.len() + 1],
+            sum: 0.0,
+            count: 0,
+        }
     }
 
     /// Records one observation.
     pub fn observe(&mut self, value: f64) {
-        let i = self.bounds.iter().position(|b| value <= *b).unwrap_or(self.bounds.len());
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| value <= *b)
+            .unwrap_or(self.bounds.len());
         self.counts[i] += 1;
         self.sum += value;
         self.count += 1;
@@ -1640,7 +1650,9 @@ mod tests {
         reader.subscribe(Target::Prefix(DocPrefix::all())).unwrap();
         let doc = DocId::new("d").unwrap();
         for i in 0..5 {
-            writer.change(&doc, &ops(json!([{"op":"put","path":["k"],"value":i}]))).unwrap();
+            writer
+                .change(&doc, &ops(json!([{"op":"put","path":["k"],"value":i}])))
+                .unwrap();
         }
         let ws = connect(&mut hub, &mut writer);
         pump(&mut hub, &mut [(&mut writer, ws)]);
@@ -1660,7 +1672,10 @@ mod tests {
             }
         }
         let lag = hub.replica_lags().unwrap();
-        let reader_lag = lag.iter().find(|(p, _)| *p == reader.peer_id()).map(|(_, l)| *l);
+        let reader_lag = lag
+            .iter()
+            .find(|(p, _)| *p == reader.peer_id())
+            .map(|(_, l)| *l);
         assert!(reader_lag.is_some_and(|l| l > 0), "{lag:?}");
         pump(&mut hub, &mut [(&mut writer, ws), (&mut reader, rs)]);
         assert!(hub.replica_lags().unwrap().iter().all(|(_, l)| *l == 0));
