@@ -113,6 +113,11 @@ impl VerifiedChange {
     pub fn automerge(&self) -> &automerge::Change {
         &self.change
     }
+    /// Consumes it into the author's bytes and signature.
+    pub fn into_signed(self) -> SignedChange {
+        self.signed
+    }
+
     /// Consumes it into the parsed change.
     pub fn into_automerge(self) -> automerge::Change {
         self.change

@@ -659,36 +659,45 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         if self.queued.is_empty() {
             return Ok(());
         }
+        // Moved, not cloned, into one batch: the group commit's changes, in queue order.
         let queued = std::mem::take(&mut self.queued);
-        let all: Vec<VerifiedChange> = queued
-            .iter()
-            .flat_map(|q| q.changes.iter().cloned())
-            .collect();
+        let mut all: Vec<VerifiedChange> =
+            Vec::with_capacity(queued.iter().map(|q| q.changes.len()).sum());
+        let mut groups: Vec<(SessionId, Reply, usize, Option<DocId>)> =
+            Vec::with_capacity(queued.len());
+        for q in queued {
+            groups.push((
+                q.session,
+                q.reply,
+                q.changes.len(),
+                q.changes.first().map(|c| c.doc().clone()),
+            ));
+            all.extend(q.changes);
+        }
         let cursors = match self.store.append(&all) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "commit failed; refusing the queued pushes");
-                for q in queued {
+                for (session, reply, _, doc) in groups {
                     self.metrics.reject("storage");
-                    let Reply::Ack(push_id) = q.reply else {
+                    let Reply::Ack(push_id) = reply else {
                         // Changes from a peer hub were not stored: restart that link from its
                         // recorded position rather than skip them.
-                        self.fail(q.session, ErrorCode::StorageUnavailable, e.to_string());
+                        self.fail(session, ErrorCode::StorageUnavailable, e.to_string());
                         continue;
                     };
-                    let Some(first) = q.changes.first() else {
+                    let (Some(doc), Some(s)) = (doc, self.sessions.get_mut(&session)) else {
                         continue;
                     };
-                    if let Some(s) = self.sessions.get_mut(&q.session) {
-                        let doc = first.doc().clone();
-                        s.out.push_back(Message::Reject(Reject {
-                            push_id,
-                            doc,
-                            code: ErrorCode::StorageUnavailable,
-                            message: format!("the hub could not store the changes ({e}); they stay in your outbox"),
-                        }));
-                        self.ready.insert(q.session);
-                    }
+                    s.out.push_back(Message::Reject(Reject {
+                        push_id,
+                        doc,
+                        code: ErrorCode::StorageUnavailable,
+                        message: format!(
+                            "the hub could not store the changes ({e}); they stay in your outbox"
+                        ),
+                    }));
+                    self.ready.insert(session);
                 }
                 return Err(e);
             }
@@ -702,35 +711,32 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 }
             }
         }
-        let mut cursors = cursors.into_iter();
-        for q in queued {
-            let mut fresh: Vec<(Cursor, SignedChange)> = Vec::new();
-            for c in &q.changes {
-                match cursors.next().flatten() {
-                    Some(cursor) => fresh.push((cursor, c.signed().clone())),
+        let mut stored = all.into_iter().zip(cursors);
+        for (session, reply, n, doc) in groups {
+            let mut fresh: Vec<SignedChange> = Vec::new();
+            let mut last = None;
+            for (c, cursor) in stored.by_ref().take(n) {
+                match cursor {
+                    Some(cursor) => {
+                        fresh.push(c.into_signed());
+                        last = Some(cursor);
+                    }
                     None => self.metrics.changes_duplicate += 1,
                 }
             }
             self.metrics.changes_stored += fresh.len() as u64;
-            match q.reply {
+            match reply {
                 Reply::Ack(push_id) => {
-                    if let Some(s) = self.sessions.get_mut(&q.session) {
+                    if let Some(s) = self.sessions.get_mut(&session) {
                         s.out.push_back(Message::Ack(Ack { push_id }));
-                        self.ready.insert(q.session);
+                        self.ready.insert(session);
                     }
                 }
-                Reply::PeerCursor(Some(cursor)) => self.record_peer_received(q.session, cursor),
+                Reply::PeerCursor(Some(cursor)) => self.record_peer_received(session, cursor),
                 Reply::PeerCursor(None) => {}
             }
-            if let (Some(first), Some((last, _))) = (q.changes.first(), fresh.last()) {
-                let doc = first.doc().clone();
-                let last = *last;
-                self.broadcast(
-                    q.session,
-                    &doc,
-                    fresh.into_iter().map(|(_, c)| c).collect(),
-                    last,
-                );
+            if let (Some(doc), Some(last)) = (doc, last) {
+                self.broadcast(session, &doc, fresh, last);
             }
         }
         Ok(())
