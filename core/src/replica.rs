@@ -386,11 +386,20 @@ impl Replica {
             }
             self.subscriptions.push(t);
         }
+        // One event per document of the group: from its heads before the group's first change
+        // to its heads now (an event per change would repeat the later changes' patches).
+        let mut per_doc: Vec<(DocId, Vec<ChangeHash>, u64)> = Vec::new();
         for (c, before) in made {
             let bytes = c.signed().bytes.len() as u64;
-            let patch_events = self.options.patch_events;
+            match per_doc.iter_mut().find(|(d, _, _)| d == c.doc()) {
+                Some((_, _, b)) => *b += bytes,
+                None => per_doc.push((c.doc().clone(), before, bytes)),
+            }
+        }
+        let patch_events = self.options.patch_events;
+        for (doc, before, bytes) in per_doc {
             // Committed: from here on nothing may turn the write into an error.
-            let Some(state) = self.docs.get_mut(c.doc()) else {
+            let Some(state) = self.docs.get_mut(&doc) else {
                 continue;
             };
             state.incremental_bytes += bytes;
@@ -401,12 +410,12 @@ impl Replica {
                 Vec::new()
             };
             self.push_event(Event::DocChanged {
-                doc: c.doc().clone(),
+                doc: doc.clone(),
                 origin: Origin::Local,
                 heads,
                 patches,
             });
-            self.compact_after_commit(c.doc());
+            self.compact_after_commit(&doc);
         }
         Ok(())
     }
@@ -947,12 +956,16 @@ impl Replica {
             return Ok(());
         }
         let snapshot = state.doc.save();
-        let covered: Vec<ChangeHash> = state
-            .doc
-            .automerge()
-            .get_changes_meta(&[])
+        // Only the changes still stored with their bytes can be dropped: work proportional to
+        // what was written since the last compaction, not to the whole history. Pending
+        // changes (not in the document yet) keep their bytes.
+        let incremental = self.store.incremental_hashes(doc)?;
+        let Some(state) = self.docs.get(doc) else {
+            return Ok(());
+        };
+        let covered: Vec<ChangeHash> = incremental
             .into_iter()
-            .map(|m| ChangeHash::from(m.hash))
+            .filter(|h| state.doc.has_change(h))
             .collect();
         self.store.compact(doc, &snapshot, &covered)?;
         self.compactions += 1;
@@ -1079,5 +1092,34 @@ mod tests {
         );
         // Reopened from the snapshot and the outbox entries, the document is whole.
         assert_eq!(r.json(&doc).unwrap(), json!({"t": 299}));
+    }
+
+    #[test]
+    fn a_group_commit_reports_each_document_once_with_each_change_once() {
+        let mut r =
+            Replica::open_in_memory(Identity::generate(), ReplicaOptions::default()).unwrap();
+        let a = DocId::new("a").unwrap();
+        let b = DocId::new("b").unwrap();
+        let put = |k: &str| {
+            vec![Op::Put {
+                path: vec![k.into()],
+                value: crate::ops::Value::Int(1),
+            }]
+        };
+        r.change_many(&[
+            (a.clone(), put("s0")),
+            (a.clone(), put("s1")),
+            (b.clone(), put("x")),
+            (a.clone(), put("s2")),
+        ])
+        .unwrap();
+        let events: Vec<Event> = std::iter::from_fn(|| r.poll_event()).collect();
+        assert_eq!(events.len(), 2, "{events:?}");
+        let Event::DocChanged { doc, patches, .. } = &events[0] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(doc, &a);
+        let paths: Vec<String> = patches.iter().map(|p| format!("{:?}", p.path)).collect();
+        assert_eq!(paths.len(), 3, "each put once: {paths:?}");
     }
 }

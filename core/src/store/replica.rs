@@ -351,6 +351,21 @@ impl ReplicaStore {
         Ok(out)
     }
 
+    /// The changes of `doc` still stored with their bytes (not in its snapshot), oldest first.
+    pub fn incremental_hashes(&self, doc: &DocId) -> Result<Vec<ChangeHash>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT hash FROM changes WHERE doc = ?1 AND bytes IS NOT NULL ORDER BY id",
+            )
+            .ctx("listing incremental changes")?;
+        let rows = st
+            .query_map([doc.as_str()], |r| r.get::<_, Vec<u8>>(0))
+            .ctx("listing incremental changes")?;
+        rows.map(|r| hash_from(r.ctx("listing incremental changes")?))
+            .collect()
+    }
+
     /// Replaces a document's snapshot: `snapshot` holds every change in `covered`, whose bytes
     /// are dropped (their signatures stay). Changes still in the outbox keep their bytes.
     pub fn compact(&mut self, doc: &DocId, snapshot: &[u8], covered: &[ChangeHash]) -> Result<()> {
@@ -369,7 +384,8 @@ impl ReplicaStore {
             }
             tx.execute(
                 "UPDATE docs SET snapshot = ?2,
-                   incremental_bytes = (SELECT coalesce(sum(length(bytes)), 0) FROM changes WHERE doc = ?1)
+                   incremental_bytes = (SELECT coalesce(sum(length(bytes)), 0) FROM changes
+                                        WHERE doc = ?1 AND bytes IS NOT NULL)
                  WHERE doc = ?1",
                 params![doc.as_str(), snapshot],
             )
