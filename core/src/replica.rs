@@ -396,28 +396,36 @@ impl Replica {
                 None => per_doc.push((c.doc().clone(), before, bytes)),
             }
         }
-        let patch_events = self.options.patch_events;
         for (doc, before, bytes) in per_doc {
             // Committed: from here on nothing may turn the write into an error.
-            let Some(state) = self.docs.get_mut(&doc) else {
-                continue;
-            };
-            state.incremental_bytes += bytes;
-            let heads = state.doc.heads();
-            let patches = if patch_events {
-                state.doc.diff(&before, &heads)
-            } else {
-                Vec::new()
-            };
-            self.push_event(Event::DocChanged {
-                doc: doc.clone(),
-                origin: Origin::Local,
-                heads,
-                patches,
-            });
-            self.compact_after_commit(&doc);
+            if let Some(state) = self.docs.get_mut(&doc) {
+                state.incremental_bytes += bytes;
+            }
+            self.after_commit(&doc, &before, Origin::Local);
         }
         Ok(())
+    }
+
+    /// After a commit that changed `doc` from `before`: tells the app, then compacts if due.
+    /// Nothing here may fail the committed write.
+    fn after_commit(&mut self, doc: &DocId, before: &[ChangeHash], origin: Origin) {
+        let patch_events = self.options.patch_events;
+        let Some(state) = self.docs.get(doc) else {
+            return;
+        };
+        let heads = state.doc.heads();
+        let patches = if patch_events {
+            state.doc.diff(before, &heads)
+        } else {
+            Vec::new()
+        };
+        self.push_event(Event::DocChanged {
+            doc: doc.clone(),
+            origin,
+            heads,
+            patches,
+        });
+        self.compact_after_commit(doc);
     }
 
     /// Follows a document or prefix from the hub (persisted; sent now if connected).
@@ -917,23 +925,7 @@ impl Replica {
         }
         batch.commit()?;
         for (doc, before) in changed {
-            let patch_events = self.options.patch_events;
-            let Some(state) = self.docs.get_mut(&doc) else {
-                continue;
-            };
-            let heads = state.doc.heads();
-            let patches = if patch_events {
-                state.doc.diff(&before, &heads)
-            } else {
-                Vec::new()
-            };
-            self.push_event(Event::DocChanged {
-                doc: doc.clone(),
-                origin: Origin::Remote,
-                heads,
-                patches,
-            });
-            self.compact_after_commit(&doc);
+            self.after_commit(&doc, &before, Origin::Remote);
         }
         Ok(())
     }
