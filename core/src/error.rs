@@ -127,6 +127,16 @@ pub enum ProtocolError {
     Limit(String),
 }
 
+impl From<crate::wire::ErrorMessage> for ProtocolError {
+    /// The peer's closing `Error` message.
+    fn from(e: crate::wire::ErrorMessage) -> Self {
+        ProtocolError::Closed {
+            code: e.code as u16,
+            message: e.message,
+        }
+    }
+}
+
 /// Everything that can go wrong in `syncline-core`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -635,11 +635,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 self.ready.insert(id);
             }
             Message::Error(e) => {
-                return Err(ProtocolError::Closed {
-                    code: e.code as u16,
-                    message: e.message,
-                }
-                .into());
+                return Err(ProtocolError::from(e).into());
             }
             other => {
                 return Err(ProtocolError::Unexpected {
@@ -832,11 +828,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 // Never asked for: the link subscribes with the peer's own epoch or none.
             }
             Message::Error(e) => {
-                return Err(ProtocolError::Closed {
-                    code: e.code as u16,
-                    message: e.message,
-                }
-                .into());
+                return Err(ProtocolError::from(e).into());
             }
             other => {
                 return Err(ProtocolError::Unexpected {

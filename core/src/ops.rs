@@ -117,8 +117,7 @@ impl Value {
                     .collect::<Result<_, _>>()?,
             ),
             J::Object(map) => {
-                if map.len() == 1 {
-                    let (k, inner) = map.iter().next().expect("one entry");
+                if let (1, Some((k, inner))) = (map.len(), map.iter().next()) {
                     let typed = |what: &str| ValueError(format!("{k} expects {what}, got {inner}"));
                     match k.as_str() {
                         "$counter" => {

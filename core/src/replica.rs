@@ -634,11 +634,7 @@ impl Replica {
                     self.push_event(Event::Connected { hub });
                 }
                 Message::Error(e) => {
-                    return Err(ProtocolError::Closed {
-                        code: e.code as u16,
-                        message: e.message,
-                    }
-                    .into());
+                    return Err(ProtocolError::from(e).into());
                 }
                 other => {
                     return Err(ProtocolError::Unexpected {
@@ -702,11 +698,7 @@ impl Replica {
                 }
             }
             Message::Error(e) => {
-                return Err(ProtocolError::Closed {
-                    code: e.code as u16,
-                    message: e.message,
-                }
-                .into());
+                return Err(ProtocolError::from(e).into());
             }
             other => {
                 return Err(ProtocolError::Unexpected {
