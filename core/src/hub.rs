@@ -20,7 +20,7 @@ use crate::error::{ChangeError, Error, ProtocolError, Result};
 use crate::identity::Identity;
 use crate::ids::{ChangeHash, Cursor, DocId, Epoch, PeerId};
 use crate::protocol::Handshake;
-use crate::store::HubStore;
+use crate::store::{Appended, HubStore};
 use crate::wire::{
     self, Ack, CaughtUp, Changes, ErrorCode, ErrorMessage, Heads, Message, Reconciled, Reject,
     Role, Target,
@@ -699,7 +699,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             }
         };
         self.metrics.commits += 1;
-        if cursors.iter().any(Option::is_some) {
+        if cursors.iter().any(|a| matches!(a, Appended::Stored(_))) {
             // Links to peer hubs push from the log: wake them.
             for (&id, s) in &self.sessions {
                 if s.link.as_ref().is_some_and(|l| l.ready) {
@@ -711,25 +711,56 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         for (session, reply, n, doc) in groups {
             let mut fresh: Vec<SignedChange> = Vec::new();
             let mut last = None;
-            for (c, cursor) in stored.by_ref().take(n) {
-                match cursor {
-                    Some(cursor) => {
+            let mut conflict = None;
+            for (c, appended) in stored.by_ref().take(n) {
+                match appended {
+                    Appended::Stored(cursor) => {
                         fresh.push(c.into_signed());
                         last = Some(cursor);
                     }
-                    None => self.metrics.changes_duplicate += 1,
+                    Appended::Duplicate => self.metrics.changes_duplicate += 1,
+                    Appended::Conflict { existing } => {
+                        self.metrics.reject("conflicting_actor_seq");
+                        tracing::warn!(
+                            doc = %c.doc(),
+                            change = %c.hash(),
+                            %existing,
+                            author = %c.author(),
+                            "refused a change that reuses the actor and sequence number of a stored one"
+                        );
+                        conflict.get_or_insert((c.hash(), existing, c.automerge().seq()));
+                    }
                 }
             }
             self.metrics.changes_stored += fresh.len() as u64;
+            let reply = match (reply, conflict, &doc) {
+                (Reply::Ack(push_id), Some((hash, existing, seq)), Some(doc)) => {
+                    if let Some(s) = self.sessions.get_mut(&session) {
+                        s.out.push_back(Message::Reject(Reject {
+                            push_id,
+                            doc: doc.clone(),
+                            code: ErrorCode::MalformedChange,
+                            message: format!(
+                                "change {hash} reuses sequence number {seq} of its actor, \
+                                 already used by change {existing}: this store's actor was \
+                                 copied (a store must never be cloned while in use)"
+                            ),
+                        }));
+                        self.ready.insert(session);
+                    }
+                    None
+                }
+                (reply, _, _) => Some(reply),
+            };
             match reply {
-                Reply::Ack(push_id) => {
+                Some(Reply::Ack(push_id)) => {
                     if let Some(s) = self.sessions.get_mut(&session) {
                         s.out.push_back(Message::Ack(Ack { push_id }));
                         self.ready.insert(session);
                     }
                 }
-                Reply::PeerCursor(Some(cursor)) => self.record_peer_received(session, cursor),
-                Reply::PeerCursor(None) => {}
+                Some(Reply::PeerCursor(Some(cursor))) => self.record_peer_received(session, cursor),
+                Some(Reply::PeerCursor(None)) | None => {}
             }
             if let (Some(doc), Some(last)) = (doc, last) {
                 self.broadcast(session, &doc, fresh, last);
@@ -1360,6 +1391,42 @@ mod tests {
         assert_eq!(hub.metrics().rejects.get("bad_signature"), Some(&2));
         // The session stays usable.
         assert!(!hub.is_failed(sid));
+    }
+
+    #[test]
+    fn a_cloned_store_that_reuses_an_actor_seq_is_refused_and_its_app_told() {
+        let me = Identity::generate();
+        let cloned = ReplicaOptions {
+            instance: Some([4; 8]),
+            ..ReplicaOptions::default()
+        };
+        let mut first = Replica::open_in_memory(me.clone(), cloned.clone()).unwrap();
+        let mut copy = Replica::open_in_memory(me.clone(), cloned).unwrap();
+        let mut hub = hub_with(vec![grant(me.peer_id(), "", true, true)]);
+        let doc = DocId::new("plant/line1").unwrap();
+        first
+            .change(&doc, &ops(json!([{"op":"put","path":["speed"],"value":1}])))
+            .unwrap();
+        copy.change(&doc, &ops(json!([{"op":"put","path":["speed"],"value":2}])))
+            .unwrap();
+        let a = connect(&mut hub, &mut first);
+        pump(&mut hub, &mut [(&mut first, a)]);
+        assert_eq!(hub.store().change_count().unwrap(), 1);
+        events(&mut copy);
+        let b = connect(&mut hub, &mut copy);
+        pump(&mut hub, &mut [(&mut copy, b)]);
+        assert_eq!(
+            hub.store().change_count().unwrap(),
+            1,
+            "the second change is refused"
+        );
+        assert_eq!(hub.metrics().rejects.get("conflicting_actor_seq"), Some(&1));
+        let told = events(&mut copy).into_iter().any(|e| {
+            matches!(e, Event::Rejected { code: ErrorCode::MalformedChange, ref message, .. }
+                if message.contains("reuses sequence number 1"))
+        });
+        assert!(told, "the app is told why");
+        assert!(!hub.is_failed(b), "the session stays up");
     }
 
     #[test]

@@ -61,6 +61,10 @@ pub struct ReplicaOptions {
     pub max_pending_per_doc: usize,
     /// Compute what changed (patches) for [`Event::DocChanged`].
     pub patch_events: bool,
+    /// Threads that verify the signatures of received changes (the calling thread is one of
+    /// them). Verification and Automerge's apply cost about the same per change; verifying on
+    /// every core keeps apply the only serial part. 1 verifies on the calling thread only.
+    pub verify_threads: usize,
 }
 
 impl Default for ReplicaOptions {
@@ -71,6 +75,7 @@ impl Default for ReplicaOptions {
             compact_after_bytes: 1024 * 1024,
             max_pending_per_doc: 65_536,
             patch_events: true,
+            verify_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
         }
     }
 }
@@ -855,7 +860,8 @@ impl Replica {
         let mut per_doc: Vec<(DocId, Vec<VerifiedChange>)> = Vec::new();
         let mut cursors: Vec<(Target, Cursor)> = Vec::new();
         for m in incoming {
-            let verified = change::verify_batch(&m.doc, m.changes)?;
+            let verified =
+                change::verify_batch_parallel(&m.doc, m.changes, self.options.verify_threads)?;
             match per_doc.last_mut() {
                 Some((d, v)) if *d == m.doc => v.extend(verified),
                 _ => match per_doc.iter_mut().find(|(d, _)| *d == m.doc) {

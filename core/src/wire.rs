@@ -176,7 +176,9 @@ pub enum ErrorCode {
     StorageUnavailable,
 }
 
-/// Hub to replica: the push was refused; nothing of it was stored.
+/// Hub to replica: the push was refused. Nothing of it was stored, but with
+/// [`ErrorCode::MalformedChange`] for a change that reuses another's actor and sequence
+/// number, where the push's other changes may have been.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reject {
     /// The push.

@@ -6,9 +6,8 @@ mod hub;
 mod replica;
 mod sqlite;
 
-pub use hub::{DocHeads, HubStore, LogBatch, LogEntry, PeerState, SqliteHubStore};
+pub use hub::{Appended, DocHeads, HubStore, LogBatch, LogEntry, PeerState, SqliteHubStore};
 pub use replica::{OutboxEntry, ReplicaStore, StoredChange, StoredDoc};
-pub use sqlite::SCHEMA_VERSION;
 
 /// An exclusive lock on a data directory, held for as long as this value lives (the OS
 /// releases it if the process dies, so a crash never leaves it stuck).

@@ -7,26 +7,34 @@ use rusqlite::Connection;
 
 use crate::error::{Error, Result, SqlContext};
 
-/// The schema version this build writes. Stores are migrated up to it on open; a store
-/// written by a newer build is refused.
-pub const SCHEMA_VERSION: u32 = 1;
-
 /// Opens (or creates) a store file: WAL, `synchronous=FULL` (a commit survives power loss),
-/// foreign keys on, and migrations run in one transaction.
-pub(crate) fn open(path: &Path, kind: &str, migrations: &[&str]) -> Result<Connection> {
+/// foreign keys on, a page cache of `cache_mib` MiB, and migrations run in one transaction.
+/// The schema version is SQLite's `user_version`: the number of migrations applied.
+pub(crate) fn open(
+    path: &Path,
+    kind: &str,
+    migrations: &[&str],
+    cache_mib: u32,
+) -> Result<Connection> {
     let conn = Connection::open(path).ctx("opening the store file")?;
-    configure(&conn)?;
+    configure(&conn, cache_mib)?;
     migrate(conn, kind, migrations)
 }
 
 /// An in-memory store (tests and simulations that do not restart).
 pub(crate) fn open_in_memory(kind: &str, migrations: &[&str]) -> Result<Connection> {
     let conn = Connection::open_in_memory().ctx("opening an in-memory store")?;
-    configure(&conn)?;
+    configure(&conn, 0)?;
     migrate(conn, kind, migrations)
 }
 
-fn configure(conn: &Connection) -> Result<()> {
+fn configure(conn: &Connection, cache_mib: u32) -> Result<()> {
+    if cache_mib > 0 {
+        // A negative cache_size is in KiB. The default (2 MiB) no longer holds the indexes of
+        // a log of 100,000 changes, and every insert then reads pages back from the OS.
+        conn.pragma_update(None, "cache_size", -(i64::from(cache_mib) * 1024))
+            .ctx("setting the page cache size")?;
+    }
     conn.busy_timeout(Duration::from_secs(5))
         .ctx("setting the busy timeout")?;
     let mode: String = conn
