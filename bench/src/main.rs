@@ -1,0 +1,476 @@
+//! `syncline-bench`: the end-to-end benchmark suite. It starts real `syncline-hub` processes
+//! (and a `syncline-edge` for its footprint) on 127.0.0.1, drives them with replicas hosted in
+//! this process (each a real replica on its own SQLite file, thread and QUIC endpoint), measures
+//! the physical limits in the same run, optionally runs the Automerge reference server on the
+//! same workloads, and prints a table plus JSON.
+//!
+//! ```sh
+//! cargo build --release -p syncline-hub -p syncline-edge -p syncline-bench
+//! target/release/syncline-bench --scale standard --json bench-result.json
+//! ```
+
+mod fleet;
+mod limits;
+mod procs;
+mod reference;
+mod workloads;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use serde_json::{Value, json};
+use syncline_core::identity::Identity;
+use syncline_net::client::HubAddress;
+
+use crate::procs::{Bins, Hub};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scale {
+    /// Seconds: checks that every workload runs (the test suite uses it).
+    Smoke,
+    /// A few minutes: C up to 100, 1,000 documents, 10,000-change catch-up, 1,000 idle.
+    Standard,
+    /// Adds C = 1,000, 10,000 documents, 100,000-change catch-up, 10,000 idle connections.
+    Full,
+}
+
+/// End-to-end benchmarks of Syncline against real hub processes on loopback.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// How big.
+    #[arg(long, value_enum, default_value = "standard")]
+    scale: Scale,
+    /// Where `syncline-hub` and `syncline-edge` are (default: next to this binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Also run the Automerge reference server (automerge-repo) on the same workloads; needs
+    /// `npm ci` in the reference directory.
+    #[arg(long)]
+    reference: bool,
+    /// The reference harness (package.json, run.mjs).
+    #[arg(long, default_value = "bench/reference")]
+    reference_dir: PathBuf,
+    /// Only these workloads (comma separated): limits, fanout, latency, ingest, many-docs,
+    /// catch-up, reconnect, footprint.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Give up on one workload after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+}
+
+struct Run {
+    args: Args,
+    bins: Bins,
+    identity: Identity,
+    results: serde_json::Map<String, Value>,
+    within: Duration,
+}
+
+impl Run {
+    fn wants(&self, w: &str) -> bool {
+        self.args.only.is_empty() || self.args.only.iter().any(|o| o == w)
+    }
+
+    fn record(&mut self, key: &str, v: Value) {
+        self.results.insert(key.to_string(), v);
+    }
+
+    /// A fresh hub in a temp dir, its address for the replicas, and the dir.
+    fn hub(&self) -> Result<(Hub, HubAddress, tempfile::TempDir)> {
+        let dir = tempfile::tempdir()?;
+        let data = dir.path().join("hub");
+        let hub = Hub::start(&self.bins, &data, &self.identity.peer_id().to_string())?;
+        let address = HubAddress {
+            addr: hub.addr.clone(),
+            fingerprint: syncline_net::tls::parse_fingerprint(&hub.fingerprint)?,
+            key: None,
+        };
+        Ok((hub, address, dir))
+    }
+}
+
+fn say(line: impl AsRef<str>) {
+    eprintln!("{}", line.as_ref());
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    if let Err(e) = run(Args::parse()).await {
+        eprintln!("syncline-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("the binary's directory")?
+            .to_path_buf(),
+    };
+    let within = Duration::from_secs(args.timeout);
+    let mut run = Run {
+        bins: Bins(bin_dir),
+        identity: Identity::generate(),
+        results: serde_json::Map::new(),
+        within,
+        args,
+    };
+    let scale = run.args.scale;
+    let smoke = scale == Scale::Smoke;
+    run.record(
+        "machine",
+        json!({
+            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "scale": format!("{scale:?}").to_lowercase(),
+            "commit": option_env!("SYNCLINE_COMMIT"),
+        }),
+    );
+
+    let mut slowest = f64::NAN;
+    if run.wants("limits") {
+        say("== physical limits (same run)");
+        let l = limits::measure(if smoke { 512 } else { 8192 }).await?;
+        slowest = l.slowest_ingest_part();
+        say(format!(
+            "automerge apply {:.0}/s, ed25519 verify {:.0}/s (batch 64: {:.0}/s), sqlite {:.0}/s (1 per txn) {:.0}/s (256 per txn), quic {:.0} msgs/s, change {:.0} B",
+            l.automerge_apply_per_sec,
+            l.ed25519_verify_per_sec,
+            l.ed25519_verify_batch64_per_sec,
+            l.sqlite_insert_1_per_txn_per_sec,
+            l.sqlite_insert_256_per_txn_per_sec,
+            l.quic_messages_per_sec,
+            l.change_bytes
+        ));
+        run.record("limits", serde_json::to_value(&l)?);
+    }
+
+    if run.wants("fanout") {
+        let sizes: &[(usize, usize)] = match scale {
+            Scale::Smoke => &[(2, 20), (10, 5)],
+            Scale::Standard => &[(2, 500), (10, 100), (100, 10)],
+            Scale::Full => &[(2, 500), (10, 100), (100, 10), (1000, 2)],
+        };
+        let mut out = Vec::new();
+        for &(c, m) in sizes {
+            say(format!(
+                "== fan-out: {c} replicas x {m} changes on one document"
+            ));
+            let (_hub, addr, dir) = run.hub()?;
+            let f = workloads::fanout(&addr, dir.path(), &run.identity, c, m, None, within)
+                .await
+                .with_context(|| format!("fan-out C={c}"))?;
+            say(format!(
+                "   {:.2} s to converge, {:.0} changes/s; write-to-visible p50 {:.1} ms p99 {:.1} ms ({} samples); {:.0} B on the wire per change",
+                f.seconds,
+                f.changes_per_sec,
+                f.latency.p50_ms,
+                f.latency.p99_ms,
+                f.latency.samples,
+                f.wire_bytes_per_change
+            ));
+            let mut v = serde_json::to_value(&f)?;
+            if run.args.reference && c <= 100 {
+                v["reference"] = reference::run(
+                    &run.args.reference_dir,
+                    &[
+                        "--workload",
+                        "fanout",
+                        "--clients",
+                        &c.to_string(),
+                        "--changes",
+                        &m.to_string(),
+                    ],
+                    within,
+                )?;
+                say(format!("   reference: {}", v["reference"]));
+            }
+            out.push(v);
+        }
+        run.record("fanout", Value::Array(out));
+    }
+
+    if run.wants("latency") {
+        // Unsaturated: 10 replicas at 0.5 changes/s each.
+        let (c, m, rate) = if smoke { (3, 3, 2.0) } else { (10, 10, 0.5) };
+        say(format!(
+            "== latency: {c} replicas writing {rate} changes/s each, {m} changes each"
+        ));
+        let (_hub, addr, dir) = run.hub()?;
+        let f = workloads::fanout(&addr, dir.path(), &run.identity, c, m, Some(rate), within)
+            .await
+            .context("latency")?;
+        say(format!(
+            "   write-to-visible p50 {:.1} ms p95 {:.1} ms p99 {:.1} ms max {:.1} ms ({} samples)",
+            f.latency.p50_ms,
+            f.latency.p95_ms,
+            f.latency.p99_ms,
+            f.latency.max_ms,
+            f.latency.samples
+        ));
+        let mut v = serde_json::to_value(&f)?;
+        if run.args.reference {
+            v["reference"] = reference::run(
+                &run.args.reference_dir,
+                &[
+                    "--workload",
+                    "fanout",
+                    "--clients",
+                    &c.to_string(),
+                    "--changes",
+                    &m.to_string(),
+                    "--rate",
+                    &rate.to_string(),
+                ],
+                within,
+            )?;
+            say(format!("   reference: {}", v["reference"]));
+        }
+        run.record("latency", v);
+    }
+
+    if run.wants("ingest") {
+        let (w, d, k) = if smoke { (2, 4, 50) } else { (10, 10, 200) };
+        say(format!(
+            "== ingest: {w} writers x {d} documents x {k} changes, uploaded at once"
+        ));
+        let (_hub, addr, dir) = run.hub()?;
+        let i = workloads::ingest(&addr, dir.path(), &run.identity, w, d, k, within)
+            .await
+            .context("ingest")?;
+        let ratio = i.changes_per_sec / slowest;
+        say(format!(
+            "   {} changes acknowledged in {:.2} s: {:.0} changes/s ({:.0}% of the slowest physical limit)",
+            i.changes,
+            i.seconds,
+            i.changes_per_sec,
+            ratio * 100.0
+        ));
+        let mut v = serde_json::to_value(&i)?;
+        v["ratio_to_slowest_limit"] = json!(ratio);
+        run.record("ingest", v);
+    }
+
+    if run.wants("many-docs") {
+        let sizes: &[usize] = match scale {
+            Scale::Smoke => &[50],
+            Scale::Standard => &[1000],
+            Scale::Full => &[1000, 10_000],
+        };
+        let mut out = Vec::new();
+        for &docs in sizes {
+            say(format!(
+                "== many documents: a fresh replica catches up {docs} documents of 10 changes"
+            ));
+            let (_hub, addr, dir) = run.hub()?;
+            let c = workloads::many_docs(&addr, dir.path(), &run.identity, docs, 10, within)
+                .await
+                .context("many documents")?;
+            say(format!(
+                "   {:.2} s, {:.0} changes/s, {} bytes received",
+                c.seconds, c.changes_per_sec, c.bytes_in
+            ));
+            let mut v = serde_json::to_value(&c)?;
+            if run.args.reference {
+                v["reference"] = reference::run(
+                    &run.args.reference_dir,
+                    &[
+                        "--workload",
+                        "many-docs",
+                        "--docs",
+                        &docs.to_string(),
+                        "--changes-per-doc",
+                        "10",
+                    ],
+                    within,
+                )?;
+                say(format!("   reference: {}", v["reference"]));
+            }
+            out.push(v);
+        }
+        run.record("many_docs", Value::Array(out));
+    }
+
+    if run.wants("catch-up") {
+        let sizes: &[usize] = match scale {
+            Scale::Smoke => &[500],
+            Scale::Standard => &[10_000],
+            Scale::Full => &[10_000, 100_000],
+        };
+        let mut out = Vec::new();
+        for &n in sizes {
+            say(format!(
+                "== offline catch-up: a replica missed {n} changes to one document"
+            ));
+            let (_hub, addr, dir) = run.hub()?;
+            let c = workloads::offline_catch_up(&addr, dir.path(), &run.identity, n, within)
+                .await
+                .context("offline catch-up")?;
+            say(format!(
+                "   {:.2} s, {:.0} changes/s (every signature verified), {} bytes received",
+                c.seconds, c.changes_per_sec, c.bytes_in
+            ));
+            let mut v = serde_json::to_value(&c)?;
+            if run.args.reference {
+                v["reference"] = reference::run(
+                    &run.args.reference_dir,
+                    &[
+                        "--workload",
+                        "catch-up",
+                        "--changes",
+                        &n.to_string(),
+                        "--reader",
+                        "offline",
+                    ],
+                    within,
+                )?;
+                say(format!("   reference: {}", v["reference"]));
+            }
+            out.push(v);
+        }
+        run.record("catch_up", Value::Array(out));
+    }
+
+    if run.wants("reconnect") {
+        let sizes: &[usize] = match scale {
+            Scale::Smoke => &[10, 100],
+            Scale::Standard => &[10, 1000],
+            Scale::Full => &[10, 10_000],
+        };
+        let mut out = Vec::new();
+        for &docs in sizes {
+            say(format!(
+                "== reconnect: 1 changed document among {docs} held"
+            ));
+            let (_hub, addr, dir) = run.hub()?;
+            let r = workloads::reconnect(&addr, dir.path(), &run.identity, docs, within)
+                .await
+                .context("reconnect")?;
+            say(format!(
+                "   {:.3} s, {} bytes in, {} bytes out",
+                r.seconds, r.bytes_in, r.bytes_out
+            ));
+            out.push(serde_json::to_value(&r)?);
+        }
+        run.record("reconnect", Value::Array(out));
+    }
+
+    if run.wants("footprint") {
+        let counts: &[usize] = match scale {
+            Scale::Smoke => &[20],
+            Scale::Standard => &[1000],
+            Scale::Full => &[1000, 10_000],
+        };
+        let mut idle = Vec::new();
+        for &n in counts {
+            say(format!(
+                "== footprint: hub memory with {n} idle connections"
+            ));
+            let (hub, addr, _dir) = run.hub()?;
+            let i = workloads::idle_connections(&addr, hub.proc.pid(), &run.identity, n, within)
+                .await
+                .context("idle connections")?;
+            say(format!(
+                "   hub RSS {:.1} MiB -> {:.1} MiB: {:.1} KiB per connection",
+                i.hub_rss_before as f64 / 1048576.0,
+                i.hub_rss_after as f64 / 1048576.0,
+                i.bytes_per_connection / 1024.0
+            ));
+            idle.push(serde_json::to_value(&i)?);
+        }
+        say("== footprint: edge-node idle RSS and binary sizes");
+        let (hub, _addr, dir) = run.hub()?;
+        let edge_rss = edge_idle_rss(&run, &hub, dir.path()).await?;
+        let scratch = tempfile::tempdir()?;
+        let mut sizes = serde_json::Map::new();
+        for name in ["syncline-edge", "syncline-hub"] {
+            let (size, stripped) = procs::binary_sizes(&run.bins.path(name)?, scratch.path())?;
+            say(format!(
+                "   {name}: {:.1} MiB, stripped {}",
+                size as f64 / 1048576.0,
+                stripped.map_or("n/a".into(), |s| format!("{:.1} MiB", s as f64 / 1048576.0))
+            ));
+            sizes.insert(
+                name.into(),
+                json!({"bytes": size, "stripped_bytes": stripped}),
+            );
+        }
+        say(format!(
+            "   edge-node idle RSS {:.1} MiB",
+            edge_rss as f64 / 1048576.0
+        ));
+        run.record(
+            "footprint",
+            json!({"idle_connections": idle, "edge_idle_rss": edge_rss, "binaries": sizes}),
+        );
+    }
+
+    let out = Value::Object(run.results);
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    if let Some(path) = &run.args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        say(format!("results written to {}", path.display()));
+    }
+    Ok(())
+}
+
+/// Starts a `syncline-edge` connected to `hub`, waits until its session is up, and returns
+/// its largest RSS over one idle second.
+async fn edge_idle_rss(run: &Run, hub: &Hub, dir: &std::path::Path) -> Result<u64> {
+    let edge = run.bins.path("syncline-edge")?;
+    let data = dir.join("edge");
+    let out = std::process::Command::new(&edge)
+        .args(["init", "--json", "--data"])
+        .arg(&data)
+        .args(["--hub", &hub.addr, "--hub-fingerprint", &hub.fingerprint])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "edge init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let key = v["public_key"].as_str().context("edge key")?;
+    let status = std::process::Command::new(run.bins.path("syncline-hub")?)
+        .args(["grant", "--data"])
+        .arg(&hub.data)
+        .args([key, "", "rw"])
+        .status()?;
+    anyhow::ensure!(status.success(), "granting the edge");
+    let mut proc = procs::Proc::spawn(
+        std::process::Command::new(&edge)
+            .args(["run", "--api", "127.0.0.1:0", "--data"])
+            .arg(&data),
+    )?;
+    let line = proc.line_starting("api on ", Duration::from_secs(30))?;
+    let api = line
+        .split_whitespace()
+        .nth(2)
+        .context("api address")?
+        .to_string();
+    fleet::wait_until("the edge to connect", run.within, || {
+        let api = api.clone();
+        async move {
+            let body = tokio::task::spawn_blocking(move || reference::http_get(&api, "/v1/status"))
+                .await??;
+            let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            Ok(v["connected"] == json!(true))
+        }
+    })
+    .await?;
+    let mut rss = 0;
+    for _ in 0..10 {
+        rss = rss.max(proc.rss()?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(rss)
+}

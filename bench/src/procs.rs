@@ -1,0 +1,161 @@
+//! The real processes a run drives: `syncline-hub` and `syncline-edge` from the binary
+//! directory, on 127.0.0.1 with free ports and temp dirs, ended by PID when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// A child process whose stdout lines are read on a thread; killed when dropped.
+pub struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Result<Proc> {
+        let mut child = cmd
+            .env("SYNCLINE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {cmd:?}"))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Proc { child, lines })
+    }
+
+    /// Waits for a stdout line starting with `prefix`.
+    pub fn line_starting(&mut self, prefix: &str, within: Duration) -> Result<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.starts_with(prefix) => return Ok(l),
+                Ok(_) => {}
+                Err(_) => bail!("no line starting with {prefix:?} within {within:?}"),
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory in bytes (`VmRSS` of `/proc/PID/status`).
+    pub fn rss(&self) -> Result<u64> {
+        rss_of(self.pid())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident memory of a process in bytes.
+pub fn rss_of(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("no VmRSS for pid {pid}"))?;
+    Ok(kib * 1024)
+}
+
+/// Where the release binaries are.
+#[derive(Clone, Debug)]
+pub struct Bins(pub PathBuf);
+
+impl Bins {
+    pub fn path(&self, name: &str) -> Result<PathBuf> {
+        let p = self.0.join(name);
+        if !p.exists() {
+            bail!(
+                "{} is missing: build it first with \
+                 `cargo build --release -p syncline-hub -p syncline-edge -p syncline-bench`",
+                p.display()
+            );
+        }
+        Ok(p)
+    }
+}
+
+/// A running hub.
+pub struct Hub {
+    pub proc: Proc,
+    pub data: PathBuf,
+    pub addr: String,
+    pub fingerprint: String,
+}
+
+impl Hub {
+    /// Starts a hub on a free port with its data in `data`, and grants `key` read and write
+    /// on every document.
+    pub fn start(bins: &Bins, data: &Path, key: &str) -> Result<Hub> {
+        let hub = bins.path("syncline-hub")?;
+        let out = Command::new(&hub)
+            .args(["init", "--data"])
+            .arg(data)
+            .output()?;
+        if !out.status.success() {
+            bail!("hub init: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let out = Command::new(&hub)
+            .args(["grant", "--data"])
+            .arg(data)
+            .args([key, "", "rw"])
+            .output()?;
+        if !out.status.success() {
+            bail!("hub grant: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let mut proc = Proc::spawn(Command::new(&hub).args(["run", "--data"]).arg(data).args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ]))?;
+        // listening on ADDR fingerprint FP key KEY
+        let line = proc.line_starting("listening on ", Duration::from_secs(30))?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (Some(addr), Some(fp)) = (words.get(2), words.get(4)) else {
+            bail!("unexpected hub output: {line}");
+        };
+        Ok(Hub {
+            addr: addr.to_string(),
+            fingerprint: fp.to_string(),
+            data: data.to_path_buf(),
+            proc,
+        })
+    }
+}
+
+/// Size of a file in bytes, and of a stripped copy of it (`strip` from binutils).
+pub fn binary_sizes(path: &Path, scratch: &Path) -> Result<(u64, Option<u64>)> {
+    let size = std::fs::metadata(path)?.len();
+    let copy = scratch.join("stripped");
+    std::fs::copy(path, &copy)?;
+    let stripped = Command::new("strip")
+        .arg(&copy)
+        .status()
+        .ok()
+        .filter(|s| s.success())
+        .and_then(|_| std::fs::metadata(&copy).ok())
+        .map(|m| m.len());
+    Ok((size, stripped))
+}

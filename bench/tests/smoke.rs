@@ -1,0 +1,78 @@
+//! The benchmark suite at its smallest scale, against the workspace's debug binaries: every
+//! workload runs to the end and reports numbers that hold together. (Speed is measured by
+//! running the suite itself, in release, not here.)
+#![allow(clippy::unwrap_used, clippy::expect_used)] // A panic is a failed test.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn every_workload_runs_at_smoke_scale_and_reports_consistent_numbers() {
+    let exe = env!("CARGO_BIN_EXE_syncline-bench");
+    let dir = std::path::Path::new(exe).parent().unwrap();
+    for bin in ["syncline-hub", "syncline-edge"] {
+        assert!(
+            dir.join(bin).exists(),
+            "{bin} is missing next to syncline-bench: build the workspace first \
+             (`cargo test --workspace` builds it)"
+        );
+    }
+    let out_dir = tempfile::tempdir().unwrap();
+    let json = out_dir.path().join("result.json");
+    let out = Command::new(exe)
+        .args(["--scale", "smoke", "--timeout", "120", "--json"])
+        .arg(&json)
+        .env("SYNCLINE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "syncline-bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+
+    for f in r["fanout"].as_array().unwrap() {
+        let (c, n) = (
+            f["clients"].as_u64().unwrap(),
+            f["changes"].as_u64().unwrap(),
+        );
+        // Every change was seen by every other replica, each with a latency.
+        let samples = f["latency"]["samples"].as_u64().unwrap();
+        assert_eq!(samples, n * (c - 1), "{f}");
+        assert!(f["latency"]["p50_ms"].as_f64().unwrap() > 0.0, "{f}");
+        assert!(f["latency"]["p99_ms"].as_f64() >= f["latency"]["p50_ms"].as_f64());
+        // A small change costs a few hundred bytes on the wire, not kilobytes.
+        let per_change = f["wire_bytes_per_change"].as_f64().unwrap();
+        assert!((50.0..2000.0).contains(&per_change), "{f}");
+    }
+    assert_eq!(r["ingest"]["changes"], 400);
+    assert!(r["ingest"]["changes_per_sec"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["many_docs"][0]["docs"], 50);
+    assert!(r["many_docs"][0]["bytes_in"].as_u64().unwrap() > 50 * 10 * 50);
+    assert_eq!(r["catch_up"][0]["changes"], 500);
+
+    // Reconnecting costs what changed (one change), not what is held (10 or 100 documents).
+    let rc = r["reconnect"].as_array().unwrap();
+    let small = rc[0]["bytes_in"].as_u64().unwrap();
+    let large = rc[1]["bytes_in"].as_u64().unwrap();
+    assert!(small > 0 && large > 0, "{rc:?}");
+    assert!(
+        large < small * 2,
+        "10x the documents held cost {small} -> {large} bytes"
+    );
+
+    let idle = &r["footprint"]["idle_connections"][0];
+    assert!(
+        idle["hub_rss_after"].as_u64() > idle["hub_rss_before"].as_u64(),
+        "{idle}"
+    );
+    assert!(r["footprint"]["edge_idle_rss"].as_u64().unwrap() > 1 << 20);
+    assert!(
+        r["limits"]["sqlite_insert_256_per_txn_per_sec"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+}
