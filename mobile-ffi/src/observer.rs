@@ -25,7 +25,8 @@ pub trait ReplicaObserver: Send + Sync {
     /// The sync status changed (connected, disconnected, uploads acknowledged, caught up...).
     /// Also called once with the current status when the observer is set.
     fn on_status(&self, status: SyncStatus);
-    /// The observer fell behind and `missed` notices were dropped: read the documents again.
+    /// The observer fell behind and `missed` notices were dropped: read the documents (and
+    /// the status) again.
     fn on_lagged(&self, missed: u64);
 }
 
@@ -141,6 +142,47 @@ pub(crate) type ObserverSlot = Arc<Mutex<Option<Arc<dyn ReplicaObserver>>>>;
 /// Events in one batch before the status is computed again (a burst of writes gives one
 /// status, not one per write).
 const BATCH: usize = 256;
+/// Notices waiting for a slow observer, at most; beyond, they are counted and the observer is
+/// told how many it missed (`on_lagged`).
+pub(crate) const MAX_NOTICES: usize = 1024;
+
+/// The pump's side of the bounded queue to the observer thread. Never blocks the runtime.
+pub(crate) struct Notices {
+    tx: std::sync::mpsc::SyncSender<Notice>,
+    dropped: u64,
+}
+
+/// The observer thread is gone (the replica is closing).
+struct Gone;
+
+impl Notices {
+    pub(crate) fn new(tx: std::sync::mpsc::SyncSender<Notice>) -> Self {
+        Notices { tx, dropped: 0 }
+    }
+
+    /// Queues `n`; counts it as dropped if the queue is full. Returns whether it was queued.
+    fn send(&mut self, n: Notice) -> Result<bool, Gone> {
+        use std::sync::mpsc::TrySendError;
+        if self.dropped > 0 {
+            match self.tx.try_send(Notice::Lagged(self.dropped)) {
+                Ok(()) => self.dropped = 0,
+                Err(TrySendError::Full(_)) => {
+                    self.dropped += 1;
+                    return Ok(false);
+                }
+                Err(TrySendError::Disconnected(_)) => return Err(Gone),
+            }
+        }
+        match self.tx.try_send(n) {
+            Ok(()) => Ok(true),
+            Err(TrySendError::Full(_)) => {
+                self.dropped += 1;
+                Ok(false)
+            }
+            Err(TrySendError::Disconnected(_)) => Err(Gone),
+        }
+    }
+}
 
 /// Waits on the replica's events, the link and pokes; sends notices until the replica closes
 /// or the observer thread is gone.
@@ -148,7 +190,7 @@ pub(crate) async fn pump(
     handle: ReplicaHandle,
     syncing: Arc<std::sync::atomic::AtomicBool>,
     mut pokes: mpsc::Receiver<Poke>,
-    notices: std::sync::mpsc::Sender<Notice>,
+    mut notices: Notices,
 ) {
     let mut events = handle.events();
     let mut link = handle.link_changes();
@@ -237,12 +279,13 @@ pub(crate) async fn pump(
         if due {
             let on = syncing.load(std::sync::atomic::Ordering::SeqCst);
             match status(&handle, on).await {
-                Ok(s) if last.as_ref() != Some(&s) => {
-                    last = Some(s.clone());
-                    if notices.send(Notice::Status(s)).is_err() {
-                        return;
-                    }
-                }
+                Ok(s) if last.as_ref() != Some(&s) => match notices.send(Notice::Status(s.clone()))
+                {
+                    Ok(true) => last = Some(s),
+                    // Dropped: send it again at the next chance, even if unchanged.
+                    Ok(false) => last = None,
+                    Err(Gone) => return,
+                },
                 Ok(_) => {}
                 Err(SynclineError::Closed) => return,
                 Err(e) => tracing::warn!(error = %e, "reading the sync status failed"),
@@ -268,5 +311,37 @@ pub(crate) fn deliver(slot: ObserverSlot, notices: std::sync::mpsc::Receiver<Not
         if delivered.is_err() {
             tracing::warn!("the app's observer threw; the notice is dropped");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_observer_is_told_how_many_notices_it_missed() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(2);
+        let mut notices = Notices::new(tx);
+        let queued: Vec<bool> = (0..5)
+            .map(|n| matches!(notices.send(Notice::Lagged(n)), Ok(true)))
+            .collect();
+        assert_eq!(queued, [true, true, false, false, false]);
+        let drained: Vec<Notice> = rx.try_iter().collect();
+        assert_eq!(drained.len(), 2);
+        assert!(matches!(notices.send(Notice::Lagged(99)), Ok(true)));
+        let next: Vec<u64> = rx
+            .try_iter()
+            .map(|n| match n {
+                Notice::Lagged(k) => k,
+                _ => u64::MAX,
+            })
+            .collect();
+        assert_eq!(
+            next,
+            [3, 99],
+            "first how many were missed, then the new notice"
+        );
+        drop(rx);
+        assert!(notices.send(Notice::Lagged(0)).is_err());
     }
 }

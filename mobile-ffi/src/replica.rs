@@ -90,7 +90,7 @@ impl Replica {
         let (handle, thread) = ReplicaHandle::spawn(core);
 
         let observer: ObserverSlot = Arc::default();
-        let (notices_tx, notices_rx) = std::sync::mpsc::channel();
+        let (notices_tx, notices_rx) = std::sync::mpsc::sync_channel(observer::MAX_NOTICES);
         let slot = observer.clone();
         std::thread::Builder::new()
             .name("syncline-observer".into())
@@ -104,7 +104,7 @@ impl Replica {
             handle.clone(),
             syncing.clone(),
             pokes_rx,
-            notices_tx,
+            observer::Notices::new(notices_tx),
         ));
         Ok(Arc::new(Replica {
             state: Mutex::new(Some(Open {

@@ -1014,7 +1014,8 @@ public protocol ReplicaObserver: AnyObject, Sendable {
     func onStatus(status: SyncStatus) 
     
     /**
-     * The observer fell behind and `missed` notices were dropped: read the documents again.
+     * The observer fell behind and `missed` notices were dropped: read the documents (and
+     * the status) again.
      */
     func onLagged(missed: UInt64) 
     
@@ -1103,7 +1104,8 @@ open func onStatus(status: SyncStatus)  {try! rustCall() {
 }
     
     /**
-     * The observer fell behind and `missed` notices were dropped: read the documents again.
+     * The observer fell behind and `missed` notices were dropped: read the documents (and
+     * the status) again.
      */
 open func onLagged(missed: UInt64)  {try! rustCall() {
         uniffiCallStatus in
@@ -2175,7 +2177,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_syncline_ffi_checksum_method_replicaobserver_on_status() != 40958) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_syncline_ffi_checksum_method_replicaobserver_on_lagged() != 28801) {
+    if (uniffi_syncline_ffi_checksum_method_replicaobserver_on_lagged() != 10560) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_syncline_ffi_checksum_method_replica_change() != 18354) {

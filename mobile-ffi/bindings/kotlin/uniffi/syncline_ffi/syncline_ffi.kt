@@ -941,7 +941,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_syncline_ffi_checksum_method_replicaobserver_on_status() and 0xFFFF) != 40958) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_syncline_ffi_checksum_method_replicaobserver_on_lagged() and 0xFFFF) != 28801) {
+    if ((lib.uniffi_syncline_ffi_checksum_method_replicaobserver_on_lagged() and 0xFFFF) != 10560) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_syncline_ffi_checksum_method_replica_change() and 0xFFFF) != 18354) {
@@ -2045,7 +2045,8 @@ public interface ReplicaObserver {
     fun `onStatus`(`status`: SyncStatus)
     
     /**
-     * The observer fell behind and `missed` notices were dropped: read the documents again.
+     * The observer fell behind and `missed` notices were dropped: read the documents (and
+     * the status) again.
      */
     fun `onLagged`(`missed`: kotlin.ULong)
     
@@ -2193,7 +2194,8 @@ open class ReplicaObserverImpl: Disposable, AutoCloseable, ReplicaObserver
 
     
     /**
-     * The observer fell behind and `missed` notices were dropped: read the documents again.
+     * The observer fell behind and `missed` notices were dropped: read the documents (and
+     * the status) again.
      */override fun `onLagged`(`missed`: kotlin.ULong)
         = 
     callWithHandle {
