@@ -30,6 +30,8 @@ use crate::runtime::runtime;
 const MAX_OPS_JSON_BYTES: usize = 4 * 1024 * 1024;
 /// How long closing waits for the sync task and the event pump to end.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait of `sync_now` (a longer timeout is cut to this, rather than overflow a clock).
+const MAX_SYNC_NOW: Duration = Duration::from_secs(24 * 3600);
 
 /// A replica: the app's documents in a local SQLite store, synced with a hub over QUIC.
 ///
@@ -286,7 +288,8 @@ impl Replica {
             }
         }
         self.start_sync()?;
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(timeout_ms).min(MAX_SYNC_NOW);
         self.block_on(async move {
             let mut events = handle.events();
             let mut link = handle.link_changes();

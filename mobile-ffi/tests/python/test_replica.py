@@ -292,6 +292,8 @@ def test_stop_sync_goes_offline_and_start_sync_uploads_what_waited(tmp_path, hub
     status = app.sync_now(15_000)
     assert status.caught_up and status.pending_uploads == 0, status
     until("the second write at the edge", lambda: edge.get("fleet/truck-7") == {"km": 1300})
+    # The largest timeout is taken (cut to a day), not an overflow.
+    assert app.sync_now(2**64 - 1).caught_up
     app.stop_sync()
     app.stop_sync()  # harmless
 
