@@ -1294,6 +1294,29 @@ mod tests {
     }
 
     #[test]
+    fn the_app_is_told_when_the_hub_stores_its_changes() {
+        let mut r = replica();
+        let mut hub = hub_with(vec![grant(r.peer_id(), "", true, true)]);
+        let doc = DocId::new("d").unwrap();
+        for v in 0..3 {
+            r.change(&doc, &ops(json!([{"op":"put","path":["a"],"value":v}])))
+                .unwrap();
+        }
+        events(&mut r);
+        let sid = connect(&mut hub, &mut r);
+        pump(&mut hub, &mut [(&mut r, sid)]);
+        let acknowledged: u64 = events(&mut r)
+            .iter()
+            .filter_map(|e| match e {
+                Event::Acknowledged { doc: d, changes } if *d == doc => Some(*changes),
+                _ => None,
+            })
+            .sum();
+        assert_eq!(acknowledged, 3);
+        assert_eq!(r.status().unwrap().outbox, 0);
+    }
+
+    #[test]
     fn a_key_without_read_rights_never_receives_the_document() {
         let mut writer = replica();
         let mut reader = replica();

@@ -124,6 +124,13 @@ pub enum Event {
         /// The hub's key.
         hub: PeerId,
     },
+    /// The hub stored local changes of a document: they left the outbox.
+    Acknowledged {
+        /// The document.
+        doc: DocId,
+        /// How many changes.
+        changes: u64,
+    },
     /// Events were dropped because the app did not read them.
     Lagged {
         /// How many.
@@ -675,6 +682,10 @@ impl Replica {
                 // A duplicate acknowledgement is harmless: the rows are gone already.
                 if let Some(f) = s.inflight.remove(&a.push_id) {
                     self.store.ack_outbox(&f.rows, s.hub_epoch)?;
+                    self.push_event(Event::Acknowledged {
+                        doc: f.doc,
+                        changes: f.rows.len() as u64,
+                    });
                 }
             }
             Message::Reject(r) => self.on_reject(r)?,

@@ -4,13 +4,13 @@
 //! runs the session until it breaks, and tries again with exponential backoff and jitter,
 //! moving to the next hub on failure (failover).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use syncline_core::PeerId;
 use syncline_core::replica::{Event, Replica};
 use syncline_core::wire::Message;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::backoff::Backoff;
 use crate::{NetError, tls};
@@ -57,7 +57,7 @@ impl SyncSettings {
 }
 
 /// The state of the link to the hubs, for status pages.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LinkState {
     /// The hub of the current session.
     pub hub: Option<String>,
@@ -91,7 +91,7 @@ pub struct ReplicaHandle {
     tx: mpsc::Sender<Command>,
     traffic: Arc<crate::stream::Traffic>,
     events: broadcast::Sender<Event>,
-    link: Arc<Mutex<LinkState>>,
+    link: Arc<watch::Sender<LinkState>>,
 }
 
 impl ReplicaHandle {
@@ -109,7 +109,7 @@ impl ReplicaHandle {
                 tx,
                 traffic: Arc::default(),
                 events,
-                link: Arc::new(Mutex::new(LinkState::default())),
+                link: Arc::new(watch::Sender::new(LinkState::default())),
             },
             thread,
         )
@@ -145,10 +145,17 @@ impl ReplicaHandle {
 
     /// The state of the link to the hubs.
     pub fn link(&self) -> LinkState {
-        self.link.lock().map(|l| l.clone()).unwrap_or_default()
+        self.link.borrow().clone()
     }
 
-    /// Starts the sync task on the current tokio runtime.
+    /// The link state, marked changed whenever it changes (a session comes up or ends, an
+    /// attempt fails): status pages and mobile observers wait on it instead of polling.
+    pub fn link_changes(&self) -> watch::Receiver<LinkState> {
+        self.link.subscribe()
+    }
+
+    /// Starts the sync task on the current tokio runtime. Aborting the returned task ends the
+    /// session cleanly: the replica learns it is disconnected and the link state says so.
     pub fn start_sync(
         &self,
         settings: SyncSettings,
@@ -170,9 +177,11 @@ impl ReplicaHandle {
     }
 
     fn set_link(&self, f: impl FnOnce(&mut LinkState)) {
-        if let Ok(mut l) = self.link.lock() {
-            f(&mut l);
-        }
+        self.link.send_if_modified(|l| {
+            let before = l.clone();
+            f(l);
+            *l != before
+        });
     }
 }
 
@@ -248,6 +257,10 @@ async fn session(
         })
         .await
         .map_err(|_| NetError::Stopped)?;
+    let mut end = SessionEnd {
+        handle,
+        armed: true,
+    };
     handle.set_link(|l| {
         l.connected = true;
         l.hub = Some(hub.addr.clone());
@@ -265,8 +278,27 @@ async fn session(
     )
     .await;
     let _ = handle.tx.send(Command::Disconnected).await;
+    end.armed = false;
+    handle.set_link(|l| l.connected = false);
     conn.close(0u32.into(), b"session ended");
     result
+}
+
+/// Ends the replica's side of a session when the sync task is aborted mid-session (an app
+/// stopping sync as it goes to the background): `Drop` cannot await, so the replica thread is
+/// told without waiting; if its queue is full, it finds the session's channel closed instead.
+struct SessionEnd<'a> {
+    handle: &'a ReplicaHandle,
+    armed: bool,
+}
+
+impl Drop for SessionEnd<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.handle.tx.try_send(Command::Disconnected);
+            self.handle.set_link(|l| l.connected = false);
+        }
+    }
 }
 
 fn run(
@@ -317,7 +349,11 @@ fn run(
                     }
                 }
             }
-            if replica.session_failed() {
+            if tx.is_closed() {
+                // The session's task is gone (aborted) without a word: end it here too.
+                replica.disconnect();
+                outbound = None;
+            } else if replica.session_failed() {
                 // The error for the hub is queued: dropping the sender ends the stream after
                 // it; the sync task reconnects with backoff.
                 outbound = None;

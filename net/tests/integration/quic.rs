@@ -212,3 +212,57 @@ async fn a_replica_fails_over_to_the_second_hub() {
     .await;
     assert_eq!(a.link().hub.as_deref(), Some(hub.addr.as_str()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_changes_are_pushed_and_an_aborted_sync_ends_the_session_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path());
+    let address = HubAddress {
+        addr: hub.addr.clone(),
+        fingerprint: hub.fingerprint,
+        key: None,
+    };
+    let a = replica(dir.path(), "a.db");
+    let mut link = a.link_changes();
+    let wait = Duration::from_secs(20);
+    let task = a
+        .start_sync(SyncSettings::new(vec![address.clone()]))
+        .unwrap();
+    tokio::time::timeout(wait, link.wait_for(|l| l.connected))
+        .await
+        .expect("a pushed link change to connected")
+        .unwrap();
+    until("the session to be authenticated", || async {
+        a.call(|r| r.status().unwrap().hub.is_some()).await.unwrap()
+    })
+    .await;
+
+    // An app going to the background aborts the sync task mid-session.
+    task.abort();
+    let _ = task.await;
+    tokio::time::timeout(wait, link.wait_for(|l| !l.connected))
+        .await
+        .expect("a pushed link change to disconnected")
+        .unwrap();
+    until("the replica to end its session", || async {
+        a.call(|r| !r.is_connected()).await.unwrap()
+    })
+    .await;
+
+    // Writes made meanwhile wait in the outbox and go up when sync starts again.
+    let doc = DocId::new("d").unwrap();
+    a.call(move |r| r.change(&doc, &ops(json!([{"op":"put","path":["x"],"value":1}]))))
+        .await
+        .unwrap()
+        .unwrap();
+    a.start_sync(SyncSettings::new(vec![address])).unwrap();
+    until("the write to reach the hub after the restart", || async {
+        hub.handle
+            .call(|h| h.store().change_count().unwrap())
+            .await
+            .unwrap()
+            == 1
+    })
+    .await;
+    assert!(a.link().connected);
+}

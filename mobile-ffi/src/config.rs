@@ -1,0 +1,111 @@
+//! What an app configures: the hubs to sync with.
+
+use syncline_core::PeerId;
+use syncline_net::client::HubAddress;
+
+use crate::SynclineError;
+
+/// One hub to sync with.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct HubConfig {
+    /// `host:port` of the hub's QUIC endpoint, such as `hub.example.org:4433`.
+    pub address: String,
+    /// SHA-256 fingerprint of the hub's certificate, 64 hex characters (colons and case are
+    /// tolerated), as `syncline-hub run` prints it. The certificate is pinned by it.
+    pub fingerprint: String,
+    /// The hub's public key (64 hex characters), pinned in the handshake too; `null`/`nil`
+    /// to trust the certificate fingerprint alone.
+    #[uniffi(default)]
+    pub key: Option<String>,
+}
+
+/// How a replica syncs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, uniffi::Record)]
+pub struct ReplicaConfig {
+    /// Hubs in order of preference: the first is tried first, the next ones when it fails.
+    /// Empty: the replica works offline until `set_hubs` names one.
+    #[uniffi(default)]
+    pub hubs: Vec<HubConfig>,
+}
+
+/// Checks every hub and converts them for the sync task. Says which hub is wrong.
+pub(crate) fn hub_addresses(hubs: &[HubConfig]) -> Result<Vec<HubAddress>, SynclineError> {
+    hubs.iter()
+        .enumerate()
+        .map(|(i, h)| {
+            hub_address(h).map_err(|reason| {
+                SynclineError::InvalidConfig(format!("hub {} ({:?}): {reason}", i + 1, h.address))
+            })
+        })
+        .collect()
+}
+
+fn hub_address(h: &HubConfig) -> Result<HubAddress, String> {
+    let addr = h.address.trim();
+    check_host_port(addr)?;
+    let fingerprint = syncline_net::tls::parse_fingerprint(&h.fingerprint).map_err(|_| {
+        format!(
+            "the fingerprint {:?} is not a SHA-256 fingerprint (64 hex characters, as the hub \
+             prints it)",
+            h.fingerprint
+        )
+    })?;
+    let key =
+        match &h.key {
+            Some(k) => Some(PeerId::from_hex(k.trim()).map_err(|_| {
+                format!("the hub key {k:?} is not a public key (64 hex characters)")
+            })?),
+            None => None,
+        };
+    Ok(HubAddress {
+        addr: addr.to_owned(),
+        fingerprint,
+        key,
+    })
+}
+
+/// `host:port` or `[v6]:port`: a non-empty host and a port number.
+fn check_host_port(addr: &str) -> Result<(), String> {
+    let bad = || format!("the address {addr:?} is not HOST:PORT (such as hub.example.org:4433)");
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(bad());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(bad()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub(address: &str, fingerprint: &str, key: Option<&str>) -> HubConfig {
+        HubConfig {
+            address: address.into(),
+            fingerprint: fingerprint.into(),
+            key: key.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn hubs_are_checked_and_the_wrong_one_is_named() {
+        let fp = "AB:".repeat(31) + "AB";
+        let ok = hub_addresses(&[hub("hub.example:4433", &fp, None)]);
+        assert!(matches!(ok.as_deref(), Ok([h]) if h.fingerprint == [0xab; 32]));
+        for (bad, needle) in [
+            (hub("hub.example", &fp, None), "HOST:PORT"),
+            (hub("hub:0", &fp, None), "HOST:PORT"),
+            (hub("hub:1", "abc", None), "fingerprint"),
+            (hub("hub:1", &fp, Some("zz")), "hub key"),
+        ] {
+            match hub_addresses(&[hub("a:1", &fp, None), bad]) {
+                Err(SynclineError::InvalidConfig(m)) => {
+                    assert!(m.starts_with("hub 2 ") && m.contains(needle), "{m}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}
