@@ -47,8 +47,10 @@ fn every_workload_runs_at_smoke_scale_and_reports_consistent_numbers() {
         let per_change = f["wire_bytes_per_change"].as_f64().unwrap();
         assert!((50.0..2000.0).contains(&per_change), "{f}");
     }
-    assert_eq!(r["ingest"]["changes"], 400);
-    assert!(r["ingest"]["changes_per_sec"].as_f64().unwrap() > 0.0);
+    for (i, changes) in r["ingest"].as_array().unwrap().iter().zip([200, 400]) {
+        assert_eq!(i["changes"], changes, "{i}");
+        assert!(i["changes_per_sec"].as_f64().unwrap() > 0.0, "{i}");
+    }
     assert_eq!(r["many_docs"][0]["docs"], 50);
     assert!(r["many_docs"][0]["bytes_in"].as_u64().unwrap() > 50 * 10 * 50);
     assert_eq!(r["catch_up"][0]["changes"], 500);
