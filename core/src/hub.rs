@@ -29,8 +29,11 @@ use crate::wire::{
 /// Identifies a connection to the hub.
 pub type SessionId = u64;
 
-/// Subscriptions one session may hold.
-pub const MAX_SUBSCRIPTIONS: usize = 1024;
+/// Subscriptions one session may hold. A replica follows every document it writes to, so a
+/// gateway writing to many documents holds as many subscriptions (about 200 bytes each here):
+/// the bound is large enough for tens of thousands of documents, small enough to bound a
+/// session's memory (about 13 MiB at most).
+pub const MAX_SUBSCRIPTIONS: usize = 65_536;
 /// Messages queued for one session before its live subscriptions fall back to the log.
 pub const MAX_QUEUED_MESSAGES: usize = 256;
 /// Reconcile requests one session may have waiting.
@@ -1506,6 +1509,30 @@ mod tests {
         assert!(err.to_string().contains("split it"), "{err}");
         assert_eq!(r.json(&doc).unwrap(), json!({"a": 1}));
         assert_eq!(r.status().unwrap().outbox, 1);
+    }
+
+    #[test]
+    fn a_gateway_writing_to_thousands_of_documents_syncs_them_all() {
+        // Each written document is followed on its own: over the old bound of 1,024
+        // subscriptions the hub failed the session at every connection, and nothing synced.
+        let mut r = replica();
+        let mut hub = hub_with(vec![grant(r.peer_id(), "", true, true)]);
+        let group: Vec<_> = (0..1500)
+            .map(|i| {
+                (
+                    DocId::new(format!("sensors/{i}")).unwrap(),
+                    ops(json!([{"op":"put","path":["v"],"value":i}])),
+                )
+            })
+            .collect();
+        r.change_many(&group).unwrap();
+        let sid = connect(&mut hub, &mut r);
+        let errors = pump(&mut hub, &mut [(&mut r, sid)]);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(!hub.is_failed(sid));
+        assert_eq!(hub.store().change_count().unwrap(), 1500);
+        assert_eq!(r.status().unwrap().outbox, 0);
+        assert_eq!(r.status().unwrap().subscriptions.len(), 1500);
     }
 
     #[test]

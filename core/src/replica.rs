@@ -25,7 +25,7 @@ use crate::change::{self, SignedChange, VerifiedChange};
 use crate::document::{Document, PatchSummary};
 use crate::error::{Error, ProtocolError, Result};
 use crate::identity::Identity;
-use crate::ids::{ChangeHash, Cursor, DocId, Epoch, PeerId};
+use crate::ids::{ChangeHash, Cursor, DocId, DocPrefix, Epoch, PeerId};
 use crate::ops::Op;
 use crate::protocol::Handshake;
 use crate::store::ReplicaStore;
@@ -185,13 +185,53 @@ struct Session {
     failed: bool,
 }
 
+/// The replica's subscriptions, with a set of the documents followed one by one: a gateway
+/// that writes to thousands of documents follows each, and every write asks whether its
+/// document is followed already.
+#[derive(Debug, Default)]
+struct Subscriptions {
+    list: Vec<Target>,
+    docs: HashSet<DocId>,
+    prefixes: Vec<DocPrefix>,
+}
+
+impl Subscriptions {
+    fn covers(&self, doc: &DocId) -> bool {
+        self.docs.contains(doc) || self.prefixes.iter().any(|p| doc.matches(p))
+    }
+
+    fn contains(&self, target: &Target) -> bool {
+        match target {
+            Target::Doc(d) => self.docs.contains(d),
+            Target::Prefix(p) => self.prefixes.contains(p),
+        }
+    }
+
+    fn push(&mut self, target: Target) {
+        if self.contains(&target) {
+            return;
+        }
+        match &target {
+            Target::Doc(d) => {
+                self.docs.insert(d.clone());
+            }
+            Target::Prefix(p) => self.prefixes.push(p.clone()),
+        }
+        self.list.push(target);
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, Target> {
+        self.list.iter()
+    }
+}
+
 /// A replica of a set of documents. See the module docs for how a driver runs it.
 pub struct Replica {
     identity: Identity,
     actor: automerge::ActorId,
     store: ReplicaStore,
     docs: HashMap<DocId, DocState>,
-    subscriptions: Vec<Target>,
+    subscriptions: Subscriptions,
     session: Option<Session>,
     incoming: Vec<Changes>,
     events: VecDeque<Event>,
@@ -229,11 +269,10 @@ impl Replica {
         };
         let instance = options.instance.unwrap_or_else(|| rng.r#gen());
         let actor = change::actor_for(&identity.peer_id(), instance);
-        let subscriptions = store
-            .subscriptions()?
-            .into_iter()
-            .map(|(t, _, _)| t)
-            .collect();
+        let mut subscriptions = Subscriptions::default();
+        for (t, _, _) in store.subscriptions()? {
+            subscriptions.push(t);
+        }
         Ok(Replica {
             identity,
             actor,
@@ -365,14 +404,9 @@ impl Replica {
             }
         }
         let new_subs: Vec<Target> = {
-            let mut subs = Vec::new();
+            let mut subs: Vec<Target> = Vec::new();
             for (c, _) in &made {
-                if !self
-                    .subscriptions
-                    .iter()
-                    .chain(subs.iter())
-                    .any(|t| t.covers(c.doc()))
-                {
+                if !self.subscriptions.covers(c.doc()) && !subs.iter().any(|t| t.covers(c.doc())) {
                     subs.push(Target::Doc(c.doc().clone()));
                 }
             }
