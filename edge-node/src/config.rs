@@ -147,7 +147,7 @@ impl HubConfig {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        check_host_port(&self.addr)?;
+        HubAddress::check_addr(&self.addr)?;
         syncline_net::tls::parse_fingerprint(&self.fingerprint)?;
         if let Some(key) = &self.key {
             syncline_core::PeerId::from_hex(key)?;
@@ -166,20 +166,6 @@ impl HubConfig {
                 .map(syncline_core::PeerId::from_hex)
                 .transpose()?,
         })
-    }
-}
-
-/// `host:port`, `[v6]:port`: a non-empty host and a port number.
-fn check_host_port(addr: &str) -> anyhow::Result<()> {
-    let bad =
-        || anyhow::anyhow!("hub address {addr:?} is not HOST:PORT (such as hub.example:7443)");
-    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
-    if host.is_empty() || host.contains(char::is_whitespace) {
-        return Err(bad());
-    }
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(()),
-        _ => Err(bad()),
     }
 }
 

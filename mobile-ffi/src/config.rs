@@ -42,7 +42,7 @@ pub(crate) fn hub_addresses(hubs: &[HubConfig]) -> Result<Vec<HubAddress>, Syncl
 
 fn hub_address(h: &HubConfig) -> Result<HubAddress, String> {
     let addr = h.address.trim();
-    check_host_port(addr)?;
+    HubAddress::check_addr(addr).map_err(|e| e.to_string())?;
     let fingerprint = syncline_net::tls::parse_fingerprint(&h.fingerprint).map_err(|_| {
         format!(
             "the fingerprint {:?} is not a SHA-256 fingerprint (64 hex characters, as the hub \
@@ -62,19 +62,6 @@ fn hub_address(h: &HubConfig) -> Result<HubAddress, String> {
         fingerprint,
         key,
     })
-}
-
-/// `host:port` or `[v6]:port`: a non-empty host and a port number.
-fn check_host_port(addr: &str) -> Result<(), String> {
-    let bad = || format!("the address {addr:?} is not HOST:PORT (such as hub.example.org:4433)");
-    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
-    if host.is_empty() || host.contains(char::is_whitespace) {
-        return Err(bad());
-    }
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(()),
-        _ => Err(bad()),
-    }
 }
 
 #[cfg(test)]

@@ -31,6 +31,26 @@ pub struct HubAddress {
     pub key: Option<PeerId>,
 }
 
+impl HubAddress {
+    /// Checks that `addr` is `host:port` or `[v6]:port`: a non-empty host without spaces and
+    /// a port from 1 to 65535. The error says what was expected.
+    pub fn check_addr(addr: &str) -> Result<(), NetError> {
+        let bad = || {
+            NetError::Config(format!(
+                "the hub address {addr:?} is not HOST:PORT (such as hub.example.org:4433)"
+            ))
+        };
+        let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+        if host.is_empty() || host.contains(char::is_whitespace) {
+            return Err(bad());
+        }
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(()),
+            _ => Err(bad()),
+        }
+    }
+}
+
 /// How the sync task behaves.
 #[derive(Debug, Clone)]
 pub struct SyncSettings {

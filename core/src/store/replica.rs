@@ -108,7 +108,7 @@ pub struct WriteBatch<'a> {
     tx: rusqlite::Transaction<'a>,
     /// Bytes of new changes per document of this batch: each document's row is created and
     /// updated once per batch, at commit, not once per change.
-    added: Vec<(DocId, i64)>,
+    added: std::collections::HashMap<DocId, i64>,
 }
 
 fn signature_from(blob: Vec<u8>) -> Result<[u8; 64]> {
@@ -152,7 +152,7 @@ impl ReplicaStore {
     pub fn batch(&mut self) -> Result<WriteBatch<'_>> {
         Ok(WriteBatch {
             tx: self.conn.transaction().ctx("starting a write")?,
-            added: Vec::new(),
+            added: std::collections::HashMap::new(),
         })
     }
 
@@ -462,17 +462,13 @@ impl WriteBatch<'_> {
     pub fn insert_change(&mut self, change: &VerifiedChange) -> Result<bool> {
         let doc = change.doc();
         // The document's row must exist before its changes (foreign key): once per batch.
-        let index = match self.added.iter().rposition(|(d, _)| d == doc) {
-            Some(i) => i,
-            None => {
-                self.tx
-                    .prepare_cached("INSERT OR IGNORE INTO docs (doc) VALUES (?1)")
-                    .and_then(|mut st| st.execute([doc.as_str()]))
-                    .ctx("creating a document")?;
-                self.added.push((doc.clone(), 0));
-                self.added.len() - 1
-            }
-        };
+        if !self.added.contains_key(doc) {
+            self.tx
+                .prepare_cached("INSERT OR IGNORE INTO docs (doc) VALUES (?1)")
+                .and_then(|mut st| st.execute([doc.as_str()]))
+                .ctx("creating a document")?;
+            self.added.insert(doc.clone(), 0);
+        }
         let signed = change.signed();
         let n = self
             .tx
@@ -481,8 +477,10 @@ impl WriteBatch<'_> {
                 st.execute(params![doc.as_str(), &change.hash().0[..], &signed.signature[..], &signed.bytes])
             })
             .ctx("storing a change")?;
-        if n == 1 {
-            self.added[index].1 += signed.bytes.len() as i64;
+        if n == 1
+            && let Some(bytes) = self.added.get_mut(doc)
+        {
+            *bytes += signed.bytes.len() as i64;
         }
         Ok(n == 1)
     }
@@ -560,7 +558,7 @@ impl WriteBatch<'_> {
                     "UPDATE docs SET incremental_bytes = incremental_bytes + ?2 WHERE doc = ?1",
                 )
                 .ctx("storing changes")?;
-            for (doc, bytes) in self.added.iter().filter(|(_, b)| *b > 0) {
+            for (doc, bytes) in self.added.iter().filter(|(_, b)| **b > 0) {
                 st.execute(params![doc.as_str(), bytes])
                     .ctx("storing changes")?;
             }
