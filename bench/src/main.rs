@@ -9,6 +9,7 @@
 //! target/release/syncline-bench --scale standard --json bench-result.json
 //! ```
 
+mod edges;
 mod fleet;
 mod limits;
 mod procs;
@@ -56,8 +57,8 @@ struct Args {
     /// The reference harness (package.json, run.mjs).
     #[arg(long, default_value = "bench/reference")]
     reference_dir: PathBuf,
-    /// Only these workloads (comma separated): limits, fanout, latency, ingest, many-docs,
-    /// catch-up, reconnect, footprint.
+    /// Only these workloads (comma separated): limits, fanout, fanout-edges, latency, ingest,
+    /// many-docs, catch-up, reconnect, footprint.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Give up on one workload after this many seconds.
@@ -196,6 +197,40 @@ async fn run(args: Args) -> Result<()> {
             out.push(v);
         }
         run.record("fanout", Value::Array(out));
+    }
+
+    if run.wants("fanout-edges") {
+        // The last size is the unsaturated latency run, as in `latency`.
+        let sizes: &[(usize, usize, Option<f64>)] = match scale {
+            Scale::Smoke => &[(2, 5, None), (3, 3, Some(2.0))],
+            Scale::Standard => &[(2, 100, None), (10, 20, None), (10, 10, Some(0.5))],
+            Scale::Full => &[
+                (2, 100, None),
+                (10, 20, None),
+                (100, 5, None),
+                (10, 10, Some(0.5)),
+            ],
+        };
+        let mut out = Vec::new();
+        for &(c, m, rate) in sizes {
+            let pace = rate.map_or("as fast as the API answers".into(), |r| {
+                format!("{r} changes/s each")
+            });
+            say(format!(
+                "== fan-out through {c} syncline-edge processes x {m} changes, {pace} (HTTP API, event stream)"
+            ));
+            let (hub, _addr, dir) = run.hub()?;
+            let f = tokio::task::block_in_place(|| {
+                edges::fanout(&run.bins, &hub, dir.path(), c, m, rate, within)
+            })
+            .with_context(|| format!("fan-out through edges, C={c}"))?;
+            say(format!(
+                "   {:.2} s to converge, {:.0} changes/s; write-to-visible p50 {:.1} ms p99 {:.1} ms ({} samples)",
+                f.seconds, f.changes_per_sec, f.latency.p50_ms, f.latency.p99_ms, f.latency.samples
+            ));
+            out.push(serde_json::to_value(&f)?);
+        }
+        run.record("fanout_edges", Value::Array(out));
     }
 
     if run.wants("latency") {
@@ -453,6 +488,7 @@ async fn edge_idle_rss(run: &Run, hub: &Hub, dir: &std::path::Path) -> Result<u6
         .args(["grant", "--data"])
         .arg(&hub.data)
         .args([key, "", "rw"])
+        .stdout(std::process::Stdio::null())
         .status()?;
     anyhow::ensure!(status.success(), "granting the edge");
     let mut proc = procs::Proc::spawn(

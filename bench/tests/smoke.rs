@@ -51,6 +51,10 @@ fn every_workload_runs_at_smoke_scale_and_reports_consistent_numbers() {
         assert_eq!(i["changes"], changes, "{i}");
         assert!(i["changes_per_sec"].as_f64().unwrap() > 0.0, "{i}");
     }
+    // The same through real syncline-edge processes, their HTTP API and event streams.
+    let fe = &r["fanout_edges"][0];
+    assert_eq!(fe["clients"], 2, "{fe}");
+    assert_eq!(fe["latency"]["samples"], 10, "{fe}");
     assert_eq!(r["many_docs"][0]["docs"], 50);
     assert!(r["many_docs"][0]["bytes_in"].as_u64().unwrap() > 50 * 10 * 50);
     assert_eq!(r["catch_up"][0]["changes"], 500);
