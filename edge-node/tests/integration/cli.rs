@@ -94,11 +94,14 @@ fn watch_prints_events_as_json_lines() {
         }
     });
     // The stream may not be open yet when the first write lands: write until one arrives.
+    // Each write puts a new value: writing the same value again is no change, and no event.
     let mut line = None;
+    let mut n = 0;
     until("watch to print an event", || {
+        n += 1;
         let (status, _) = d.post(
             "/v1/docs/w/changes",
-            r#"{"ops":[{"op":"put","path":["x"],"value":1}]}"#,
+            &format!(r#"{{"ops":[{{"op":"put","path":["x"],"value":{n}}}]}}"#),
         );
         assert_eq!(status, 200);
         line = rx.recv_timeout(std::time::Duration::from_millis(200)).ok();
