@@ -9,6 +9,7 @@
 //! target/release/syncline-bench --scale standard --json bench-result.json
 //! ```
 
+mod backups;
 mod edges;
 mod fleet;
 mod limits;
@@ -58,7 +59,7 @@ struct Args {
     #[arg(long, default_value = "bench/reference")]
     reference_dir: PathBuf,
     /// Only these workloads (comma separated): limits, fanout, fanout-edges, latency, ingest,
-    /// many-docs, catch-up, reconnect, footprint.
+    /// many-docs, catch-up, reconnect, footprint, backup.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Give up on one workload after this many seconds.
@@ -405,6 +406,35 @@ async fn run(args: Args) -> Result<()> {
             out.push(serde_json::to_value(&r)?);
         }
         run.record("reconnect", Value::Array(out));
+    }
+
+    if run.wants("backup") {
+        let (docs, per_doc) = match scale {
+            Scale::Smoke => (2, 500),
+            Scale::Standard => (100, 1000),
+            Scale::Full => (1000, 1000),
+        };
+        say(format!(
+            "== backup, verify, restore: a hub store of {} changes in {docs} documents",
+            docs * per_doc
+        ));
+        let dir = tempfile::tempdir()?;
+        let b = backups::measure(&run.bins, dir.path(), docs, per_doc).context("backup")?;
+        say(format!(
+            "   store {:.1} MB, backup {:.1} MB; backup {:.2} s ({:.0}/s), verify {:.2} s ({:.0}/s; \
+             raw batch verify {:.0}/s), restore {:.2} s ({:.0}/s); copying the store file {:.2} s",
+            b.store_bytes as f64 / 1e6,
+            b.backup_bytes as f64 / 1e6,
+            b.backup_seconds,
+            b.backup_changes_per_sec,
+            b.verify_seconds,
+            b.verify_changes_per_sec,
+            b.raw_verify_per_sec,
+            b.restore_seconds,
+            b.restore_changes_per_sec,
+            b.copy_seconds
+        ));
+        run.record("backup", serde_json::to_value(&b)?);
     }
 
     if run.wants("footprint") {

@@ -69,6 +69,19 @@ fn every_workload_runs_at_smoke_scale_and_reports_consistent_numbers() {
         "10x the documents held cost {small} -> {large} bytes"
     );
 
+    // The backup holds every change of the store, and each step took time.
+    let b = &r["backup"];
+    assert_eq!(b["changes"], 1000, "{b}");
+    assert!(b["backup_bytes"].as_u64().unwrap() > 1000 * 100, "{b}");
+    for k in [
+        "backup_seconds",
+        "verify_seconds",
+        "restore_seconds",
+        "raw_verify_per_sec",
+    ] {
+        assert!(b[k].as_f64().unwrap() > 0.0, "{k}: {b}");
+    }
+
     let idle = &r["footprint"]["idle_connections"][0];
     assert!(
         idle["hub_rss_after"].as_u64() > idle["hub_rss_before"].as_u64(),

@@ -6,6 +6,7 @@
 //! - [`data`]: the data directory (identity, TLS certificate, store) and `init`.
 //! - [`grants`]: parsing keys, prefixes and modes for the grants CLI.
 //! - [`metrics`]: Prometheus text and the `/healthz` and `/metrics` HTTP server.
+//! - [`ops`]: what `backup`, `restore` and `verify` print.
 //! - [`service`]: `run`: the QUIC server, grant reloading and graceful shutdown.
 //!
 //! WebSocket (browsers) is not served yet: issue 5.
@@ -14,6 +15,7 @@ pub mod config;
 pub mod data;
 pub mod grants;
 pub mod metrics;
+pub mod ops;
 pub mod service;
 
 /// How often a running hub checks the store's grants version (grants changed by the CLI,

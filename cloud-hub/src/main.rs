@@ -6,13 +6,15 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
+use syncline_core::audit;
 use syncline_core::hub::Grant;
 use syncline_core::store::HubStore;
-use syncline_core::{DocPrefix, PeerId};
+use syncline_core::store::backup;
+use syncline_core::{Cursor, DocId, DocPrefix, PeerId};
 use syncline_hub::config::{self, FileConfig, Overrides};
 use syncline_hub::data::{self, DataDir};
 use syncline_hub::grants::{self, Mode};
-use syncline_hub::{Usage, service, usage};
+use syncline_hub::{Usage, ops, service, usage};
 use tracing_subscriber::EnvFilter;
 
 /// The Syncline hub: verifies, stores and relays the signed changes of Syncline replicas
@@ -84,6 +86,95 @@ enum Command {
         /// Only the grant on this exact prefix (default: every grant of the key).
         #[arg(value_parser = grants::parse_prefix)]
         prefix: Option<DocPrefix>,
+    },
+    /// Take a consistent backup of the hub's store into FILE while the hub serves (or not).
+    /// With --since, an incremental backup: the changes after that earlier backup. Grants are
+    /// in every backup; the data directory's identity, cert.der and key.der are not (copy them
+    /// once, they never change). Progress goes to stderr.
+    Backup {
+        /// The data directory of the hub.
+        #[arg(long, env = "SYNCLINE_DATA", value_name = "DIR")]
+        data: PathBuf,
+        /// The backup file to write (it must not exist).
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+        /// An earlier backup (full or incremental) of this hub: write only what came after it.
+        #[arg(long, value_name = "BACKUP")]
+        since: Option<PathBuf>,
+        /// Print what was written as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore the hub's store from a full backup and any incremental ones after it, in the
+    /// order they were taken. The hub must be stopped. The restored log gets a new epoch:
+    /// replicas that hold changes the backup lacks notice and upload them again.
+    Restore {
+        /// The backup files: the full one first, then the incremental ones in order.
+        #[arg(long = "from", value_name = "FILE", num_args = 1.., required = true)]
+        from: Vec<PathBuf>,
+        /// The data directory to restore into (created, with a new identity and certificate,
+        /// if missing).
+        #[arg(long, env = "SYNCLINE_DATA", value_name = "DIR")]
+        data: PathBuf,
+        /// Replace the store the data directory holds.
+        #[arg(long)]
+        force: bool,
+        /// Print what was restored as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check backup files offline: SQLite integrity, the order of the files, and every
+    /// change's bytes, hash and author's signature. Exits 1 naming the first change that
+    /// fails.
+    Verify {
+        /// The backup files (one, or a full one then incremental ones in order).
+        #[arg(long = "from", value_name = "FILE", num_args = 1.., required = true)]
+        from: Vec<PathBuf>,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show who changed a document (public key), when (the author's clock) and what (the
+    /// operations), from the hub's signed change log; every change is verified as it is read.
+    History {
+        /// The data directory of the hub.
+        #[arg(long, env = "SYNCLINE_DATA", value_name = "DIR")]
+        data: PathBuf,
+        /// The document id.
+        #[arg(value_parser = ops::parse_doc)]
+        doc: DocId,
+        /// Start after this log position (the `cursor` of the last change shown).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Show at most this many changes.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print one JSON object per change, one per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a document's signed change log to FILE (JSON lines, docs/OPERATIONS.md), for
+    /// anyone to check with `verify-export` without access to the hub.
+    Export {
+        /// The data directory of the hub.
+        #[arg(long, env = "SYNCLINE_DATA", value_name = "DIR")]
+        data: PathBuf,
+        /// The document id.
+        #[arg(value_parser = ops::parse_doc)]
+        doc: DocId,
+        /// The file to write (it must not exist).
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+    },
+    /// Check an export offline: every change's signature, hash and author, that the history
+    /// is complete (every dependency is in the file), and the resulting state. Exits 1
+    /// naming the line that fails.
+    VerifyExport {
+        /// The export file.
+        file: PathBuf,
+        /// Print the report (with the resulting document) as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// List the grants.
     Grants {
@@ -215,6 +306,112 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Backup {
+            data,
+            to,
+            since,
+            json,
+        } => {
+            cli_logs()?;
+            let dir = DataDir::existing(&data)?;
+            let info = backup::backup(
+                &dir.store_path(),
+                &to,
+                since.as_deref(),
+                &mut progress("backup"),
+            )?;
+            print_report(json, &ops::backup_json(&to, &info), || {
+                ops::backup_text(&to, &info)
+            });
+            Ok(())
+        }
+        Command::Restore {
+            from,
+            data,
+            force,
+            json,
+        } => {
+            cli_logs()?;
+            let dir = DataDir::new(&data);
+            if dir.store_path().exists() && !force {
+                return Err(usage(format!(
+                    "{} already holds a hub store: add --force to replace it (what it holds                      beyond the backup comes back only from replicas that still have it)",
+                    data.display()
+                )));
+            }
+            // Refuse bad files before anything is made in the data directory.
+            backup::check_chain(&from)?;
+            let fresh = !dir.identity_path().exists();
+            let info = data::init_info(&dir, &[])?;
+            let _lock = syncline_core::store::lock_dir(dir.root())
+                .map_err(|e| usage(format!("{e}: stop the hub before restoring")))?;
+            let summary = backup::restore(&from, &dir.store_path(), &mut progress("restore"))?;
+            if fresh {
+                eprintln!(
+                    "syncline-hub: made a new identity and certificate in {}: replicas pinned                      to the old hub need the new fingerprint {} (or copy identity, cert.der                      and key.der from the old data directory before `run`)",
+                    data.display(),
+                    info.fingerprint
+                );
+            }
+            print_report(json, &ops::restore_json(&data, &summary), || {
+                ops::restore_text(&data, &summary)
+            });
+            Ok(())
+        }
+        Command::Verify { from, json } => {
+            cli_logs()?;
+            let report = backup::verify(&from, &mut progress("verify"))?;
+            print_report(json, &ops::verify_json(&from, &report), || {
+                ops::verify_text(&from, &report)
+            });
+            Ok(())
+        }
+        Command::History {
+            data,
+            doc,
+            after,
+            limit,
+            json,
+        } => {
+            cli_logs()?;
+            let mut store = open_store(&data)?;
+            let entries = audit::history(&mut store, &doc, Cursor(after), limit)?;
+            if entries.is_empty() {
+                eprintln!("syncline-hub: no change of {doc} after position {after}");
+            }
+            for e in &entries {
+                if json {
+                    println!("{}", e.to_json());
+                } else {
+                    println!("{}", ops::history_line(e));
+                }
+            }
+            Ok(())
+        }
+        Command::Export { data, doc, to } => {
+            cli_logs()?;
+            let mut store = open_store(&data)?;
+            let summary = audit::export(&mut store, &doc, &to, &mut |n| {
+                eprintln!("export: {n} changes written");
+            })?;
+            println!(
+                "exported {} changes of {doc} to {}; check it with `syncline-hub verify-export {}`",
+                summary.changes,
+                to.display(),
+                to.display()
+            );
+            Ok(())
+        }
+        Command::VerifyExport { file, json } => {
+            cli_logs()?;
+            let report = audit::verify_export(&file, &mut |n| {
+                eprintln!("verify-export: {n} changes verified");
+            })?;
+            print_report(json, &ops::export_report_json(&report), || {
+                ops::export_report_text(&report)
+            });
+            Ok(())
+        }
         Command::Grants { data, json } => {
             cli_logs()?;
             let mut store = open_store(&data)?;
@@ -234,6 +431,29 @@ fn open_store(dir: &std::path::Path) -> anyhow::Result<syncline_core::store::Sql
     let dir = DataDir::existing(dir)?;
     syncline_core::store::SqliteHubStore::open(&dir.store_path())
         .with_context(|| format!("opening {}", dir.store_path().display()))
+}
+
+/// Prints a command's result: one JSON line, or text.
+fn print_report(json: bool, value: &serde_json::Value, text: impl FnOnce() -> String) {
+    if json {
+        println!("{value}");
+    } else {
+        print!("{}", text());
+    }
+}
+
+/// A progress reporter on stderr for `what`: a line when it starts, then at most one every
+/// half second, and one at the end.
+fn progress(what: &'static str) -> impl FnMut(backup::Progress) {
+    let mut last: Option<std::time::Instant> = None;
+    move |p: backup::Progress| {
+        let now = std::time::Instant::now();
+        let due = last.is_none_or(|t| now.duration_since(t).as_millis() >= 500);
+        if due || p.done == p.total {
+            last = Some(now);
+            eprintln!("{}", ops::progress_line(what, p));
+        }
+    }
 }
 
 /// Logs of the one-shot commands: warnings only, unless RUST_LOG says otherwise.

@@ -219,6 +219,22 @@ pub enum Error {
         /// The lock file.
         path: PathBuf,
     },
+    /// A backup file is missing, damaged, altered, out of order or not a backup.
+    #[error("backup {path}: {reason}")]
+    Backup {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, and what to do.
+        reason: String,
+    },
+    /// A document export is missing, damaged, altered or not an export.
+    #[error("export {path}: {reason}")]
+    Export {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, and what to do.
+        reason: String,
+    },
     /// SQLite failed.
     #[error("storage error while {context}: {source}")]
     Sqlite {

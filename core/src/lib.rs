@@ -73,6 +73,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod change;
 pub mod document;
 pub mod error;

@@ -2,6 +2,7 @@
 //! restarted with real signals.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests: a panic is a failed test.
 
+mod backup;
 mod faults;
 mod peering;
 mod replication;

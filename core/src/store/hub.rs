@@ -14,7 +14,7 @@ use crate::ids::{ChangeHash, Cursor, DocId, DocPrefix, Epoch, PeerId};
 use crate::store::sqlite::{self, blob_to_hashes, hashes_to_blob};
 use crate::wire::Target;
 
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // Version 1.
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
     CREATE TABLE docs (doc TEXT PRIMARY KEY) WITHOUT ROWID;
@@ -783,7 +783,7 @@ impl HubStore for SqliteHubStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -864,7 +864,7 @@ mod tests {
     }
 
     /// `n` changes by `who` to `doc`, each one key put, made under actor instance `instance`.
-    fn signed_changes(
+    pub(crate) fn signed_changes(
         who: &crate::identity::Identity,
         doc: &DocId,
         instance: [u8; 8],

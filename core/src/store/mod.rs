@@ -2,10 +2,14 @@
 //! hub's change log implements (SQLite here, PostgreSQL in the hub crate later), with
 //! [`SqliteHubStore`] as the embedded default.
 
+pub mod backup;
 mod hub;
 mod replica;
 mod sqlite;
 
+pub(crate) use hub::complete_heads;
+#[cfg(test)]
+pub(crate) use hub::tests::signed_changes;
 pub use hub::{Appended, DocHeads, HubStore, LogBatch, LogEntry, PeerState, SqliteHubStore};
 pub use replica::{OutboxEntry, ReplicaStore, StoredChange, StoredDoc};
 

@@ -1,0 +1,165 @@
+//! Backup, verify and restore of a hub store with many changes, through the real
+//! `syncline-hub` commands, beside two baselines measured in the same run: copying the store
+//! file (the disk's rate) and batch-verifying the same signatures in this process (the
+//! verifier's rate on one core).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, ensure};
+use automerge::transaction::Transactable;
+use serde::Serialize;
+use syncline_core::DocId;
+use syncline_core::change::{self, SignedChange, VerifiedChange};
+use syncline_core::identity::Identity;
+use syncline_core::store::{HubStore, SqliteHubStore};
+
+use crate::procs::Bins;
+
+/// What one run measured.
+#[derive(Debug, Serialize)]
+pub struct BackupResult {
+    pub changes: u64,
+    pub docs: u64,
+    pub store_bytes: u64,
+    pub backup_bytes: u64,
+    pub backup_seconds: f64,
+    pub verify_seconds: f64,
+    pub restore_seconds: f64,
+    /// Baseline: `std::fs::copy` of the store plus fsync, in the same run.
+    pub copy_seconds: f64,
+    /// Baseline: `verify_batch` of 256 changes at a time of the same signatures, one core.
+    pub raw_verify_per_sec: f64,
+    pub backup_changes_per_sec: f64,
+    pub verify_changes_per_sec: f64,
+    pub restore_changes_per_sec: f64,
+}
+
+/// Builds a hub store of `docs` x `per_doc` signed changes in `dir`, then times the commands.
+pub fn measure(bins: &Bins, dir: &Path, docs: usize, per_doc: usize) -> Result<BackupResult> {
+    let data = dir.join("hub");
+    let hub = bins.path("syncline-hub")?;
+    let out = Command::new(&hub)
+        .args(["init", "--data"])
+        .arg(&data)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "hub init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store_path = data.join("hub.db");
+    let author = Identity::generate();
+    let sample = build_store(&store_path, &author, docs, per_doc)?;
+    let changes = (docs * per_doc) as u64;
+    let store_bytes = std::fs::metadata(&store_path)?.len();
+
+    let t = Instant::now();
+    let copy = dir.join("copy.db");
+    std::fs::copy(&store_path, &copy)?;
+    std::fs::File::open(&copy)?.sync_all()?;
+    let copy_seconds = t.elapsed().as_secs_f64();
+    std::fs::remove_file(&copy)?;
+
+    let t = Instant::now();
+    let doc = DocId::new("bench/backup/0").context("doc id")?;
+    let mut verified = 0usize;
+    for part in sample.chunks(256) {
+        verified += change::verify_batch(&doc, part.to_vec())?.len();
+    }
+    let raw_verify_per_sec = verified as f64 / t.elapsed().as_secs_f64();
+
+    let file = dir.join("full.bak");
+    let backup_seconds = timed(
+        Command::new(&hub)
+            .args(["backup", "--data"])
+            .arg(&data)
+            .arg("--to")
+            .arg(&file),
+    )?;
+    let backup_bytes = std::fs::metadata(&file)?.len();
+    let verify_seconds = timed(Command::new(&hub).args(["verify", "--from"]).arg(&file))?;
+    let restore_seconds = timed(
+        Command::new(&hub)
+            .args(["restore", "--from"])
+            .arg(&file)
+            .arg("--data")
+            .arg(dir.join("restored")),
+    )?;
+    let rate = |s: f64| changes as f64 / s;
+    Ok(BackupResult {
+        changes,
+        docs: docs as u64,
+        store_bytes,
+        backup_bytes,
+        backup_seconds,
+        verify_seconds,
+        restore_seconds,
+        copy_seconds,
+        raw_verify_per_sec,
+        backup_changes_per_sec: rate(backup_seconds),
+        verify_changes_per_sec: rate(verify_seconds),
+        restore_changes_per_sec: rate(restore_seconds),
+    })
+}
+
+/// Runs a command to its end (stdout and stderr discarded); returns its wall time.
+fn timed(cmd: &mut Command) -> Result<f64> {
+    let t = Instant::now();
+    let out = cmd.env("SYNCLINE_LOG", "warn").output()?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// `per_doc` changes (one key put each, 1,000 keys) made once, then signed for each of `docs`
+/// documents and appended in group commits of 256. Returns the first document's changes.
+fn build_store(
+    path: &Path,
+    author: &Identity,
+    docs: usize,
+    per_doc: usize,
+) -> Result<Vec<SignedChange>> {
+    let mut am = automerge::Automerge::new();
+    am.set_actor(change::actor_for(&author.peer_id(), rand::random()));
+    let made: Vec<automerge::Change> = (0..per_doc)
+        .map(|i| {
+            let mut tx = am.transaction();
+            tx.put(automerge::ROOT, format!("sensor-{}", i % 1000), i as i64)?;
+            tx.commit();
+            am.get_last_local_change().context("the change just made")
+        })
+        .collect::<Result<_>>()?;
+    let mut store = SqliteHubStore::open(path)?;
+    let mut sample = Vec::new();
+    let t = Instant::now();
+    for d in 0..docs {
+        let doc = DocId::new(format!("bench/backup/{d}"))?;
+        let signed: Vec<VerifiedChange> = made
+            .iter()
+            .map(|c| change::sign(author, &doc, c.clone()))
+            .collect::<Result<_, _>>()?;
+        for part in signed.chunks(256) {
+            store.append(part)?;
+        }
+        if d == 0 {
+            sample = signed
+                .into_iter()
+                .map(VerifiedChange::into_signed)
+                .collect();
+        }
+        if (d + 1) % 100 == 0 {
+            crate::say(format!(
+                "   built {} of {} changes ({:.0} s)",
+                (d + 1) * per_doc,
+                docs * per_doc,
+                t.elapsed().as_secs_f64()
+            ));
+        }
+    }
+    Ok(sample)
+}

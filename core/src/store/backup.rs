@@ -1,0 +1,1017 @@
+//! Backups of a hub's SQLite store, taken while the hub serves: full and incremental, restored
+//! into a data directory, and verified offline (integrity, hashes, every signature).
+//!
+//! A backup file is itself a SQLite file with the hub store's schema plus a `backup` table
+//! that says what it holds: the epoch of the log it was taken from and the positions
+//! `(after, through]` of the changes it holds. A full backup holds `(0, through]` and opens
+//! as a hub store; an incremental one holds the changes after the backup it was taken
+//! `--since`. The grants are copied whole into every backup; peer positions are not (a
+//! restored hub syncs with its peers from the start, deduplicated).
+//!
+//! Why a logical copy and not SQLite's online backup API: the backup API restarts whenever
+//! another connection writes the source, so on a hub that commits every few milliseconds a
+//! backup taken in steps (to show progress) would never end, and one taken in a single step
+//! shows none. Here the copy runs inside one read transaction (WAL: the hub keeps writing,
+//! the copy sees one consistent state), in ranges of positions that report progress, and the
+//! same code takes incremental backups.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+use crate::change::{self, SignedChange};
+use crate::error::{Error, Result, SqlContext};
+use crate::ids::{ChangeHash, Cursor, DocId, Epoch, PeerId};
+use crate::store::hub::{MIGRATIONS, SqliteHubStore};
+use crate::store::sqlite::blob_to_hashes;
+
+/// Changes copied or verified between two progress reports.
+const STEP: u64 = 20_000;
+
+/// Whether a backup holds the whole log or the changes after another backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackupKind {
+    /// Every change up to `through`: restorable on its own.
+    Full,
+    /// The changes after another backup of the same log: restorable after it.
+    Incremental,
+}
+
+/// What a backup file holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupInfo {
+    /// Full or incremental.
+    pub kind: BackupKind,
+    /// The epoch of the hub log it was taken from.
+    pub epoch: Epoch,
+    /// It holds the changes at positions after this one (0 for a full backup)...
+    pub after: Cursor,
+    /// ... up to and including this one: the end of the log when the backup was taken.
+    pub through: Cursor,
+    /// How many changes it holds.
+    pub changes: u64,
+    /// When it was taken (milliseconds since the Unix epoch).
+    pub created_ms: u64,
+}
+
+/// A long operation's progress: `done` of `total` changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Changes handled so far.
+    pub done: u64,
+    /// Changes in all.
+    pub total: u64,
+}
+
+/// What [`restore`] put in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreSummary {
+    /// The restored log ends here (the last backup's `through`).
+    pub through: Cursor,
+    /// Changes restored.
+    pub changes: u64,
+    /// The new epoch of the restored log: replicas that synced with the hub after the backup
+    /// see it change, reconcile by heads and upload what the backup lacks.
+    pub epoch: Epoch,
+}
+
+/// What [`verify`] checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// The files, in order, with what each holds.
+    pub files: Vec<BackupInfo>,
+    /// Changes whose bytes, hash, metadata and signature were checked.
+    pub changes: u64,
+    /// Documents they belong to.
+    pub docs: u64,
+    /// Distinct authors (public keys) that signed them.
+    pub authors: u64,
+}
+
+fn backup_error(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Backup {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Takes a backup of the hub store at `store` (a live hub may be serving it) into `to`.
+/// With `since`, an incremental backup: the changes after that backup (full or incremental,
+/// taken from the same log). `to` must not exist; it appears whole or not at all (the copy is
+/// written to `to.partial`, synced, then renamed). `progress` is called as changes are copied.
+pub fn backup(
+    store: &Path,
+    to: &Path,
+    since: Option<&Path>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<BackupInfo> {
+    if to.exists() {
+        return Err(backup_error(
+            to,
+            "already exists: choose another file name (a backup never overwrites one)",
+        ));
+    }
+    let base = since.map(read_info).transpose()?;
+    let src = open_live(store)?;
+    let partial = partial_path(to);
+    let _ = std::fs::remove_file(&partial);
+    // The destination gets the schema of a hub store, then the rows.
+    drop(SqliteHubStore::open(&partial)?);
+    let result = copy_into(&src, store, &partial, base.as_ref(), since, progress);
+    let info = match result {
+        Ok(info) => info,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    drop(src);
+    finish_file(&partial, to)?;
+    Ok(info)
+}
+
+/// Opens the live store, checking that its schema is the one this build writes (a backup
+/// never migrates the store under a running hub, and never writes to it; it opens it
+/// read-write only because SQLite opens attached files with the main file's mode).
+fn open_live(store: &Path) -> Result<Connection> {
+    if !store.is_file() {
+        return Err(backup_error(
+            store,
+            "no hub store here: check --data (it holds hub.db)",
+        ));
+    }
+    let conn = Connection::open_with_flags(
+        store,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .ctx("opening the hub store for a backup")?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .ctx("setting the busy timeout")?;
+    check_schema(&conn, store)?;
+    Ok(conn)
+}
+
+fn check_schema(conn: &Connection, path: &Path) -> Result<()> {
+    let version: u32 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .ctx("reading the schema version")?;
+    if version != MIGRATIONS.len() as u32 {
+        return Err(backup_error(
+            path,
+            format!(
+                "schema version {version}, this syncline-hub reads version {}: use the \
+                 syncline-hub that wrote it",
+                MIGRATIONS.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn copy_into(
+    src: &Connection,
+    store: &Path,
+    partial: &Path,
+    base: Option<&BackupInfo>,
+    since: Option<&Path>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<BackupInfo> {
+    let partial_str = utf8(partial)?;
+    src.execute("ATTACH DATABASE ?1 AS dst", [partial_str])
+        .ctx("opening the backup file")?;
+    // The copy is made durable once, at the end (`finish_file`); a crash before leaves only
+    // the `.partial` file, which the next backup removes.
+    src.execute_batch("PRAGMA dst.synchronous = OFF; PRAGMA dst.journal_mode = OFF;")
+        .ctx("configuring the backup file")?;
+    // One transaction: its first read fixes the state the whole copy sees.
+    src.execute_batch("BEGIN").ctx("starting the backup")?;
+    let result = (|| {
+        let epoch = read_epoch(src, "main")?;
+        let after = match base {
+            None => Cursor(0),
+            Some(b) => {
+                if b.epoch != epoch {
+                    return Err(backup_error(
+                        since.unwrap_or(store),
+                        "was taken from another log (the hub was restored or replaced since): \
+                         take a full backup",
+                    ));
+                }
+                b.through
+            }
+        };
+        let through: u64 = src
+            .query_row("SELECT coalesce(max(seq), 0) FROM main.log", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .ctx("reading the log")? as u64;
+        if through < after.0 {
+            return Err(backup_error(
+                since.unwrap_or(store),
+                format!(
+                    "ends at position {}, after the end of the log ({through}): it is not a \
+                     backup of this hub; take a full backup",
+                    after.0
+                ),
+            ));
+        }
+        let total: u64 = src
+            .query_row(
+                "SELECT count(*) FROM main.log WHERE seq > ?1",
+                [after.0 as i64],
+                |r| r.get::<_, i64>(0),
+            )
+            .ctx("reading the log")? as u64;
+        progress(Progress { done: 0, total });
+        let mut done = 0u64;
+        let mut from = after.0;
+        while from < through {
+            // Positions have gaps (duplicates are not stored): step by rows, not positions.
+            let to: u64 = src
+                .query_row(
+                    "SELECT coalesce(max(seq), ?2) FROM
+                        (SELECT seq FROM main.log WHERE seq > ?1 AND seq <= ?2 ORDER BY seq
+                         LIMIT ?3)",
+                    params![from as i64, through as i64, STEP as i64],
+                    |r| r.get::<_, i64>(0),
+                )
+                .ctx("reading the log")? as u64;
+            let n = src
+                .execute(
+                    "INSERT INTO dst.log SELECT * FROM main.log WHERE seq > ?1 AND seq <= ?2
+                     ORDER BY seq",
+                    params![from as i64, to as i64],
+                )
+                .ctx("copying the log")?;
+            done += n as u64;
+            from = to;
+            progress(Progress { done, total });
+        }
+        src.execute(
+            "INSERT OR IGNORE INTO dst.docs SELECT DISTINCT doc FROM dst.log",
+            [],
+        )
+        .ctx("copying the documents")?;
+        src.execute_batch(
+            "DELETE FROM dst.grants;
+             INSERT INTO dst.grants SELECT * FROM main.grants;
+             CREATE TABLE dst.backup (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;",
+        )
+        .ctx("copying the grants")?;
+        let info = BackupInfo {
+            kind: if base.is_some() {
+                BackupKind::Incremental
+            } else {
+                BackupKind::Full
+            },
+            epoch,
+            after,
+            through: Cursor(through),
+            changes: done,
+            created_ms: now_ms(),
+        };
+        write_info(src, &info)?;
+        Ok(info)
+    })();
+    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    let ended = src.execute_batch(end).ctx("ending the backup");
+    src.execute("DETACH DATABASE dst", [])
+        .ctx("closing the backup file")?;
+    let info = result?;
+    ended?;
+    Ok(info)
+}
+
+fn read_epoch(conn: &Connection, schema: &str) -> Result<Epoch> {
+    let sql = format!("SELECT value FROM {schema}.meta WHERE key = 'epoch'");
+    let blob: Option<Vec<u8>> = conn
+        .query_row(&sql, [], |r| r.get(0))
+        .optional()
+        .ctx("reading the epoch")?;
+    let bytes: [u8; 16] = blob
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| Error::Corrupt {
+            what: "epoch".into(),
+            reason: "missing or not 16 bytes".into(),
+        })?;
+    Ok(Epoch(bytes))
+}
+
+fn write_info(conn: &Connection, info: &BackupInfo) -> Result<()> {
+    let kind = match info.kind {
+        BackupKind::Full => "full",
+        BackupKind::Incremental => "incremental",
+    };
+    let mut st = conn
+        .prepare("INSERT INTO dst.backup (key, value) VALUES (?1, ?2)")
+        .ctx("writing the backup description")?;
+    st.execute(params!["format", 1i64])
+        .ctx("writing the backup description")?;
+    st.execute(params!["kind", kind])
+        .ctx("writing the backup description")?;
+    st.execute(params!["epoch", &info.epoch.0[..]])
+        .ctx("writing the backup description")?;
+    for (key, value) in [
+        ("after", info.after.0),
+        ("through", info.through.0),
+        ("changes", info.changes),
+        ("created_ms", info.created_ms),
+    ] {
+        st.execute(params![key, value as i64])
+            .ctx("writing the backup description")?;
+    }
+    Ok(())
+}
+
+/// Reads what a backup file holds (and checks it is one).
+pub fn read_info(path: &Path) -> Result<BackupInfo> {
+    let conn = open_backup(path)?;
+    info_of(&conn, path)
+}
+
+fn open_backup(path: &Path) -> Result<Connection> {
+    if !path.is_file() {
+        return Err(backup_error(path, "no such file"));
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .ctx("opening a backup file")?;
+    // A file that is not SQLite fails on its first read: say what it is not.
+    let has_table: Option<i64> = conn
+        .query_row(
+            "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'backup'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|e| backup_error(path, format!("not a Syncline backup (not SQLite: {e})")))?;
+    if has_table.is_none() {
+        return Err(backup_error(
+            path,
+            "not a Syncline backup (no backup table): give a file written by \
+             `syncline-hub backup`",
+        ));
+    }
+    check_schema(&conn, path)?;
+    Ok(conn)
+}
+
+fn info_of(conn: &Connection, path: &Path) -> Result<BackupInfo> {
+    let get = |key: &str| -> Result<rusqlite::types::Value> {
+        conn.query_row("SELECT value FROM backup WHERE key = ?1", [key], |r| {
+            r.get(0)
+        })
+        .optional()
+        .ctx("reading the backup description")?
+        .ok_or_else(|| backup_error(path, format!("its description lacks {key:?}")))
+    };
+    use rusqlite::types::Value;
+    let int = |key: &str| -> Result<u64> {
+        match get(key)? {
+            Value::Integer(n) if n >= 0 => Ok(n as u64),
+            _ => Err(backup_error(path, format!("its {key:?} is not a count"))),
+        }
+    };
+    if int("format")? != 1 {
+        return Err(backup_error(
+            path,
+            "written in a backup format this syncline-hub does not read: use a newer one",
+        ));
+    }
+    let kind = match get("kind")? {
+        Value::Text(s) if s == "full" => BackupKind::Full,
+        Value::Text(s) if s == "incremental" => BackupKind::Incremental,
+        _ => {
+            return Err(backup_error(
+                path,
+                "its kind is neither full nor incremental",
+            ));
+        }
+    };
+    let epoch = match get("epoch")? {
+        Value::Blob(b) => Epoch(
+            b.try_into()
+                .map_err(|_| backup_error(path, "its epoch is not 16 bytes"))?,
+        ),
+        _ => return Err(backup_error(path, "its epoch is not 16 bytes")),
+    };
+    let info = BackupInfo {
+        kind,
+        epoch,
+        after: Cursor(int("after")?),
+        through: Cursor(int("through")?),
+        changes: int("changes")?,
+        created_ms: int("created_ms")?,
+    };
+    if (kind == BackupKind::Full) != (info.after == Cursor(0)) || info.through < info.after {
+        return Err(backup_error(path, "its positions do not hold together"));
+    }
+    Ok(info)
+}
+
+/// Checks that `files` are a full backup followed by incremental ones, each starting where
+/// the one before ends, all of one log. Returns what each holds.
+pub fn check_chain(files: &[PathBuf]) -> Result<Vec<BackupInfo>> {
+    let Some(first) = files.first() else {
+        return Err(backup_error(Path::new(""), "no backup file given"));
+    };
+    let infos = files
+        .iter()
+        .map(|f| read_info(f))
+        .collect::<Result<Vec<_>>>()?;
+    if infos[0].kind != BackupKind::Full {
+        return Err(backup_error(
+            first,
+            "is incremental: give the full backup first, then the incremental ones in the \
+             order they were taken",
+        ));
+    }
+    for (i, pair) in infos.windows(2).enumerate() {
+        let (prev, next) = (&pair[0], &pair[1]);
+        let path = &files[i + 1];
+        if next.kind != BackupKind::Incremental {
+            return Err(backup_error(
+                path,
+                "is a full backup: only the first file may be full",
+            ));
+        }
+        if next.epoch != prev.epoch || next.after != prev.through {
+            return Err(backup_error(
+                path,
+                format!(
+                    "starts after position {} of log {}, but the file before it ends at {} of \
+                     log {}: give the incremental backups in the order they were taken, with \
+                     none missing",
+                    next.after.0,
+                    hex::encode(next.epoch.0),
+                    prev.through.0,
+                    hex::encode(prev.epoch.0)
+                ),
+            ));
+        }
+    }
+    Ok(infos)
+}
+
+/// Restores `files` (a full backup, then any incremental ones in the order they were taken)
+/// as the hub store at `store`, replacing it if there is one. The caller holds the data
+/// directory's lock (no hub runs on it). The restored log gets a new epoch, and no peer
+/// positions. The store appears whole or not at all: it is built in `store.restoring`, then
+/// moved into place.
+pub fn restore(
+    files: &[PathBuf],
+    store: &Path,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<RestoreSummary> {
+    let infos = check_chain(files)?;
+    let total: u64 = infos.iter().map(|i| i.changes).sum();
+    let building = store.with_extension("db.restoring");
+    remove_with_sidecars(&building)?;
+    std::fs::copy(&files[0], &building)
+        .map_err(|e| backup_error(&files[0], format!("cannot copy it: {e}")))?;
+    let result = (|| {
+        let mut done = infos[0].changes;
+        progress(Progress { done, total });
+        {
+            let conn = Connection::open(&building).ctx("opening the restored store")?;
+            conn.execute_batch(
+                "PRAGMA synchronous = OFF; PRAGMA journal_mode = OFF;
+                 DROP TABLE backup; DELETE FROM peers;",
+            )
+            .ctx("preparing the restored store")?;
+            for (file, info) in files.iter().zip(&infos).skip(1) {
+                conn.execute("ATTACH DATABASE ?1 AS inc", [utf8(file)?])
+                    .ctx("opening an incremental backup")?;
+                conn.execute_batch(
+                    "BEGIN;
+                     INSERT INTO log SELECT * FROM inc.log ORDER BY seq;
+                     INSERT OR IGNORE INTO docs SELECT doc FROM inc.docs;
+                     DELETE FROM grants;
+                     INSERT INTO grants SELECT * FROM inc.grants;
+                     COMMIT;",
+                )
+                .ctx("restoring an incremental backup")?;
+                conn.execute("DETACH DATABASE inc", [])
+                    .ctx("closing an incremental backup")?;
+                done += info.changes;
+                progress(Progress { done, total });
+            }
+        }
+        // Back to the settings of a live store (WAL, FULL), with a new epoch.
+        let mut restored = SqliteHubStore::open(&building)?;
+        let epoch = restored.new_epoch()?;
+        drop(restored);
+        Ok(RestoreSummary {
+            through: infos.last().map_or(Cursor(0), |i| i.through),
+            changes: done,
+            epoch,
+        })
+    })();
+    let summary = match result {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = remove_with_sidecars(&building);
+            return Err(e);
+        }
+    };
+    // `SqliteHubStore::open` left the file in WAL mode with an empty WAL (checkpointed at
+    // close); replace the old store and its WAL.
+    remove_with_sidecars(store)?;
+    remove_with_sidecars_only(&building)?;
+    std::fs::rename(&building, store)
+        .map_err(|e| backup_error(store, format!("cannot move the restored store in: {e}")))?;
+    sync_dir(store)?;
+    Ok(summary)
+}
+
+/// Verifies backup files offline: SQLite integrity, the chain of files, and for every change
+/// its bytes (they parse), its hash and metadata (they match the stored columns), its document
+/// id, and its author's signature.
+pub fn verify(files: &[PathBuf], progress: &mut dyn FnMut(Progress)) -> Result<VerifyReport> {
+    let infos = if files.len() == 1 {
+        vec![read_info(&files[0])?]
+    } else {
+        check_chain(files)?
+    };
+    let total: u64 = infos.iter().map(|i| i.changes).sum();
+    let mut done = 0u64;
+    let mut docs = std::collections::HashSet::new();
+    let mut authors = std::collections::HashSet::new();
+    progress(Progress { done, total });
+    for (file, info) in files.iter().zip(&infos) {
+        let conn = open_backup(file)?;
+        let check: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .ctx("checking the file's integrity")?;
+        if check != "ok" {
+            return Err(backup_error(
+                file,
+                format!("SQLite integrity check failed: {check}"),
+            ));
+        }
+        let stored: u64 = conn
+            .query_row(
+                "SELECT count(*), coalesce(min(seq), 0), coalesce(max(seq), 0) FROM log",
+                [],
+                |r| {
+                    let (n, lo, hi): (i64, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+                    Ok((n as u64, lo as u64, hi as u64))
+                },
+            )
+            .ctx("reading the log")
+            .and_then(|(n, lo, hi)| {
+                if n != info.changes || (n > 0 && (lo <= info.after.0 || hi > info.through.0)) {
+                    Err(backup_error(
+                        file,
+                        format!(
+                            "holds {n} changes at positions {lo}..={hi}, but says {} in \
+                             ({}, {}]: it was altered",
+                            info.changes, info.after.0, info.through.0
+                        ),
+                    ))
+                } else {
+                    Ok(n)
+                }
+            })?;
+        let mut st = conn
+            .prepare(
+                "SELECT seq, doc, hash, deps, author, signature, bytes FROM log
+                 ORDER BY doc, seq",
+            )
+            .ctx("reading the log")?;
+        let mut rows = st.query([]).ctx("reading the log")?;
+        let mut batch: Vec<Row> = Vec::new();
+        let mut seen = 0u64;
+        while let Some(r) = rows.next().ctx("reading the log")? {
+            let row = Row {
+                seq: r.get(0).ctx("reading the log")?,
+                doc: r.get(1).ctx("reading the log")?,
+                hash: r.get(2).ctx("reading the log")?,
+                deps: r.get(3).ctx("reading the log")?,
+                author: r.get(4).ctx("reading the log")?,
+                signature: r.get(5).ctx("reading the log")?,
+                bytes: r.get(6).ctx("reading the log")?,
+            };
+            if batch.first().is_some_and(|b| b.doc != row.doc) || batch.len() >= 256 {
+                seen += verify_rows(file, std::mem::take(&mut batch), &mut authors)?;
+                progress(Progress {
+                    done: done + seen,
+                    total,
+                });
+            }
+            docs.insert(row.doc.clone());
+            batch.push(row);
+        }
+        seen += verify_rows(file, batch, &mut authors)?;
+        debug_assert_eq!(seen, stored);
+        done += seen;
+        progress(Progress { done, total });
+    }
+    Ok(VerifyReport {
+        files: infos,
+        changes: done,
+        docs: docs.len() as u64,
+        authors: authors.len() as u64,
+    })
+}
+
+struct Row {
+    seq: i64,
+    doc: String,
+    hash: Vec<u8>,
+    deps: Vec<u8>,
+    author: Vec<u8>,
+    signature: Vec<u8>,
+    bytes: Vec<u8>,
+}
+
+/// Verifies rows of one document; returns how many.
+fn verify_rows(
+    file: &Path,
+    rows: Vec<Row>,
+    authors: &mut std::collections::HashSet<PeerId>,
+) -> Result<u64> {
+    let Some(first) = rows.first() else {
+        return Ok(0);
+    };
+    let at = |row: &Row, what: &str| {
+        backup_error(
+            file,
+            format!(
+                "the change at position {} of document {:?} {what}",
+                row.seq, row.doc
+            ),
+        )
+    };
+    let doc =
+        DocId::new(first.doc.clone()).map_err(|e| at(first, &format!("has a bad id: {e}")))?;
+    let mut signed = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let signature: [u8; 64] = row
+            .signature
+            .clone()
+            .try_into()
+            .map_err(|_| at(row, "has a signature that is not 64 bytes"))?;
+        signed.push(SignedChange {
+            bytes: row.bytes.clone(),
+            signature,
+        });
+    }
+    let verified = match change::verify_batch(&doc, signed) {
+        Ok(v) => v,
+        Err(e) => {
+            // Name the row that fails, not only the hash.
+            let bad = rows
+                .iter()
+                .find(|r| {
+                    let Ok(signature) = r.signature.clone().try_into() else {
+                        return true;
+                    };
+                    change::verify(
+                        &doc,
+                        SignedChange {
+                            bytes: r.bytes.clone(),
+                            signature,
+                        },
+                    )
+                    .is_err()
+                })
+                .unwrap_or(first);
+            return Err(at(bad, &format!("fails verification: {e}")));
+        }
+    };
+    for (row, v) in rows.iter().zip(&verified) {
+        let hash = ChangeHash(
+            row.hash
+                .clone()
+                .try_into()
+                .map_err(|_| at(row, "has a stored hash that is not 32 bytes"))?,
+        );
+        if v.hash() != hash {
+            return Err(at(row, "is stored under another hash than its bytes have"));
+        }
+        if blob_to_hashes(&row.deps)? != v.deps() {
+            return Err(at(
+                row,
+                "is stored with other dependencies than its bytes have",
+            ));
+        }
+        if row.author[..] != v.author().as_bytes()[..] {
+            return Err(at(row, "is stored under another author than its signer"));
+        }
+        authors.insert(v.author());
+    }
+    Ok(rows.len() as u64)
+}
+
+fn utf8(path: &Path) -> Result<&str> {
+    path.to_str()
+        .ok_or_else(|| backup_error(path, "the path is not UTF-8: choose another"))
+}
+
+fn partial_path(to: &Path) -> PathBuf {
+    let mut name = to.as_os_str().to_owned();
+    name.push(".partial");
+    PathBuf::from(name)
+}
+
+/// Syncs `partial` to disk and renames it to `to`, then syncs the folder.
+fn finish_file(partial: &Path, to: &Path) -> Result<()> {
+    let io = |e: std::io::Error| backup_error(to, format!("cannot write it: {e}"));
+    std::fs::File::open(partial)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    std::fs::rename(partial, to).map_err(io)?;
+    sync_dir(to)
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| backup_error(path, format!("cannot sync its folder: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Removes a SQLite file and its `-wal` and `-shm` files, those that exist.
+fn remove_with_sidecars(path: &Path) -> Result<()> {
+    remove_if_exists(path)?;
+    remove_with_sidecars_only(path)
+}
+
+fn remove_with_sidecars_only(path: &Path) -> Result<()> {
+    for suffix in ["-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        remove_if_exists(Path::new(&name))?;
+    }
+    Ok(())
+}
+
+fn remove_if_exists(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(backup_error(path, format!("cannot remove it: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::Grant;
+    use crate::identity::Identity;
+    use crate::store::HubStore;
+    use crate::store::signed_changes;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        store: PathBuf,
+        who: Identity,
+        doc: DocId,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let store = dir.path().join("hub.db");
+            let mut s = SqliteHubStore::open(&store).unwrap();
+            s.put_grant(&Grant {
+                peer: PeerId::from_bytes([7; 32]),
+                prefix: crate::DocPrefix::all(),
+                read: true,
+                write: true,
+                relay: false,
+            })
+            .unwrap();
+            Fixture {
+                dir,
+                store,
+                who: Identity::generate(),
+                doc: DocId::new("sites/a").unwrap(),
+            }
+        }
+
+        fn path(&self, name: &str) -> PathBuf {
+            self.dir.path().join(name)
+        }
+
+        /// Appends `n` changes under a fresh actor instance, one commit each `per` changes.
+        fn write(&self, n: usize, per: usize) {
+            let mut s = SqliteHubStore::open(&self.store).unwrap();
+            let changes = signed_changes(&self.who, &self.doc, rand::random(), 1, n);
+            for part in changes.chunks(per) {
+                s.append(part).unwrap();
+            }
+        }
+    }
+
+    fn quiet(_: Progress) {}
+
+    fn log_of(path: &Path) -> Vec<(u64, Vec<u8>)> {
+        let c = Connection::open(path).unwrap();
+        let mut st = c.prepare("SELECT seq, hash FROM log ORDER BY seq").unwrap();
+        st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn full_then_incremental_backups_restore_every_change_under_a_new_epoch() {
+        let f = Fixture::new();
+        f.write(300, 64);
+        let full = f.path("full.bak");
+        let mut reports = Vec::new();
+        let a = backup(&f.store, &full, None, &mut |p| reports.push(p)).unwrap();
+        assert_eq!(
+            (a.kind, a.after, a.through, a.changes),
+            (BackupKind::Full, Cursor(0), Cursor(300), 300)
+        );
+        assert_eq!(
+            reports.last(),
+            Some(&Progress {
+                done: 300,
+                total: 300
+            })
+        );
+        f.write(50, 50);
+        let inc = f.path("inc.bak");
+        let b = backup(&f.store, &inc, Some(&full), &mut quiet).unwrap();
+        assert_eq!(
+            (b.kind, b.after, b.through, b.changes),
+            (BackupKind::Incremental, Cursor(300), Cursor(350), 50)
+        );
+        let live_epoch = SqliteHubStore::open(&f.store).unwrap().epoch();
+        assert_eq!(a.epoch, live_epoch);
+
+        // Restore both into another data directory: the same log, a new epoch, the grants.
+        let target = f.path("restored.db");
+        let summary = restore(&[full.clone(), inc.clone()], &target, &mut quiet).unwrap();
+        assert_eq!((summary.through, summary.changes), (Cursor(350), 350));
+        assert_eq!(log_of(&target), log_of(&f.store));
+        let mut restored = SqliteHubStore::open(&target).unwrap();
+        assert_eq!(restored.epoch(), summary.epoch);
+        assert_ne!(restored.epoch(), live_epoch);
+        assert_eq!(restored.grants().unwrap().len(), 1);
+        assert!(restored.heads(&f.doc).unwrap().complete);
+        drop(restored);
+
+        // The full backup alone restores the older state, over an existing store.
+        let summary = restore(std::slice::from_ref(&full), &target, &mut quiet).unwrap();
+        assert_eq!(summary.changes, 300);
+        assert_eq!(log_of(&target), log_of(&f.store)[..300]);
+
+        let report = verify(&[full, inc], &mut quiet).unwrap();
+        assert_eq!((report.changes, report.docs, report.authors), (350, 1, 1));
+    }
+
+    #[test]
+    fn a_backup_taken_while_the_hub_writes_is_consistent() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let f = Fixture::new();
+        f.write(2_000, 64);
+        let stop = AtomicBool::new(false);
+        let written = AtomicU64::new(0);
+        let info = std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut store = SqliteHubStore::open(&f.store).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    let c = signed_changes(&f.who, &f.doc, rand::random(), 2, 16);
+                    store.append(&c).unwrap();
+                    written.fetch_add(16, Ordering::Relaxed);
+                }
+            });
+            // Inside the backup's transaction, let the hub commit more before the copy goes on.
+            let mut first = true;
+            let info = backup(&f.store, &f.path("live.bak"), None, &mut |_| {
+                if std::mem::take(&mut first) {
+                    let at = written.load(Ordering::Relaxed);
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                    while written.load(Ordering::Relaxed) < at + 64 {
+                        assert!(std::time::Instant::now() < deadline, "the writer stalled");
+                        std::thread::yield_now();
+                    }
+                }
+            })
+            .unwrap();
+            stop.store(true, Ordering::Relaxed);
+            info
+        });
+        // Every change up to `through` is in the backup, none after it, and the hub went on.
+        let log = log_of(&f.store);
+        let upto: Vec<_> = log
+            .iter()
+            .filter(|(s, _)| *s <= info.through.0)
+            .cloned()
+            .collect();
+        assert!(
+            log.len() >= upto.len() + 64,
+            "the hub committed during the backup"
+        );
+        assert_eq!(log_of(&f.path("live.bak")), upto);
+        assert_eq!(info.changes as usize, upto.len());
+        verify(&[f.path("live.bak")], &mut quiet).unwrap();
+    }
+
+    #[test]
+    fn bad_chains_and_bad_files_are_refused_with_what_to_do() {
+        let f = Fixture::new();
+        f.write(10, 10);
+        let full = f.path("full.bak");
+        backup(&f.store, &full, None, &mut quiet).unwrap();
+        f.write(10, 10);
+        let inc1 = f.path("inc1.bak");
+        backup(&f.store, &inc1, Some(&full), &mut quiet).unwrap();
+        f.write(10, 10);
+        let inc2 = f.path("inc2.bak");
+        backup(&f.store, &inc2, Some(&inc1), &mut quiet).unwrap();
+        let target = f.path("t.db");
+        let msg = |r: Result<RestoreSummary>| r.unwrap_err().to_string();
+
+        assert!(
+            msg(restore(std::slice::from_ref(&inc1), &target, &mut quiet))
+                .contains("give the full backup first")
+        );
+        assert!(
+            msg(restore(&[full.clone(), inc2.clone()], &target, &mut quiet))
+                .contains("none missing")
+        );
+        assert!(
+            msg(restore(&[full.clone(), full.clone()], &target, &mut quiet))
+                .contains("only the first")
+        );
+        assert!(!target.exists(), "a refused restore writes nothing");
+        assert_eq!(
+            restore(
+                &[full.clone(), inc1.clone(), inc2.clone()],
+                &target,
+                &mut quiet
+            )
+            .unwrap()
+            .changes,
+            30
+        );
+
+        // An existing file is never overwritten.
+        let e = backup(&f.store, &full, None, &mut quiet).unwrap_err();
+        assert!(e.to_string().contains("already exists"), "{e}");
+        // A base from another log.
+        let other = Fixture::new();
+        other.write(5, 5);
+        let e = backup(&other.store, &other.path("x.bak"), Some(&full), &mut quiet).unwrap_err();
+        assert!(e.to_string().contains("take a full backup"), "{e}");
+        assert!(!other.path("x.bak").exists() && !other.path("x.bak.partial").exists());
+        // Not a backup: a hub store, and garbage.
+        let e = read_info(&f.store).unwrap_err();
+        assert!(e.to_string().contains("not a Syncline backup"), "{e}");
+        std::fs::write(
+            f.path("junk"),
+            b"this is not sqlite at all, not even close......",
+        )
+        .unwrap();
+        let e = verify(&[f.path("junk")], &mut quiet).unwrap_err();
+        assert!(matches!(e, Error::Backup { .. }), "{e}");
+    }
+
+    #[test]
+    fn verify_names_the_change_that_was_tampered_with() {
+        let f = Fixture::new();
+        f.write(100, 100);
+        let full = f.path("full.bak");
+        backup(&f.store, &full, None, &mut quiet).unwrap();
+        verify(std::slice::from_ref(&full), &mut quiet).unwrap();
+        let tamper = |sql: &str| {
+            let copy = f.path("t.bak");
+            std::fs::copy(&full, &copy).unwrap();
+            Connection::open(&copy).unwrap().execute_batch(sql).unwrap();
+            verify(&[copy], &mut quiet).unwrap_err().to_string()
+        };
+        let e = tamper("UPDATE log SET signature = zeroblob(64) WHERE seq = 42");
+        assert!(
+            e.contains("position 42") && e.contains("fails verification"),
+            "{e}"
+        );
+        let e = tamper("UPDATE log SET doc = 'sites/b' WHERE seq = 7");
+        assert!(
+            e.contains("position 7") && e.contains("fails verification"),
+            "{e}"
+        );
+        let e = tamper("UPDATE log SET author = zeroblob(32) WHERE seq = 9");
+        assert!(
+            e.contains("position 9") && e.contains("another author"),
+            "{e}"
+        );
+        let e = tamper("DELETE FROM log WHERE seq = 50");
+        assert!(e.contains("altered"), "{e}");
+    }
+}

@@ -1,0 +1,176 @@
+use std::process::Command;
+
+use serde_json::{Value, json};
+use syncline_e2e::{Edge, Hub, bin, run, until};
+
+use crate::{cluster, converged};
+
+fn hub_cmd(args: &[&str]) -> (i32, String, String) {
+    run(Command::new(bin("syncline-hub")).args(args))
+}
+
+fn acknowledged(edge: &Edge) {
+    until("the hub to acknowledge the edge's writes", 30, || {
+        let st = edge.status().ok()?;
+        (st["outbox"] == json!(0)).then_some(())
+    });
+}
+
+#[test]
+fn a_hub_restored_from_an_older_backup_gets_the_later_writes_back_from_the_edges() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, edges) = cluster(dir.path(), 1);
+    let doc = "backup/restore";
+    edges[0]
+        .change(doc, json!([{"op":"put","path":["before"],"value":1}]))
+        .unwrap();
+    acknowledged(&edges[0]);
+    let data_dir = hub.data.clone();
+    let data = data_dir.to_str().unwrap().to_owned();
+    let full = dir.path().join("full.bak");
+    let full = full.to_str().unwrap();
+
+    // Online: the hub keeps serving.
+    let (code, out, err) = hub_cmd(&["backup", "--data", &data, "--to", full]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("wrote a full backup"), "{out}");
+    assert!(
+        err.contains("backup: ") && err.contains("(100%)"),
+        "progress: {err}"
+    );
+
+    edges[0]
+        .change(doc, json!([{"op":"put","path":["after"],"value":2}]))
+        .unwrap();
+    acknowledged(&edges[0]);
+    let inc = dir.path().join("inc.bak");
+    let inc = inc.to_str().unwrap();
+    let (code, out, err) = hub_cmd(&[
+        "backup", "--data", &data, "--to", inc, "--since", full, "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let info: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(info["kind"], json!("incremental"));
+    assert!(info["changes"].as_u64().unwrap() >= 1, "{info}");
+
+    let (code, out, err) = hub_cmd(&["verify", "--from", full, inc, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["ok"], json!(true));
+    assert!(report["changes"].as_u64().unwrap() >= 2, "{report}");
+
+    // A running hub's store is not replaced.
+    let (code, _, err) = hub_cmd(&["restore", "--from", full, "--data", &data, "--force"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("stop the hub"), "{err}");
+
+    // Stop the hub and go back to the older backup: the write after it is gone from the hub.
+    let addr = hub.addr.clone();
+    assert_eq!(hub.proc.terminate(30), 0);
+    let (code, _, err) = hub_cmd(&["restore", "--from", full, "--data", &data]);
+    assert_eq!(code, 2, "without --force: {err}");
+    assert!(err.contains("--force"), "{err}");
+    let (code, out, err) = hub_cmd(&["restore", "--from", full, "--data", &data, "--force"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("new log epoch"), "{out}");
+    let hub = Hub::start(&data_dir, &addr);
+
+    // The edge notices the new epoch and uploads what the backup lacks; a fresh edge then
+    // finds both writes at the hub. The first edge's grant came back with the backup.
+    let fresh_dir = dir.path().join("fresh");
+    let key = Edge::init(&fresh_dir, &[(&hub.addr, &hub.fingerprint)]);
+    hub.grant(&key, "", "rw");
+    let fresh = Edge::start(&fresh_dir);
+    fresh.subscribe("").unwrap();
+    let state = converged(&[&edges[0], &fresh], doc, 60);
+    assert_eq!(state, json!({"before": 1, "after": 2}));
+}
+
+#[test]
+fn restore_and_verify_refuse_bad_files_with_exit_codes_and_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.bak");
+    std::fs::write(&junk, b"not a backup").unwrap();
+    let junk = junk.to_str().unwrap();
+    let (code, _, err) = hub_cmd(&["verify", "--from", junk]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not a Syncline backup"), "{err}");
+    let target = dir.path().join("hub");
+    let (code, _, err) = hub_cmd(&[
+        "restore",
+        "--from",
+        junk,
+        "--data",
+        target.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        !target.join("hub.db").exists(),
+        "a refused restore leaves no store"
+    );
+    let (code, _, err) = hub_cmd(&["backup", "--data", target.to_str().unwrap(), "--to", junk]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn history_and_an_offline_checked_export_say_who_changed_a_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, edges) = cluster(dir.path(), 1);
+    let doc = "audit/board";
+    for v in [1, 2, 3] {
+        edges[0]
+            .change(doc, json!([{"op":"put","path":["temp"],"value":v}]))
+            .unwrap();
+    }
+    acknowledged(&edges[0]);
+    let data = hub.data.to_str().unwrap().to_owned();
+
+    let (code, out, err) = hub_cmd(&["history", "--data", &data, doc, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let entries: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(entries.len(), 3, "{out}");
+    for (e, v) in entries.iter().zip([1, 2, 3]) {
+        assert_eq!(e["author"], json!(edges[0].key), "{e}");
+        assert_eq!(e["ops"][0]["key"], json!("temp"), "{e}");
+        assert_eq!(e["ops"][0]["value"], json!(v), "{e}");
+    }
+    let (code, out, _) = hub_cmd(&[
+        "history", "--data", &data, doc, "--after", "0", "--limit", "1",
+    ]);
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with('#') && out.contains("set temp = 1") && out.lines().count() == 1,
+        "{out}"
+    );
+
+    let file = dir.path().join("board.jsonl");
+    let file = file.to_str().unwrap();
+    let (code, _, err) = hub_cmd(&["export", "--data", &data, doc, "--to", file]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = hub_cmd(&["verify-export", file, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(out.trim()).unwrap();
+    let at_edge = edges[0].get(doc).unwrap().unwrap();
+    assert_eq!(report["state"], at_edge["doc"]);
+    assert_eq!(report["heads"], at_edge["heads"]);
+
+    // One byte of one change altered: the line is named.
+    let text = std::fs::read_to_string(file).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let mut v: Value = serde_json::from_str(&lines[2]).unwrap();
+    let sig = v["signature"].as_str().unwrap();
+    let flipped = if sig.starts_with('0') { "1" } else { "0" };
+    v["signature"] = json!(format!("{flipped}{}", &sig[1..]));
+    lines[2] = v.to_string();
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, lines.join("\n")).unwrap();
+    let (code, _, err) = hub_cmd(&["verify-export", bad.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("line 3"), "{err}");
+    // A bad document id is a usage error.
+    let (code, _, err) = hub_cmd(&["history", "--data", &data, "bad//id"]);
+    assert_eq!(code, 2, "{err}");
+}
