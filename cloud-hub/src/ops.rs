@@ -54,7 +54,8 @@ fn op_text(op: &Value) -> String {
         .or_else(|| op.get("elemId"))
         .map(|k| k.as_str().map_or_else(|| k.to_string(), str::to_owned))
         .unwrap_or_default();
-    let obj = op["obj"].as_str().unwrap_or("?");
+    let at = short_ids(&at);
+    let obj = short_ids(op["obj"].as_str().unwrap_or("?"));
     let place = if obj == "_root" {
         at
     } else {
@@ -63,6 +64,15 @@ fn op_text(op: &Value) -> String {
     match op.get("value") {
         Some(v) => format!("{action} {place} = {v}"),
         None => format!("{action} {place}"),
+    }
+}
+
+/// Automerge op ids (`COUNTER@ACTOR`, the actor 80 hex characters here) with the actor cut
+/// to its first 8 characters, for reading.
+fn short_ids(s: &str) -> String {
+    match s.split_once('@') {
+        Some((n, actor)) => format!("{n}@{}", actor.get(..8).unwrap_or(actor)),
+        _ => s.to_owned(),
     }
 }
 
@@ -129,14 +139,24 @@ pub fn backup_json(file: &Path, info: &BackupInfo) -> Value {
 
 /// `backup` without `--json`.
 pub fn backup_text(file: &Path, info: &BackupInfo) -> String {
+    let held = if info.changes == 0 {
+        format!("no change after log position {}", info.after.0)
+    } else {
+        format!(
+            "{} changes, log positions {}..={}",
+            info.changes,
+            info.after.0 + 1,
+            info.through.0
+        )
+    };
     format!(
-        "wrote a {} backup to {}: {} changes, log positions {}..={} of epoch {}\n\
+        "wrote {} backup to {}: {held} of epoch {}\n\
          restore it with `syncline-hub restore --from {}{} --data DIR`\n",
-        kind(info.kind),
+        match info.kind {
+            BackupKind::Full => "a full",
+            BackupKind::Incremental => "an incremental",
+        },
         file.display(),
-        info.changes,
-        info.after.0 + 1,
-        info.through.0,
         hex::encode(info.epoch.0),
         if info.kind == BackupKind::Incremental {
             "FULL [INCREMENTAL...] "

@@ -106,9 +106,20 @@ impl Document {
         self.doc.get_changes(&known)
     }
 
-    /// Applies `ops` as one transaction. Nothing is applied if one op fails. Returns the new
-    /// change, or `None` if the ops changed nothing.
+    /// [`Document::apply_ops_at`] at time 0.
+    #[cfg(test)]
     pub(crate) fn apply_ops(&mut self, ops: &[Op]) -> Result<Option<automerge::Change>> {
+        self.apply_ops_at(ops, 0)
+    }
+
+    /// Applies `ops` as one transaction stamped `time_ms` (milliseconds since the Unix
+    /// epoch). Nothing is applied if one op fails. Returns the new change, or `None` if the
+    /// ops changed nothing.
+    pub(crate) fn apply_ops_at(
+        &mut self,
+        ops: &[Op],
+        time_ms: i64,
+    ) -> Result<Option<automerge::Change>> {
         let id = self.id.clone();
         let before = self.doc.get_heads();
         let mut tx = self.doc.transaction();
@@ -118,7 +129,7 @@ impl Document {
                 return Err(e);
             }
         }
-        tx.commit();
+        tx.commit_with(automerge::transaction::CommitOptions::default().with_time(time_ms));
         if self.doc.get_heads() == before {
             return Ok(None);
         }
@@ -583,6 +594,19 @@ mod tests {
             assert_eq!(d.heads(), heads, "{body}");
         }
         assert_eq!(d.to_json(), json!({"a":1,"l":[1],"t":"ab"}));
+    }
+
+    #[test]
+    fn a_change_carries_the_time_it_was_made_at() {
+        let mut d = doc();
+        let c = d
+            .apply_ops_at(
+                &ops(json!([{"op":"put","path":["a"],"value":1}])),
+                1_700_000_000_123,
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.timestamp(), 1_700_000_000_123);
     }
 
     #[test]

@@ -65,6 +65,25 @@ pub struct ReplicaOptions {
     /// them). Verification and Automerge's apply cost about the same per change; verifying on
     /// every core keeps apply the only serial part. 1 verifies on the calling thread only.
     pub verify_threads: usize,
+    /// The time stamped on local changes, in milliseconds since the Unix epoch: what an audit
+    /// of the history shows as "when". The default reads the system clock; simulations fix it
+    /// so that a seed replays exactly.
+    pub clock: fn() -> i64,
+}
+
+/// Milliseconds since the Unix epoch by the system clock; 0 before 1970, and on wasm, where
+/// the standard library has no clock (bindings there set [`ReplicaOptions::clock`]).
+pub fn system_clock_ms() -> i64 {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        0
+    }
 }
 
 impl Default for ReplicaOptions {
@@ -76,6 +95,7 @@ impl Default for ReplicaOptions {
             max_pending_per_doc: 65_536,
             patch_events: true,
             verify_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            clock: system_clock_ms,
         }
     }
 }
@@ -383,11 +403,12 @@ impl Replica {
 
     fn change_many_inner(&mut self, changes: &[(DocId, Vec<Op>)]) -> Result<()> {
         let mut made: Vec<(VerifiedChange, Vec<ChangeHash>)> = Vec::with_capacity(changes.len());
+        let now = (self.options.clock)();
         for (doc, ops) in changes {
             let identity = self.identity.clone();
             let state = self.load(doc, true)?;
             let before = state.doc.heads();
-            if let Some(c) = state.doc.apply_ops(ops)? {
+            if let Some(c) = state.doc.apply_ops_at(ops, now)? {
                 // A change the hub would refuse would block the outbox behind it forever.
                 if c.raw_bytes().len() > wire::MAX_CHANGE_BYTES {
                     return Err(Error::InvalidOperation {

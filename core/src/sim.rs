@@ -152,6 +152,9 @@ impl Sim {
                     // Some replicas compact often, to exercise snapshots and compacted uploads.
                     compact_after_bytes: if rng.gen_bool(0.5) { 1500 } else { 1 << 20 },
                     patch_events: rng.gen_bool(0.3),
+                    // Change hashes include the time: a wall clock would make seeds replay
+                    // differently.
+                    clock: || 0,
                     ..ReplicaOptions::default()
                 };
                 let path = dir.path().join(format!("replica{i}.db"));

@@ -136,6 +136,8 @@ fn history_and_an_offline_checked_export_say_who_changed_a_document() {
         assert_eq!(e["author"], json!(edges[0].key), "{e}");
         assert_eq!(e["ops"][0]["key"], json!("temp"), "{e}");
         assert_eq!(e["ops"][0]["value"], json!(v), "{e}");
+        // Stamped by the edge's clock when it was made (after 2020).
+        assert!(e["time_ms"].as_i64().unwrap() > 1_577_836_800_000, "{e}");
     }
     let (code, out, _) = hub_cmd(&[
         "history", "--data", &data, doc, "--after", "0", "--limit", "1",
