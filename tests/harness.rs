@@ -400,3 +400,137 @@ fn dechunk(mut s: &str) -> String {
     }
     out
 }
+
+/// A real PostgreSQL server of its own, in a temp dir, on a free port of 127.0.0.1, stopped
+/// when dropped. Debian's `postgresql` package provides the binaries (`.ci/run` installs it);
+/// as root, the server runs as the `postgres` user, which PostgreSQL requires.
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    user: Option<String>,
+    /// `postgres://USER@127.0.0.1:PORT/syncline`: a database made for the test.
+    pub url: String,
+}
+
+impl Postgres {
+    /// Makes a cluster (`initdb`), starts it and creates the database `syncline`.
+    pub fn start() -> Postgres {
+        let bin = postgres_bin();
+        let dir = tempfile::tempdir().expect("a temp dir for PostgreSQL");
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout == b"0\n");
+        let user = root.then(|| "postgres".to_owned());
+        if root {
+            // The cluster's files must belong to the user the server runs as.
+            let (code, _, err) = run(Command::new("chown").arg("postgres:").arg(dir.path()));
+            assert_eq!(code, 0, "chown of the PostgreSQL dir failed: {err}");
+        }
+        let mut pg = Postgres {
+            dir,
+            bin,
+            user,
+            url: String::new(),
+        };
+        let data = pg.dir.path().join("data");
+        let (code, _, err) = run(pg
+            .command("initdb")
+            .args([
+                "--auth=trust",
+                "--no-sync",
+                "--encoding=UTF8",
+                "--locale=C",
+                "-U",
+                "syncline",
+                "-D",
+            ])
+            .arg(&data));
+        assert_eq!(code, 0, "initdb failed: {err}");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free TCP port")
+            .port();
+        let opts = format!(
+            "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={} \
+             -c fsync=on -c max_connections=50",
+            pg.dir.path().display()
+        );
+        let (code, _, err) = run(pg
+            .command("pg_ctl")
+            .args(["start", "-w", "-t", "60", "-l"])
+            .arg(pg.dir.path().join("server.log"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-o", &opts]));
+        assert_eq!(code, 0, "pg_ctl start failed: {err} (log: {})", pg.log());
+        let (code, _, err) = run(pg.command("createdb").args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "syncline",
+            "syncline",
+        ]));
+        assert_eq!(code, 0, "createdb failed: {err}");
+        pg.url = format!("postgres://syncline@127.0.0.1:{port}/syncline");
+        pg
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let path = self.bin.join(tool);
+        match &self.user {
+            Some(u) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", u, "--"]).arg(path);
+                c
+            }
+            None => Command::new(path),
+        }
+    }
+
+    /// The server's log, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .args(["stop", "-m", "immediate", "-D"])
+            .arg(self.dir.path().join("data"))
+            .output();
+    }
+}
+
+/// The folder of PostgreSQL's server binaries: `initdb` on the PATH, else Debian's
+/// `/usr/lib/postgresql/VERSION/bin`. A machine without them fails the test with what to do.
+fn postgres_bin() -> PathBuf {
+    let on_path = Command::new("sh")
+        .args(["-c", "command -v initdb"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    if let Some(dir) = on_path
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
+        return dir;
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.sort();
+    versions.pop().filter(|b| b.join("initdb").exists()).expect(
+        "PostgreSQL's server binaries are missing: install Debian's `postgresql` package \
+             (`apt-get install -y postgresql`, as .ci/run does)",
+    )
+}

@@ -29,6 +29,8 @@ pub struct FileConfig {
     pub key: Option<PathBuf>,
     /// The log filter (`info`, `syncline_hub=debug,info`...).
     pub log: Option<String>,
+    /// A PostgreSQL URL for the store instead of the data directory's SQLite file.
+    pub store: Option<String>,
 }
 
 impl FileConfig {
@@ -44,7 +46,7 @@ impl FileConfig {
         let mut cfg: FileConfig = toml::from_str(&text).map_err(|e| {
             usage(format!(
                 "the config file {} is not valid: {e}\nknown keys: listen, metrics, data, \
-                 cert, key, log",
+                 cert, key, log, store",
                 path.display()
             ))
         })?;
@@ -76,6 +78,8 @@ pub struct Overrides {
     pub key: Option<PathBuf>,
     /// `--log` / `SYNCLINE_LOG`, else `RUST_LOG`.
     pub log: Option<String>,
+    /// `--store` / `SYNCLINE_STORE`.
+    pub store: Option<String>,
 }
 
 /// Where the hub's TLS certificate comes from.
@@ -107,6 +111,34 @@ pub struct Settings {
     pub log: String,
     /// Peer hubs to sync with.
     pub peers: Vec<syncline_net::client::HubAddress>,
+    /// Where the store is.
+    pub store: StoreLocation,
+}
+
+/// Where a hub's store is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// `hub.db` in the data directory (embedded SQLite, the default).
+    Sqlite,
+    /// A PostgreSQL database, which several hub instances may share.
+    Postgres(String),
+}
+
+impl StoreLocation {
+    /// `--store` as given: absent or empty is SQLite; `postgres://` or `postgresql://` is
+    /// PostgreSQL; anything else is refused.
+    pub fn parse(store: Option<&str>) -> anyhow::Result<Self> {
+        match store.map(str::trim) {
+            None | Some("") | Some("sqlite") => Ok(StoreLocation::Sqlite),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(StoreLocation::Postgres(url.to_owned()))
+            }
+            Some(other) => Err(usage(format!(
+                "`store` = {other:?} is not a store: give postgres://USER@HOST:PORT/DATABASE, \
+                 or leave it out for the data directory's SQLite file"
+            ))),
+        }
+    }
 }
 
 /// Merges flags and environment over the file over the defaults.
@@ -146,6 +178,7 @@ pub fn resolve(over: Overrides, file: FileConfig) -> anyhow::Result<Settings> {
         .log
         .or(file.log)
         .unwrap_or_else(|| DEFAULT_LOG.to_owned());
+    let store = StoreLocation::parse(over.store.or(file.store).as_deref())?;
     Ok(Settings {
         listen,
         metrics,
@@ -153,6 +186,7 @@ pub fn resolve(over: Overrides, file: FileConfig) -> anyhow::Result<Settings> {
         tls,
         log,
         peers: Vec::new(),
+        store,
     })
 }
 

@@ -7,6 +7,7 @@
 //! - [`grants`]: parsing keys, prefixes and modes for the grants CLI.
 //! - [`metrics`]: Prometheus text and the `/healthz` and `/metrics` HTTP server.
 //! - [`ops`]: what `backup`, `restore` and `verify` print.
+//! - [`pg`]: the hub store on PostgreSQL, shared by several hub instances.
 //! - [`service`]: `run`: the QUIC server, grant reloading and graceful shutdown.
 //!
 //! WebSocket (browsers) is not served yet: issue 5.
@@ -16,6 +17,7 @@ pub mod data;
 pub mod grants;
 pub mod metrics;
 pub mod ops;
+pub mod pg;
 pub mod service;
 
 /// How often a running hub checks the store's grants version (grants changed by the CLI,

@@ -11,7 +11,7 @@ use syncline_core::hub::Grant;
 use syncline_core::store::HubStore;
 use syncline_core::store::backup;
 use syncline_core::{Cursor, DocId, DocPrefix, PeerId};
-use syncline_hub::config::{self, FileConfig, Overrides};
+use syncline_hub::config::{self, FileConfig, Overrides, StoreLocation};
 use syncline_hub::data::{self, DataDir};
 use syncline_hub::grants::{self, Mode};
 use syncline_hub::{Usage, ops, service, usage};
@@ -59,8 +59,16 @@ enum Command {
     /// (replacing its grant on that prefix). A running hub applies it within 250 ms.
     Grant {
         /// The data directory of the hub.
-        #[arg(long, env = "SYNCLINE_DATA", value_name = "DIR")]
-        data: PathBuf,
+        #[arg(
+            long,
+            env = "SYNCLINE_DATA",
+            value_name = "DIR",
+            required_unless_present = "store"
+        )]
+        data: Option<PathBuf>,
+        /// The hub's PostgreSQL store, if it runs on one (`postgres://...`, as `run --store`).
+        #[arg(long, env = "SYNCLINE_STORE", value_name = "URL")]
+        store: Option<String>,
         /// The replica's public key: 64 hex characters, as `syncline-edge init --json`
         /// prints it.
         #[arg(value_parser = grants::parse_key)]
@@ -78,8 +86,16 @@ enum Command {
     /// 250 ms, to live sessions too.
     Revoke {
         /// The data directory of the hub.
-        #[arg(long, env = "SYNCLINE_DATA", value_name = "DIR")]
-        data: PathBuf,
+        #[arg(
+            long,
+            env = "SYNCLINE_DATA",
+            value_name = "DIR",
+            required_unless_present = "store"
+        )]
+        data: Option<PathBuf>,
+        /// The hub's PostgreSQL store, if it runs on one (`postgres://...`, as `run --store`).
+        #[arg(long, env = "SYNCLINE_STORE", value_name = "URL")]
+        store: Option<String>,
         /// The replica's public key (64 hex characters).
         #[arg(value_parser = grants::parse_key)]
         key: PeerId,
@@ -138,8 +154,16 @@ enum Command {
     /// operations), from the hub's signed change log; every change is verified as it is read.
     History {
         /// The data directory of the hub.
-        #[arg(long, env = "SYNCLINE_DATA", value_name = "DIR")]
-        data: PathBuf,
+        #[arg(
+            long,
+            env = "SYNCLINE_DATA",
+            value_name = "DIR",
+            required_unless_present = "store"
+        )]
+        data: Option<PathBuf>,
+        /// The hub's PostgreSQL store, if it runs on one (`postgres://...`, as `run --store`).
+        #[arg(long, env = "SYNCLINE_STORE", value_name = "URL")]
+        store: Option<String>,
         /// The document id.
         #[arg(value_parser = ops::parse_doc)]
         doc: DocId,
@@ -157,8 +181,16 @@ enum Command {
     /// anyone to check with `verify-export` without access to the hub.
     Export {
         /// The data directory of the hub.
-        #[arg(long, env = "SYNCLINE_DATA", value_name = "DIR")]
-        data: PathBuf,
+        #[arg(
+            long,
+            env = "SYNCLINE_DATA",
+            value_name = "DIR",
+            required_unless_present = "store"
+        )]
+        data: Option<PathBuf>,
+        /// The hub's PostgreSQL store, if it runs on one (`postgres://...`, as `run --store`).
+        #[arg(long, env = "SYNCLINE_STORE", value_name = "URL")]
+        store: Option<String>,
         /// The document id.
         #[arg(value_parser = ops::parse_doc)]
         doc: DocId,
@@ -179,8 +211,16 @@ enum Command {
     /// List the grants.
     Grants {
         /// The data directory of the hub.
-        #[arg(long, env = "SYNCLINE_DATA", value_name = "DIR")]
-        data: PathBuf,
+        #[arg(
+            long,
+            env = "SYNCLINE_DATA",
+            value_name = "DIR",
+            required_unless_present = "store"
+        )]
+        data: Option<PathBuf>,
+        /// The hub's PostgreSQL store, if it runs on one (`postgres://...`, as `run --store`).
+        #[arg(long, env = "SYNCLINE_STORE", value_name = "URL")]
+        store: Option<String>,
         /// Print a JSON array of {"public_key", "prefix", "mode"}.
         #[arg(long)]
         json: bool,
@@ -223,6 +263,11 @@ struct RunArgs {
     /// The SHA-256 fingerprint of each --peer's certificate, in the same order.
     #[arg(long = "peer-fingerprint", value_name = "FP")]
     peer_fingerprints: Vec<String>,
+    /// Keep the store in PostgreSQL instead of the data directory's SQLite file:
+    /// `postgres://USER@HOST:PORT/DATABASE`. Several hub instances may share one database;
+    /// each still needs its own data directory (identity, certificate) [default: SQLite].
+    #[arg(long, env = "SYNCLINE_STORE", value_name = "URL")]
+    store: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -266,6 +311,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 cert: args.cert,
                 key: args.key,
                 log: args.log.or_else(|| std::env::var("RUST_LOG").ok()),
+                store: args.store,
             };
             let mut settings = config::resolve(over, file)?;
             settings.peers = config::peers(&args.peers, &args.peer_fingerprints)?;
@@ -274,12 +320,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Grant {
             data,
+            store,
             key,
             prefix,
             mode,
         } => {
             cli_logs()?;
-            let mut store = open_store(&data)?;
+            let mut store = open_store(data.as_deref(), store.as_deref())?;
             let (read, write, relay) = mode.rights();
             store
                 .put_grant(&Grant {
@@ -293,9 +340,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("granted {key} {mode} on {:?}", prefix.as_str());
             Ok(())
         }
-        Command::Revoke { data, key, prefix } => {
+        Command::Revoke {
+            data,
+            store,
+            key,
+            prefix,
+        } => {
             cli_logs()?;
-            let mut store = open_store(&data)?;
+            let mut store = open_store(data.as_deref(), store.as_deref())?;
             let n = store
                 .revoke(&key, prefix.as_ref())
                 .context("removing the grant")?;
@@ -368,13 +420,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::History {
             data,
+            store,
             doc,
             after,
             limit,
             json,
         } => {
             cli_logs()?;
-            let mut store = open_store(&data)?;
+            let mut store = open_store(data.as_deref(), store.as_deref())?;
             let entries = audit::history(&mut store, &doc, Cursor(after), limit)?;
             if entries.is_empty() {
                 eprintln!("syncline-hub: no change of {doc} after position {after}");
@@ -388,9 +441,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Export { data, doc, to } => {
+        Command::Export {
+            data,
+            store,
+            doc,
+            to,
+        } => {
             cli_logs()?;
-            let mut store = open_store(&data)?;
+            let mut store = open_store(data.as_deref(), store.as_deref())?;
             let summary = audit::export(&mut store, &doc, &to, &mut |n| {
                 eprintln!("export: {n} changes written");
             })?;
@@ -412,9 +470,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             });
             Ok(())
         }
-        Command::Grants { data, json } => {
+        Command::Grants { data, store, json } => {
             cli_logs()?;
-            let mut store = open_store(&data)?;
+            let mut store = open_store(data.as_deref(), store.as_deref())?;
             let list = store.grants().context("reading the grants")?;
             if json {
                 println!("{}", grants::to_json(&list));
@@ -426,11 +484,23 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Opens the store of an existing data directory (never creates one).
-fn open_store(dir: &std::path::Path) -> anyhow::Result<syncline_core::store::SqliteHubStore> {
-    let dir = DataDir::existing(dir)?;
-    syncline_core::store::SqliteHubStore::open(&dir.store_path())
-        .with_context(|| format!("opening {}", dir.store_path().display()))
+/// Opens the store of an existing data directory (never creates one), or the PostgreSQL
+/// store given with `--store`.
+fn open_store(
+    dir: Option<&std::path::Path>,
+    store: Option<&str>,
+) -> anyhow::Result<Box<dyn HubStore + Send>> {
+    let location = StoreLocation::parse(store)?;
+    let dir = match (&location, dir) {
+        (StoreLocation::Sqlite, Some(d)) => DataDir::existing(d)?,
+        (StoreLocation::Sqlite, None) => {
+            return Err(usage(
+                "give --data DIR (or --store URL for a PostgreSQL store)",
+            ));
+        }
+        (StoreLocation::Postgres(_), _) => DataDir::new(dir.unwrap_or(std::path::Path::new("."))),
+    };
+    service::open_store(&dir, &location)
 }
 
 /// Prints a command's result: one JSON line, or text.

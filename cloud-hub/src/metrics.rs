@@ -11,14 +11,14 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use syncline_core::hub::{Grants, HubMetrics};
-use syncline_core::store::SqliteHubStore;
+use syncline_core::store::HubStore;
 use syncline_net::server::HubHandle;
 
 /// How long `/healthz` and `/metrics` wait for the hub thread.
 pub const HUB_ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The hub handle the service drives.
-pub type Handle = HubHandle<SqliteHubStore, Grants>;
+pub type Handle = HubHandle<Box<dyn HubStore + Send>, Grants>;
 
 /// One reading of the hub's counters.
 #[derive(Debug, Clone, Default)]

@@ -20,9 +20,10 @@ use syncline_net::server::{self, HubHandle};
 use syncline_net::tls;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::config::{Settings, TlsSource};
+use crate::config::{Settings, StoreLocation, TlsSource};
 use crate::data::{self, DataDir};
 use crate::metrics::{self, Handle};
+use crate::pg::PgHubStore;
 use crate::{GRANTS_POLL, usage};
 
 /// How long shutdown waits for open connections to end before it drops them.
@@ -43,14 +44,14 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
 
     // One hub process owns the data directory (the grants CLI may still write to it).
     let _lock = syncline_core::store::lock_dir(dir.root()).map_err(|e| usage(e.to_string()))?;
-    let mut store = SqliteHubStore::open(&dir.store_path())
-        .with_context(|| format!("opening {}", dir.store_path().display()))?;
+    let shared = matches!(settings.store, StoreLocation::Postgres(_));
+    let mut store = open_store(&dir, &settings.store)?;
     // Version first, then grants: a change in between is picked up again by the first poll.
     let version = store
         .grants_version()
         .context("reading the grants version")?;
     let grants = store.grants().context("reading the grants")?;
-    let log_base = store.change_count().context("counting the log")?;
+    let log_base = store.last_cursor().context("reading the log end")?.0;
     if grants.is_empty() {
         tracing::warn!(
             "no grants: every replica will be refused until you run `syncline-hub grant`"
@@ -63,7 +64,11 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         epoch = ?store.epoch(),
         "store opened"
     );
-    let hub = Hub::new(identity, store, Grants { grants }, None);
+    let mut hub = Hub::new(identity, store, Grants { grants }, None);
+    if shared {
+        // Other instances write to the same log: relay what they commit.
+        hub.share_store().context("reading the log end")?;
+    }
     let key = hub.peer_id();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -82,6 +87,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         version,
         log_base,
         settings.peers.clone(),
+        shared,
     ));
     // Drops whatever connection task is still alive, and with it its hub handle.
     runtime.shutdown_timeout(Duration::from_secs(2));
@@ -105,6 +111,7 @@ async fn serve(
     grants_version: u64,
     log_base: u64,
     peers: Vec<syncline_net::client::HubAddress>,
+    shared: bool,
 ) -> anyhow::Result<()> {
     // Signals first: a SIGTERM during startup still shuts down cleanly.
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -134,6 +141,7 @@ async fn serve(
         })
         .collect();
     let mut poller = tokio::spawn(poll_grants(handle.clone(), grants_version));
+    let tail = shared.then(|| tokio::spawn(tail_store(handle.clone())));
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut metrics_task = None;
     let mut out = std::io::stdout().lock();
@@ -193,6 +201,10 @@ async fn serve(
     }
     poller.abort();
     let _ = poller.await;
+    if let Some(t) = tail {
+        t.abort();
+        let _ = t.await;
+    }
     let _ = stop_metrics.send(());
     if let Some(task) = metrics_task {
         match tokio::time::timeout(DRAIN_TIMEOUT, task).await {
@@ -203,6 +215,64 @@ async fn serve(
     }
     drop(handle);
     result
+}
+
+/// Opens the store a hub runs on: the data directory's SQLite file, or PostgreSQL.
+pub fn open_store(
+    dir: &DataDir,
+    location: &StoreLocation,
+) -> anyhow::Result<Box<dyn HubStore + Send>> {
+    Ok(match location {
+        StoreLocation::Sqlite => Box::new(
+            SqliteHubStore::open(&dir.store_path())
+                .with_context(|| format!("opening {}", dir.store_path().display()))?,
+        ),
+        StoreLocation::Postgres(url) => Box::new(PgHubStore::connect(url).with_context(|| {
+            format!(
+                "opening the PostgreSQL store {}: check that the server runs and the URL's \
+                 user may create tables",
+                redact(url)
+            )
+        })?),
+    })
+}
+
+/// A store URL without its password, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// How often an instance on a shared store looks for what the others committed: the bound
+/// on cross-instance write-to-visible latency, beside the commit itself. One indexed
+/// `max(seq)` query per tick when nothing is new.
+pub const TAIL_POLL: Duration = Duration::from_millis(20);
+
+/// Relays what other hub instances commit to the shared store (see `Hub::poll_store`).
+/// Returns when the hub thread has stopped.
+async fn tail_store(handle: Handle) -> NetError {
+    let mut tick = tokio::time::interval(TAIL_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        match handle.call(|hub| hub.poll_store()).await {
+            Ok(Ok(_)) => failing = false,
+            Ok(Err(e)) => {
+                if !failing {
+                    tracing::warn!(error = %e, "reading what other hub instances stored failed; retrying");
+                }
+                failing = true;
+            }
+            Err(e) => return e,
+        }
+    }
 }
 
 /// Reloads the grants when the store's grants version moves (the CLI or another process

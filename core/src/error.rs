@@ -235,6 +235,15 @@ pub enum Error {
         /// What is wrong, and what to do.
         reason: String,
     },
+    /// A database server (the hub's PostgreSQL store) failed or could not be reached. The
+    /// operation did nothing; retry once the database is back.
+    #[error("database error while {context}: {reason}")]
+    Database {
+        /// What we were doing.
+        context: &'static str,
+        /// The cause, as the driver gives it.
+        reason: String,
+    },
     /// SQLite failed.
     #[error("storage error while {context}: {source}")]
     Sqlite {

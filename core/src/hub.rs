@@ -269,6 +269,16 @@ pub struct Hub<S, P> {
     ready: BTreeSet<SessionId>,
     metrics: HubMetrics,
     rng: StdRng,
+    /// Set when other hub instances write to the same store ([`Hub::share_store`]).
+    shared: Option<SharedTail>,
+}
+
+/// How far this hub has relayed a store that other hub instances also write.
+struct SharedTail {
+    /// Every change at or before this position has been relayed (or was this hub's own).
+    at: Cursor,
+    /// Positions of this hub's own commits after `at`: relayed at commit, skipped in the tail.
+    own: BTreeSet<u64>,
 }
 
 impl<S: HubStore, P: Policy> Hub<S, P> {
@@ -284,6 +294,86 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             ready: BTreeSet::new(),
             metrics: HubMetrics::default(),
             rng: rng_seed.map_or_else(StdRng::from_entropy, StdRng::seed_from_u64),
+            shared: None,
+        }
+    }
+
+    /// Declares that other hub instances write to this hub's store (several instances on one
+    /// PostgreSQL database). From now on, call [`Hub::poll_store`] regularly: it relays to this
+    /// hub's subscribers what the others commit. The store must number changes in commit
+    /// order (every change before a visible position is visible), as both stores here do.
+    pub fn share_store(&mut self) -> Result<()> {
+        self.shared = Some(SharedTail {
+            at: self.store.last_cursor()?,
+            own: BTreeSet::new(),
+        });
+        Ok(())
+    }
+
+    /// Relays to live subscribers the changes that other hub instances committed to the
+    /// shared store since the last call, and wakes peer links. Returns how many changes were
+    /// relayed. Does nothing unless [`Hub::share_store`] was called.
+    pub fn poll_store(&mut self) -> Result<usize> {
+        const PAGE: usize = 1024;
+        let Some(mut tail) = self.shared.take() else {
+            return Ok(0);
+        };
+        let mut relayed = 0;
+        let result = (|| -> Result<()> {
+            loop {
+                let batch = self.store.read_log(
+                    &Target::Prefix(crate::ids::DocPrefix::all()),
+                    tail.at,
+                    PAGE,
+                )?;
+                let mut run: Option<(DocId, Vec<SignedChange>, Cursor, Cursor)> = None;
+                for e in batch.entries {
+                    let before = tail.at;
+                    tail.at = e.cursor;
+                    if tail.own.remove(&e.cursor.0) {
+                        continue;
+                    }
+                    relayed += 1;
+                    match &mut run {
+                        Some((doc, changes, _, last))
+                            if *doc == e.doc && changes.len() < wire::MAX_CHANGES_PER_DELTA =>
+                        {
+                            changes.push(e.change);
+                            *last = e.cursor;
+                        }
+                        _ => {
+                            if let Some((doc, changes, from, last)) = run.take() {
+                                self.broadcast(0, &doc, changes, from, last);
+                            }
+                            run = Some((e.doc, vec![e.change], before, e.cursor));
+                        }
+                    }
+                }
+                if let Some((doc, changes, from, last)) = run.take() {
+                    self.broadcast(0, &doc, changes, from, last);
+                }
+                tail.at = tail.at.max(batch.next);
+                if batch.at_end {
+                    return Ok(());
+                }
+            }
+        })();
+        // Own commits at or before the tail were passed over or never read: forget them.
+        tail.own = tail.own.split_off(&(tail.at.0 + 1));
+        self.shared = Some(tail);
+        result?;
+        if relayed > 0 {
+            self.wake_links();
+        }
+        Ok(relayed)
+    }
+
+    /// Links to peer hubs push from the log: wake them when it grew.
+    fn wake_links(&mut self) {
+        for (&id, s) in &self.sessions {
+            if s.link.as_ref().is_some_and(|l| l.ready) {
+                self.ready.insert(id);
+            }
         }
     }
 
@@ -703,22 +793,25 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         };
         self.metrics.commits += 1;
         if cursors.iter().any(|a| matches!(a, Appended::Stored(_))) {
-            // Links to peer hubs push from the log: wake them.
-            for (&id, s) in &self.sessions {
-                if s.link.as_ref().is_some_and(|l| l.ready) {
-                    self.ready.insert(id);
-                }
-            }
+            self.wake_links();
+        }
+        if let Some(tail) = &mut self.shared {
+            tail.own.extend(cursors.iter().filter_map(|a| match a {
+                Appended::Stored(c) if c.0 > tail.at.0 => Some(c.0),
+                _ => None,
+            }));
         }
         let mut stored = all.into_iter().zip(cursors);
         for (session, reply, n, doc) in groups {
             let mut fresh: Vec<SignedChange> = Vec::new();
+            let mut first = None;
             let mut last = None;
             let mut conflict = None;
             for (c, appended) in stored.by_ref().take(n) {
                 match appended {
                     Appended::Stored(cursor) => {
                         fresh.push(c.into_signed());
+                        first.get_or_insert(cursor);
                         last = Some(cursor);
                     }
                     Appended::Duplicate => self.metrics.changes_duplicate += 1,
@@ -765,8 +858,14 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 Some(Reply::PeerCursor(Some(cursor))) => self.record_peer_received(session, cursor),
                 Some(Reply::PeerCursor(None)) | None => {}
             }
-            if let (Some(doc), Some(last)) = (doc, last) {
-                self.broadcast(session, &doc, fresh, last);
+            if let (Some(doc), Some(first), Some(last)) = (doc, first, last) {
+                self.broadcast(
+                    session,
+                    &doc,
+                    fresh,
+                    Cursor(first.0.saturating_sub(1)),
+                    last,
+                );
             }
         }
         Ok(())
@@ -940,11 +1039,14 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         })))
     }
 
+    /// Relays `changes` of `doc`, stored at positions after `from` up to `cursor`, to every
+    /// live subscriber allowed to read it but `author` (0: none).
     fn broadcast(
         &mut self,
         author: SessionId,
         doc: &DocId,
         changes: Vec<SignedChange>,
+        from: Cursor,
         cursor: Cursor,
     ) {
         for (&id, s) in self.sessions.iter_mut() {
@@ -960,9 +1062,9 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 }
                 if s.out.len() >= MAX_QUEUED_MESSAGES {
                     // Too slow to take live changes: read them from the log when it catches up.
-                    *state = SubState::CatchUp {
-                        from: Cursor(cursor.0.saturating_sub(changes.len() as u64)),
-                    };
+                    // (From the position before the first: positions can have gaps, so
+                    // counting back from the last could skip some.)
+                    *state = SubState::CatchUp { from };
                     fallback = true;
                 } else if target_used.is_none() {
                     target_used = Some(target.clone());
@@ -1580,6 +1682,73 @@ mod tests {
         assert_eq!(
             slow.doc(&doc).unwrap().heads(),
             fast.doc(&doc).unwrap().heads()
+        );
+    }
+
+    #[test]
+    fn two_hub_instances_on_one_store_relay_each_others_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shared.db");
+        let open = || {
+            let mut h = Hub::new(
+                Identity::generate(),
+                SqliteHubStore::open(&path).unwrap(),
+                AllowAll,
+                None,
+            );
+            h.share_store().unwrap();
+            h
+        };
+        let (mut one, mut two) = (open(), open());
+        let (mut a, mut b) = (replica(), replica());
+        let doc = DocId::new("shared/d").unwrap();
+        for r in [&mut a, &mut b] {
+            r.subscribe(Target::Prefix(DocPrefix::all())).unwrap();
+        }
+        let sa = connect(&mut one, &mut a);
+        let sb = connect(&mut two, &mut b);
+        let settle = |one: &mut MemHub, two: &mut MemHub, a: &mut Replica, b: &mut Replica| {
+            for _ in 0..20 {
+                pump(one, &mut [(&mut *a, sa)]);
+                pump(two, &mut [(&mut *b, sb)]);
+                let moved = one.poll_store().unwrap() + two.poll_store().unwrap();
+                if moved == 0 && one.is_idle(sa) && two.is_idle(sb) {
+                    return;
+                }
+            }
+            panic!("did not settle");
+        };
+        settle(&mut one, &mut two, &mut a, &mut b);
+        a.change(
+            &doc,
+            &ops(json!([{"op":"put","path":["n"],"value":{"$counter":0}}])),
+        )
+        .unwrap();
+        settle(&mut one, &mut two, &mut a, &mut b);
+        // Live: each replica writes through its own instance; the other instance relays it.
+        for i in 0..50 {
+            let r = if i % 2 == 0 { &mut a } else { &mut b };
+            r.change(&doc, &ops(json!([{"op":"increment","path":["n"],"by":1}])))
+                .unwrap();
+            pump(&mut one, &mut [(&mut a, sa)]);
+            pump(&mut two, &mut [(&mut b, sb)]);
+        }
+        settle(&mut one, &mut two, &mut a, &mut b);
+        assert_eq!(a.json(&doc).unwrap(), json!({"n": 50}));
+        assert_eq!(b.json(&doc).unwrap(), json!({"n": 50}));
+        assert_eq!(a.doc(&doc).unwrap().heads(), b.doc(&doc).unwrap().heads());
+        // Each instance relayed the other's commits once, never its own back.
+        assert_eq!(a.status().unwrap().outbox, 0);
+        assert_eq!(one.store().last_cursor().unwrap(), Cursor(51));
+        // A third replica catching up through either instance finds the whole log.
+        let mut c = replica();
+        c.subscribe(Target::Prefix(DocPrefix::all())).unwrap();
+        let sc = connect(&mut two, &mut c);
+        pump(&mut two, &mut [(&mut c, sc)]);
+        assert_eq!(c.json(&doc).unwrap(), json!({"n": 50}));
+        assert!(
+            one.shared.as_ref().unwrap().own.is_empty(),
+            "own positions are forgotten"
         );
     }
 

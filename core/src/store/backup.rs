@@ -665,7 +665,8 @@ fn verify_rows(
             signature,
         });
     }
-    let verified = match change::verify_batch(&doc, signed) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let verified = match change::verify_batch_parallel(&doc, signed, threads) {
         Ok(v) => v,
         Err(e) => {
             // Name the row that fails, not only the hash.

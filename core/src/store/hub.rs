@@ -188,6 +188,58 @@ pub trait HubStore {
     ) -> Result<Vec<SignedChange>>;
 }
 
+/// A boxed store is a store: a hub binary picks its engine at start-up.
+impl<T: HubStore + ?Sized> HubStore for Box<T> {
+    fn epoch(&self) -> Epoch {
+        (**self).epoch()
+    }
+    fn append(&mut self, changes: &[VerifiedChange]) -> Result<Vec<Appended>> {
+        (**self).append(changes)
+    }
+    fn read_log(&mut self, target: &Target, after: Cursor, limit: usize) -> Result<LogBatch> {
+        (**self).read_log(target, after, limit)
+    }
+    fn last_cursor(&mut self) -> Result<Cursor> {
+        (**self).last_cursor()
+    }
+    fn docs_page(
+        &mut self,
+        target: &Target,
+        after: Option<&DocId>,
+        limit: usize,
+    ) -> Result<Vec<DocId>> {
+        (**self).docs_page(target, after, limit)
+    }
+    fn heads(&mut self, doc: &DocId) -> Result<DocHeads> {
+        (**self).heads(doc)
+    }
+    fn grants(&mut self) -> Result<Vec<Grant>> {
+        (**self).grants()
+    }
+    fn put_grant(&mut self, grant: &Grant) -> Result<()> {
+        (**self).put_grant(grant)
+    }
+    fn revoke(&mut self, peer: &PeerId, prefix: Option<&DocPrefix>) -> Result<usize> {
+        (**self).revoke(peer, prefix)
+    }
+    fn grants_version(&mut self) -> Result<u64> {
+        (**self).grants_version()
+    }
+    fn peer_state(&mut self, peer: &PeerId) -> Result<PeerState> {
+        (**self).peer_state(peer)
+    }
+    fn set_peer_state(&mut self, peer: &PeerId, state: &PeerState) -> Result<()> {
+        (**self).set_peer_state(peer, state)
+    }
+    fn changes_not_covered(
+        &mut self,
+        doc: &DocId,
+        have: &[ChangeHash],
+    ) -> Result<Vec<SignedChange>> {
+        (**self).changes_not_covered(doc, have)
+    }
+}
+
 /// The embedded SQLite hub store.
 pub struct SqliteHubStore {
     conn: Connection,
@@ -347,9 +399,38 @@ impl SqliteHubStore {
     }
 }
 
+/// The positions, in log order, of the changes of a document's `graph` (position, hash,
+/// dependencies, in log order) that are not ancestors of (or among) the known hashes of
+/// `have`: what the repair path sends. For [`HubStore::changes_not_covered`].
+pub fn uncovered_positions(
+    graph: &[(i64, ChangeHash, Vec<ChangeHash>)],
+    have: &[ChangeHash],
+) -> Vec<i64> {
+    let deps_of: HashMap<ChangeHash, &Vec<ChangeHash>> =
+        graph.iter().map(|(_, h, d)| (*h, d)).collect();
+    let mut covered: HashSet<ChangeHash> = HashSet::new();
+    let mut stack: Vec<ChangeHash> = have
+        .iter()
+        .filter(|h| deps_of.contains_key(h))
+        .copied()
+        .collect();
+    while let Some(h) = stack.pop() {
+        if covered.insert(h)
+            && let Some(deps) = deps_of.get(&h)
+        {
+            stack.extend(deps.iter().filter(|d| deps_of.contains_key(d)).copied());
+        }
+    }
+    graph
+        .iter()
+        .filter(|(_, h, _)| !covered.contains(h))
+        .map(|(s, _, _)| *s)
+        .collect()
+}
+
 /// Heads of the sub-graph of changes whose every ancestor is present (Kahn's algorithm:
-/// a change joins once all its dependencies have).
-pub(crate) fn complete_heads<'a>(
+/// a change joins once all its dependencies have). For [`HubStore::heads`].
+pub fn complete_heads<'a>(
     changes: impl Iterator<Item = (ChangeHash, &'a [ChangeHash])>,
 ) -> DocHeads {
     let changes: Vec<(ChangeHash, &[ChangeHash])> = changes.collect();
@@ -405,8 +486,9 @@ pub(crate) fn complete_heads<'a>(
     }
 }
 
-/// A change's actor instance (the 8 bytes after the author's key) and sequence number.
-fn actor_key(c: &VerifiedChange) -> ([u8; 8], i64) {
+/// A change's actor instance (the 8 bytes after the author's key) and sequence number: what
+/// a hub store keys a change by.
+pub fn actor_key(c: &VerifiedChange) -> ([u8; 8], i64) {
     let actor = c.automerge().actor_id().to_bytes();
     let mut instance = [0u8; 8];
     // A verified change's actor is the author's key and an 8-byte instance.
@@ -743,26 +825,7 @@ impl HubStore for SqliteHubStore {
         have: &[ChangeHash],
     ) -> Result<Vec<SignedChange>> {
         let graph = self.graph(doc)?;
-        let deps_of: HashMap<ChangeHash, &Vec<ChangeHash>> =
-            graph.iter().map(|(_, h, d)| (*h, d)).collect();
-        let mut covered: HashSet<ChangeHash> = HashSet::new();
-        let mut stack: Vec<ChangeHash> = have
-            .iter()
-            .filter(|h| deps_of.contains_key(h))
-            .copied()
-            .collect();
-        while let Some(h) = stack.pop() {
-            if covered.insert(h)
-                && let Some(deps) = deps_of.get(&h)
-            {
-                stack.extend(deps.iter().filter(|d| deps_of.contains_key(d)).copied());
-            }
-        }
-        let wanted: Vec<i64> = graph
-            .iter()
-            .filter(|(_, h, _)| !covered.contains(h))
-            .map(|(s, _, _)| *s)
-            .collect();
+        let wanted = uncovered_positions(&graph, have);
         let mut st = self
             .conn
             .prepare_cached("SELECT bytes, signature FROM log WHERE seq = ?1")
@@ -785,6 +848,14 @@ impl HubStore for SqliteHubStore {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+
+    #[test]
+    fn the_sqlite_store_keeps_the_store_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::store::contract::check(
+            &mut SqliteHubStore::open(&dir.path().join("hub.db")).unwrap(),
+        );
+    }
 
     #[test]
     fn grants_persist_and_every_change_bumps_the_version() {

@@ -3,14 +3,17 @@
 //! [`SqliteHubStore`] as the embedded default.
 
 pub mod backup;
+pub mod contract;
 mod hub;
 mod replica;
 mod sqlite;
 
-pub(crate) use hub::complete_heads;
 #[cfg(test)]
 pub(crate) use hub::tests::signed_changes;
-pub use hub::{Appended, DocHeads, HubStore, LogBatch, LogEntry, PeerState, SqliteHubStore};
+pub use hub::{
+    Appended, DocHeads, HubStore, LogBatch, LogEntry, PeerState, SqliteHubStore, actor_key,
+    complete_heads, uncovered_positions,
+};
 pub use replica::{OutboxEntry, ReplicaStore, StoredChange, StoredDoc};
 
 /// An exclusive lock on a data directory, held for as long as this value lives (the OS

@@ -1,0 +1,621 @@
+//! The hub store on PostgreSQL (`--store postgres://...`): the same log, grants and peer
+//! positions as the embedded SQLite store, in a database that several `syncline-hub`
+//! instances share. Plain SQL and the PostgreSQL wire protocol only (no extensions), with
+//! prepared statements, one schema version table, and group commits as on SQLite: a change is
+//! acknowledged after the transaction that stores it commits.
+//!
+//! Positions (the cursors replicas keep) are one sequence for all instances, assigned in
+//! commit order: every append transaction first takes one transaction-level advisory lock, so
+//! appends from all instances commit one after the other and a reader that sees position `n`
+//! sees every position before it. Without that, two instances committing at once could make
+//! position 11 visible before 10, and a replica that read up to 11 would never get 10. The
+//! lock is held for one group commit (a few milliseconds for hundreds of changes), not per
+//! change.
+
+use std::time::Duration;
+
+use postgres::{Client, NoTls, Statement};
+use syncline_core::change::{SignedChange, VerifiedChange};
+use syncline_core::hub::Grant;
+use syncline_core::store::{
+    Appended, DocHeads, HubStore, LogBatch, LogEntry, PeerState, actor_key, complete_heads,
+    uncovered_positions,
+};
+use syncline_core::wire::Target;
+use syncline_core::{ChangeHash, Cursor, DocId, DocPrefix, Epoch, Error, PeerId, Result};
+
+/// The advisory lock every append takes (an arbitrary constant: "SYNCLINE" in ASCII).
+const APPEND_LOCK: i64 = 0x5359_4E43_4C49_4E45;
+/// The advisory lock held while the schema is migrated (two instances starting at once).
+const MIGRATE_LOCK: i64 = APPEND_LOCK + 1;
+
+/// The schema, one entry per version; `syncline_schema` holds how many are applied.
+const MIGRATIONS: &[&str] = &[
+    // Version 1: what the SQLite store holds at its version 4.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value BYTEA NOT NULL);
+     CREATE TABLE counters (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+     INSERT INTO counters (key, value) VALUES ('grants_version', 0);
+     CREATE TABLE docs (doc TEXT PRIMARY KEY);
+     CREATE TABLE log (
+         seq BIGSERIAL PRIMARY KEY,
+         doc TEXT NOT NULL,
+         hash BYTEA NOT NULL,
+         deps BYTEA NOT NULL,
+         author BYTEA NOT NULL,
+         signature BYTEA NOT NULL,
+         bytes BYTEA NOT NULL,
+         instance BYTEA NOT NULL,
+         actor_seq BIGINT NOT NULL,
+         UNIQUE (doc, author, instance, actor_seq)
+     );
+     CREATE INDEX log_doc_seq ON log (doc, seq);
+     CREATE TABLE grants (
+         peer BYTEA NOT NULL,
+         prefix TEXT NOT NULL,
+         can_read BOOLEAN NOT NULL,
+         can_write BOOLEAN NOT NULL,
+         can_relay BOOLEAN NOT NULL,
+         PRIMARY KEY (peer, prefix)
+     );
+     CREATE TABLE peers (
+         peer BYTEA PRIMARY KEY,
+         recv_epoch BYTEA NOT NULL,
+         recv_cursor BIGINT NOT NULL,
+         push_epoch BYTEA NOT NULL,
+         pushed BIGINT NOT NULL
+     );",
+];
+
+fn db_error(context: &'static str) -> impl FnOnce(postgres::Error) -> Error {
+    move |e| Error::Database {
+        context,
+        reason: e.to_string(),
+    }
+}
+
+fn corrupt(what: &str, reason: impl Into<String>) -> Error {
+    Error::Corrupt {
+        what: what.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The statements every call uses, prepared once per connection.
+struct Statements {
+    insert: Statement,
+    existing: Statement,
+    docs: Statement,
+    log_end: Statement,
+    log_doc: Statement,
+    log_prefix: Statement,
+    graph: Statement,
+}
+
+impl Statements {
+    fn prepare(c: &mut Client) -> std::result::Result<Self, postgres::Error> {
+        Ok(Statements {
+            // One round trip for a whole group commit; the arrays are in the batch's order,
+            // and positions are drawn in that order.
+            insert: c.prepare(
+                "INSERT INTO log (doc, hash, deps, author, signature, bytes, instance, actor_seq)
+                 SELECT doc, hash, deps, author, signature, bytes, instance, actor_seq
+                 FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::bytea[], $5::bytea[],
+                             $6::bytea[], $7::bytea[], $8::bigint[])
+                      WITH ORDINALITY
+                      AS t (doc, hash, deps, author, signature, bytes, instance, actor_seq, n)
+                 ORDER BY n
+                 ON CONFLICT DO NOTHING
+                 RETURNING seq, doc, hash",
+            )?,
+            existing: c.prepare(
+                "SELECT hash FROM log
+                 WHERE doc = $1 AND author = $2 AND instance = $3 AND actor_seq = $4",
+            )?,
+            docs: c.prepare(
+                "INSERT INTO docs (doc) SELECT DISTINCT unnest($1::text[]) ON CONFLICT DO NOTHING",
+            )?,
+            log_end: c.prepare("SELECT coalesce(max(seq), 0)::BIGINT FROM log")?,
+            log_doc: c.prepare(
+                "SELECT seq, doc, bytes, signature FROM log
+                 WHERE seq > $1 AND seq <= $2 AND doc = $3 ORDER BY seq LIMIT $4",
+            )?,
+            log_prefix: c.prepare(
+                "SELECT seq, doc, bytes, signature FROM log
+                 WHERE seq > $1 AND seq <= $2 AND substr(doc, 1, length($3)) = $3
+                 ORDER BY seq LIMIT $4",
+            )?,
+            graph: c.prepare("SELECT seq, hash, deps FROM log WHERE doc = $1 ORDER BY seq")?,
+        })
+    }
+}
+
+/// A hub store in a PostgreSQL database, shared by any number of hub instances.
+pub struct PgHubStore {
+    url: String,
+    client: Client,
+    statements: Statements,
+    epoch: Epoch,
+}
+
+impl std::fmt::Debug for PgHubStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PgHubStore({:?})", self.epoch)
+    }
+}
+
+impl PgHubStore {
+    /// Connects to the database at `url` (`postgres://user@host:port/db`, or libpq's
+    /// `host=... user=...` form), creates or migrates the schema, and reads the log's epoch
+    /// (making one if this is the first instance).
+    pub fn connect(url: &str) -> Result<Self> {
+        let mut client = Self::open(url)?;
+        migrate(&mut client)?;
+        let fresh = Epoch::random();
+        client
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('epoch', $1) ON CONFLICT DO NOTHING",
+                &[&&fresh.0[..]],
+            )
+            .map_err(db_error("writing the epoch"))?;
+        let row = client
+            .query_one("SELECT value FROM meta WHERE key = 'epoch'", &[])
+            .map_err(db_error("reading the epoch"))?;
+        let bytes: Vec<u8> = row.get(0);
+        let epoch = Epoch(
+            bytes
+                .try_into()
+                .map_err(|_| corrupt("epoch", "not 16 bytes"))?,
+        );
+        let statements = Statements::prepare(&mut client).map_err(db_error("preparing"))?;
+        Ok(PgHubStore {
+            url: url.to_owned(),
+            client,
+            statements,
+            epoch,
+        })
+    }
+
+    fn open(url: &str) -> Result<Client> {
+        let mut config: postgres::Config = url.parse().map_err(|e| Error::Database {
+            context: "reading the store URL",
+            reason: format!("{e}: write it as postgres://USER@HOST:PORT/DATABASE"),
+        })?;
+        config.connect_timeout(Duration::from_secs(10));
+        config
+            .application_name("syncline-hub")
+            .connect(NoTls)
+            .map_err(db_error("connecting to PostgreSQL"))
+    }
+
+    /// Reconnects if the connection was lost (the server restarted, or a failover): the
+    /// call that found it lost has failed; the next one runs on a new connection.
+    fn live(&mut self) -> Result<()> {
+        if self.client.is_closed() {
+            tracing::warn!("the PostgreSQL connection was lost: reconnecting");
+            let mut client = Self::open(&self.url)?;
+            self.statements = Statements::prepare(&mut client).map_err(db_error("preparing"))?;
+            self.client = client;
+        }
+        Ok(())
+    }
+
+    fn graph(&mut self, doc: &DocId) -> Result<Vec<(i64, ChangeHash, Vec<ChangeHash>)>> {
+        self.live()?;
+        let rows = self
+            .client
+            .query(&self.statements.graph, &[&doc.as_str()])
+            .map_err(db_error("reading a change graph"))?;
+        rows.iter()
+            .map(|r| {
+                let hash = hash_of(r.get::<_, Vec<u8>>(1))?;
+                let deps: Vec<u8> = r.get(2);
+                if !deps.len().is_multiple_of(32) {
+                    return Err(corrupt("hash list", format!("{} bytes", deps.len())));
+                }
+                let deps = deps
+                    .chunks_exact(32)
+                    .map(|c| hash_of(c.to_vec()))
+                    .collect::<Result<_>>()?;
+                Ok((r.get::<_, i64>(0), hash, deps))
+            })
+            .collect()
+    }
+}
+
+fn hash_of(bytes: Vec<u8>) -> Result<ChangeHash> {
+    let b: [u8; 32] = bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| corrupt("change hash", format!("{} bytes", b.len())))?;
+    Ok(ChangeHash(b))
+}
+
+fn signature_of(bytes: Vec<u8>, seq: i64) -> Result<[u8; 64]> {
+    bytes
+        .try_into()
+        .map_err(|_| corrupt("signature in the hub log", format!("seq {seq}")))
+}
+
+fn migrate(client: &mut Client) -> Result<()> {
+    let e = db_error("migrating the schema");
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])
+        .map_err(db_error("migrating the schema"))?;
+    let result = (|| -> std::result::Result<(), postgres::Error> {
+        client.batch_execute(
+            "CREATE TABLE IF NOT EXISTS syncline_schema (version INTEGER NOT NULL);
+             INSERT INTO syncline_schema (version)
+                 SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM syncline_schema);",
+        )?;
+        let current: i32 = client
+            .query_one("SELECT version FROM syncline_schema", &[])?
+            .get(0);
+        let target = MIGRATIONS.len() as i32;
+        if current > target {
+            return Ok(()); // reported below, outside the closure
+        }
+        let mut tx = client.transaction()?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            tx.batch_execute(sql)?;
+            tracing::info!(version = i + 1, "migrated the PostgreSQL schema");
+        }
+        tx.execute("UPDATE syncline_schema SET version = $1", &[&target])?;
+        tx.commit()
+    })();
+    let unlock = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK]);
+    result.map_err(e)?;
+    unlock.map_err(db_error("migrating the schema"))?;
+    let current: i32 = client
+        .query_one("SELECT version FROM syncline_schema", &[])
+        .map_err(db_error("reading the schema version"))?
+        .get(0);
+    if current != MIGRATIONS.len() as i32 {
+        return Err(corrupt(
+            "PostgreSQL schema",
+            format!(
+                "version {current} was written by a newer Syncline (this one knows {}); upgrade",
+                MIGRATIONS.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl HubStore for PgHubStore {
+    fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    fn append(&mut self, changes: &[VerifiedChange]) -> Result<Vec<Appended>> {
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.live()?;
+        let n = changes.len();
+        let (
+            mut docs,
+            mut hashes,
+            mut deps,
+            mut authors,
+            mut sigs,
+            mut bytes,
+            mut instances,
+            mut seqs,
+        ) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for c in changes {
+            let (instance, actor_seq) = actor_key(c);
+            docs.push(c.doc().as_str().to_owned());
+            hashes.push(c.hash().0.to_vec());
+            deps.push(c.deps().iter().flat_map(|h| h.0).collect::<Vec<u8>>());
+            authors.push(c.author().as_bytes().to_vec());
+            sigs.push(c.signed().signature.to_vec());
+            bytes.push(c.signed().bytes.clone());
+            instances.push(instance.to_vec());
+            seqs.push(actor_seq);
+        }
+        let st = &self.statements;
+        let mut tx = self
+            .client
+            .transaction()
+            .map_err(db_error("starting a commit"))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
+            .map_err(db_error("ordering the commit"))?;
+        tx.execute(&st.docs, &[&docs])
+            .map_err(db_error("appending to the log"))?;
+        let rows = tx
+            .query(
+                &st.insert,
+                &[
+                    &docs, &hashes, &deps, &authors, &sigs, &bytes, &instances, &seqs,
+                ],
+            )
+            .map_err(db_error("appending to the log"))?;
+        // Which inputs were stored: by document and hash (a hash names a change's bytes; the
+        // same bytes may be signed into several documents).
+        let mut stored: std::collections::HashMap<(String, Vec<u8>), i64> = rows
+            .iter()
+            .map(|r| {
+                (
+                    (r.get::<_, String>(1), r.get::<_, Vec<u8>>(2)),
+                    r.get::<_, i64>(0),
+                )
+            })
+            .collect();
+        let mut out = Vec::with_capacity(n);
+        for (i, c) in changes.iter().enumerate() {
+            if let Some(seq) = stored.remove(&(docs[i].clone(), hashes[i].clone())) {
+                out.push(Appended::Stored(Cursor(seq as u64)));
+                continue;
+            }
+            let row = tx
+                .query_one(
+                    &st.existing,
+                    &[&docs[i], &authors[i], &instances[i], &seqs[i]],
+                )
+                .map_err(db_error("appending to the log"))?;
+            let existing = hash_of(row.get(0))?;
+            out.push(if existing == c.hash() {
+                Appended::Duplicate
+            } else {
+                Appended::Conflict { existing }
+            });
+        }
+        tx.commit().map_err(db_error("committing to the log"))?;
+        Ok(out)
+    }
+
+    fn read_log(&mut self, target: &Target, after: Cursor, limit: usize) -> Result<LogBatch> {
+        self.live()?;
+        let st = &self.statements;
+        // The end first: positions are visible in order, so every change up to it can be read.
+        let end: i64 = self
+            .client
+            .query_one(&st.log_end, &[])
+            .map_err(db_error("reading the log"))?
+            .get(0);
+        let (stmt, arg) = match target {
+            Target::Doc(d) => (&st.log_doc, d.as_str()),
+            Target::Prefix(p) => (&st.log_prefix, p.as_str()),
+        };
+        let rows = self
+            .client
+            .query(stmt, &[&(after.0 as i64), &end, &arg, &(limit as i64)])
+            .map_err(db_error("reading the log"))?;
+        let mut entries = Vec::with_capacity(rows.len());
+        for r in rows {
+            let seq: i64 = r.get(0);
+            let doc =
+                DocId::new(r.get::<_, String>(1)).map_err(|e| corrupt("hub log", e.to_string()))?;
+            entries.push(LogEntry {
+                cursor: Cursor(seq as u64),
+                doc,
+                change: SignedChange {
+                    bytes: r.get(2),
+                    signature: signature_of(r.get(3), seq)?,
+                },
+            });
+        }
+        let full = entries.len() >= limit;
+        let next = if full {
+            entries.last().map_or(after, |e| e.cursor)
+        } else {
+            Cursor((end.max(0) as u64).max(after.0))
+        };
+        Ok(LogBatch {
+            entries,
+            next,
+            at_end: !full,
+        })
+    }
+
+    fn last_cursor(&mut self) -> Result<Cursor> {
+        self.live()?;
+        let end: i64 = self
+            .client
+            .query_one(&self.statements.log_end, &[])
+            .map_err(db_error("reading the log end"))?
+            .get(0);
+        Ok(Cursor(end.max(0) as u64))
+    }
+
+    fn docs_page(
+        &mut self,
+        target: &Target,
+        after: Option<&DocId>,
+        limit: usize,
+    ) -> Result<Vec<DocId>> {
+        self.live()?;
+        let after = after.map_or("", |d| d.as_str());
+        let rows = match target {
+            Target::Doc(d) => self.client.query(
+                "SELECT doc FROM docs WHERE doc > $1 AND doc = $2 ORDER BY doc LIMIT $3",
+                &[&after, &d.as_str(), &(limit as i64)],
+            ),
+            Target::Prefix(p) => self.client.query(
+                "SELECT doc FROM docs WHERE doc > $1 AND substr(doc, 1, length($2)) = $2
+                 ORDER BY doc LIMIT $3",
+                &[&after, &p.as_str(), &(limit as i64)],
+            ),
+        }
+        .map_err(db_error("listing documents"))?;
+        rows.iter()
+            .map(|r| {
+                DocId::new(r.get::<_, String>(0)).map_err(|e| corrupt("hub docs", e.to_string()))
+            })
+            .collect()
+    }
+
+    fn heads(&mut self, doc: &DocId) -> Result<DocHeads> {
+        let graph = self.graph(doc)?;
+        Ok(complete_heads(
+            graph.iter().map(|(_, h, d)| (*h, d.as_slice())),
+        ))
+    }
+
+    fn grants(&mut self) -> Result<Vec<Grant>> {
+        self.live()?;
+        let rows = self
+            .client
+            .query(
+                "SELECT peer, prefix, can_read, can_write, can_relay FROM grants
+                 ORDER BY peer, prefix",
+                &[],
+            )
+            .map_err(db_error("reading grants"))?;
+        rows.iter()
+            .map(|r| {
+                let peer: [u8; 32] = r
+                    .get::<_, Vec<u8>>(0)
+                    .try_into()
+                    .map_err(|_| corrupt("grant", "key length"))?;
+                Ok(Grant {
+                    peer: PeerId::from_bytes(peer),
+                    prefix: DocPrefix::new(r.get::<_, String>(1))
+                        .map_err(|e| corrupt("grant", e.to_string()))?,
+                    read: r.get(2),
+                    write: r.get(3),
+                    relay: r.get(4),
+                })
+            })
+            .collect()
+    }
+
+    fn put_grant(&mut self, grant: &Grant) -> Result<()> {
+        self.live()?;
+        let mut tx = self.client.transaction().map_err(db_error("granting"))?;
+        tx.execute(
+            "INSERT INTO grants (peer, prefix, can_read, can_write, can_relay)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (peer, prefix) DO UPDATE SET can_read = $3, can_write = $4,
+                 can_relay = $5",
+            &[
+                &&grant.peer.as_bytes()[..],
+                &grant.prefix.as_str(),
+                &grant.read,
+                &grant.write,
+                &grant.relay,
+            ],
+        )
+        .map_err(db_error("granting"))?;
+        bump_grants_version(&mut tx)?;
+        tx.commit().map_err(db_error("granting"))
+    }
+
+    fn revoke(&mut self, peer: &PeerId, prefix: Option<&DocPrefix>) -> Result<usize> {
+        self.live()?;
+        let mut tx = self.client.transaction().map_err(db_error("revoking"))?;
+        let key = &peer.as_bytes()[..];
+        let n = match prefix {
+            Some(p) => tx.execute(
+                "DELETE FROM grants WHERE peer = $1 AND prefix = $2",
+                &[&key, &p.as_str()],
+            ),
+            None => tx.execute("DELETE FROM grants WHERE peer = $1", &[&key]),
+        }
+        .map_err(db_error("revoking"))?;
+        bump_grants_version(&mut tx)?;
+        tx.commit().map_err(db_error("revoking"))?;
+        Ok(n as usize)
+    }
+
+    fn grants_version(&mut self) -> Result<u64> {
+        self.live()?;
+        let v: i64 = self
+            .client
+            .query_one(
+                "SELECT value FROM counters WHERE key = 'grants_version'",
+                &[],
+            )
+            .map_err(db_error("reading the grants version"))?
+            .get(0);
+        Ok(v as u64)
+    }
+
+    fn peer_state(&mut self, peer: &PeerId) -> Result<PeerState> {
+        self.live()?;
+        let row = self
+            .client
+            .query_opt(
+                "SELECT recv_epoch, recv_cursor, push_epoch, pushed FROM peers WHERE peer = $1",
+                &[&&peer.as_bytes()[..]],
+            )
+            .map_err(db_error("reading a peer position"))?;
+        let Some(r) = row else {
+            return Ok(PeerState::default());
+        };
+        let epoch = |b: Vec<u8>| -> Result<Epoch> {
+            Ok(Epoch(
+                b.try_into()
+                    .map_err(|_| corrupt("peer epoch", "not 16 bytes"))?,
+            ))
+        };
+        Ok(PeerState {
+            recv_epoch: epoch(r.get(0))?,
+            recv_cursor: Cursor(r.get::<_, i64>(1) as u64),
+            push_epoch: epoch(r.get(2))?,
+            pushed: Cursor(r.get::<_, i64>(3) as u64),
+        })
+    }
+
+    fn set_peer_state(&mut self, peer: &PeerId, state: &PeerState) -> Result<()> {
+        self.live()?;
+        self.client
+            .execute(
+                "INSERT INTO peers (peer, recv_epoch, recv_cursor, push_epoch, pushed)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (peer) DO UPDATE SET recv_epoch = $2, recv_cursor = $3,
+                     push_epoch = $4, pushed = $5",
+                &[
+                    &&peer.as_bytes()[..],
+                    &&state.recv_epoch.0[..],
+                    &(state.recv_cursor.0 as i64),
+                    &&state.push_epoch.0[..],
+                    &(state.pushed.0 as i64),
+                ],
+            )
+            .map_err(db_error("recording a peer position"))?;
+        Ok(())
+    }
+
+    fn changes_not_covered(
+        &mut self,
+        doc: &DocId,
+        have: &[ChangeHash],
+    ) -> Result<Vec<SignedChange>> {
+        let graph = self.graph(doc)?;
+        let wanted = uncovered_positions(&graph, have);
+        let rows = self
+            .client
+            .query(
+                "SELECT seq, bytes, signature FROM log WHERE seq = ANY($1) ORDER BY seq",
+                &[&wanted],
+            )
+            .map_err(db_error("reading changes"))?;
+        rows.into_iter()
+            .map(|r| {
+                let seq: i64 = r.get(0);
+                Ok(SignedChange {
+                    bytes: r.get(1),
+                    signature: signature_of(r.get(2), seq)?,
+                })
+            })
+            .collect()
+    }
+}
+
+fn bump_grants_version(tx: &mut postgres::Transaction<'_>) -> Result<()> {
+    tx.execute(
+        "UPDATE counters SET value = value + 1 WHERE key = 'grants_version'",
+        &[],
+    )
+    .map_err(db_error("bumping the grants version"))?;
+    Ok(())
+}
