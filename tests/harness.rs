@@ -170,6 +170,8 @@ pub struct Hub {
     pub key: String,
     /// Metrics address.
     pub metrics: String,
+    /// The PostgreSQL store it runs on (`--store`), if not its data directory's SQLite file.
+    pub store: Option<String>,
 }
 
 impl Hub {
@@ -198,6 +200,11 @@ impl Hub {
         let metrics = proc.line_starting("metrics on ", 10)["metrics on ".len()..]
             .trim()
             .to_string();
+        let store = extra
+            .iter()
+            .position(|a| *a == "--store")
+            .and_then(|i| extra.get(i + 1))
+            .map(|s| (*s).to_owned());
         Hub {
             proc,
             data: data.to_path_buf(),
@@ -205,15 +212,18 @@ impl Hub {
             fingerprint,
             key,
             metrics,
+            store,
         }
     }
 
     /// Grants `key` on `prefix` (`read`, `write` or `rw`).
     pub fn grant(&self, key: &str, prefix: &str, mode: &str) {
-        let (code, _, err) = run(Command::new(bin("syncline-hub"))
-            .args(["grant", "--data"])
-            .arg(&self.data)
-            .args([key, prefix, mode]));
+        let mut cmd = Command::new(bin("syncline-hub"));
+        cmd.args(["grant", "--data"]).arg(&self.data);
+        if let Some(url) = &self.store {
+            cmd.args(["--store", url]);
+        }
+        let (code, _, err) = run(cmd.args([key, prefix, mode]));
         assert_eq!(code, 0, "grant failed: {err}");
     }
 
@@ -507,8 +517,36 @@ impl Drop for Postgres {
 }
 
 /// The folder of PostgreSQL's server binaries: `initdb` on the PATH, else Debian's
-/// `/usr/lib/postgresql/VERSION/bin`. A machine without them fails the test with what to do.
+/// `/usr/lib/postgresql/VERSION/bin`. On a machine without them, as root with apt, the
+/// test setup installs Debian's `postgresql` package once; otherwise the test fails with what
+/// to do.
 fn postgres_bin() -> PathBuf {
+    static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    if let Some(dir) = find_postgres_bin() {
+        return dir;
+    }
+    INSTALLED.get_or_init(|| {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout == b"0\n");
+        if root && Path::new("/usr/bin/apt-get").exists() {
+            eprintln!("installing Debian's postgresql package for the PostgreSQL store tests");
+            let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+            let _ = Command::new("apt-get")
+                .args(["install", "-y", "-qq", "postgresql"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdout(Stdio::null())
+                .status();
+        }
+    });
+    find_postgres_bin().expect(
+        "PostgreSQL's server binaries are missing: install Debian's `postgresql` package \
+         (`apt-get install -y postgresql`, as .ci/run does)",
+    )
+}
+
+fn find_postgres_bin() -> Option<PathBuf> {
     let on_path = Command::new("sh")
         .args(["-c", "command -v initdb"])
         .output()
@@ -519,7 +557,7 @@ fn postgres_bin() -> PathBuf {
         .and_then(|p| std::fs::canonicalize(p).ok())
         .and_then(|p| p.parent().map(Path::to_path_buf))
     {
-        return dir;
+        return Some(dir);
     }
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .map(|d| {
@@ -529,8 +567,5 @@ fn postgres_bin() -> PathBuf {
         })
         .unwrap_or_default();
     versions.sort();
-    versions.pop().filter(|b| b.join("initdb").exists()).expect(
-        "PostgreSQL's server binaries are missing: install Debian's `postgresql` package \
-             (`apt-get install -y postgresql`, as .ci/run does)",
-    )
+    versions.pop().filter(|b| b.join("initdb").exists())
 }

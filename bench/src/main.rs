@@ -59,7 +59,7 @@ struct Args {
     #[arg(long, default_value = "bench/reference")]
     reference_dir: PathBuf,
     /// Only these workloads (comma separated): limits, fanout, fanout-edges, latency, ingest,
-    /// many-docs, catch-up, reconnect, footprint, backup.
+    /// many-docs, catch-up, reconnect, footprint, backup, postgres.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Give up on one workload after this many seconds.
@@ -86,9 +86,19 @@ impl Run {
 
     /// A fresh hub in a temp dir, its address for the replicas, and the dir.
     fn hub(&self) -> Result<(Hub, HubAddress, tempfile::TempDir)> {
+        self.hub_on(None)
+    }
+
+    /// A fresh hub in a temp dir with its store in PostgreSQL at `store`, if given.
+    fn hub_on(&self, store: Option<&str>) -> Result<(Hub, HubAddress, tempfile::TempDir)> {
         let dir = tempfile::tempdir()?;
         let data = dir.path().join("hub");
-        let hub = Hub::start(&self.bins, &data, &self.identity.peer_id().to_string())?;
+        let hub = Hub::start_on(
+            &self.bins,
+            &data,
+            &self.identity.peer_id().to_string(),
+            store,
+        )?;
         let address = HubAddress {
             addr: hub.addr.clone(),
             fingerprint: syncline_net::tls::parse_fingerprint(&hub.fingerprint)?,
@@ -167,9 +177,17 @@ async fn run(args: Args) -> Result<()> {
                 "== fan-out: {c} replicas x {m} changes on one document"
             ));
             let (_hub, addr, dir) = run.hub()?;
-            let f = workloads::fanout(&addr, dir.path(), &run.identity, c, m, None, within)
-                .await
-                .with_context(|| format!("fan-out C={c}"))?;
+            let f = workloads::fanout(
+                std::slice::from_ref(&addr),
+                dir.path(),
+                &run.identity,
+                c,
+                m,
+                None,
+                within,
+            )
+            .await
+            .with_context(|| format!("fan-out C={c}"))?;
             say(format!(
                 "   {:.2} s to converge, {:.0} changes/s; write-to-visible p50 {:.1} ms p99 {:.1} ms ({} samples); {:.0} B on the wire per change",
                 f.seconds,
@@ -241,9 +259,17 @@ async fn run(args: Args) -> Result<()> {
             "== latency: {c} replicas writing {rate} changes/s each, {m} changes each"
         ));
         let (_hub, addr, dir) = run.hub()?;
-        let f = workloads::fanout(&addr, dir.path(), &run.identity, c, m, Some(rate), within)
-            .await
-            .context("latency")?;
+        let f = workloads::fanout(
+            std::slice::from_ref(&addr),
+            dir.path(),
+            &run.identity,
+            c,
+            m,
+            Some(rate),
+            within,
+        )
+        .await
+        .context("latency")?;
         say(format!(
             "   write-to-visible p50 {:.1} ms p95 {:.1} ms p99 {:.1} ms max {:.1} ms ({} samples)",
             f.latency.p50_ms,
@@ -286,9 +312,17 @@ async fn run(args: Args) -> Result<()> {
                 "== ingest: {w} writers x {d} documents x {k} changes, uploaded at once"
             ));
             let (_hub, addr, dir) = run.hub()?;
-            let i = workloads::ingest(&addr, dir.path(), &run.identity, w, d, k, within)
-                .await
-                .context("ingest")?;
+            let i = workloads::ingest(
+                std::slice::from_ref(&addr),
+                dir.path(),
+                &run.identity,
+                w,
+                d,
+                k,
+                within,
+            )
+            .await
+            .context("ingest")?;
             let ratio = i.changes_per_sec / slowest;
             say(format!(
                 "   {} changes acknowledged in {:.2} s: {:.0} changes/s ({:.0}% of the slowest physical limit)",
@@ -406,6 +440,61 @@ async fn run(args: Args) -> Result<()> {
             out.push(serde_json::to_value(&r)?);
         }
         run.record("reconnect", Value::Array(out));
+    }
+
+    if run.wants("postgres") {
+        let (writers, docs, per_doc) = if smoke { (4, 2, 50) } else { (10, 10, 200) };
+        let total = writers * docs * per_doc;
+        say(format!(
+            "== PostgreSQL store: ingest of {total} changes by {writers} writers, SQLite hub \
+             beside 1 and 2 instances on one database; cross-instance latency"
+        ));
+        let pg = syncline_e2e::Postgres::start();
+        let mut rows = Vec::new();
+        for (label, store, instances) in [
+            ("sqlite", None, 1usize),
+            ("postgres, 1 instance", Some(pg.url.as_str()), 1),
+            ("postgres, 2 instances", Some(pg.url.as_str()), 2),
+        ] {
+            let hubs: Vec<_> = (0..instances)
+                .map(|_| run.hub_on(store))
+                .collect::<Result<_>>()?;
+            let addrs: Vec<HubAddress> = hubs.iter().map(|(_, a, _)| a.clone()).collect();
+            let dir = tempfile::tempdir()?;
+            let i = workloads::ingest(
+                &addrs,
+                dir.path(),
+                &run.identity,
+                writers,
+                docs,
+                per_doc,
+                within,
+            )
+            .await
+            .with_context(|| format!("ingest on {label}"))?;
+            say(format!(
+                "   {label}: {:.0} changes/s acknowledged ({:.2} s)",
+                i.changes_per_sec, i.seconds
+            ));
+            rows.push(json!({"store": label, "instances": instances, "ingest": i}));
+            drop(hubs);
+        }
+        // Write-to-visible across instances: two replicas, one on each, 20 changes/s each.
+        let hubs: Vec<_> = (0..2)
+            .map(|_| run.hub_on(Some(pg.url.as_str())))
+            .collect::<Result<_>>()?;
+        let addrs: Vec<HubAddress> = hubs.iter().map(|(_, a, _)| a.clone()).collect();
+        let dir = tempfile::tempdir()?;
+        let m = if smoke { 10 } else { 200 };
+        let cross = workloads::fanout(&addrs, dir.path(), &run.identity, 2, m, Some(20.0), within)
+            .await
+            .context("cross-instance latency")?;
+        say(format!(
+            "   cross-instance write-to-visible at 20 changes/s per replica: p50 {:.1} ms, p99 {:.1} ms",
+            cross.latency.p50_ms, cross.latency.p99_ms
+        ));
+        drop(hubs);
+        run.record("postgres", json!({"ingest": rows, "cross_instance": cross}));
     }
 
     if run.wants("backup") {

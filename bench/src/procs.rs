@@ -107,8 +107,10 @@ pub struct Hub {
 impl Hub {
     /// Starts a hub on a free port with its data in `data`, and grants `key` read and write
     /// on every document.
-    pub fn start(bins: &Bins, data: &Path, key: &str) -> Result<Hub> {
+    /// With `store`, the hub keeps its store in that PostgreSQL database (`--store`).
+    pub fn start_on(bins: &Bins, data: &Path, key: &str, store: Option<&str>) -> Result<Hub> {
         let hub = bins.path("syncline-hub")?;
+        let store_args: Vec<&str> = store.map(|s| vec!["--store", s]).unwrap_or_default();
         let out = Command::new(&hub)
             .args(["init", "--data"])
             .arg(data)
@@ -119,17 +121,19 @@ impl Hub {
         let out = Command::new(&hub)
             .args(["grant", "--data"])
             .arg(data)
+            .args(&store_args)
             .args([key, "", "rw"])
             .output()?;
         if !out.status.success() {
             bail!("hub grant: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let mut proc = Proc::spawn(Command::new(&hub).args(["run", "--data"]).arg(data).args([
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-        ]))?;
+        let mut proc = Proc::spawn(
+            Command::new(&hub)
+                .args(["run", "--data"])
+                .arg(data)
+                .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+                .args(&store_args),
+        )?;
         // listening on ADDR fingerprint FP key KEY
         let line = proc.line_starting("listening on ", Duration::from_secs(30))?;
         let words: Vec<&str> = line.split_whitespace().collect();

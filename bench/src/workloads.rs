@@ -63,9 +63,10 @@ pub struct Fanout {
 
 /// C replicas subscribed to one document, each writing M changes (one put of a key that
 /// carries its write time); time until every replica holds every change, and the
-/// write-to-visible latency of each change at every other replica.
+/// write-to-visible latency of each change at every other replica. Replica `i` syncs with
+/// `hubs[i % hubs.len()]` (several hub instances on one store: the latency crosses them).
 pub async fn fanout(
-    hub: &HubAddress,
+    hubs: &[HubAddress],
     dir: &Path,
     identity: &Identity,
     clients: usize,
@@ -75,10 +76,10 @@ pub async fn fanout(
 ) -> Result<Fanout> {
     let doc = DocId::new("bench/fanout")?;
     let mut nodes = open_many(dir, "fanout", clients, identity, true)?;
-    for n in &mut nodes {
+    for (i, n) in nodes.iter_mut().enumerate() {
         let d = doc.clone();
         n.call(move |r| r.subscribe(Target::Doc(d))).await??;
-        n.start_sync(hub)?;
+        n.start_sync(&hubs[i % hubs.len()])?;
     }
     let target = Target::Doc(doc.clone()).key();
     wait_until("every replica to connect and subscribe", within, || async {
@@ -249,8 +250,9 @@ pub struct Ingest {
 /// `writers` replicas each hold `docs_per_writer` documents of `per_doc` changes written
 /// offline; they all connect at once. Time until the hub has acknowledged (committed) every
 /// change.
+/// Writer `w` uploads to `hubs[w % hubs.len()]`.
 pub async fn ingest(
-    hub: &HubAddress,
+    hubs: &[HubAddress],
     dir: &Path,
     identity: &Identity,
     writers: usize,
@@ -266,8 +268,8 @@ pub async fn ingest(
         write_offline(n, docs, per_doc, 0).await?;
     }
     let start = Instant::now();
-    for n in &mut nodes {
-        n.start_sync(hub)?;
+    for (w, n) in nodes.iter_mut().enumerate() {
+        n.start_sync(&hubs[w % hubs.len()])?;
     }
     wait_uploaded(&nodes, within).await?;
     let seconds = start.elapsed().as_secs_f64();

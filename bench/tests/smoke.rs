@@ -69,6 +69,20 @@ fn every_workload_runs_at_smoke_scale_and_reports_consistent_numbers() {
         "10x the documents held cost {small} -> {large} bytes"
     );
 
+    // Ingest through a SQLite hub and through 1 and 2 instances on one PostgreSQL database
+    // acknowledges every change; the cross-instance latency has a sample per change.
+    let pg = &r["postgres"];
+    let rows = pg["ingest"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{pg}");
+    for row in rows {
+        assert_eq!(row["ingest"]["changes"], 400, "{row}");
+        assert!(
+            row["ingest"]["changes_per_sec"].as_f64().unwrap() > 0.0,
+            "{row}"
+        );
+    }
+    assert_eq!(pg["cross_instance"]["latency"]["samples"], 20, "{pg}");
+
     // The backup holds every change of the store, and each step took time.
     let b = &r["backup"];
     assert_eq!(b["changes"], 1000, "{b}");

@@ -273,12 +273,18 @@ pub struct Hub<S, P> {
     shared: Option<SharedTail>,
 }
 
-/// How far this hub has relayed a store that other hub instances also write.
+/// How far this hub has relayed a store that other hub instances also write. With a shared
+/// store every relay goes through the log in position order, this hub's own commits too: a
+/// subscriber's cursor then never passes a change it was not sent. (Relaying its own commits
+/// at once, as a lone hub does, would hand out a position while a lower one, committed by
+/// another instance, is not relayed yet; if this hub then died, the replica would resume
+/// after that lower position and never get it.)
 struct SharedTail {
-    /// Every change at or before this position has been relayed (or was this hub's own).
+    /// Every change at or before this position has been relayed.
     at: Cursor,
-    /// Positions of this hub's own commits after `at`: relayed at commit, skipped in the tail.
-    own: BTreeSet<u64>,
+    /// The sessions that pushed this hub's own commits after `at`, by position: they are not
+    /// sent their own changes back.
+    own: BTreeMap<u64, SessionId>,
 }
 
 impl<S: HubStore, P: Policy> Hub<S, P> {
@@ -305,7 +311,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
     pub fn share_store(&mut self) -> Result<()> {
         self.shared = Some(SharedTail {
             at: self.store.last_cursor()?,
-            own: BTreeSet::new(),
+            own: BTreeMap::new(),
         });
         Ok(())
     }
@@ -326,31 +332,32 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                     tail.at,
                     PAGE,
                 )?;
-                let mut run: Option<(DocId, Vec<SignedChange>, Cursor, Cursor)> = None;
+                // Runs of one document pushed by one session (0: another instance).
+                let mut run: Option<(SessionId, DocId, Vec<SignedChange>, Cursor, Cursor)> = None;
                 for e in batch.entries {
                     let before = tail.at;
                     tail.at = e.cursor;
-                    if tail.own.remove(&e.cursor.0) {
-                        continue;
-                    }
+                    let author = tail.own.remove(&e.cursor.0).unwrap_or(0);
                     relayed += 1;
                     match &mut run {
-                        Some((doc, changes, _, last))
-                            if *doc == e.doc && changes.len() < wire::MAX_CHANGES_PER_DELTA =>
+                        Some((session, doc, changes, _, last))
+                            if *session == author
+                                && *doc == e.doc
+                                && changes.len() < wire::MAX_CHANGES_PER_DELTA =>
                         {
                             changes.push(e.change);
                             *last = e.cursor;
                         }
                         _ => {
-                            if let Some((doc, changes, from, last)) = run.take() {
-                                self.broadcast(0, &doc, changes, from, last);
+                            if let Some((session, doc, changes, from, last)) = run.take() {
+                                self.broadcast(session, &doc, changes, from, last);
                             }
-                            run = Some((e.doc, vec![e.change], before, e.cursor));
+                            run = Some((author, e.doc, vec![e.change], before, e.cursor));
                         }
                     }
                 }
-                if let Some((doc, changes, from, last)) = run.take() {
-                    self.broadcast(0, &doc, changes, from, last);
+                if let Some((session, doc, changes, from, last)) = run.take() {
+                    self.broadcast(session, &doc, changes, from, last);
                 }
                 tail.at = tail.at.max(batch.next);
                 if batch.at_end {
@@ -795,15 +802,11 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         if cursors.iter().any(|a| matches!(a, Appended::Stored(_))) {
             self.wake_links();
         }
-        if let Some(tail) = &mut self.shared {
-            tail.own.extend(cursors.iter().filter_map(|a| match a {
-                Appended::Stored(c) if c.0 > tail.at.0 => Some(c.0),
-                _ => None,
-            }));
-        }
+
         let mut stored = all.into_iter().zip(cursors);
         for (session, reply, n, doc) in groups {
             let mut fresh: Vec<SignedChange> = Vec::new();
+            let mut positions: Vec<u64> = Vec::new();
             let mut first = None;
             let mut last = None;
             let mut conflict = None;
@@ -811,6 +814,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 match appended {
                     Appended::Stored(cursor) => {
                         fresh.push(c.into_signed());
+                        positions.push(cursor.0);
                         first.get_or_insert(cursor);
                         last = Some(cursor);
                     }
@@ -858,15 +862,25 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 Some(Reply::PeerCursor(Some(cursor))) => self.record_peer_received(session, cursor),
                 Some(Reply::PeerCursor(None)) | None => {}
             }
-            if let (Some(doc), Some(first), Some(last)) = (doc, first, last) {
-                self.broadcast(
-                    session,
-                    &doc,
-                    fresh,
-                    Cursor(first.0.saturating_sub(1)),
-                    last,
-                );
+            match (&mut self.shared, doc, first, last) {
+                // Relayed below, in log order with what other instances committed.
+                (Some(tail), _, _, _) => {
+                    tail.own.extend(positions.iter().map(|p| (*p, session)));
+                }
+                (None, Some(doc), Some(first), Some(last)) => {
+                    self.broadcast(
+                        session,
+                        &doc,
+                        fresh,
+                        Cursor(first.0.saturating_sub(1)),
+                        last,
+                    );
+                }
+                _ => {}
             }
+        }
+        if self.shared.is_some() {
+            self.poll_store()?;
         }
         Ok(())
     }
@@ -1740,12 +1754,42 @@ mod tests {
         // Each instance relayed the other's commits once, never its own back.
         assert_eq!(a.status().unwrap().outbox, 0);
         assert_eq!(one.store().last_cursor().unwrap(), Cursor(51));
+        // Relays follow the log's order, an instance's own commits too: a replica on `one`
+        // never gets a position from `one` before the lower ones `two` committed (or its
+        // cursor would pass them, and resuming elsewhere would skip them).
+        let mut watcher = replica();
+        watcher.subscribe(Target::Prefix(DocPrefix::all())).unwrap();
+        let sw = connect(&mut one, &mut watcher);
+        pump(&mut one, &mut [(&mut watcher, sw)]);
+        b.change(
+            &doc,
+            &ops(json!([{"op":"put","path":["from_b"],"value":1}])),
+        )
+        .unwrap();
+        pump(&mut two, &mut [(&mut b, sb)]); // committed; `one` has not looked yet
+        a.change(
+            &doc,
+            &ops(json!([{"op":"put","path":["from_a"],"value":1}])),
+        )
+        .unwrap();
+        pump(&mut one, &mut [(&mut a, sa), (&mut watcher, sw)]);
+        let seen = watcher.json(&doc).unwrap();
+        assert_eq!(
+            (&seen["from_a"], &seen["from_b"]),
+            (&json!(1), &json!(1)),
+            "{seen}"
+        );
+        settle(&mut one, &mut two, &mut a, &mut b);
+
         // A third replica catching up through either instance finds the whole log.
         let mut c = replica();
         c.subscribe(Target::Prefix(DocPrefix::all())).unwrap();
         let sc = connect(&mut two, &mut c);
         pump(&mut two, &mut [(&mut c, sc)]);
-        assert_eq!(c.json(&doc).unwrap(), json!({"n": 50}));
+        assert_eq!(
+            c.json(&doc).unwrap(),
+            json!({"n": 50, "from_a": 1, "from_b": 1})
+        );
         assert!(
             one.shared.as_ref().unwrap().own.is_empty(),
             "own positions are forgotten"

@@ -5,6 +5,7 @@
 mod backup;
 mod faults;
 mod peering;
+mod postgres;
 mod replication;
 mod security;
 

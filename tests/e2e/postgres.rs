@@ -1,0 +1,118 @@
+//! Hubs on PostgreSQL: one instance as a drop-in for SQLite, and two instances on one database
+//! serving the same data set, one of them killed under load.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+use serde_json::json;
+use syncline_e2e::{Edge, Hub, Postgres, until};
+
+use crate::converged;
+
+/// Writes increments of `key` to an edge's API until stopped; counts acknowledged ones.
+fn writer(
+    api: String,
+    doc: &'static str,
+    key: String,
+) -> (Arc<AtomicBool>, Arc<AtomicI64>, std::thread::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicI64::new(0));
+    let (s, a) = (stop.clone(), acked.clone());
+    let t = std::thread::spawn(move || {
+        let e = Edge {
+            proc: None,
+            data: Default::default(),
+            api,
+            key: String::new(),
+        };
+        while !s.load(Ordering::Relaxed) {
+            if let Ok((200, _)) = e.change(doc, json!([{"op":"increment","path":[&key],"by":1}])) {
+                a.fetch_add(1, Ordering::Relaxed);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    });
+    (stop, acked, t)
+}
+
+#[test]
+fn two_instances_on_one_database_serve_one_data_set_and_edges_fail_over_when_one_is_killed() {
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = ["--store", pg.url.as_str()];
+    let a = Hub::start_with(&dir.path().join("hub-a"), "127.0.0.1:0", &store);
+    let b = Hub::start_with(&dir.path().join("hub-b"), "127.0.0.1:0", &store);
+    // Two edges prefer A, two prefer B; each knows both. Grants are in the shared database:
+    // granted once, they hold on both instances.
+    let edges: Vec<Edge> = (0..4)
+        .map(|i| {
+            let data = dir.path().join(format!("edge{i}"));
+            let hubs = if i < 2 {
+                [(&*a.addr, &*a.fingerprint), (&*b.addr, &*b.fingerprint)]
+            } else {
+                [(&*b.addr, &*b.fingerprint), (&*a.addr, &*a.fingerprint)]
+            };
+            let key = Edge::init(&data, &hubs);
+            a.grant(&key, "", "rw");
+            let e = Edge::start(&data);
+            e.subscribe("").unwrap();
+            e
+        })
+        .collect();
+    let all: Vec<&Edge> = edges.iter().collect();
+    let doc = "pg/counters";
+    // Each edge owns one counter; a change written through one instance reaches the edges
+    // of the other.
+    for (i, e) in edges.iter().enumerate() {
+        let (code, body) = e
+            .change(
+                doc,
+                json!([{"op":"put","path":[format!("c{i}")],"value":{"$counter":0}}]),
+            )
+            .unwrap();
+        assert_eq!(code, 200, "{body}");
+    }
+    converged(&all, doc, 60);
+
+    let writers: Vec<_> = edges
+        .iter()
+        .enumerate()
+        .map(|(i, e)| writer(e.api.clone(), doc, format!("c{i}")))
+        .collect();
+    until("writes to flow on every edge", 30, || {
+        writers
+            .iter()
+            .all(|(_, n, _)| n.load(Ordering::Relaxed) > 10)
+            .then_some(())
+    });
+    // Instance A dies under load; its edges move to B by themselves.
+    a.proc.kill9();
+    let before: Vec<i64> = writers
+        .iter()
+        .map(|(_, n, _)| n.load(Ordering::Relaxed))
+        .collect();
+    until("more writes after the kill", 30, || {
+        writers
+            .iter()
+            .zip(&before)
+            .all(|((_, n, _), b)| n.load(Ordering::Relaxed) > b + 10)
+            .then_some(())
+    });
+    let mut acked = Vec::new();
+    for (stop, n, t) in writers {
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+        acked.push(n.load(Ordering::Relaxed));
+    }
+    // Every acknowledged write of every edge is at every edge, through instance B.
+    let state = converged(&all, doc, 120);
+    for (i, n) in acked.iter().enumerate() {
+        assert_eq!(state[format!("c{i}")], json!(n), "edge {i}: {state}");
+    }
+    for e in &edges {
+        until("the outbox to drain", 60, || {
+            (e.status().ok()?["outbox"] == json!(0)).then_some(())
+        });
+    }
+    drop(b);
+}
