@@ -177,6 +177,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a document as JSON (`{"doc": ..., "heads": [...]}`), built from the hub's verified
+    /// log, now or as it was `--at` given heads or a past time.
+    Show {
+        /// The data directory of the hub.
+        #[arg(
+            long,
+            env = "SYNCLINE_DATA",
+            value_name = "DIR",
+            required_unless_present = "store"
+        )]
+        data: Option<PathBuf>,
+        /// The hub's PostgreSQL store, if it runs on one (`postgres://...`, as `run --store`).
+        #[arg(long, env = "SYNCLINE_STORE", value_name = "URL")]
+        store: Option<String>,
+        /// The document id.
+        #[arg(value_parser = ops::parse_doc)]
+        doc: DocId,
+        /// Heads (comma-separated change hashes), milliseconds since 1970, or an RFC 3339 time
+        /// (`2026-12-01T18:00:00Z`).
+        #[arg(long, value_parser = |s: &str| s.parse::<audit::At>())]
+        at: Option<audit::At>,
+    },
     /// Write a document's signed change log to FILE (JSON lines, docs/OPERATIONS.md), for
     /// anyone to check with `verify-export` without access to the hub.
     Export {
@@ -439,6 +461,35 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     println!("{}", ops::history_line(e));
                 }
             }
+            Ok(())
+        }
+        Command::Show {
+            data,
+            store,
+            doc,
+            at,
+        } => {
+            cli_logs()?;
+            let mut store = open_store(data.as_deref(), store.as_deref())?;
+            let changes = audit::read_verified(&mut store, &doc, Cursor(0), usize::MAX)?;
+            if changes.is_empty() {
+                return Err(usage(format!(
+                    "the hub holds no change of {doc}: check the document id"
+                )));
+            }
+            let now = syncline_core::document::Document::from_changes(
+                doc.clone(),
+                changes.into_iter().map(|(_, c)| c).collect(),
+            )?;
+            let shown = match &at {
+                Some(at) => at.view(&now)?,
+                None => now,
+            };
+            let heads: Vec<String> = shown.heads().iter().map(ToString::to_string).collect();
+            println!(
+                "{}",
+                serde_json::json!({"doc": shown.to_json(), "heads": heads})
+            );
             Ok(())
         }
         Command::Export {

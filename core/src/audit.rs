@@ -25,6 +25,56 @@ use crate::ids::{ChangeHash, Cursor, DocId, PeerId};
 use crate::store::{HubStore, LogEntry};
 use crate::wire::Target;
 
+/// A point in a document's past: heads (change hashes) or an instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum At {
+    /// The document as these changes and their ancestors make it.
+    Heads(Vec<ChangeHash>),
+    /// The document as its authors' changes stamped at or before this instant (milliseconds
+    /// since the Unix epoch) make it.
+    Time(i64),
+}
+
+impl std::str::FromStr for At {
+    type Err = String;
+
+    /// Comma-separated 64-hex change hashes, milliseconds since 1970, or an RFC 3339 time
+    /// such as `2026-12-01T18:00:00Z`.
+    fn from_str(v: &str) -> std::result::Result<Self, String> {
+        let v = v.trim();
+        if let Ok(ms) = v.parse::<i64>() {
+            return Ok(At::Time(ms));
+        }
+        if let Ok(t) =
+            time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+        {
+            return Ok(At::Time((t.unix_timestamp_nanos() / 1_000_000) as i64));
+        }
+        let heads: Option<Vec<ChangeHash>> = v
+            .split(',')
+            .map(|h| ChangeHash::from_hex(h.trim()))
+            .collect();
+        match heads {
+            Some(h) if !h.is_empty() => Ok(At::Heads(h)),
+            _ => Err(
+                "neither heads (comma-separated 64-hex change hashes), milliseconds \
+                      since 1970, nor an RFC 3339 time such as 2026-12-01T18:00:00Z"
+                    .to_owned(),
+            ),
+        }
+    }
+}
+
+impl At {
+    /// `doc` as it was then.
+    pub fn view(&self, doc: &Document) -> Result<Document> {
+        match self {
+            At::Heads(h) => doc.at(h),
+            At::Time(t) => doc.at(&doc.heads_at_time(*t)),
+        }
+    }
+}
+
 /// The export format this version writes and reads.
 pub const EXPORT_FORMAT: u64 = 1;
 
@@ -52,8 +102,6 @@ pub struct HistoryEntry {
 
 impl HistoryEntry {
     fn of(cursor: Cursor, c: &VerifiedChange) -> Self {
-        let expanded = c.automerge().decode();
-        let ops = serde_json::to_value(&expanded.operations).unwrap_or(Value::Null);
         HistoryEntry {
             cursor,
             hash: c.hash(),
@@ -61,7 +109,7 @@ impl HistoryEntry {
             seq: c.automerge().seq(),
             time_ms: c.timestamp(),
             deps: c.deps(),
-            ops,
+            ops: ops_of(c.automerge()),
         }
     }
 
@@ -77,6 +125,25 @@ impl HistoryEntry {
             "ops": self.ops,
         })
     }
+}
+
+/// A change's operations as Automerge describes them (action, obj, key or elemId, value...).
+fn ops_of(c: &automerge::Change) -> Value {
+    serde_json::to_value(&c.decode().operations).unwrap_or(Value::Null)
+}
+
+/// A change of a replica's document, for its history: `{"hash", "author", "seq", "time_ms",
+/// "deps", "ops"}`, with `author` the public key its actor names (`null` for a change whose
+/// actor names none, which a replica never stores: every change it holds was verified).
+pub fn describe(c: &automerge::Change) -> Value {
+    json!({
+        "hash": ChangeHash(c.hash().0).to_string(),
+        "author": change::author_of(c.actor_id()).map(|a| a.to_string()),
+        "seq": c.seq(),
+        "time_ms": c.timestamp(),
+        "deps": c.deps().iter().map(|d| ChangeHash(d.0).to_string()).collect::<Vec<_>>(),
+        "ops": ops_of(c),
+    })
 }
 
 /// Reads the changes of `doc` from a hub store in log order, after `after`, at most `limit`,
@@ -312,15 +379,7 @@ pub fn verify_export(path: &Path, progress: &mut dyn FnMut(u64)) -> Result<Expor
         .collect();
     authors.sort_by_key(|a| a.to_string());
     let changes = verified.len() as u64;
-    let document = Document::load(
-        doc.clone(),
-        automerge::ActorId::random(),
-        None,
-        verified
-            .into_iter()
-            .map(VerifiedChange::into_automerge)
-            .collect(),
-    )?;
+    let document = Document::from_changes(doc.clone(), verified)?;
     progress(changes);
     Ok(ExportReport {
         doc,
@@ -345,6 +404,23 @@ mod tests {
                 .unwrap();
         }
         s
+    }
+
+    #[test]
+    fn at_reads_heads_milliseconds_and_rfc3339() {
+        let h = ChangeHash([0xab; 32]);
+        assert_eq!(format!("{h},{h}").parse::<At>(), Ok(At::Heads(vec![h, h])));
+        assert_eq!(
+            "1700000000123".parse::<At>(),
+            Ok(At::Time(1_700_000_000_123))
+        );
+        assert_eq!(
+            "2023-11-14T22:13:20.123Z".parse::<At>(),
+            Ok(At::Time(1_700_000_000_123))
+        );
+        for bad in ["", "yesterday", "abc,", &"a".repeat(63)] {
+            assert!(bad.parse::<At>().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -62,6 +62,20 @@ impl Document {
         Ok(Document { id, doc })
     }
 
+    /// A read-only document built from verified changes (an audit of a hub's log: the hub
+    /// holds no materialized documents).
+    pub fn from_changes(id: DocId, changes: Vec<crate::change::VerifiedChange>) -> Result<Self> {
+        Document::load(
+            id,
+            automerge::ActorId::random(),
+            None,
+            changes
+                .into_iter()
+                .map(crate::change::VerifiedChange::into_automerge)
+                .collect(),
+        )
+    }
+
     /// The document's id.
     pub fn id(&self) -> &DocId {
         &self.id
@@ -145,6 +159,69 @@ impl Document {
                 doc: self.id.clone(),
                 source: Box::new(source),
             })
+    }
+
+    /// Every change of the document, in causal order (a change after those it depends on).
+    pub fn changes(&self) -> Vec<automerge::Change> {
+        self.doc.get_changes(&[])
+    }
+
+    /// The document as it was at `heads` (time travel: Automerge keeps the history). Every
+    /// head must be a change of this document.
+    pub fn at(&self, heads: &[ChangeHash]) -> Result<Document> {
+        if let Some(unknown) = heads.iter().find(|h| !self.has_change(h)) {
+            return Err(Error::InvalidOperation {
+                doc: self.id.clone(),
+                reason: format!("change {unknown} is not in this document: give heads it holds"),
+            });
+        }
+        let heads: Vec<automerge::ChangeHash> = heads.iter().map(|h| (*h).into()).collect();
+        let doc = self
+            .doc
+            .fork_at(&heads)
+            .map_err(|source| Error::Automerge {
+                doc: self.id.clone(),
+                source: Box::new(source),
+            })?;
+        Ok(Document {
+            id: self.id.clone(),
+            doc,
+        })
+    }
+
+    /// The heads of the document as it was at `time_ms` (milliseconds since the Unix epoch):
+    /// the changes their authors stamped at or before it, with what they depend on (an author
+    /// whose clock ran behind brings its dependencies along).
+    pub fn heads_at_time(&self, time_ms: i64) -> Vec<ChangeHash> {
+        let changes = self.changes();
+        let by_hash: std::collections::HashMap<automerge::ChangeHash, &automerge::Change> =
+            changes.iter().map(|c| (c.hash(), c)).collect();
+        let mut included: std::collections::HashSet<automerge::ChangeHash> =
+            std::collections::HashSet::new();
+        let mut stack: Vec<automerge::ChangeHash> = changes
+            .iter()
+            .filter(|c| c.timestamp() <= time_ms)
+            .map(|c| c.hash())
+            .collect();
+        while let Some(h) = stack.pop() {
+            if included.insert(h)
+                && let Some(c) = by_hash.get(&h)
+            {
+                stack.extend(c.deps().iter().copied());
+            }
+        }
+        let depended: std::collections::HashSet<automerge::ChangeHash> = included
+            .iter()
+            .filter_map(|h| by_hash.get(h))
+            .flat_map(|c| c.deps().iter().copied())
+            .collect();
+        let mut heads: Vec<ChangeHash> = included
+            .iter()
+            .filter(|h| !depended.contains(h))
+            .map(|h| ChangeHash::from(*h))
+            .collect();
+        heads.sort();
+        heads
     }
 
     /// A compact snapshot of the whole document.
@@ -594,6 +671,36 @@ mod tests {
             assert_eq!(d.heads(), heads, "{body}");
         }
         assert_eq!(d.to_json(), json!({"a":1,"l":[1],"t":"ab"}));
+    }
+
+    #[test]
+    fn a_document_reads_as_it_was_at_past_heads_and_times() {
+        let mut d = doc();
+        let put = |d: &mut Document, v: i64, t: i64| {
+            d.apply_ops_at(&ops(json!([{"op":"put","path":["v"],"value":v}])), t)
+                .unwrap()
+                .unwrap()
+        };
+        let first = put(&mut d, 1, 1_000);
+        put(&mut d, 2, 2_000);
+        put(&mut d, 3, 3_000);
+        let at = d.at(&[ChangeHash(first.hash().0)]).unwrap();
+        assert_eq!(at.to_json(), json!({"v": 1}));
+        assert_eq!(
+            d.to_json(),
+            json!({"v": 3}),
+            "the document itself is unchanged"
+        );
+        assert_eq!(
+            d.at(&d.heads_at_time(2_500)).unwrap().to_json(),
+            json!({"v": 2})
+        );
+        assert_eq!(d.heads_at_time(999), Vec::<ChangeHash>::new());
+        assert_eq!(d.at(&[]).unwrap().to_json(), json!({}));
+        assert_eq!(d.heads_at_time(i64::MAX), d.heads());
+        assert_eq!(d.changes().len(), 3);
+        let e = d.at(&[ChangeHash([7; 32])]).unwrap_err();
+        assert!(e.to_string().contains("not in this document"), "{e}");
     }
 
     #[test]

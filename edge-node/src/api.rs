@@ -1,11 +1,13 @@
 //! The local HTTP+JSON API (documented in `docs/API.md`): a thin layer that converts requests
 //! into calls on the replica thread and core errors into HTTP answers.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -14,6 +16,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::Stream;
 use serde_json::{Value, json};
+use syncline_core::audit::At;
 use syncline_core::ops::Op;
 use syncline_core::replica::{Event, Replica};
 use syncline_core::wire::Target;
@@ -66,6 +69,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/docs", get(list_docs))
         .route("/v1/docs/{id}", get(get_doc))
         .route("/v1/docs/{id}/changes", post(post_changes))
+        .route("/v1/docs/{id}/history", get(doc_history))
         .route("/v1/docs/{id}/events", get(doc_events))
         .route("/v1/subscriptions", post(subscribe))
         .route("/v1/status", get(status))
@@ -206,14 +210,86 @@ async fn list_docs(State(s): State<ApiState>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({ "docs": ids })))
 }
 
-async fn get_doc(State(s): State<ApiState>, DocPath(id): DocPath) -> Result<Json<Value>, ApiError> {
+/// The query string as key/value pairs; a malformed one is a 400 with what to write.
+type QueryPairs = Result<Query<HashMap<String, String>>, QueryRejection>;
+
+fn query(q: QueryPairs) -> Result<HashMap<String, String>, ApiError> {
+    q.map(|Query(m)| m).map_err(|e| {
+        ApiError::bad_request("bad_query", format!("the query string is not valid: {e}"))
+    })
+}
+
+fn parse_at(v: &str) -> Result<At, ApiError> {
+    v.parse::<At>()
+        .map_err(|e| ApiError::bad_request("bad_at", format!("?at={v:?}: {e}")))
+}
+
+async fn get_doc(
+    State(s): State<ApiState>,
+    DocPath(id): DocPath,
+    q: QueryPairs,
+) -> Result<Json<Value>, ApiError> {
+    let at = query(q)?.get("at").map(|v| parse_at(v)).transpose()?;
     let (doc, heads) = s
         .call(move |r| -> syncline_core::Result<_> {
-            let heads = r.doc(&id)?.heads();
-            Ok((r.json(&id)?, heads))
+            let d = r.doc(&id)?;
+            let Some(at) = at else {
+                return Ok((d.to_json(), d.heads()));
+            };
+            let past = at.view(d)?;
+            Ok((past.to_json(), past.heads()))
         })
         .await??;
     Ok(Json(json!({ "doc": doc, "heads": hex_heads(&heads) })))
+}
+
+/// Changes listed per page at most.
+const MAX_HISTORY_PAGE: usize = 1000;
+
+/// Who changed the document (public key), when (the author's clock) and what (the
+/// operations), in causal order; `?after=N` skips the first N, `?limit=M` (default 100, at most
+/// 1000) bounds the page.
+async fn doc_history(
+    State(s): State<ApiState>,
+    DocPath(id): DocPath,
+    q: QueryPairs,
+) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
+    let number = |key: &str, default: usize| -> Result<usize, ApiError> {
+        q.get(key).map_or(Ok(default), |v| {
+            v.parse().map_err(|_| {
+                ApiError::bad_request("bad_query", format!("?{key}={v:?} is not a count"))
+            })
+        })
+    };
+    let after = number("after", 0)?;
+    let limit = number("limit", 100)?.min(MAX_HISTORY_PAGE);
+    let doc_id = id.clone();
+    let (changes, total) = s
+        .call(move |r| -> syncline_core::Result<_> {
+            let all = r.doc(&id)?.changes();
+            let total = all.len();
+            let page: Vec<Value> = all
+                .iter()
+                .enumerate()
+                .skip(after)
+                .take(limit)
+                .map(|(i, c)| {
+                    let mut v = syncline_core::audit::describe(c);
+                    v["index"] = json!(i + 1);
+                    v
+                })
+                .collect();
+            Ok((page, total))
+        })
+        .await??;
+    let next = after + changes.len();
+    Ok(Json(json!({
+        "doc": doc_id.as_str(),
+        "changes": changes,
+        "next": next,
+        "total": total,
+    })))
 }
 
 async fn post_changes(

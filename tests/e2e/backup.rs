@@ -175,4 +175,63 @@ fn history_and_an_offline_checked_export_say_who_changed_a_document() {
     // A bad document id is a usage error.
     let (code, _, err) = hub_cmd(&["history", "--data", &data, "bad//id"]);
     assert_eq!(code, 2, "{err}");
+
+    // Time travel at the hub: at the first change's hash, and at its time.
+    let first = entries[0]["hash"].as_str().unwrap();
+    let (code, out, err) = hub_cmd(&["show", "--data", &data, doc, "--at", first]);
+    assert_eq!(code, 0, "{err}");
+    let shown: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(shown["doc"], json!({"temp": 1}));
+    assert_eq!(shown["heads"], json!([first]));
+    let (_, out, _) = hub_cmd(&["show", "--data", &data, doc]);
+    assert_eq!(
+        serde_json::from_str::<Value>(out.trim()).unwrap()["doc"],
+        json!({"temp": 3})
+    );
+    let (code, _, err) = hub_cmd(&["show", "--data", &data, doc, "--at", "yesterday"]);
+    assert_eq!(code, 2, "{err}");
+
+    // The edge's own history and time travel, from its store.
+    let path = format!(
+        "/v1/docs/{}/history?after=1&limit=1",
+        syncline_e2e::enc(doc)
+    );
+    let (status, body) = syncline_e2e::http(&edges[0].api, "GET", &path, None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let h: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((&h["total"], &h["next"]), (&json!(3), &json!(2)), "{h}");
+    let change = &h["changes"][0];
+    assert_eq!(change["index"], json!(2));
+    assert_eq!(change["author"], json!(edges[0].key));
+    assert_eq!(change["ops"][0]["value"], json!(2));
+    assert_eq!(change["hash"], entries[1]["hash"]);
+    let at = |q: &str| {
+        let path = format!("/v1/docs/{}?at={q}", syncline_e2e::enc(doc));
+        let (status, body) = syncline_e2e::http(&edges[0].api, "GET", &path, None).unwrap();
+        (status, serde_json::from_str::<Value>(&body).unwrap())
+    };
+    assert_eq!(at(first).1["doc"], json!({"temp": 1}));
+    let time = |i: usize| entries[i]["time_ms"].as_i64().unwrap();
+    assert_eq!(
+        at(&(time(0) - 1).to_string()).1["doc"],
+        json!({}),
+        "before the first"
+    );
+    // Writes in the same millisecond share a time: at the second's time, the third is there
+    // too only if it was made in the same millisecond.
+    let expected = if time(2) == time(1) { 3 } else { 2 };
+    let (status, v) = at(&time(1).to_string());
+    assert_eq!(
+        (status, &v["doc"]),
+        (200, &json!({"temp": expected})),
+        "{v}"
+    );
+    let (status, v) = at("not-a-time");
+    assert_eq!((status, v["code"].as_str()), (400, Some("bad_at")), "{v}");
+    let (status, v) = at(&"ab".repeat(32));
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (400, Some("invalid_operation")),
+        "{v}"
+    );
 }
