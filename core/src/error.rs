@@ -244,6 +244,14 @@ pub enum Error {
         /// The cause, as the driver gives it.
         reason: String,
     },
+    /// A store's encryption key is missing, wrong, unreadable, or this build cannot encrypt.
+    #[error("store key {path}: {reason}")]
+    StoreKey {
+        /// The key file, or the store.
+        path: PathBuf,
+        /// What is wrong, and what to do.
+        reason: String,
+    },
     /// SQLite failed.
     #[error("storage error while {context}: {source}")]
     Sqlite {

@@ -92,32 +92,38 @@ impl Identity {
     /// the public key on the last line for people to read. The file is written whole and
     /// renamed into place, so a crash never leaves half a key.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let tmp = path.with_extension("tmp");
         let body = format!(
             "{FILE_HEADER}\n{}\n{}\n",
             hex::encode(self.key.to_bytes()),
             self.peer_id()
         );
-        let mut options = fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut file = options.open(&tmp).map_err(|e| io_error(&tmp, e))?;
-        file.write_all(body.as_bytes())
-            .map_err(|e| io_error(&tmp, e))?;
-        file.sync_all().map_err(|e| io_error(&tmp, e))?;
-        fs::rename(&tmp, path).map_err(|e| io_error(path, e))?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            // Make the rename durable too.
-            if let Ok(d) = fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
-        Ok(())
+        write_private(path, body.as_bytes()).map_err(|e| io_error(path, e))
     }
+}
+
+/// Writes a secret file readable and writable by its owner only (mode 0600): a temporary
+/// file, synced, renamed into place, then the folder synced, so a crash never leaves half of
+/// it.
+pub(crate) fn write_private(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&tmp)?;
+    file.write_all(body)?;
+    file.sync_all()?;
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // Make the rename durable too.
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
 }
 
 fn io_error(path: &Path, e: std::io::Error) -> Error {

@@ -69,6 +69,9 @@ pub struct ReplicaOptions {
     /// of the history shows as "when". The default reads the system clock; simulations fix it
     /// so that a seed replays exactly.
     pub clock: fn() -> i64,
+    /// Encrypt the store file with this key (SQLCipher; needs the `encryption` feature). A
+    /// store made with a key opens only with it.
+    pub store_key: Option<crate::store::StoreKey>,
 }
 
 /// Milliseconds since the Unix epoch by the system clock; 0 before 1970, and on wasm, where
@@ -96,6 +99,7 @@ impl Default for ReplicaOptions {
             patch_events: true,
             verify_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
             clock: system_clock_ms,
+            store_key: None,
         }
     }
 }
@@ -270,7 +274,8 @@ impl std::fmt::Debug for Replica {
 impl Replica {
     /// Opens (or creates) the replica stored at `path`.
     pub fn open(path: &Path, identity: Identity, options: ReplicaOptions) -> Result<Self> {
-        Self::with_store(ReplicaStore::open(path)?, identity, options)
+        let store = ReplicaStore::open_keyed(path, options.store_key.as_ref())?;
+        Self::with_store(store, identity, options)
     }
 
     /// A replica whose store lives in memory (lost on drop).

@@ -118,6 +118,10 @@ pub struct EdgeConfig {
     /// The hubs, in failover order.
     #[serde(default)]
     pub hub: Vec<HubConfig>,
+    /// The key file that encrypts the store (64 hex characters; SQLCipher). Absent: the store
+    /// is not encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db_key_file: Option<PathBuf>,
 }
 
 /// One hub of `edge.toml`.
@@ -193,6 +197,7 @@ mod tests {
                 HubConfig::new("a:1", &"1".repeat(64)).unwrap(),
                 HubConfig::new("b:2", &"2".repeat(64)).unwrap(),
             ],
+            db_key_file: Some("/run/keys/edge.key".into()),
         };
         let text = toml::to_string(&config).unwrap();
         assert_eq!(toml::from_str::<EdgeConfig>(&text).unwrap(), config);

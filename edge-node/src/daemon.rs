@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use syncline_core::identity::Identity;
 use syncline_core::replica::{Replica, ReplicaOptions};
+use syncline_core::store::StoreKey;
 use syncline_net::client::{ReplicaHandle, SyncSettings};
 use tokio::sync::watch;
 
@@ -30,7 +31,17 @@ pub async fn run(data: &DataDir, api: Option<String>) -> anyhow::Result<()> {
     let public_key = identity.peer_id().to_string();
     // One process owns the store: a second daemon on this directory stops here.
     let _lock = syncline_core::store::lock_dir(data.root())?;
-    let replica = Replica::open(&data.store(), identity, ReplicaOptions::default())
+    let store_key = config
+        .db_key_file
+        .as_deref()
+        .map(StoreKey::load)
+        .transpose()
+        .context("loading the store's key (db_key_file in edge.toml)")?;
+    let options = ReplicaOptions {
+        store_key,
+        ..ReplicaOptions::default()
+    };
+    let replica = Replica::open(&data.store(), identity, options)
         .with_context(|| format!("opening the store {}", data.store().display()))?;
     let (handle, thread) = ReplicaHandle::spawn(replica);
 

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use hyper::Method;
 use serde_json::{Value, json};
 use syncline_core::identity::Identity;
+use syncline_core::store::StoreKey;
 use syncline_edge::api_client::{ApiClient, encode_segment};
 use syncline_edge::config::{DEFAULT_API, DataDir, EdgeConfig, HubConfig};
 
@@ -41,6 +42,12 @@ enum Command {
         /// Print `{"public_key": "..."}`.
         #[arg(long)]
         json: bool,
+        /// Encrypt the store at rest with the key in FILE (64 hex characters), made with a
+        /// fresh random key if missing (mode 0600). Keep it on another medium than the data
+        /// directory, or have the platform's keystore write it at boot. Only a new store can
+        /// be encrypted.
+        #[arg(long, value_name = "FILE")]
+        db_key_file: Option<PathBuf>,
     },
     /// Runs the daemon: store, sync with the hubs, local API. Stops on SIGTERM or SIGINT.
     Run {
@@ -175,7 +182,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             hubs,
             fingerprints,
             json,
-        } => init(&DataDir::new(data), &hubs, &fingerprints, json),
+            db_key_file,
+        } => init(&DataDir::new(data), &hubs, &fingerprints, json, db_key_file),
         Command::Run { data, api } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(syncline_edge::daemon::run(&DataDir::new(data), api))
@@ -195,6 +203,7 @@ fn init(
     hubs: &[String],
     fingerprints: &[String],
     json: bool,
+    db_key_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     // Check everything before writing anything.
     if hubs.len() != fingerprints.len() {
@@ -211,15 +220,46 @@ fn init(
         .map(|(h, fp)| HubConfig::new(h, fp))
         .collect::<anyhow::Result<Vec<_>>>()
         .map_err(|e| UsageError(format!("{e:#}")))?;
-    let api = match data.load_config() {
+    let (api, old_key_file) = match data.load_config() {
         // Re-running init changes the hubs and keeps the identity and the other settings.
-        Ok(old) => old.api,
-        Err(_) if !data.config().exists() => None,
+        Ok(old) => (old.api, old.db_key_file),
+        Err(_) if !data.config().exists() => (None, None),
         Err(e) => return Err(e),
+    };
+    let db_key_file = match (db_key_file, old_key_file) {
+        (Some(new), old) => {
+            let new = std::path::absolute(&new)
+                .map_err(|e| UsageError(format!("--db-key-file {}: {e}", new.display())))?;
+            if old.as_ref() != Some(&new) && data.store().exists() {
+                return Err(UsageError(format!(
+                    "{} holds a store already: only a new store can be encrypted (or given \
+                     another key); use a new data directory",
+                    data.root().display()
+                ))
+                .into());
+            }
+            if !new.exists() {
+                StoreKey::generate()
+                    .save_new(&new)
+                    .map_err(|e| UsageError(e.to_string()))?;
+                eprintln!(
+                    "made a new store key in {}: without it the store cannot be read, keep a \
+                     copy somewhere safe",
+                    new.display()
+                );
+            }
+            StoreKey::load(&new).map_err(|e| UsageError(e.to_string()))?;
+            Some(new)
+        }
+        (None, old) => old,
     };
     data.create()?;
     let identity = Identity::load_or_generate(&data.identity())?;
-    data.save_config(&EdgeConfig { api, hub })?;
+    data.save_config(&EdgeConfig {
+        api,
+        hub,
+        db_key_file,
+    })?;
     let key = identity.peer_id().to_string();
     if json {
         println!("{{\"public_key\": \"{key}\"}}");

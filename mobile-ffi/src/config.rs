@@ -26,6 +26,27 @@ pub struct ReplicaConfig {
     /// Empty: the replica works offline until `set_hubs` names one.
     #[uniffi(default)]
     pub hubs: Vec<HubConfig>,
+    /// Encrypt the store at rest with this 32-byte key (SQLCipher). Keep it in the platform's
+    /// keystore (Android Keystore, iOS Keychain) and pass it at every open: a store made with
+    /// a key opens only with it. `null`: the store is not encrypted.
+    #[uniffi(default)]
+    pub store_key: Option<Vec<u8>>,
+}
+
+/// The store key of a config, checked: 32 bytes.
+pub(crate) fn store_key(
+    config: &ReplicaConfig,
+) -> Result<Option<syncline_core::store::StoreKey>, SynclineError> {
+    let Some(bytes) = &config.store_key else {
+        return Ok(None);
+    };
+    let bytes: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+        SynclineError::InvalidConfig(format!(
+            "the store key is {} bytes; give 32 random bytes, kept in the platform's keystore",
+            bytes.len()
+        ))
+    })?;
+    Ok(Some(syncline_core::store::StoreKey::from_bytes(bytes)))
 }
 
 /// Checks every hub and converts them for the sync task. Says which hub is wrong.

@@ -60,7 +60,8 @@ impl From<syncline_core::Error> for SynclineError {
                 SynclineError::InvalidOperation(message)
             }
             E::UnknownDocument(_) => SynclineError::UnknownDocument(message),
-            E::InvalidPeerId { .. } => SynclineError::InvalidConfig(message),
+            // The app's key does not open the store (or it gave none for an encrypted one).
+            E::InvalidPeerId { .. } | E::StoreKey { .. } => SynclineError::InvalidConfig(message),
             E::StorageFull => SynclineError::StorageFull(message),
             E::Locked { path } => SynclineError::Locked(format!(
                 "the store at {} is already open (by this app or another process); close the \

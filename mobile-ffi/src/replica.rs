@@ -75,6 +75,7 @@ impl Replica {
     #[uniffi::constructor]
     pub fn open(path: String, config: ReplicaConfig) -> Result<Arc<Self>, SynclineError> {
         let hubs = hub_addresses(&config.hubs)?;
+        let store_key = crate::config::store_key(&config)?;
         if path.trim().is_empty() {
             return Err(SynclineError::InvalidConfig(
                 "the replica's path is empty; give a directory such as the app's files \
@@ -88,7 +89,11 @@ impl Replica {
         let lock = syncline_core::store::lock_dir(&dir)?;
         let identity = Identity::load_or_generate(&dir.join("identity"))?;
         let public_key = identity.peer_id().to_string();
-        let core = CoreReplica::open(&dir.join("replica.db"), identity, ReplicaOptions::default())?;
+        let options = ReplicaOptions {
+            store_key,
+            ..ReplicaOptions::default()
+        };
+        let core = CoreReplica::open(&dir.join("replica.db"), identity, options)?;
         let (handle, thread) = ReplicaHandle::spawn(core);
 
         let observer: ObserverSlot = Arc::default();

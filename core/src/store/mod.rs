@@ -5,6 +5,7 @@
 pub mod backup;
 pub mod contract;
 mod hub;
+mod key;
 mod replica;
 mod sqlite;
 
@@ -14,6 +15,7 @@ pub use hub::{
     Appended, DocHeads, HubStore, LogBatch, LogEntry, PeerState, SqliteHubStore, actor_key,
     complete_heads, uncovered_positions,
 };
+pub use key::StoreKey;
 pub use replica::{OutboxEntry, ReplicaStore, StoredChange, StoredDoc};
 
 /// An exclusive lock on a data directory, held for as long as this value lives (the OS

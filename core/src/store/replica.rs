@@ -136,8 +136,14 @@ fn doc_from(s: String) -> Result<DocId> {
 impl ReplicaStore {
     /// Opens or creates the store at `path`.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_keyed(path, None)
+    }
+
+    /// Opens or creates the store at `path`, encrypted with `key` if given (SQLCipher: the
+    /// `encryption` feature).
+    pub fn open_keyed(path: &Path, key: Option<&crate::store::StoreKey>) -> Result<Self> {
         Ok(ReplicaStore {
-            conn: sqlite::open(path, "replica", MIGRATIONS, 16)?,
+            conn: sqlite::open_keyed(path, "replica", MIGRATIONS, 16, key)?,
         })
     }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use rusqlite::Connection;
 
 use crate::error::{Error, Result, SqlContext};
+use crate::store::StoreKey;
 
 /// Opens (or creates) a store file: WAL, `synchronous=FULL` (a commit survives power loss),
 /// foreign keys on, a page cache of `cache_mib` MiB, and migrations run in one transaction.
@@ -16,9 +17,65 @@ pub(crate) fn open(
     migrations: &[&str],
     cache_mib: u32,
 ) -> Result<Connection> {
+    open_keyed(path, kind, migrations, cache_mib, None)
+}
+
+/// [`open`] with an encryption key (SQLCipher): a new file is encrypted with it, an existing
+/// one must have been.
+pub(crate) fn open_keyed(
+    path: &Path,
+    kind: &str,
+    migrations: &[&str],
+    cache_mib: u32,
+    key: Option<&StoreKey>,
+) -> Result<Connection> {
     let conn = Connection::open(path).ctx("opening the store file")?;
+    if let Some(key) = key {
+        apply_key(&conn, path, key)?;
+    }
+    // The first read of the file: an encrypted store opened without its key (or with another
+    // key) reads as "not a database".
+    match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    }) {
+        Ok(_) => {}
+        Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase) => {
+            return Err(Error::StoreKey {
+                path: path.to_owned(),
+                reason: if key.is_some() {
+                    "this key does not open the store (or the file is not a Syncline store): \
+                     check the key file"
+                        .into()
+                } else {
+                    "the store is encrypted (or is not a Syncline store): give its key \
+                     (`db_key_file`)"
+                        .into()
+                },
+            });
+        }
+        Err(e) => return Err(e).ctx("reading the store file"),
+    }
     configure(&conn, cache_mib)?;
     migrate(conn, kind, migrations)
+}
+
+#[cfg(feature = "encryption")]
+fn apply_key(conn: &Connection, _path: &Path, key: &StoreKey) -> Result<()> {
+    // SQLCipher logs a failed decryption on stderr; the caller gets a typed error instead.
+    conn.execute_batch("PRAGMA cipher_log_level = NONE")
+        .ctx("configuring the store cipher")?;
+    conn.pragma_update(None, "key", &*key.pragma_value())
+        .ctx("setting the store key")
+}
+
+#[cfg(not(feature = "encryption"))]
+fn apply_key(_conn: &Connection, path: &Path, _key: &StoreKey) -> Result<()> {
+    Err(Error::StoreKey {
+        path: path.to_owned(),
+        reason: "this build cannot encrypt stores: build it with the `encryption` feature \
+                 (syncline-edge has it by default)"
+            .into(),
+    })
 }
 
 /// An in-memory store (tests and simulations that do not restart).

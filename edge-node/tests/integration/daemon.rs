@@ -47,3 +47,70 @@ fn sigterm_stops_the_daemon_cleanly_even_with_an_open_event_stream() {
     assert!(!dir.join("api.addr").exists());
     assert!(log_of(&dir).contains("stopped"));
 }
+
+#[test]
+fn an_encrypted_store_is_unreadable_on_disk_and_the_daemon_needs_its_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("edge");
+    let key_file = tmp.path().join("keys").join("edge.key");
+    std::fs::create_dir_all(key_file.parent().unwrap()).unwrap();
+    let out = edge(&[
+        "init",
+        "--data",
+        dir.to_str().unwrap(),
+        "--hub",
+        &closed_port(),
+        "--hub-fingerprint",
+        &some_fingerprint(),
+        "--db-key-file",
+        key_file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read_to_string(&key_file).unwrap().trim().len(), 64);
+    let marker = "gateway-secret-7d41";
+    let d = Daemon::start(&dir);
+    let (status, v) = d.post(
+        "/v1/docs/vault/changes",
+        &format!(r#"{{"ops":[{{"op":"put","path":["pin"],"value":"{marker}"}}]}}"#),
+    );
+    assert_eq!(status, 200, "{v}");
+    d.kill_hard();
+    for f in ["edge.db", "edge.db-wal"] {
+        if let Ok(bytes) = std::fs::read(dir.join(f)) {
+            assert!(
+                !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
+                "{f} holds the plaintext"
+            );
+        }
+    }
+    // With its key the store reopens with the write.
+    let d = Daemon::start(&dir);
+    assert_eq!(d.get("/v1/docs/vault").1["doc"], json!({"pin": marker}));
+    d.kill_hard();
+    // Another key does not open it: the daemon exits with what is wrong.
+    std::fs::write(&key_file, format!("{}\n", "ab".repeat(32))).unwrap();
+    let out = edge(&[
+        "run",
+        "--data",
+        dir.to_str().unwrap(),
+        "--api",
+        "127.0.0.1:0",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not open the store"), "{err}");
+    // An existing store is not re-keyed by init.
+    let out = edge(&[
+        "init",
+        "--data",
+        dir.to_str().unwrap(),
+        "--hub",
+        &closed_port(),
+        "--hub-fingerprint",
+        &some_fingerprint(),
+        "--db-key-file",
+        tmp.path().join("other.key").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(!tmp.path().join("other.key").exists(), "nothing written");
+}

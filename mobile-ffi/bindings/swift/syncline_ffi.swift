@@ -554,6 +554,24 @@ fileprivate struct FfiConverterString: FfiConverter {
     }
 }
 
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterData: FfiConverterRustBuffer {
+    typealias SwiftType = Data
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Data {
+        let len: Int32 = try readInt(&buf)
+        return Data(try readBytes(&buf, count: Int(len)))
+    }
+
+    public static func write(_ value: Data, into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        writeBytes(&buf, value)
+    }
+}
+
 
 
 
@@ -1543,6 +1561,12 @@ public struct ReplicaConfig: Equatable, Hashable {
      * Empty: the replica works offline until `set_hubs` names one.
      */
     public var hubs: [HubConfig]
+    /**
+     * Encrypt the store at rest with this 32-byte key (SQLCipher). Keep it in the platform's
+     * keystore (Android Keystore, iOS Keychain) and pass it at every open: a store made with
+     * a key opens only with it. `null`: the store is not encrypted.
+     */
+    public var storeKey: Data?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1550,8 +1574,14 @@ public struct ReplicaConfig: Equatable, Hashable {
         /**
          * Hubs in order of preference: the first is tried first, the next ones when it fails.
          * Empty: the replica works offline until `set_hubs` names one.
-         */hubs: [HubConfig] = []) {
+         */hubs: [HubConfig] = [], 
+        /**
+         * Encrypt the store at rest with this 32-byte key (SQLCipher). Keep it in the platform's
+         * keystore (Android Keystore, iOS Keychain) and pass it at every open: a store made with
+         * a key opens only with it. `null`: the store is not encrypted.
+         */storeKey: Data? = nil) {
         self.hubs = hubs
+        self.storeKey = storeKey
     }
 
     
@@ -1570,12 +1600,14 @@ public struct FfiConverterTypeReplicaConfig: FfiConverterRustBuffer {
     public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> ReplicaConfig {
         return
             try ReplicaConfig(
-                hubs: FfiConverterSequenceTypeHubConfig.read(from: &buf)
+                hubs: FfiConverterSequenceTypeHubConfig.read(from: &buf), 
+                storeKey: FfiConverterOptionData.read(from: &buf)
         )
     }
 
     public static func write(_ value: ReplicaConfig, into buf: inout [UInt8]) {
         FfiConverterSequenceTypeHubConfig.write(value.hubs, into: &buf)
+        FfiConverterOptionData.write(value.storeKey, into: &buf)
     }
 }
 
@@ -2076,6 +2108,30 @@ fileprivate struct FfiConverterOptionString: FfiConverterRustBuffer {
         switch try readInt(&buf) as Int8 {
         case 0: return nil
         case 1: return try FfiConverterString.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionData: FfiConverterRustBuffer {
+    typealias SwiftType = Data?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterData.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterData.read(from: &buf)
         default: throw UniffiInternalError.unexpectedOptionalTag
         }
     }

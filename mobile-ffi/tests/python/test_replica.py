@@ -422,6 +422,31 @@ def test_a_store_open_twice_is_locked_until_shut_down(tmp_path, replicas):
     assert json.loads(second.get("d")) == {"a": 1}
 
 
+def test_an_encrypted_store_is_unreadable_without_its_key(tmp_path, replicas):
+    path = tmp_path / "app"
+    key = bytes(range(32))
+    marker = "phone-secret-93be"
+    app = sf.Replica.open(str(path), sf.ReplicaConfig(store_key=key))
+    app.change("vault", json.dumps([{"op": "put", "path": ["pin"], "value": marker}]))
+    app.shutdown()
+    for f in ("replica.db", "replica.db-wal"):
+        p = path / f
+        if p.exists():
+            assert marker.encode() not in p.read_bytes(), f
+    with pytest.raises(sf.SynclineError.InvalidConfig) as e:
+        sf.Replica.open(str(path), sf.ReplicaConfig())
+    assert "encrypted" in str(e.value)
+    with pytest.raises(sf.SynclineError.InvalidConfig) as e:
+        sf.Replica.open(str(path), sf.ReplicaConfig(store_key=bytes(32)))
+    assert "does not open" in str(e.value)
+    with pytest.raises(sf.SynclineError.InvalidConfig) as e:
+        sf.Replica.open(str(path), sf.ReplicaConfig(store_key=b"short"))
+    assert "32 random bytes" in str(e.value)
+    again = sf.Replica.open(str(path), sf.ReplicaConfig(store_key=key))
+    replicas.append(again)
+    assert json.loads(again.get("vault")) == {"pin": marker}
+
+
 def test_an_observer_that_throws_does_not_break_the_replica(tmp_path, replicas):
     app = open_replica(replicas, tmp_path / "app")
 

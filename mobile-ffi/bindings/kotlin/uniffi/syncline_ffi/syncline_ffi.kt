@@ -1283,6 +1283,25 @@ public object FfiConverterString: FfiConverter<String, RustBuffer.ByValue> {
     }
 }
 
+/**
+ * @suppress
+ */
+public object FfiConverterByteArray: FfiConverterRustBuffer<ByteArray> {
+    override fun read(buf: ByteBuffer): ByteArray {
+        val len = buf.getInt()
+        val byteArr = ByteArray(len)
+        buf.get(byteArr)
+        return byteArr
+    }
+    override fun allocationSize(value: ByteArray): ULong {
+        return 4UL + value.size.toULong()
+    }
+    override fun write(value: ByteArray, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        buf.put(value)
+    }
+}
+
 
 // This template implements a class for working with a Rust struct via a handle
 // to the live Rust struct on the other side of the FFI.
@@ -2507,6 +2526,13 @@ data class ReplicaConfig (
      * Empty: the replica works offline until `set_hubs` names one.
      */
     var `hubs`: List<HubConfig> = listOf() 
+    , 
+    /**
+     * Encrypt the store at rest with this 32-byte key (SQLCipher). Keep it in the platform's
+     * keystore (Android Keystore, iOS Keychain) and pass it at every open: a store made with
+     * a key opens only with it. `null`: the store is not encrypted.
+     */
+    var `storeKey`: kotlin.ByteArray? = null 
     
 ){
     
@@ -2524,15 +2550,18 @@ public object FfiConverterTypeReplicaConfig: FfiConverterRustBuffer<ReplicaConfi
     override fun read(buf: ByteBuffer): ReplicaConfig {
         return ReplicaConfig(
             FfiConverterSequenceTypeHubConfig.read(buf),
+            FfiConverterOptionalByteArray.read(buf),
         )
     }
 
     override fun allocationSize(value: ReplicaConfig) = (
-            FfiConverterSequenceTypeHubConfig.allocationSize(value.`hubs`)
+            FfiConverterSequenceTypeHubConfig.allocationSize(value.`hubs`) +
+            FfiConverterOptionalByteArray.allocationSize(value.`storeKey`)
     )
 
     override fun write(value: ReplicaConfig, buf: ByteBuffer) {
             FfiConverterSequenceTypeHubConfig.write(value.`hubs`, buf)
+            FfiConverterOptionalByteArray.write(value.`storeKey`, buf)
     }
 }
 
@@ -2918,6 +2947,38 @@ public object FfiConverterOptionalString: FfiConverterRustBuffer<kotlin.String?>
         } else {
             buf.put(1)
             FfiConverterString.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalByteArray: FfiConverterRustBuffer<kotlin.ByteArray?> {
+    override fun read(buf: ByteBuffer): kotlin.ByteArray? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterByteArray.read(buf)
+    }
+
+    override fun allocationSize(value: kotlin.ByteArray?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterByteArray.allocationSize(value)
+        }
+    }
+
+    override fun write(value: kotlin.ByteArray?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterByteArray.write(value, buf)
         }
     }
 }
