@@ -109,8 +109,17 @@ enum Command {
     /// once, they never change). Progress goes to stderr.
     Backup {
         /// The data directory of the hub.
-        #[arg(long, env = "SYNCLINE_DATA", value_name = "DIR")]
-        data: PathBuf,
+        #[arg(
+            long,
+            env = "SYNCLINE_DATA",
+            value_name = "DIR",
+            required_unless_present = "store"
+        )]
+        data: Option<PathBuf>,
+        /// The hub's PostgreSQL store (`postgres://...`): a logical backup in the same format,
+        /// read while the instances serve.
+        #[arg(long, env = "SYNCLINE_STORE", value_name = "URL")]
+        store: Option<String>,
         /// The backup file to write (it must not exist).
         #[arg(long, value_name = "FILE")]
         to: PathBuf,
@@ -130,9 +139,18 @@ enum Command {
         from: Vec<PathBuf>,
         /// The data directory to restore into (created, with a new identity and certificate,
         /// if missing).
-        #[arg(long, env = "SYNCLINE_DATA", value_name = "DIR")]
-        data: PathBuf,
-        /// Replace the store the data directory holds.
+        #[arg(
+            long,
+            env = "SYNCLINE_DATA",
+            value_name = "DIR",
+            required_unless_present = "store"
+        )]
+        data: Option<PathBuf>,
+        /// Restore into this PostgreSQL store instead (`postgres://...`); every hub instance on
+        /// it must be stopped.
+        #[arg(long, env = "SYNCLINE_STORE", value_name = "URL")]
+        store: Option<String>,
+        /// Replace the store the data directory (or the database) holds.
         #[arg(long)]
         force: bool,
         /// Print what was restored as one JSON object.
@@ -382,18 +400,33 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Backup {
             data,
+            store,
             to,
             since,
             json,
         } => {
             cli_logs()?;
-            let dir = DataDir::existing(&data)?;
-            let info = backup::backup(
-                &dir.store_path(),
-                &to,
-                since.as_deref(),
-                &mut progress("backup"),
-            )?;
+            let info = match (StoreLocation::parse(store.as_deref())?, data) {
+                (StoreLocation::Sqlite, Some(data)) => {
+                    let dir = DataDir::existing(&data)?;
+                    backup::backup(
+                        &dir.store_path(),
+                        &to,
+                        since.as_deref(),
+                        &mut progress("backup"),
+                    )?
+                }
+                (location, data) => {
+                    let mut store =
+                        service::open_store(&DataDir::new(data.unwrap_or_default()), &location)?;
+                    backup::backup_store(
+                        &mut store,
+                        &to,
+                        since.as_deref(),
+                        &mut progress("backup"),
+                    )?
+                }
+            };
             print_report(json, &ops::backup_json(&to, &info), || {
                 ops::backup_text(&to, &info)
             });
@@ -402,10 +435,24 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Restore {
             from,
             data,
+            store,
             force,
             json,
         } => {
             cli_logs()?;
+            if let StoreLocation::Postgres(url) = StoreLocation::parse(store.as_deref())? {
+                backup::check_chain(&from)?;
+                let mut pg = syncline_hub::pg::PgHubStore::connect(&url)?;
+                let summary = pg
+                    .restore(&from, force, &mut progress("restore"))
+                    .map_err(|e| usage(e.to_string()))?;
+                let shown = std::path::PathBuf::from(service::redact(&url));
+                print_report(json, &ops::restore_json(&shown, &summary), || {
+                    ops::restore_text(&shown, &summary)
+                });
+                return Ok(());
+            }
+            let data = data.context("give --data DIR (or --store URL)")?;
             let dir = DataDir::new(&data);
             if dir.store_path().exists() && !force {
                 return Err(usage(format!(

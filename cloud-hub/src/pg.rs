@@ -17,6 +17,7 @@ use std::time::Duration;
 use postgres::{Client, NoTls, Statement};
 use syncline_core::change::{SignedChange, VerifiedChange};
 use syncline_core::hub::Grant;
+use syncline_core::store::backup;
 use syncline_core::store::{
     Appended, DocHeads, HubStore, LogBatch, LogEntry, PeerState, actor_key, complete_heads,
     uncovered_positions,
@@ -219,6 +220,139 @@ impl PgHubStore {
                 Ok((r.get::<_, i64>(0), hash, deps))
             })
             .collect()
+    }
+}
+
+impl PgHubStore {
+    /// Replaces everything this database holds with a full backup and any incremental ones
+    /// after it (files written by `syncline-hub backup`, from this store or the SQLite one),
+    /// in one transaction, and gives the log a new epoch: replicas reconcile and upload what
+    /// the backup lacks. Refused while a hub instance is connected to the database (each
+    /// keeps the epoch it started with), and over a log that holds changes unless `force`.
+    pub fn restore(
+        &mut self,
+        files: &[std::path::PathBuf],
+        force: bool,
+        progress: &mut dyn FnMut(backup::Progress),
+    ) -> Result<backup::RestoreSummary> {
+        let infos = backup::check_chain(files)?;
+        let total: u64 = infos.iter().map(|i| i.changes).sum();
+        self.live()?;
+        let others: i64 = self
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                 AND application_name = 'syncline-hub' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .map_err(db_error("looking for running hub instances"))?
+            .get(0);
+        if others > 0 {
+            return Err(Error::Database {
+                context: "restoring",
+                reason: format!(
+                    "{others} other syncline-hub connection(s) use this database: stop every hub \
+                     instance before restoring"
+                ),
+            });
+        }
+        if !force && self.last_cursor()? > Cursor(0) {
+            return Err(Error::Database {
+                context: "restoring",
+                reason: "the database holds a log already: add --force to replace it (what it \
+                         holds beyond the backup comes back only from replicas that still have \
+                         it)"
+                .into(),
+            });
+        }
+        let epoch = Epoch::random();
+        let mut tx = self
+            .client
+            .transaction()
+            .map_err(db_error("starting the restore"))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
+            .map_err(db_error("ordering the restore"))?;
+        tx.batch_execute("TRUNCATE log, docs, grants, peers")
+            .map_err(db_error("emptying the store"))?;
+        let insert = tx
+            .prepare(
+                "INSERT INTO log (seq, doc, hash, deps, author, signature, bytes, instance,
+                     actor_seq)
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::bytea[],
+                     $5::bytea[], $6::bytea[], $7::bytea[], $8::bytea[], $9::bigint[])",
+            )
+            .map_err(db_error("restoring"))?;
+        let mut done = 0u64;
+        let mut grants = Vec::new();
+        progress(backup::Progress { done, total });
+        for file in files {
+            grants = backup::read_rows(file, 2000, &mut |rows| {
+                let n = rows.len() as u64;
+                let mut seq = Vec::with_capacity(rows.len());
+                let mut doc = Vec::with_capacity(rows.len());
+                let mut blobs: [Vec<Vec<u8>>; 6] = Default::default();
+                let mut actor_seq = Vec::with_capacity(rows.len());
+                for r in rows {
+                    seq.push(r.seq);
+                    doc.push(r.doc);
+                    for (col, v) in blobs.iter_mut().zip([
+                        r.hash,
+                        r.deps,
+                        r.author,
+                        r.signature,
+                        r.bytes,
+                        r.instance,
+                    ]) {
+                        col.push(v);
+                    }
+                    actor_seq.push(r.actor_seq);
+                }
+                let [hash, deps, author, signature, bytes, instance] = &blobs;
+                tx.execute(
+                    &insert,
+                    &[
+                        &seq, &doc, hash, deps, author, signature, bytes, instance, &actor_seq,
+                    ],
+                )
+                .map_err(db_error("restoring changes"))?;
+                done += n;
+                progress(backup::Progress { done, total });
+                Ok(())
+            })?;
+        }
+        tx.batch_execute(
+            "INSERT INTO docs (doc) SELECT DISTINCT doc FROM log;
+             SELECT setval(pg_get_serial_sequence('log', 'seq'),
+                           coalesce((SELECT max(seq) FROM log), 0) + 1, false);",
+        )
+        .map_err(db_error("restoring"))?;
+        for g in &grants {
+            tx.execute(
+                "INSERT INTO grants (peer, prefix, can_read, can_write, can_relay)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    &&g.peer.as_bytes()[..],
+                    &g.prefix.as_str(),
+                    &g.read,
+                    &g.write,
+                    &g.relay,
+                ],
+            )
+            .map_err(db_error("restoring grants"))?;
+        }
+        bump_grants_version(&mut tx)?;
+        tx.execute(
+            "UPDATE meta SET value = $1 WHERE key = 'epoch'",
+            &[&&epoch.0[..]],
+        )
+        .map_err(db_error("writing the epoch"))?;
+        tx.commit().map_err(db_error("committing the restore"))?;
+        self.epoch = epoch;
+        Ok(backup::RestoreSummary {
+            through: infos.last().map_or(Cursor(0), |i| i.through),
+            changes: done,
+            epoch,
+        })
     }
 }
 

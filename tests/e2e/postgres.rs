@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use serde_json::json;
-use syncline_e2e::{Edge, Hub, Postgres, until};
+use std::process::Command;
+
+use syncline_e2e::{Edge, Hub, Postgres, bin, run, until};
 
 use crate::converged;
 
@@ -114,5 +116,27 @@ fn two_instances_on_one_database_serve_one_data_set_and_edges_fail_over_when_one
             (e.status().ok()?["outbox"] == json!(0)).then_some(())
         });
     }
-    drop(b);
+
+    // An online backup of the database while B serves; it verifies offline.
+    let hub = |args: &[&str]| run(Command::new(bin("syncline-hub")).args(args));
+    let file = dir.path().join("pg.bak");
+    let file = file.to_str().unwrap();
+    let (code, out, err) = hub(&["backup", "--store", &pg.url, "--to", file, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let info: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let total: i64 = acked.iter().sum::<i64>() + 4;
+    assert!(
+        info["changes"].as_i64().unwrap() >= total,
+        "{info} < {total}"
+    );
+    let (code, _, err) = hub(&["verify", "--from", file]);
+    assert_eq!(code, 0, "{err}");
+    // Restoring needs every instance stopped.
+    let (code, _, err) = hub(&["restore", "--from", file, "--store", &pg.url, "--force"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("stop every hub instance"), "{err}");
+    assert_eq!(b.proc.terminate(30), 0);
+    let (code, out, err) = hub(&["restore", "--from", file, "--store", &pg.url, "--force"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("new log epoch"), "{out}");
 }

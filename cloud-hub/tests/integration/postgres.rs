@@ -82,3 +82,83 @@ fn positions_become_visible_in_order_while_instances_append_at_once() {
         "some snapshots were taken while the writers wrote"
     );
 }
+
+#[test]
+fn a_postgres_store_backs_up_online_restores_under_a_new_epoch_and_into_sqlite() {
+    use syncline_core::hub::Grant;
+    use syncline_core::store::backup;
+    let pg = Postgres::start();
+    let mut store = PgHubStore::connect(&pg.url).unwrap();
+    let who = Identity::generate();
+    let doc = DocId::new("pg/backup").unwrap();
+    let all_changes = contract::changes(&who, &doc, [4; 8], 300);
+    for part in all_changes[..200].chunks(50) {
+        store.append(part).unwrap();
+    }
+    store
+        .put_grant(&Grant {
+            peer: who.peer_id(),
+            prefix: DocPrefix::all(),
+            read: true,
+            write: true,
+            relay: false,
+        })
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("full.bak");
+    let info = backup::backup_store(&mut store, &full, None, &mut |_| {}).unwrap();
+    assert_eq!(info.changes, 200);
+    store.append(&all_changes[200..]).unwrap();
+    let inc = dir.path().join("inc.bak");
+    let info = backup::backup_store(&mut store, &inc, Some(&full), &mut |_| {}).unwrap();
+    assert_eq!(info.changes, 100);
+    let report = backup::verify(&[full.clone(), inc.clone()], &mut |_| {}).unwrap();
+    assert_eq!(report.changes, 300);
+
+    // Restoring needs every instance stopped: this test's second connection counts as one.
+    let before = store.read_log(&all(), Cursor(0), 1000).unwrap().entries;
+    let old_epoch = store.epoch();
+    let mut other = PgHubStore::connect(&pg.url).unwrap();
+    let e = other
+        .restore(std::slice::from_ref(&full), true, &mut |_| {})
+        .unwrap_err();
+    assert!(e.to_string().contains("stop every hub instance"), "{e}");
+    drop(store);
+    let e = other
+        .restore(std::slice::from_ref(&full), false, &mut |_| {})
+        .unwrap_err();
+    assert!(e.to_string().contains("--force"), "{e}");
+    // Back to the full backup alone: 200 changes, a new epoch, the grant, appends go on.
+    let summary = other
+        .restore(std::slice::from_ref(&full), true, &mut |_| {})
+        .unwrap();
+    assert_eq!(summary.changes, 200);
+    assert_ne!(other.epoch(), old_epoch);
+    assert_eq!(PgHubStore::connect(&pg.url).unwrap().epoch(), other.epoch());
+    let after = other.read_log(&all(), Cursor(0), 1000).unwrap().entries;
+    assert_eq!(after.len(), 200);
+    assert!(
+        after
+            .iter()
+            .zip(&before)
+            .all(|(a, b)| a.cursor == b.cursor && a.change.bytes == b.change.bytes)
+    );
+    assert_eq!(other.grants().unwrap().len(), 1);
+    let next = other.append(&all_changes[200..201]).unwrap();
+    assert!(matches!(next[0], syncline_core::store::Appended::Stored(c) if c > after[199].cursor));
+    // Both files restore the whole log; a PostgreSQL backup restores into SQLite too.
+    assert_eq!(
+        other
+            .restore(&[full.clone(), inc.clone()], true, &mut |_| {})
+            .unwrap()
+            .changes,
+        300
+    );
+    let sqlite = dir.path().join("hub.db");
+    assert_eq!(
+        backup::restore(&[full, inc], &sqlite, &mut |_| {})
+            .unwrap()
+            .changes,
+        300
+    );
+}

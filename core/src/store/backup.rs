@@ -276,7 +276,7 @@ fn copy_into(
             changes: done,
             created_ms: now_ms(),
         };
-        write_info(src, &info)?;
+        write_info(src, "dst", &info)?;
         Ok(info)
     })();
     let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
@@ -303,13 +303,15 @@ fn read_epoch(conn: &Connection, schema: &str) -> Result<Epoch> {
     Ok(Epoch(bytes))
 }
 
-fn write_info(conn: &Connection, info: &BackupInfo) -> Result<()> {
+fn write_info(conn: &Connection, schema: &str, info: &BackupInfo) -> Result<()> {
     let kind = match info.kind {
         BackupKind::Full => "full",
         BackupKind::Incremental => "incremental",
     };
     let mut st = conn
-        .prepare("INSERT INTO dst.backup (key, value) VALUES (?1, ?2)")
+        .prepare(&format!(
+            "INSERT INTO {schema}.backup (key, value) VALUES (?1, ?2)"
+        ))
         .ctx("writing the backup description")?;
     st.execute(params!["format", 1i64])
         .ctx("writing the backup description")?;
@@ -327,6 +329,257 @@ fn write_info(conn: &Connection, info: &BackupInfo) -> Result<()> {
             .ctx("writing the backup description")?;
     }
     Ok(())
+}
+
+/// Takes a backup from any hub store (the PostgreSQL store among them) into `to`, in the same
+/// format as [`backup`]: the log up to its end when the call starts, read in pages. That is a
+/// consistent state because a store makes positions visible in commit order and never changes
+/// a stored change: every position up to the end is there, and stays as it is. Signatures are
+/// copied as they are ([`verify`] checks them); each change's bytes are parsed for the
+/// columns the file indexes.
+pub fn backup_store(
+    store: &mut dyn crate::store::HubStore,
+    to: &Path,
+    since: Option<&Path>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<BackupInfo> {
+    const PAGE: usize = 10_000;
+    if to.exists() {
+        return Err(backup_error(
+            to,
+            "already exists: choose another file name (a backup never overwrites one)",
+        ));
+    }
+    let base = since.map(read_info).transpose()?;
+    let epoch = store.epoch();
+    let after = match &base {
+        Some(b) if b.epoch != epoch => {
+            return Err(backup_error(
+                since.unwrap_or(to),
+                "was taken from another log (the hub was restored or replaced since): take a \
+                 full backup",
+            ));
+        }
+        Some(b) => b.through,
+        None => Cursor(0),
+    };
+    let through = store.last_cursor()?;
+    if through < after {
+        return Err(backup_error(
+            since.unwrap_or(to),
+            format!(
+                "ends at position {}, after the end of the log ({}): it is not a backup of \
+                 this hub; take a full backup",
+                after.0, through.0
+            ),
+        ));
+    }
+    let partial = partial_path(to);
+    let _ = std::fs::remove_file(&partial);
+    drop(SqliteHubStore::open(&partial)?);
+    let result = (|| -> Result<BackupInfo> {
+        let mut conn = Connection::open(&partial).ctx("opening the backup file")?;
+        conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA journal_mode = OFF;")
+            .ctx("configuring the backup file")?;
+        let tx = conn.transaction().ctx("writing the backup")?;
+        let all = crate::wire::Target::Prefix(crate::ids::DocPrefix::all());
+        // Progress counts positions: counting rows would read the log twice.
+        let total = through.0 - after.0;
+        progress(Progress { done: 0, total });
+        let mut changes = 0u64;
+        {
+            let mut insert = tx
+                .prepare(
+                    "INSERT INTO log (seq, doc, hash, deps, author, signature, bytes, instance,
+                         actor_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )
+                .ctx("writing the backup")?;
+            let mut docs = tx
+                .prepare("INSERT OR IGNORE INTO docs (doc) VALUES (?1)")
+                .ctx("writing the backup")?;
+            let mut at = after;
+            while at < through {
+                let batch = store.read_log(&all, at, PAGE)?;
+                for e in batch.entries.iter().take_while(|e| e.cursor <= through) {
+                    let c =
+                        automerge::Change::from_bytes(e.change.bytes.clone()).map_err(|err| {
+                            Error::Corrupt {
+                                what: format!("stored change at position {}", e.cursor.0),
+                                reason: err.to_string(),
+                            }
+                        })?;
+                    let actor = c.actor_id().to_bytes();
+                    let author = actor.get(..32).unwrap_or_default();
+                    let instance = actor.get(32..40).unwrap_or_default();
+                    let deps: Vec<u8> = c.deps().iter().flat_map(|d| d.0).collect();
+                    insert
+                        .execute(params![
+                            e.cursor.0 as i64,
+                            e.doc.as_str(),
+                            &c.hash().0[..],
+                            deps,
+                            author,
+                            &e.change.signature[..],
+                            &e.change.bytes,
+                            instance,
+                            c.seq() as i64,
+                        ])
+                        .ctx("writing the backup")?;
+                    docs.execute([e.doc.as_str()]).ctx("writing the backup")?;
+                    changes += 1;
+                }
+                let next = batch.next.min(through);
+                if next <= at && !batch.at_end {
+                    return Err(backup_error(
+                        to,
+                        "the store's log did not advance while read",
+                    ));
+                }
+                at = if batch.at_end { through } else { next };
+                progress(Progress {
+                    done: at.0 - after.0,
+                    total,
+                });
+            }
+        }
+        tx.execute("DELETE FROM grants", [])
+            .ctx("writing the grants")?;
+        for g in store.grants()? {
+            tx.execute(
+                "INSERT INTO grants (peer, prefix, can_read, can_write, can_relay)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    &g.peer.as_bytes()[..],
+                    g.prefix.as_str(),
+                    g.read,
+                    g.write,
+                    g.relay
+                ],
+            )
+            .ctx("writing the grants")?;
+        }
+        tx.execute_batch(
+            "CREATE TABLE backup (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;",
+        )
+        .ctx("writing the backup description")?;
+        let info = BackupInfo {
+            kind: if base.is_some() {
+                BackupKind::Incremental
+            } else {
+                BackupKind::Full
+            },
+            epoch,
+            after,
+            through,
+            changes,
+            created_ms: now_ms(),
+        };
+        write_info(&tx, "main", &info)?;
+        tx.commit().ctx("writing the backup")?;
+        Ok(info)
+    })();
+    let info = match result {
+        Ok(i) => i,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    finish_file(&partial, to)?;
+    Ok(info)
+}
+
+/// One change of a backup file, as its `log` table holds it.
+#[derive(Debug, Clone)]
+pub struct BackupRow {
+    /// Its position in the log the backup was taken from.
+    pub seq: i64,
+    /// Its document.
+    pub doc: String,
+    /// Its hash (32 bytes).
+    pub hash: Vec<u8>,
+    /// Its dependencies' hashes, concatenated.
+    pub deps: Vec<u8>,
+    /// Its author's public key.
+    pub author: Vec<u8>,
+    /// Its author's signature.
+    pub signature: Vec<u8>,
+    /// The author's Automerge bytes.
+    pub bytes: Vec<u8>,
+    /// The actor instance (8 bytes after the key).
+    pub instance: Vec<u8>,
+    /// The actor's sequence number.
+    pub actor_seq: i64,
+}
+
+/// Reads a backup file's changes in position order, `batch` at a time, for a store that
+/// restores them itself (PostgreSQL). Returns the grants the file holds.
+pub fn read_rows(
+    path: &Path,
+    batch: usize,
+    f: &mut dyn FnMut(Vec<BackupRow>) -> Result<()>,
+) -> Result<Vec<crate::hub::Grant>> {
+    let conn = open_backup(path)?;
+    {
+        let mut st = conn
+            .prepare(
+                "SELECT seq, doc, hash, deps, author, signature, bytes, coalesce(instance, x''),
+                     coalesce(actor_seq, 0) FROM log ORDER BY seq",
+            )
+            .ctx("reading a backup")?;
+        let mut rows = st.query([]).ctx("reading a backup")?;
+        let mut out = Vec::with_capacity(batch);
+        while let Some(r) = rows.next().ctx("reading a backup")? {
+            out.push(BackupRow {
+                seq: r.get(0).ctx("reading a backup")?,
+                doc: r.get(1).ctx("reading a backup")?,
+                hash: r.get(2).ctx("reading a backup")?,
+                deps: r.get(3).ctx("reading a backup")?,
+                author: r.get(4).ctx("reading a backup")?,
+                signature: r.get(5).ctx("reading a backup")?,
+                bytes: r.get(6).ctx("reading a backup")?,
+                instance: r.get(7).ctx("reading a backup")?,
+                actor_seq: r.get(8).ctx("reading a backup")?,
+            });
+            if out.len() >= batch {
+                f(std::mem::take(&mut out))?;
+            }
+        }
+        if !out.is_empty() {
+            f(out)?;
+        }
+    }
+    // The grants, through a store opened on the file (its schema is a hub store's).
+    let mut st = conn
+        .prepare("SELECT peer, prefix, can_read, can_write, can_relay FROM grants")
+        .ctx("reading a backup's grants")?;
+    let rows = st
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, bool>(2)?,
+                r.get::<_, bool>(3)?,
+                r.get::<_, bool>(4)?,
+            ))
+        })
+        .ctx("reading a backup's grants")?;
+    let mut grants = Vec::new();
+    for row in rows {
+        let (peer, prefix, read, write, relay) = row.ctx("reading a backup's grants")?;
+        let peer: [u8; 32] = peer
+            .try_into()
+            .map_err(|_| backup_error(path, "a grant's key is not 32 bytes"))?;
+        grants.push(crate::hub::Grant {
+            peer: PeerId::from_bytes(peer),
+            prefix: crate::ids::DocPrefix::new(prefix)
+                .map_err(|e| backup_error(path, format!("a grant's prefix: {e}")))?,
+            read,
+            write,
+            relay,
+        });
+    }
+    Ok(grants)
 }
 
 /// Reads what a backup file holds (and checks it is one).
@@ -922,6 +1175,47 @@ mod tests {
         assert_eq!(log_of(&f.path("live.bak")), upto);
         assert_eq!(info.changes as usize, upto.len());
         verify(&[f.path("live.bak")], &mut quiet).unwrap();
+    }
+
+    #[test]
+    fn a_backup_read_through_the_store_trait_is_the_same_backup() {
+        let f = Fixture::new();
+        f.write(700, 64);
+        let a = f.path("attached.bak");
+        let b = f.path("paged.bak");
+        backup(&f.store, &a, None, &mut quiet).unwrap();
+        let mut store = SqliteHubStore::open(&f.store).unwrap();
+        let info = backup_store(&mut store, &b, None, &mut quiet).unwrap();
+        assert_eq!(
+            (info.kind, info.changes, info.through),
+            (BackupKind::Full, 700, Cursor(700))
+        );
+        let rows = |p: &Path| {
+            let c = Connection::open(p).unwrap();
+            let mut st = c.prepare("SELECT * FROM log ORDER BY seq").unwrap();
+            let n = st.column_count();
+            st.query_map([], |r| {
+                (0..n)
+                    .map(|i| r.get::<_, rusqlite::types::Value>(i))
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(rows(&a), rows(&b), "the same rows, column for column");
+        verify(std::slice::from_ref(&b), &mut quiet).unwrap();
+        // Incremental through the trait, restorable after the first.
+        f.write(30, 30);
+        let inc = f.path("paged-inc.bak");
+        let i = backup_store(&mut store, &inc, Some(&b), &mut quiet).unwrap();
+        assert_eq!((i.after, i.changes), (Cursor(700), 30));
+        let target = f.path("restored.db");
+        assert_eq!(
+            restore(&[b, inc], &target, &mut quiet).unwrap().changes,
+            730
+        );
+        assert_eq!(log_of(&target), log_of(&f.store));
     }
 
     #[test]
