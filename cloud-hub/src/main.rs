@@ -58,17 +58,8 @@ enum Command {
     /// Allow a replica's public key to read and/or write the documents under a prefix
     /// (replacing its grant on that prefix). A running hub applies it within 250 ms.
     Grant {
-        /// The data directory of the hub.
-        #[arg(
-            long,
-            env = "SYNCLINE_DATA",
-            value_name = "DIR",
-            required_unless_present = "store"
-        )]
-        data: Option<PathBuf>,
-        /// The hub's PostgreSQL store, if it runs on one (`postgres://...`, as `run --store`).
-        #[arg(long, env = "SYNCLINE_STORE", value_name = "URL")]
-        store: Option<String>,
+        #[command(flatten)]
+        hub: StoreArgs,
         /// The replica's public key: 64 hex characters, as `syncline-edge init --json`
         /// prints it.
         #[arg(value_parser = grants::parse_key)]
@@ -85,17 +76,8 @@ enum Command {
     /// Remove a key's grant on PREFIX, or all its grants. A running hub applies it within
     /// 250 ms, to live sessions too.
     Revoke {
-        /// The data directory of the hub.
-        #[arg(
-            long,
-            env = "SYNCLINE_DATA",
-            value_name = "DIR",
-            required_unless_present = "store"
-        )]
-        data: Option<PathBuf>,
-        /// The hub's PostgreSQL store, if it runs on one (`postgres://...`, as `run --store`).
-        #[arg(long, env = "SYNCLINE_STORE", value_name = "URL")]
-        store: Option<String>,
+        #[command(flatten)]
+        hub: StoreArgs,
         /// The replica's public key (64 hex characters).
         #[arg(value_parser = grants::parse_key)]
         key: PeerId,
@@ -108,18 +90,10 @@ enum Command {
     /// in every backup; the data directory's identity, cert.der and key.der are not (copy them
     /// once, they never change). Progress goes to stderr.
     Backup {
-        /// The data directory of the hub.
-        #[arg(
-            long,
-            env = "SYNCLINE_DATA",
-            value_name = "DIR",
-            required_unless_present = "store"
-        )]
-        data: Option<PathBuf>,
-        /// The hub's PostgreSQL store (`postgres://...`): a logical backup in the same format,
-        /// read while the instances serve.
-        #[arg(long, env = "SYNCLINE_STORE", value_name = "URL")]
-        store: Option<String>,
+        /// The hub's store; a PostgreSQL one is read in pages while the instances serve, into
+        /// a file of the same format.
+        #[command(flatten)]
+        hub: StoreArgs,
         /// The backup file to write (it must not exist).
         #[arg(long, value_name = "FILE")]
         to: PathBuf,
@@ -171,17 +145,8 @@ enum Command {
     /// Show who changed a document (public key), when (the author's clock) and what (the
     /// operations), from the hub's signed change log; every change is verified as it is read.
     History {
-        /// The data directory of the hub.
-        #[arg(
-            long,
-            env = "SYNCLINE_DATA",
-            value_name = "DIR",
-            required_unless_present = "store"
-        )]
-        data: Option<PathBuf>,
-        /// The hub's PostgreSQL store, if it runs on one (`postgres://...`, as `run --store`).
-        #[arg(long, env = "SYNCLINE_STORE", value_name = "URL")]
-        store: Option<String>,
+        #[command(flatten)]
+        hub: StoreArgs,
         /// The document id.
         #[arg(value_parser = ops::parse_doc)]
         doc: DocId,
@@ -198,17 +163,8 @@ enum Command {
     /// Print a document as JSON (`{"doc": ..., "heads": [...]}`), built from the hub's verified
     /// log, now or as it was `--at` given heads or a past time.
     Show {
-        /// The data directory of the hub.
-        #[arg(
-            long,
-            env = "SYNCLINE_DATA",
-            value_name = "DIR",
-            required_unless_present = "store"
-        )]
-        data: Option<PathBuf>,
-        /// The hub's PostgreSQL store, if it runs on one (`postgres://...`, as `run --store`).
-        #[arg(long, env = "SYNCLINE_STORE", value_name = "URL")]
-        store: Option<String>,
+        #[command(flatten)]
+        hub: StoreArgs,
         /// The document id.
         #[arg(value_parser = ops::parse_doc)]
         doc: DocId,
@@ -220,17 +176,8 @@ enum Command {
     /// Write a document's signed change log to FILE (JSON lines, docs/OPERATIONS.md), for
     /// anyone to check with `verify-export` without access to the hub.
     Export {
-        /// The data directory of the hub.
-        #[arg(
-            long,
-            env = "SYNCLINE_DATA",
-            value_name = "DIR",
-            required_unless_present = "store"
-        )]
-        data: Option<PathBuf>,
-        /// The hub's PostgreSQL store, if it runs on one (`postgres://...`, as `run --store`).
-        #[arg(long, env = "SYNCLINE_STORE", value_name = "URL")]
-        store: Option<String>,
+        #[command(flatten)]
+        hub: StoreArgs,
         /// The document id.
         #[arg(value_parser = ops::parse_doc)]
         doc: DocId,
@@ -250,21 +197,34 @@ enum Command {
     },
     /// List the grants.
     Grants {
-        /// The data directory of the hub.
-        #[arg(
-            long,
-            env = "SYNCLINE_DATA",
-            value_name = "DIR",
-            required_unless_present = "store"
-        )]
-        data: Option<PathBuf>,
-        /// The hub's PostgreSQL store, if it runs on one (`postgres://...`, as `run --store`).
-        #[arg(long, env = "SYNCLINE_STORE", value_name = "URL")]
-        store: Option<String>,
+        #[command(flatten)]
+        hub: StoreArgs,
         /// Print a JSON array of {"public_key", "prefix", "mode"}.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Where a hub's store is, for the commands that read or change it.
+#[derive(Debug, Args)]
+struct StoreArgs {
+    /// The data directory of the hub.
+    #[arg(
+        long,
+        env = "SYNCLINE_DATA",
+        value_name = "DIR",
+        required_unless_present = "store"
+    )]
+    data: Option<PathBuf>,
+    /// The hub's PostgreSQL store, if it runs on one (`postgres://...`, as `run --store`).
+    #[arg(long, env = "SYNCLINE_STORE", value_name = "URL")]
+    store: Option<String>,
+}
+
+impl StoreArgs {
+    fn open(&self) -> anyhow::Result<Box<dyn HubStore + Send>> {
+        open_store(self.data.as_deref(), self.store.as_deref())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -359,14 +319,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             service::run(settings)
         }
         Command::Grant {
-            data,
-            store,
+            hub,
             key,
             prefix,
             mode,
         } => {
             cli_logs()?;
-            let mut store = open_store(data.as_deref(), store.as_deref())?;
+            let mut store = hub.open()?;
             let (read, write, relay) = mode.rights();
             store
                 .put_grant(&Grant {
@@ -380,14 +339,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("granted {key} {mode} on {:?}", prefix.as_str());
             Ok(())
         }
-        Command::Revoke {
-            data,
-            store,
-            key,
-            prefix,
-        } => {
+        Command::Revoke { hub, key, prefix } => {
             cli_logs()?;
-            let mut store = open_store(data.as_deref(), store.as_deref())?;
+            let mut store = hub.open()?;
             let n = store
                 .revoke(&key, prefix.as_ref())
                 .context("removing the grant")?;
@@ -399,14 +353,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Backup {
-            data,
-            store,
+            hub,
             to,
             since,
             json,
         } => {
             cli_logs()?;
-            let info = match (StoreLocation::parse(store.as_deref())?, data) {
+            let info = match (StoreLocation::parse(hub.store.as_deref())?, hub.data) {
                 (StoreLocation::Sqlite, Some(data)) => {
                     let dir = DataDir::existing(&data)?;
                     backup::backup(
@@ -488,15 +441,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::History {
-            data,
-            store,
+            hub,
             doc,
             after,
             limit,
             json,
         } => {
             cli_logs()?;
-            let mut store = open_store(data.as_deref(), store.as_deref())?;
+            let mut store = hub.open()?;
             let entries = audit::history(&mut store, &doc, Cursor(after), limit)?;
             if entries.is_empty() {
                 eprintln!("syncline-hub: no change of {doc} after position {after}");
@@ -510,14 +462,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Show {
-            data,
-            store,
-            doc,
-            at,
-        } => {
+        Command::Show { hub, doc, at } => {
             cli_logs()?;
-            let mut store = open_store(data.as_deref(), store.as_deref())?;
+            let mut store = hub.open()?;
             let changes = audit::read_verified(&mut store, &doc, Cursor(0), usize::MAX)?;
             if changes.is_empty() {
                 return Err(usage(format!(
@@ -539,14 +486,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Export {
-            data,
-            store,
-            doc,
-            to,
-        } => {
+        Command::Export { hub, doc, to } => {
             cli_logs()?;
-            let mut store = open_store(data.as_deref(), store.as_deref())?;
+            let mut store = hub.open()?;
             let summary = audit::export(&mut store, &doc, &to, &mut |n| {
                 eprintln!("export: {n} changes written");
             })?;
@@ -568,9 +510,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             });
             Ok(())
         }
-        Command::Grants { data, store, json } => {
+        Command::Grants { hub, json } => {
             cli_logs()?;
-            let mut store = open_store(data.as_deref(), store.as_deref())?;
+            let mut store = hub.open()?;
             let list = store.grants().context("reading the grants")?;
             if json {
                 println!("{}", grants::to_json(&list));

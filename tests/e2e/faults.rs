@@ -1,35 +1,9 @@
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 
 use serde_json::json;
 use syncline_e2e::{Edge, Hub, until};
 
-use crate::{cluster, converged};
-
-/// Writes increments to an edge's API from a thread until stopped; counts the acknowledged ones.
-fn writer(
-    api: String,
-    doc: &'static str,
-    key: &'static str,
-) -> (Arc<AtomicBool>, Arc<AtomicI64>, std::thread::JoinHandle<()>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(AtomicI64::new(0));
-    let (s, a) = (stop.clone(), acked.clone());
-    let t = std::thread::spawn(move || {
-        let e = Edge {
-            proc: None,
-            data: Default::default(),
-            api,
-            key: String::new(),
-        };
-        while !s.load(Ordering::Relaxed) {
-            if let Ok((200, _)) = e.change(doc, json!([{"op":"increment","path":[key],"by":1}])) {
-                a.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    });
-    (stop, acked, t)
-}
+use crate::{cluster, converged, writer};
 
 #[test]
 fn a_hub_killed_under_load_loses_nothing_it_acknowledged() {
@@ -43,7 +17,7 @@ fn a_hub_killed_under_load_loses_nothing_it_acknowledged() {
         )
         .unwrap();
     converged(&[&edges[0], &edges[1]], doc, 30);
-    let (stop, acked, t) = writer(edges[0].api.clone(), doc, "n");
+    let (stop, acked, t) = writer(edges[0].api.clone(), doc, "n".into());
     until("writes to flow", 20, || {
         (acked.load(Ordering::Relaxed) > 30).then_some(())
     });
@@ -77,7 +51,7 @@ fn an_edge_killed_under_load_uploads_every_write_it_acknowledged() {
         )
         .unwrap();
     converged(&[&edges[0], &edges[1]], doc, 30);
-    let (stop, acked, t) = writer(edges[0].api.clone(), doc, "n");
+    let (stop, acked, t) = writer(edges[0].api.clone(), doc, "n".into());
     until("writes to flow", 20, || {
         (acked.load(Ordering::Relaxed) > 50).then_some(())
     });

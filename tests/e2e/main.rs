@@ -9,8 +9,39 @@ mod postgres;
 mod replication;
 mod security;
 
-use serde_json::Value;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::thread::JoinHandle;
+
+use serde_json::{Value, json};
 use syncline_e2e::{Edge, Hub, until};
+
+/// A writer thread: increments `key` of `doc` through an edge's API until stopped, a few
+/// milliseconds apart; counts the acknowledged increments.
+pub fn writer(
+    api: String,
+    doc: &'static str,
+    key: String,
+) -> (Arc<AtomicBool>, Arc<AtomicI64>, JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicI64::new(0));
+    let (s, a) = (stop.clone(), acked.clone());
+    let t = std::thread::spawn(move || {
+        let e = Edge {
+            proc: None,
+            data: Default::default(),
+            api,
+            key: String::new(),
+        };
+        while !s.load(Ordering::Relaxed) {
+            if let Ok((200, _)) = e.change(doc, json!([{"op":"increment","path":[&key],"by":1}])) {
+                a.fetch_add(1, Ordering::Relaxed);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    });
+    (stop, acked, t)
+}
 
 /// A hub and `n` edges granted rw on everything and following everything.
 pub fn cluster(dir: &std::path::Path, n: usize) -> (Hub, Vec<Edge>) {

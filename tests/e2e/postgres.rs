@@ -1,41 +1,13 @@
-//! Hubs on PostgreSQL: one instance as a drop-in for SQLite, and two instances on one database
-//! serving the same data set, one of them killed under load.
+//! Hubs on PostgreSQL: two instances on one database serving the same data set, one of them
+//! killed under load; an online backup of the database and a restore.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::process::Command;
+use std::sync::atomic::Ordering;
 
 use serde_json::json;
-use std::process::Command;
-
 use syncline_e2e::{Edge, Hub, Postgres, bin, run, until};
 
-use crate::converged;
-
-/// Writes increments of `key` to an edge's API until stopped; counts acknowledged ones.
-fn writer(
-    api: String,
-    doc: &'static str,
-    key: String,
-) -> (Arc<AtomicBool>, Arc<AtomicI64>, std::thread::JoinHandle<()>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(AtomicI64::new(0));
-    let (s, a) = (stop.clone(), acked.clone());
-    let t = std::thread::spawn(move || {
-        let e = Edge {
-            proc: None,
-            data: Default::default(),
-            api,
-            key: String::new(),
-        };
-        while !s.load(Ordering::Relaxed) {
-            if let Ok((200, _)) = e.change(doc, json!([{"op":"increment","path":[&key],"by":1}])) {
-                a.fetch_add(1, Ordering::Relaxed);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-    });
-    (stop, acked, t)
-}
+use crate::{converged, writer};
 
 #[test]
 fn two_instances_on_one_database_serve_one_data_set_and_edges_fail_over_when_one_is_killed() {

@@ -136,6 +136,37 @@ pub fn backup(
     Ok(info)
 }
 
+/// Where a backup starts: after its base (an incremental one), which must be of this log
+/// (`epoch`) and end within it (`through`); else at the start.
+fn start_after(
+    base: Option<&BackupInfo>,
+    epoch: Epoch,
+    through: Cursor,
+    named: &Path,
+) -> Result<Cursor> {
+    let Some(b) = base else {
+        return Ok(Cursor(0));
+    };
+    if b.epoch != epoch {
+        return Err(backup_error(
+            named,
+            "was taken from another log (the hub was restored or replaced since): take a full \
+             backup",
+        ));
+    }
+    if through < b.through {
+        return Err(backup_error(
+            named,
+            format!(
+                "ends at position {}, after the end of the log ({}): it is not a backup of this \
+                 hub; take a full backup",
+                b.through.0, through.0
+            ),
+        ));
+    }
+    Ok(b.through)
+}
+
 /// Opens the live store, checking that its schema is the one this build writes (a backup
 /// never migrates the store under a running hub, and never writes to it; it opens it
 /// read-write only because SQLite opens attached files with the main file's mode).
@@ -193,34 +224,12 @@ fn copy_into(
     src.execute_batch("BEGIN").ctx("starting the backup")?;
     let result = (|| {
         let epoch = read_epoch(src, "main")?;
-        let after = match base {
-            None => Cursor(0),
-            Some(b) => {
-                if b.epoch != epoch {
-                    return Err(backup_error(
-                        since.unwrap_or(store),
-                        "was taken from another log (the hub was restored or replaced since): \
-                         take a full backup",
-                    ));
-                }
-                b.through
-            }
-        };
         let through: u64 = src
             .query_row("SELECT coalesce(max(seq), 0) FROM main.log", [], |r| {
                 r.get::<_, i64>(0)
             })
             .ctx("reading the log")? as u64;
-        if through < after.0 {
-            return Err(backup_error(
-                since.unwrap_or(store),
-                format!(
-                    "ends at position {}, after the end of the log ({through}): it is not a \
-                     backup of this hub; take a full backup",
-                    after.0
-                ),
-            ));
-        }
+        let after = start_after(base, epoch, Cursor(through), since.unwrap_or(store))?;
         let total: u64 = src
             .query_row(
                 "SELECT count(*) FROM main.log WHERE seq > ?1",
@@ -260,24 +269,18 @@ fn copy_into(
         .ctx("copying the documents")?;
         src.execute_batch(
             "DELETE FROM dst.grants;
-             INSERT INTO dst.grants SELECT * FROM main.grants;
-             CREATE TABLE dst.backup (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;",
+             INSERT INTO dst.grants SELECT * FROM main.grants;",
         )
         .ctx("copying the grants")?;
-        let info = BackupInfo {
-            kind: if base.is_some() {
-                BackupKind::Incremental
-            } else {
-                BackupKind::Full
-            },
+        describe(
+            src,
+            "dst",
+            base.is_some(),
             epoch,
             after,
-            through: Cursor(through),
-            changes: done,
-            created_ms: now_ms(),
-        };
-        write_info(src, "dst", &info)?;
-        Ok(info)
+            Cursor(through),
+            done,
+        )
     })();
     let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
     let ended = src.execute_batch(end).ctx("ending the backup");
@@ -301,6 +304,37 @@ fn read_epoch(conn: &Connection, schema: &str) -> Result<Epoch> {
             reason: "missing or not 16 bytes".into(),
         })?;
     Ok(Epoch(bytes))
+}
+
+/// Writes the `backup` table of the backup file attached as `schema` (what it holds), and
+/// returns that description.
+fn describe(
+    conn: &Connection,
+    schema: &str,
+    incremental: bool,
+    epoch: Epoch,
+    after: Cursor,
+    through: Cursor,
+    changes: u64,
+) -> Result<BackupInfo> {
+    let info = BackupInfo {
+        kind: if incremental {
+            BackupKind::Incremental
+        } else {
+            BackupKind::Full
+        },
+        epoch,
+        after,
+        through,
+        changes,
+        created_ms: now_ms(),
+    };
+    conn.execute_batch(&format!(
+        "CREATE TABLE {schema}.backup (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;"
+    ))
+    .ctx("writing the backup description")?;
+    write_info(conn, schema, &info)?;
+    Ok(info)
 }
 
 fn write_info(conn: &Connection, schema: &str, info: &BackupInfo) -> Result<()> {
@@ -352,28 +386,8 @@ pub fn backup_store(
     }
     let base = since.map(read_info).transpose()?;
     let epoch = store.epoch();
-    let after = match &base {
-        Some(b) if b.epoch != epoch => {
-            return Err(backup_error(
-                since.unwrap_or(to),
-                "was taken from another log (the hub was restored or replaced since): take a \
-                 full backup",
-            ));
-        }
-        Some(b) => b.through,
-        None => Cursor(0),
-    };
     let through = store.last_cursor()?;
-    if through < after {
-        return Err(backup_error(
-            since.unwrap_or(to),
-            format!(
-                "ends at position {}, after the end of the log ({}): it is not a backup of \
-                 this hub; take a full backup",
-                after.0, through.0
-            ),
-        ));
-    }
+    let after = start_after(base.as_ref(), epoch, through, since.unwrap_or(to))?;
     let partial = partial_path(to);
     let _ = std::fs::remove_file(&partial);
     drop(SqliteHubStore::open(&partial)?);
@@ -458,23 +472,7 @@ pub fn backup_store(
             )
             .ctx("writing the grants")?;
         }
-        tx.execute_batch(
-            "CREATE TABLE backup (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;",
-        )
-        .ctx("writing the backup description")?;
-        let info = BackupInfo {
-            kind: if base.is_some() {
-                BackupKind::Incremental
-            } else {
-                BackupKind::Full
-            },
-            epoch,
-            after,
-            through,
-            changes,
-            created_ms: now_ms(),
-        };
-        write_info(&tx, "main", &info)?;
+        let info = describe(&tx, "main", base.is_some(), epoch, after, through, changes)?;
         tx.commit().ctx("writing the backup")?;
         Ok(info)
     })();
@@ -549,37 +547,8 @@ pub fn read_rows(
             f(out)?;
         }
     }
-    // The grants, through a store opened on the file (its schema is a hub store's).
-    let mut st = conn
-        .prepare("SELECT peer, prefix, can_read, can_write, can_relay FROM grants")
-        .ctx("reading a backup's grants")?;
-    let rows = st
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, Vec<u8>>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, bool>(2)?,
-                r.get::<_, bool>(3)?,
-                r.get::<_, bool>(4)?,
-            ))
-        })
-        .ctx("reading a backup's grants")?;
-    let mut grants = Vec::new();
-    for row in rows {
-        let (peer, prefix, read, write, relay) = row.ctx("reading a backup's grants")?;
-        let peer: [u8; 32] = peer
-            .try_into()
-            .map_err(|_| backup_error(path, "a grant's key is not 32 bytes"))?;
-        grants.push(crate::hub::Grant {
-            peer: PeerId::from_bytes(peer),
-            prefix: crate::ids::DocPrefix::new(prefix)
-                .map_err(|e| backup_error(path, format!("a grant's prefix: {e}")))?,
-            read,
-            write,
-            relay,
-        });
-    }
-    Ok(grants)
+    // The grants (the file's schema is a hub store's).
+    crate::store::hub::read_grants(&conn)
 }
 
 /// Reads what a backup file holds (and checks it is one).

@@ -513,6 +513,46 @@ fn target_filter(target: &Target) -> (&'static str, String) {
     }
 }
 
+/// The grants table of a hub store file (the live store, or a backup of one).
+pub(crate) fn read_grants(conn: &Connection) -> Result<Vec<Grant>> {
+    let mut st = conn
+        .prepare_cached(
+            "SELECT peer, prefix, can_read, can_write, can_relay FROM grants ORDER BY peer, prefix",
+        )
+        .ctx("reading grants")?;
+    let rows = st
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, bool>(2)?,
+                r.get::<_, bool>(3)?,
+                r.get::<_, bool>(4)?,
+            ))
+        })
+        .ctx("reading grants")?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (peer, prefix, read, write, relay) = row.ctx("reading grants")?;
+        let peer: [u8; 32] = peer.try_into().map_err(|_| Error::Corrupt {
+            what: "grant".into(),
+            reason: "key length".into(),
+        })?;
+        let prefix = DocPrefix::new(prefix).map_err(|e| Error::Corrupt {
+            what: "grant".into(),
+            reason: e.to_string(),
+        })?;
+        out.push(Grant {
+            peer: PeerId::from_bytes(peer),
+            prefix,
+            read,
+            write,
+            relay,
+        });
+    }
+    Ok(out)
+}
+
 impl HubStore for SqliteHubStore {
     fn epoch(&self) -> Epoch {
         self.epoch
@@ -677,43 +717,7 @@ impl HubStore for SqliteHubStore {
     }
 
     fn grants(&mut self) -> Result<Vec<Grant>> {
-        let mut st = self
-            .conn
-            .prepare_cached(
-                "SELECT peer, prefix, can_read, can_write, can_relay FROM grants ORDER BY peer, prefix",
-            )
-            .ctx("reading grants")?;
-        let rows = st
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, Vec<u8>>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, bool>(2)?,
-                    r.get::<_, bool>(3)?,
-                    r.get::<_, bool>(4)?,
-                ))
-            })
-            .ctx("reading grants")?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (peer, prefix, read, write, relay) = row.ctx("reading grants")?;
-            let peer: [u8; 32] = peer.try_into().map_err(|_| Error::Corrupt {
-                what: "grant".into(),
-                reason: "key length".into(),
-            })?;
-            let prefix = DocPrefix::new(prefix).map_err(|e| Error::Corrupt {
-                what: "grant".into(),
-                reason: e.to_string(),
-            })?;
-            out.push(Grant {
-                peer: PeerId::from_bytes(peer),
-                prefix,
-                read,
-                write,
-                relay,
-            });
-        }
-        Ok(out)
+        read_grants(&self.conn)
     }
 
     fn put_grant(&mut self, grant: &Grant) -> Result<()> {
