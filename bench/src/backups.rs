@@ -34,10 +34,22 @@ pub struct BackupResult {
     pub backup_changes_per_sec: f64,
     pub verify_changes_per_sec: f64,
     pub restore_changes_per_sec: f64,
+    /// One document's signed log, exported and checked offline (`export`, `verify-export`).
+    pub export_changes: u64,
+    pub export_bytes: u64,
+    pub export_seconds: f64,
+    pub verify_export_seconds: f64,
+    pub verify_export_changes_per_sec: f64,
 }
 
 /// Builds a hub store of `docs` x `per_doc` signed changes in `dir`, then times the commands.
-pub fn measure(bins: &Bins, dir: &Path, docs: usize, per_doc: usize) -> Result<BackupResult> {
+pub fn measure(
+    bins: &Bins,
+    dir: &Path,
+    docs: usize,
+    per_doc: usize,
+    export_changes: usize,
+) -> Result<BackupResult> {
     let data = dir.join("hub");
     let hub = bins.path("syncline-hub")?;
     let out = Command::new(&hub)
@@ -87,8 +99,45 @@ pub fn measure(bins: &Bins, dir: &Path, docs: usize, per_doc: usize) -> Result<B
             .arg("--data")
             .arg(dir.join("restored")),
     )?;
+    // One more document with a long history of its own, for the audit export.
+    let export_doc = DocId::new("bench/export").context("doc id")?;
+    {
+        let mut store = SqliteHubStore::open(&store_path)?;
+        let mut am = automerge::Automerge::new();
+        am.set_actor(change::actor_for(&author.peer_id(), rand::random()));
+        let mut batch = Vec::with_capacity(256);
+        for i in 0..export_changes {
+            let mut tx = am.transaction();
+            tx.put(automerge::ROOT, format!("sensor-{}", i % 1000), i as i64)?;
+            tx.commit();
+            let c = am.get_last_local_change().context("the change just made")?;
+            batch.push(change::sign(&author, &export_doc, c)?);
+            if batch.len() == 256 {
+                store.append(&batch)?;
+                batch.clear();
+            }
+        }
+        store.append(&batch)?;
+    }
+    let export_file = dir.join("export.jsonl");
+    let export_seconds = timed(
+        Command::new(&hub)
+            .args(["export", "--data"])
+            .arg(&data)
+            .arg(export_doc.as_str())
+            .arg("--to")
+            .arg(&export_file),
+    )?;
+    let export_bytes = std::fs::metadata(&export_file)?.len();
+    let verify_export_seconds = timed(Command::new(&hub).arg("verify-export").arg(&export_file))?;
+
     let rate = |s: f64| changes as f64 / s;
     Ok(BackupResult {
+        export_changes: export_changes as u64,
+        export_bytes,
+        export_seconds,
+        verify_export_seconds,
+        verify_export_changes_per_sec: export_changes as f64 / verify_export_seconds,
         changes,
         docs: docs as u64,
         store_bytes,

@@ -498,17 +498,17 @@ async fn run(args: Args) -> Result<()> {
     }
 
     if run.wants("backup") {
-        let (docs, per_doc) = match scale {
-            Scale::Smoke => (2, 500),
-            Scale::Standard => (100, 1000),
-            Scale::Full => (1000, 1000),
+        let (docs, per_doc, export) = match scale {
+            Scale::Smoke => (2, 500, 500),
+            Scale::Standard => (100, 1000, 10_000),
+            Scale::Full => (1000, 1000, 100_000),
         };
         say(format!(
             "== backup, verify, restore: a hub store of {} changes in {docs} documents",
             docs * per_doc
         ));
         let dir = tempfile::tempdir()?;
-        let b = backups::measure(&run.bins, dir.path(), docs, per_doc).context("backup")?;
+        let b = backups::measure(&run.bins, dir.path(), docs, per_doc, export).context("backup")?;
         say(format!(
             "   store {:.1} MB, backup {:.1} MB; backup {:.2} s ({:.0}/s), verify {:.2} s ({:.0}/s; \
              raw batch verify {:.0}/s), restore {:.2} s ({:.0}/s); copying the store file {:.2} s",
@@ -522,6 +522,14 @@ async fn run(args: Args) -> Result<()> {
             b.restore_seconds,
             b.restore_changes_per_sec,
             b.copy_seconds
+        ));
+        say(format!(
+            "   export of one document of {} changes {:.2} s ({:.1} MB); verify-export {:.2} s ({:.0} changes/s)",
+            b.export_changes,
+            b.export_seconds,
+            b.export_bytes as f64 / 1e6,
+            b.verify_export_seconds,
+            b.verify_export_changes_per_sec
         ));
         run.record("backup", serde_json::to_value(&b)?);
     }

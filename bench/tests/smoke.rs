@@ -87,11 +87,14 @@ fn every_workload_runs_at_smoke_scale_and_reports_consistent_numbers() {
     let b = &r["backup"];
     assert_eq!(b["changes"], 1000, "{b}");
     assert!(b["backup_bytes"].as_u64().unwrap() > 1000 * 100, "{b}");
+    assert_eq!(b["export_changes"], 500, "{b}");
     for k in [
         "backup_seconds",
         "verify_seconds",
         "restore_seconds",
         "raw_verify_per_sec",
+        "export_seconds",
+        "verify_export_seconds",
     ] {
         assert!(b[k].as_f64().unwrap() > 0.0, "{k}: {b}");
     }

@@ -315,6 +315,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             };
             let mut settings = config::resolve(over, file)?;
             settings.peers = config::peers(&args.peers, &args.peer_fingerprints)?;
+            if !settings.peers.is_empty() && settings.store != StoreLocation::Sqlite {
+                return Err(usage(
+                    "--peer with a PostgreSQL --store is not supported yet: instances on one \
+                     database share the data set already; peer a SQLite hub instead",
+                ));
+            }
             init_logs(&settings.log)?;
             service::run(settings)
         }
@@ -409,7 +415,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let dir = DataDir::new(&data);
             if dir.store_path().exists() && !force {
                 return Err(usage(format!(
-                    "{} already holds a hub store: add --force to replace it (what it holds                      beyond the backup comes back only from replicas that still have it)",
+                    "{} already holds a hub store: add --force to replace it (what it holds \
+                     beyond the backup comes back only from replicas that still have it)",
                     data.display()
                 )));
             }
@@ -422,7 +429,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let summary = backup::restore(&from, &dir.store_path(), &mut progress("restore"))?;
             if fresh {
                 eprintln!(
-                    "syncline-hub: made a new identity and certificate in {}: replicas pinned                      to the old hub need the new fingerprint {} (or copy identity, cert.der                      and key.der from the old data directory before `run`)",
+                    "syncline-hub: made a new identity and certificate in {}: replicas pinned \
+                     to the old hub need the new fingerprint {} (or copy identity, cert.der \
+                     and key.der from the old data directory before `run`)",
                     data.display(),
                     info.fingerprint
                 );

@@ -115,7 +115,12 @@ impl Statements {
             docs: c.prepare(
                 "INSERT INTO docs (doc) SELECT DISTINCT unnest($1::text[]) ON CONFLICT DO NOTHING",
             )?,
-            log_end: c.prepare("SELECT coalesce(max(seq), 0)::BIGINT FROM log")?,
+            // The end of the log and the log's epoch in one round trip: an instance notices a
+            // restore made while it runs at its next read.
+            log_end: c.prepare(
+                "SELECT coalesce(max(seq), 0)::BIGINT,
+                        (SELECT value FROM meta WHERE key = 'epoch') FROM log",
+            )?,
             log_doc: c.prepare(
                 "SELECT seq, doc, bytes, signature FROM log
                  WHERE seq > $1 AND seq <= $2 AND doc = $3 ORDER BY seq LIMIT $4",
@@ -145,9 +150,8 @@ impl std::fmt::Debug for PgHubStore {
 }
 
 impl PgHubStore {
-    /// Connects to the database at `url` (`postgres://user@host:port/db`, or libpq's
-    /// `host=... user=...` form), creates or migrates the schema, and reads the log's epoch
-    /// (making one if this is the first instance).
+    /// Connects to the database at `url` (`postgres://user@host:port/db`), creates or migrates
+    /// the schema, and reads the log's epoch (making one if this is the first instance).
     pub fn connect(url: &str) -> Result<Self> {
         let mut client = Self::open(url)?;
         migrate(&mut client)?;
@@ -182,6 +186,14 @@ impl PgHubStore {
             reason: format!("{e}: write it as postgres://USER@HOST:PORT/DATABASE"),
         })?;
         config.connect_timeout(Duration::from_secs(10));
+        // An instance that dies holding the append lock must not stall the others for the
+        // OS's TCP keepalive (two hours): the server ends a session idle in a transaction, a
+        // wait for the lock gives up (the commit fails, its pushes are refused and resent),
+        // and a dead peer is noticed within a minute.
+        config.options("-c idle_in_transaction_session_timeout=10s -c lock_timeout=20s");
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(15));
         config
             .application_name("syncline-hub")
             .connect(NoTls)
@@ -198,6 +210,20 @@ impl PgHubStore {
             self.client = client;
         }
         Ok(())
+    }
+
+    /// The last position of the log, checking that the log is still the one this store
+    /// opened (a restore gives it a new epoch: [`Error::StoreReplaced`]).
+    fn log_end(&mut self) -> Result<i64> {
+        let row = self
+            .client
+            .query_one(&self.statements.log_end, &[])
+            .map_err(db_error("reading the log"))?;
+        let epoch: Option<Vec<u8>> = row.get(1);
+        if epoch.as_deref() != Some(&self.epoch.0[..]) {
+            return Err(Error::StoreReplaced);
+        }
+        Ok(row.get(0))
     }
 
     fn graph(&mut self, doc: &DocId) -> Result<Vec<(i64, ChangeHash, Vec<ChangeHash>)>> {
@@ -508,13 +534,9 @@ impl HubStore for PgHubStore {
 
     fn read_log(&mut self, target: &Target, after: Cursor, limit: usize) -> Result<LogBatch> {
         self.live()?;
-        let st = &self.statements;
         // The end first: positions are visible in order, so every change up to it can be read.
-        let end: i64 = self
-            .client
-            .query_one(&st.log_end, &[])
-            .map_err(db_error("reading the log"))?
-            .get(0);
+        let end = self.log_end()?;
+        let st = &self.statements;
         let (stmt, arg) = match target {
             Target::Doc(d) => (&st.log_doc, d.as_str()),
             Target::Prefix(p) => (&st.log_prefix, p.as_str()),
@@ -552,12 +574,7 @@ impl HubStore for PgHubStore {
 
     fn last_cursor(&mut self) -> Result<Cursor> {
         self.live()?;
-        let end: i64 = self
-            .client
-            .query_one(&self.statements.log_end, &[])
-            .map_err(db_error("reading the log end"))?
-            .get(0);
-        Ok(Cursor(end.max(0) as u64))
+        Ok(Cursor(self.log_end()?.max(0) as u64))
     }
 
     fn docs_page(

@@ -141,7 +141,7 @@ async fn serve(
         })
         .collect();
     let mut poller = tokio::spawn(poll_grants(handle.clone(), grants_version));
-    let tail = shared.then(|| tokio::spawn(tail_store(handle.clone())));
+    let mut tail = shared.then(|| tokio::spawn(tail_store(handle.clone())));
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut metrics_task = None;
     let mut out = std::io::stdout().lock();
@@ -184,6 +184,20 @@ async fn serve(
             };
             tracing::error!(error = %why, "the hub thread stopped; shutting down");
             Err(anyhow::anyhow!("the hub thread stopped: {why}"))
+        }
+        r = async {
+            match &mut tail {
+                Some(t) => t.await,
+                None => std::future::pending().await,
+            }
+        } => {
+            tail = None;
+            let why = match r {
+                Ok(e) => e,
+                Err(e) => e.to_string(),
+            };
+            tracing::error!(error = %why, "shutting down");
+            Err(anyhow::anyhow!("{why}"))
         }
     };
 
@@ -255,8 +269,9 @@ pub fn redact(url: &str) -> String {
 pub const TAIL_POLL: Duration = Duration::from_millis(20);
 
 /// Relays what other hub instances commit to the shared store (see `Hub::poll_store`).
-/// Returns when the hub thread has stopped.
-async fn tail_store(handle: Handle) -> NetError {
+/// Returns why it stopped: the hub thread stopped, or the store was restored under this
+/// instance (which must restart with the new epoch).
+async fn tail_store(handle: Handle) -> String {
     let mut tick = tokio::time::interval(TAIL_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
@@ -264,13 +279,14 @@ async fn tail_store(handle: Handle) -> NetError {
         tick.tick().await;
         match handle.call(|hub| hub.poll_store()).await {
             Ok(Ok(_)) => failing = false,
+            Ok(Err(e @ syncline_core::Error::StoreReplaced)) => return e.to_string(),
             Ok(Err(e)) => {
                 if !failing {
                     tracing::warn!(error = %e, "reading what other hub instances stored failed; retrying");
                 }
                 failing = true;
             }
-            Err(e) => return e,
+            Err(e) => return format!("the hub thread stopped: {e}"),
         }
     }
 }

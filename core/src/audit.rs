@@ -196,7 +196,8 @@ pub struct ExportSummary {
     pub heads: Vec<ChangeHash>,
 }
 
-/// What [`verify_export`] found: the file holds an authentic, complete history.
+/// What [`verify_export`] found: every change in the file is authentic, and the history it
+/// holds is closed (every change's dependencies are in it).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExportReport {
     /// The document.
@@ -282,8 +283,11 @@ pub fn export(
 
 /// Checks an export offline: the header, every line's signature for the document, that its
 /// hash and author are the ones its bytes give, that every change's dependencies are in the
-/// file (the history is complete), and builds the resulting document. A tampered or truncated
-/// file is an error naming the line and change that fail.
+/// file (the history is closed), and builds the resulting document. A tampered line, a
+/// change cut out from the middle, or a count that differs from the header is an error naming
+/// the line that fails. The header is not signed: a file cut after its last line with the
+/// count edited to match still verifies, as the history of an earlier moment (heads and state
+/// say which).
 pub fn verify_export(path: &Path, progress: &mut dyn FnMut(u64)) -> Result<ExportReport> {
     let file = std::fs::File::open(path)
         .map_err(|e| export_error(path, format!("cannot read it: {e}")))?;

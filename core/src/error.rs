@@ -235,6 +235,13 @@ pub enum Error {
         /// What is wrong, and what to do.
         reason: String,
     },
+    /// The store's log was replaced (restored from a backup) while this hub ran: the hub
+    /// still holds the old log's epoch, and must restart so replicas see the new one.
+    #[error(
+        "the store's log was replaced (restored) while this hub ran: restart the hub so that \
+         replicas see the new epoch"
+    )]
+    StoreReplaced,
     /// A database server (the hub's PostgreSQL store) failed or could not be reached. The
     /// operation did nothing; retry once the database is back.
     #[error("database error while {context}: {reason}")]

@@ -332,27 +332,33 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                     tail.at,
                     PAGE,
                 )?;
-                // Runs of one document pushed by one session (0: another instance).
+                // Runs of one document pushed by one session (0: another instance), within the
+                // bounds of one message.
                 let mut run: Option<(SessionId, DocId, Vec<SignedChange>, Cursor, Cursor)> = None;
+                let mut run_bytes = 0usize;
                 for e in batch.entries {
                     let before = tail.at;
                     tail.at = e.cursor;
                     let author = tail.own.remove(&e.cursor.0).unwrap_or(0);
                     relayed += 1;
+                    let size = e.change.bytes.len();
                     match &mut run {
                         Some((session, doc, changes, _, last))
                             if *session == author
                                 && *doc == e.doc
-                                && changes.len() < wire::MAX_CHANGES_PER_DELTA =>
+                                && changes.len() < wire::MAX_CHANGES_PER_DELTA
+                                && run_bytes + size <= MAX_MESSAGE_BYTES =>
                         {
                             changes.push(e.change);
                             *last = e.cursor;
+                            run_bytes += size;
                         }
                         _ => {
                             if let Some((session, doc, changes, from, last)) = run.take() {
                                 self.broadcast(session, &doc, changes, from, last);
                             }
                             run = Some((author, e.doc, vec![e.change], before, e.cursor));
+                            run_bytes = size;
                         }
                     }
                 }
@@ -880,7 +886,11 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             }
         }
         if self.shared.is_some() {
-            self.poll_store()?;
+            // The commit stands and is acknowledged; a failed relay is retried at the next
+            // poll (the tail did not move past what it could not read).
+            if let Err(e) = self.poll_store() {
+                tracing::warn!(error = %e, "relaying from the shared store failed; retrying");
+            }
         }
         Ok(())
     }

@@ -162,3 +162,22 @@ fn a_postgres_store_backs_up_online_restores_under_a_new_epoch_and_into_sqlite()
         300
     );
 }
+
+#[test]
+fn an_instance_notices_a_restore_made_under_it() {
+    let pg = Postgres::start();
+    let mut store = PgHubStore::connect(&pg.url).unwrap();
+    assert_eq!(store.last_cursor().unwrap(), Cursor(0));
+    // A restore with PostgreSQL's own tools, then a new epoch, as OPERATIONS says.
+    let mut admin = postgres::Client::connect(&pg.url, postgres::NoTls).unwrap();
+    admin
+        .execute(
+            "UPDATE meta SET value = decode(md5(random()::text), 'hex') WHERE key = 'epoch'",
+            &[],
+        )
+        .unwrap();
+    let e = store.last_cursor().unwrap_err();
+    assert!(matches!(e, syncline_core::Error::StoreReplaced), "{e}");
+    let e = store.read_log(&all(), Cursor(0), 10).unwrap_err();
+    assert!(e.to_string().contains("restart the hub"), "{e}");
+}

@@ -633,7 +633,8 @@ fn info_of(conn: &Connection, path: &Path) -> Result<BackupInfo> {
         changes: int("changes")?,
         created_ms: int("created_ms")?,
     };
-    if (kind == BackupKind::Full) != (info.after == Cursor(0)) || info.through < info.after {
+    // An incremental backup may start at 0 too (its base was a backup of an empty log).
+    if (kind == BackupKind::Full && info.after != Cursor(0)) || info.through < info.after {
         return Err(backup_error(path, "its positions do not hold together"));
     }
     Ok(info)
@@ -746,7 +747,9 @@ pub fn restore(
     };
     // `SqliteHubStore::open` left the file in WAL mode with an empty WAL (checkpointed at
     // close); replace the old store and its WAL.
-    remove_with_sidecars(store)?;
+    // The old store's WAL would be replayed into the new file: remove it, then rename over
+    // the old store (a rename replaces it at once: there is always a hub.db).
+    remove_with_sidecars_only(store)?;
     remove_with_sidecars_only(&building)?;
     std::fs::rename(&building, store)
         .map_err(|e| backup_error(store, format!("cannot move the restored store in: {e}")))?;
@@ -805,8 +808,8 @@ pub fn verify(files: &[PathBuf], progress: &mut dyn FnMut(Progress)) -> Result<V
             })?;
         let mut st = conn
             .prepare(
-                "SELECT seq, doc, hash, deps, author, signature, bytes FROM log
-                 ORDER BY doc, seq",
+                "SELECT seq, doc, hash, deps, author, signature, bytes, instance, actor_seq
+                 FROM log ORDER BY doc, seq",
             )
             .ctx("reading the log")?;
         let mut rows = st.query([]).ctx("reading the log")?;
@@ -821,6 +824,8 @@ pub fn verify(files: &[PathBuf], progress: &mut dyn FnMut(Progress)) -> Result<V
                 author: r.get(4).ctx("reading the log")?,
                 signature: r.get(5).ctx("reading the log")?,
                 bytes: r.get(6).ctx("reading the log")?,
+                instance: r.get(7).ctx("reading the log")?,
+                actor_seq: r.get(8).ctx("reading the log")?,
             };
             if batch.first().is_some_and(|b| b.doc != row.doc) || batch.len() >= 256 {
                 seen += verify_rows(file, std::mem::take(&mut batch), &mut authors)?;
@@ -853,6 +858,8 @@ struct Row {
     author: Vec<u8>,
     signature: Vec<u8>,
     bytes: Vec<u8>,
+    instance: Option<Vec<u8>>,
+    actor_seq: Option<i64>,
 }
 
 /// Verifies rows of one document; returns how many.
@@ -929,6 +936,15 @@ fn verify_rows(
         }
         if row.author[..] != v.author().as_bytes()[..] {
             return Err(at(row, "is stored under another author than its signer"));
+        }
+        // The hub knows a change by (author, instance, sequence number): they must be the
+        // change's own, or a restored hub would misjudge duplicates.
+        let (instance, actor_seq) = crate::store::actor_key(v);
+        if row.instance.as_deref() != Some(&instance[..]) || row.actor_seq != Some(actor_seq) {
+            return Err(at(
+                row,
+                "is stored under another actor or sequence number than its own",
+            ));
         }
         authors.insert(v.author());
     }
@@ -1226,6 +1242,23 @@ mod tests {
             30
         );
 
+        // A chain that starts with a backup of an empty log.
+        let empty = Fixture::new();
+        let e0 = empty.path("empty.bak");
+        assert_eq!(
+            backup(&empty.store, &e0, None, &mut quiet).unwrap().through,
+            Cursor(0)
+        );
+        empty.write(5, 5);
+        let e1 = empty.path("after-empty.bak");
+        let info = backup(&empty.store, &e1, Some(&e0), &mut quiet).unwrap();
+        assert_eq!(
+            (info.kind, info.after, info.changes),
+            (BackupKind::Incremental, Cursor(0), 5)
+        );
+        let t = empty.path("t.db");
+        assert_eq!(restore(&[e0, e1], &t, &mut quiet).unwrap().changes, 5);
+
         // An existing file is never overwritten.
         let e = backup(&f.store, &full, None, &mut quiet).unwrap_err();
         assert!(e.to_string().contains("already exists"), "{e}");
@@ -1273,6 +1306,11 @@ mod tests {
         let e = tamper("UPDATE log SET author = zeroblob(32) WHERE seq = 9");
         assert!(
             e.contains("position 9") && e.contains("another author"),
+            "{e}"
+        );
+        let e = tamper("UPDATE log SET actor_seq = 999 WHERE seq = 11");
+        assert!(
+            e.contains("position 11") && e.contains("sequence number"),
             "{e}"
         );
         let e = tamper("DELETE FROM log WHERE seq = 50");
