@@ -318,7 +318,50 @@ pub fn verify_export(path: &Path, progress: &mut dyn FnMut(u64)) -> Result<Expor
         .as_u64()
         .ok_or_else(|| export_error(path, "line 1: no change count"))?;
     let b64 = base64::engine::general_purpose::STANDARD;
+    // Lines are parsed as they are read and verified in batches on every core; a batch that
+    // fails is verified line by line to name the line.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     let mut verified: Vec<VerifiedChange> = Vec::new();
+    let mut pending: Vec<(usize, SignedChange, String, String)> = Vec::new();
+    let mut flush = |pending: &mut Vec<(usize, SignedChange, String, String)>,
+                     verified: &mut Vec<VerifiedChange>|
+     -> Result<()> {
+        let batch = std::mem::take(pending);
+        let signed: Vec<SignedChange> = batch.iter().map(|(_, c, _, _)| c.clone()).collect();
+        let checked = match change::verify_batch_parallel(&doc, signed, threads) {
+            Ok(v) => v,
+            Err(_) => {
+                for (line, c, _, _) in &batch {
+                    change::verify(&doc, c.clone())
+                        .map_err(|e| export_error(path, format!("line {line}: refused: {e}")))?;
+                }
+                return Err(export_error(path, "a batch failed verification"));
+            }
+        };
+        for ((line, _, hash, author), c) in batch.into_iter().zip(checked) {
+            if hash != c.hash().to_string() {
+                return Err(export_error(
+                    path,
+                    format!(
+                        "line {line}: says hash {hash} but its bytes hash to {}",
+                        c.hash()
+                    ),
+                ));
+            }
+            if author != c.author().to_string() {
+                return Err(export_error(
+                    path,
+                    format!(
+                        "line {line}: says author {author} but it is signed by {}",
+                        c.author()
+                    ),
+                ));
+            }
+            verified.push(c);
+        }
+        progress(verified.len() as u64);
+        Ok(())
+    };
     let mut n = 1;
     while let Some(v) = read(n + 1, lines.next())? {
         n += 1;
@@ -331,27 +374,17 @@ pub fn verify_export(path: &Path, progress: &mut dyn FnMut(u64)) -> Result<Expor
             .ok()
             .and_then(|s| s.try_into().ok())
             .ok_or_else(|| bad("\"signature\" is not 64 bytes of hex"))?;
-        let c = change::verify(&doc, SignedChange { bytes, signature })
-            .map_err(|e| bad(&format!("refused: {e}")))?;
-        if field("hash")? != c.hash().to_string() {
-            return Err(bad(&format!(
-                "says hash {} but its bytes hash to {}",
-                field("hash")?,
-                c.hash()
-            )));
-        }
-        if field("author")? != c.author().to_string() {
-            return Err(bad(&format!(
-                "says author {} but it is signed by {}",
-                field("author")?,
-                c.author()
-            )));
-        }
-        verified.push(c);
-        if verified.len().is_multiple_of(10_000) {
-            progress(verified.len() as u64);
+        pending.push((
+            n,
+            SignedChange { bytes, signature },
+            field("hash")?.to_owned(),
+            field("author")?.to_owned(),
+        ));
+        if pending.len() >= 4096 {
+            flush(&mut pending, &mut verified)?;
         }
     }
+    flush(&mut pending, &mut verified)?;
     if verified.len() as u64 != announced {
         return Err(export_error(
             path,
