@@ -72,6 +72,9 @@ pub struct ReplicaOptions {
     /// Encrypt the store file with this key (SQLCipher; needs the `encryption` feature). A
     /// store made with a key opens only with it.
     pub store_key: Option<crate::store::StoreKey>,
+    /// Bound the store file to about this many bytes: writes beyond it are refused with
+    /// [`Error::StorageFull`] and store nothing (`ReplicaStore::set_max_bytes`).
+    pub max_store_bytes: Option<u64>,
 }
 
 /// Milliseconds since the Unix epoch by the system clock; 0 before 1970, and on wasm, where
@@ -100,6 +103,7 @@ impl Default for ReplicaOptions {
             verify_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
             clock: system_clock_ms,
             store_key: None,
+            max_store_bytes: None,
         }
     }
 }
@@ -275,6 +279,9 @@ impl Replica {
     /// Opens (or creates) the replica stored at `path`.
     pub fn open(path: &Path, identity: Identity, options: ReplicaOptions) -> Result<Self> {
         let store = ReplicaStore::open_keyed(path, options.store_key.as_ref())?;
+        if let Some(bytes) = options.max_store_bytes {
+            store.set_max_bytes(bytes)?;
+        }
         Self::with_store(store, identity, options)
     }
 

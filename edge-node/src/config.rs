@@ -122,6 +122,10 @@ pub struct EdgeConfig {
     /// is not encrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub db_key_file: Option<PathBuf>,
+    /// The most the store may take on disk, in MiB: past it, writes are refused with
+    /// `507 storage_full` and nothing stored is lost. Absent: the disk is the limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_store_mb: Option<u64>,
 }
 
 /// One hub of `edge.toml`.
@@ -198,6 +202,7 @@ mod tests {
                 HubConfig::new("b:2", &"2".repeat(64)).unwrap(),
             ],
             db_key_file: Some("/run/keys/edge.key".into()),
+            max_store_mb: Some(512),
         };
         let text = toml::to_string(&config).unwrap();
         assert_eq!(toml::from_str::<EdgeConfig>(&text).unwrap(), config);

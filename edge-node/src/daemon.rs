@@ -39,6 +39,7 @@ pub async fn run(data: &DataDir, api: Option<String>) -> anyhow::Result<()> {
         .context("loading the store's key (db_key_file in edge.toml)")?;
     let options = ReplicaOptions {
         store_key,
+        max_store_bytes: config.max_store_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
         ..ReplicaOptions::default()
     };
     let replica = Replica::open(&data.store(), identity, options)

@@ -220,10 +220,10 @@ fn init(
         .map(|(h, fp)| HubConfig::new(h, fp))
         .collect::<anyhow::Result<Vec<_>>>()
         .map_err(|e| UsageError(format!("{e:#}")))?;
-    let (api, old_key_file) = match data.load_config() {
+    let (api, old_key_file, max_store_mb) = match data.load_config() {
         // Re-running init changes the hubs and keeps the identity and the other settings.
-        Ok(old) => (old.api, old.db_key_file),
-        Err(_) if !data.config().exists() => (None, None),
+        Ok(old) => (old.api, old.db_key_file, old.max_store_mb),
+        Err(_) if !data.config().exists() => (None, None, None),
         Err(e) => return Err(e),
     };
     let db_key_file = match (db_key_file, old_key_file) {
@@ -259,6 +259,7 @@ fn init(
         api,
         hub,
         db_key_file,
+        max_store_mb,
     })?;
     let key = identity.peer_id().to_string();
     if json {

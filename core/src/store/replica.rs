@@ -147,6 +147,23 @@ impl ReplicaStore {
         })
     }
 
+    /// Bounds the store file to about `bytes` (SQLite's `max_page_count`): a write that would
+    /// grow it further is refused with [`Error::StorageFull`](crate::Error::StorageFull) and
+    /// stores nothing; space freed inside the file (the outbox emptied by the hub's
+    /// acknowledgements, compaction) is reused, so writing resumes by itself once the hub has
+    /// taken what waited. A store already larger than the bound keeps its size and cannot grow.
+    pub fn set_max_bytes(&self, bytes: u64) -> Result<()> {
+        let page: i64 = self
+            .conn
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .ctx("reading the page size")?;
+        let pages = bytes.div_ceil(page.max(512) as u64).max(1);
+        self.conn
+            .pragma_update(None, "max_page_count", pages as i64)
+            .ctx("bounding the store's size")?;
+        Ok(())
+    }
+
     /// A store in memory (lost when dropped).
     pub fn open_in_memory() -> Result<Self> {
         Ok(ReplicaStore {

@@ -114,3 +114,60 @@ fn an_encrypted_store_is_unreadable_on_disk_and_the_daemon_needs_its_key() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(!tmp.path().join("other.key").exists(), "nothing written");
 }
+
+#[test]
+fn a_bounded_store_refuses_writes_when_full_keeps_what_it_has_and_resumes_when_raised() {
+    let (_tmp, dir) = offline_dir();
+    let config = dir.join("edge.toml");
+    let with_limit = |mb: u64| {
+        let text = std::fs::read_to_string(&config).unwrap();
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("max_store_mb"))
+            .collect();
+        std::fs::write(
+            &config,
+            format!("max_store_mb = {mb}\n{}\n", kept.join("\n")),
+        )
+        .unwrap();
+    };
+    with_limit(1);
+    let d = Daemon::start(&dir);
+    let big = "x".repeat(50_000);
+    let mut acked = 0;
+    let mut full = None;
+    for i in 0..200 {
+        let (status, v) = d.post(
+            "/v1/docs/bulk/changes",
+            &format!(r#"{{"ops":[{{"op":"put","path":["k{i}"],"value":"{big}"}}]}}"#),
+        );
+        match status {
+            200 => acked += 1,
+            507 => {
+                full = Some(v);
+                break;
+            }
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    let v = full.expect("the 1 MiB store filled up within 200 writes of 50 KB");
+    assert_eq!(v["code"], json!("storage_full"), "{v}");
+    assert!(acked > 3, "some writes fit: {acked}");
+    // Everything acknowledged is there; reads still work.
+    let (status, doc) = d.get("/v1/docs/bulk");
+    assert_eq!(status, 200);
+    assert_eq!(doc["doc"].as_object().unwrap().len(), acked);
+    d.kill_hard();
+    // A larger bound: the store opens with every acknowledged write, and writing resumes.
+    with_limit(16);
+    let d = Daemon::start(&dir);
+    assert_eq!(
+        d.get("/v1/docs/bulk").1["doc"].as_object().unwrap().len(),
+        acked
+    );
+    let (status, v) = d.post(
+        "/v1/docs/bulk/changes",
+        r#"{"ops":[{"op":"put","path":["after"],"value":1}]}"#,
+    );
+    assert_eq!(status, 200, "{v}");
+}
