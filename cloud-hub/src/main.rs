@@ -111,19 +111,10 @@ enum Command {
         /// The backup files: the full one first, then the incremental ones in order.
         #[arg(long = "from", value_name = "FILE", num_args = 1.., required = true)]
         from: Vec<PathBuf>,
-        /// The data directory to restore into (created, with a new identity and certificate,
-        /// if missing).
-        #[arg(
-            long,
-            env = "SYNCLINE_DATA",
-            value_name = "DIR",
-            required_unless_present = "store"
-        )]
-        data: Option<PathBuf>,
-        /// Restore into this PostgreSQL store instead (`postgres://...`); every hub instance on
-        /// it must be stopped.
-        #[arg(long, env = "SYNCLINE_STORE", value_name = "URL")]
-        store: Option<String>,
+        /// Where to restore: a data directory (created, with a new identity and certificate,
+        /// if missing), or a PostgreSQL store on which every hub instance is stopped.
+        #[command(flatten)]
+        hub: StoreArgs,
         /// Replace the store the data directory (or the database) holds.
         #[arg(long)]
         force: bool,
@@ -393,13 +384,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Restore {
             from,
-            data,
-            store,
+            hub,
             force,
             json,
         } => {
             cli_logs()?;
-            if let StoreLocation::Postgres(url) = StoreLocation::parse(store.as_deref())? {
+            if let StoreLocation::Postgres(url) = StoreLocation::parse(hub.store.as_deref())? {
                 backup::check_chain(&from)?;
                 let mut pg = syncline_hub::pg::PgHubStore::connect(&url)?;
                 let summary = pg
@@ -411,7 +401,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 });
                 return Ok(());
             }
-            let data = data.context("give --data DIR (or --store URL)")?;
+            let data = hub.data.context("give --data DIR (or --store URL)")?;
             let dir = DataDir::new(&data);
             if dir.store_path().exists() && !force {
                 return Err(usage(format!(

@@ -165,7 +165,7 @@ impl PgHubStore {
         let row = client
             .query_one("SELECT value FROM meta WHERE key = 'epoch'", &[])
             .map_err(db_error("reading the epoch"))?;
-        let bytes: Vec<u8> = row.get(0);
+        let bytes: Vec<u8> = col(&row, 0)?;
         let epoch = Epoch(
             bytes
                 .try_into()
@@ -219,11 +219,11 @@ impl PgHubStore {
             .client
             .query_one(&self.statements.log_end, &[])
             .map_err(db_error("reading the log"))?;
-        let epoch: Option<Vec<u8>> = row.get(1);
+        let epoch: Option<Vec<u8>> = col(&row, 1)?;
         if epoch.as_deref() != Some(&self.epoch.0[..]) {
             return Err(Error::StoreReplaced);
         }
-        Ok(row.get(0))
+        col(&row, 0)
     }
 
     fn graph(&mut self, doc: &DocId) -> Result<Vec<(i64, ChangeHash, Vec<ChangeHash>)>> {
@@ -234,8 +234,8 @@ impl PgHubStore {
             .map_err(db_error("reading a change graph"))?;
         rows.iter()
             .map(|r| {
-                let hash = hash_of(r.get::<_, Vec<u8>>(1))?;
-                let deps: Vec<u8> = r.get(2);
+                let hash = hash_of(col(r, 1)?)?;
+                let deps: Vec<u8> = col(r, 2)?;
                 if !deps.len().is_multiple_of(32) {
                     return Err(corrupt("hash list", format!("{} bytes", deps.len())));
                 }
@@ -243,7 +243,7 @@ impl PgHubStore {
                     .chunks_exact(32)
                     .map(|c| hash_of(c.to_vec()))
                     .collect::<Result<_>>()?;
-                Ok((r.get::<_, i64>(0), hash, deps))
+                Ok((col::<i64>(r, 0)?, hash, deps))
             })
             .collect()
     }
@@ -272,7 +272,8 @@ impl PgHubStore {
                 &[],
             )
             .map_err(db_error("looking for running hub instances"))?
-            .get(0);
+            .try_get(0)
+            .map_err(bad_column)?;
         if others > 0 {
             return Err(Error::Database {
                 context: "restoring",
@@ -382,6 +383,16 @@ impl PgHubStore {
     }
 }
 
+/// Column `i` of a row as `T`: a value of another type (a schema altered by hand) is a typed
+/// error, never a panic.
+fn col<'a, T: postgres::types::FromSql<'a>>(row: &'a postgres::Row, i: usize) -> Result<T> {
+    row.try_get(i).map_err(bad_column)
+}
+
+fn bad_column(e: postgres::Error) -> Error {
+    corrupt("PostgreSQL store", format!("unexpected column: {e}"))
+}
+
 fn hash_of(bytes: Vec<u8>) -> Result<ChangeHash> {
     let b: [u8; 32] = bytes
         .try_into()
@@ -408,7 +419,7 @@ fn migrate(client: &mut Client) -> Result<()> {
         )?;
         let current: i32 = client
             .query_one("SELECT version FROM syncline_schema", &[])?
-            .get(0);
+            .try_get(0)?;
         let target = MIGRATIONS.len() as i32;
         if current > target {
             return Ok(()); // reported below, outside the closure
@@ -427,7 +438,8 @@ fn migrate(client: &mut Client) -> Result<()> {
     let current: i32 = client
         .query_one("SELECT version FROM syncline_schema", &[])
         .map_err(db_error("reading the schema version"))?
-        .get(0);
+        .try_get(0)
+        .map_err(bad_column)?;
     if current != MIGRATIONS.len() as i32 {
         return Err(corrupt(
             "PostgreSQL schema",
@@ -502,13 +514,8 @@ impl HubStore for PgHubStore {
         // same bytes may be signed into several documents).
         let mut stored: std::collections::HashMap<(String, Vec<u8>), i64> = rows
             .iter()
-            .map(|r| {
-                (
-                    (r.get::<_, String>(1), r.get::<_, Vec<u8>>(2)),
-                    r.get::<_, i64>(0),
-                )
-            })
-            .collect();
+            .map(|r| Ok(((col(r, 1)?, col(r, 2)?), col(r, 0)?)))
+            .collect::<Result<_>>()?;
         let mut out = Vec::with_capacity(n);
         for (i, c) in changes.iter().enumerate() {
             if let Some(seq) = stored.remove(&(docs[i].clone(), hashes[i].clone())) {
@@ -521,7 +528,7 @@ impl HubStore for PgHubStore {
                     &[&docs[i], &authors[i], &instances[i], &seqs[i]],
                 )
                 .map_err(db_error("appending to the log"))?;
-            let existing = hash_of(row.get(0))?;
+            let existing = hash_of(col(&row, 0)?)?;
             out.push(if existing == c.hash() {
                 Appended::Duplicate
             } else {
@@ -546,16 +553,16 @@ impl HubStore for PgHubStore {
             .query(stmt, &[&(after.0 as i64), &end, &arg, &(limit as i64)])
             .map_err(db_error("reading the log"))?;
         let mut entries = Vec::with_capacity(rows.len());
-        for r in rows {
-            let seq: i64 = r.get(0);
+        for r in &rows {
+            let seq: i64 = col(r, 0)?;
             let doc =
-                DocId::new(r.get::<_, String>(1)).map_err(|e| corrupt("hub log", e.to_string()))?;
+                DocId::new(col::<String>(r, 1)?).map_err(|e| corrupt("hub log", e.to_string()))?;
             entries.push(LogEntry {
                 cursor: Cursor(seq as u64),
                 doc,
                 change: SignedChange {
-                    bytes: r.get(2),
-                    signature: signature_of(r.get(3), seq)?,
+                    bytes: col(r, 2)?,
+                    signature: signature_of(col(r, 3)?, seq)?,
                 },
             });
         }
@@ -599,7 +606,7 @@ impl HubStore for PgHubStore {
         .map_err(db_error("listing documents"))?;
         rows.iter()
             .map(|r| {
-                DocId::new(r.get::<_, String>(0)).map_err(|e| corrupt("hub docs", e.to_string()))
+                DocId::new(col::<String>(r, 0)?).map_err(|e| corrupt("hub docs", e.to_string()))
             })
             .collect()
     }
@@ -623,17 +630,16 @@ impl HubStore for PgHubStore {
             .map_err(db_error("reading grants"))?;
         rows.iter()
             .map(|r| {
-                let peer: [u8; 32] = r
-                    .get::<_, Vec<u8>>(0)
+                let peer: [u8; 32] = col::<Vec<u8>>(r, 0)?
                     .try_into()
                     .map_err(|_| corrupt("grant", "key length"))?;
                 Ok(Grant {
                     peer: PeerId::from_bytes(peer),
-                    prefix: DocPrefix::new(r.get::<_, String>(1))
+                    prefix: DocPrefix::new(col::<String>(r, 1)?)
                         .map_err(|e| corrupt("grant", e.to_string()))?,
-                    read: r.get(2),
-                    write: r.get(3),
-                    relay: r.get(4),
+                    read: col(r, 2)?,
+                    write: col(r, 3)?,
+                    relay: col(r, 4)?,
                 })
             })
             .collect()
@@ -686,7 +692,8 @@ impl HubStore for PgHubStore {
                 &[],
             )
             .map_err(db_error("reading the grants version"))?
-            .get(0);
+            .try_get(0)
+            .map_err(bad_column)?;
         Ok(v as u64)
     }
 
@@ -709,10 +716,10 @@ impl HubStore for PgHubStore {
             ))
         };
         Ok(PeerState {
-            recv_epoch: epoch(r.get(0))?,
-            recv_cursor: Cursor(r.get::<_, i64>(1) as u64),
-            push_epoch: epoch(r.get(2))?,
-            pushed: Cursor(r.get::<_, i64>(3) as u64),
+            recv_epoch: epoch(col(&r, 0)?)?,
+            recv_cursor: Cursor(col::<i64>(&r, 1)? as u64),
+            push_epoch: epoch(col(&r, 2)?)?,
+            pushed: Cursor(col::<i64>(&r, 3)? as u64),
         })
     }
 
@@ -750,12 +757,12 @@ impl HubStore for PgHubStore {
                 &[&wanted],
             )
             .map_err(db_error("reading changes"))?;
-        rows.into_iter()
+        rows.iter()
             .map(|r| {
-                let seq: i64 = r.get(0);
+                let seq: i64 = col(r, 0)?;
                 Ok(SignedChange {
-                    bytes: r.get(1),
-                    signature: signature_of(r.get(2), seq)?,
+                    bytes: col(r, 1)?,
+                    signature: signature_of(col(r, 2)?, seq)?,
                 })
             })
             .collect()

@@ -408,9 +408,6 @@ pub fn backup_store(
                          actor_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )
                 .ctx("writing the backup")?;
-            let mut docs = tx
-                .prepare("INSERT OR IGNORE INTO docs (doc) VALUES (?1)")
-                .ctx("writing the backup")?;
             let mut at = after;
             while at < through {
                 let batch = store.read_log(&all, at, PAGE)?;
@@ -439,7 +436,6 @@ pub fn backup_store(
                             c.seq() as i64,
                         ])
                         .ctx("writing the backup")?;
-                    docs.execute([e.doc.as_str()]).ctx("writing the backup")?;
                     changes += 1;
                 }
                 let next = batch.next.min(through);
@@ -456,6 +452,11 @@ pub fn backup_store(
                 });
             }
         }
+        tx.execute(
+            "INSERT OR IGNORE INTO docs SELECT DISTINCT doc FROM log",
+            [],
+        )
+        .ctx("writing the documents")?;
         tx.execute("DELETE FROM grants", [])
             .ctx("writing the grants")?;
         for g in store.grants()? {
@@ -1293,26 +1294,34 @@ mod tests {
             Connection::open(&copy).unwrap().execute_batch(sql).unwrap();
             verify(&[copy], &mut quiet).unwrap_err().to_string()
         };
-        let e = tamper("UPDATE log SET signature = zeroblob(64) WHERE seq = 42");
-        assert!(
-            e.contains("position 42") && e.contains("fails verification"),
-            "{e}"
-        );
-        let e = tamper("UPDATE log SET doc = 'sites/b' WHERE seq = 7");
-        assert!(
-            e.contains("position 7") && e.contains("fails verification"),
-            "{e}"
-        );
-        let e = tamper("UPDATE log SET author = zeroblob(32) WHERE seq = 9");
-        assert!(
-            e.contains("position 9") && e.contains("another author"),
-            "{e}"
-        );
-        let e = tamper("UPDATE log SET actor_seq = 999 WHERE seq = 11");
-        assert!(
-            e.contains("position 11") && e.contains("sequence number"),
-            "{e}"
-        );
+        for (sql, position, says) in [
+            (
+                "UPDATE log SET signature = zeroblob(64) WHERE seq = 42",
+                42,
+                "fails verification",
+            ),
+            (
+                "UPDATE log SET doc = 'sites/b' WHERE seq = 7",
+                7,
+                "fails verification",
+            ),
+            (
+                "UPDATE log SET author = zeroblob(32) WHERE seq = 9",
+                9,
+                "another author",
+            ),
+            (
+                "UPDATE log SET actor_seq = 999 WHERE seq = 11",
+                11,
+                "sequence number",
+            ),
+        ] {
+            let e = tamper(sql);
+            assert!(
+                e.contains(&format!("position {position} ")) && e.contains(says),
+                "{sql}: {e}"
+            );
+        }
         let e = tamper("DELETE FROM log WHERE seq = 50");
         assert!(e.contains("altered"), "{e}");
     }

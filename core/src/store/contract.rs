@@ -1,6 +1,7 @@
 //! What every [`HubStore`] must do, as one check that any implementation runs against a fresh,
 //! empty store: the SQLite store in this crate's tests, the PostgreSQL store in the hub's.
-//! A failed check panics with what was expected (it is test support).
+//! A failed check panics with what was expected: it is test support, compiled only for tests
+//! and with the `testing` feature.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test support: a panic is a failed check.
 
 use automerge::transaction::Transactable;

@@ -3,6 +3,7 @@
 //! [`SqliteHubStore`] as the embedded default.
 
 pub mod backup;
+#[cfg(any(test, feature = "testing"))]
 pub mod contract;
 mod hub;
 mod key;

@@ -54,17 +54,21 @@ fn an_encrypted_store_is_unreadable_on_disk_and_the_daemon_needs_its_key() {
     let dir = tmp.path().join("edge");
     let key_file = tmp.path().join("keys").join("edge.key");
     std::fs::create_dir_all(key_file.parent().unwrap()).unwrap();
-    let out = edge(&[
-        "init",
-        "--data",
-        dir.to_str().unwrap(),
-        "--hub",
-        &closed_port(),
-        "--hub-fingerprint",
-        &some_fingerprint(),
-        "--db-key-file",
-        key_file.to_str().unwrap(),
-    ]);
+    // `init` of an offline node with a store key file.
+    let init_keyed = |key: &std::path::Path| {
+        edge(&[
+            "init",
+            "--data",
+            dir.to_str().unwrap(),
+            "--hub",
+            &closed_port(),
+            "--hub-fingerprint",
+            &some_fingerprint(),
+            "--db-key-file",
+            key.to_str().unwrap(),
+        ])
+    };
+    let out = init_keyed(&key_file);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(std::fs::read_to_string(&key_file).unwrap().trim().len(), 64);
     let marker = "gateway-secret-7d41";
@@ -100,17 +104,7 @@ fn an_encrypted_store_is_unreadable_on_disk_and_the_daemon_needs_its_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not open the store"), "{err}");
     // An existing store is not re-keyed by init.
-    let out = edge(&[
-        "init",
-        "--data",
-        dir.to_str().unwrap(),
-        "--hub",
-        &closed_port(),
-        "--hub-fingerprint",
-        &some_fingerprint(),
-        "--db-key-file",
-        tmp.path().join("other.key").to_str().unwrap(),
-    ]);
+    let out = init_keyed(&tmp.path().join("other.key"));
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(!tmp.path().join("other.key").exists(), "nothing written");
 }
