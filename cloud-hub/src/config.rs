@@ -21,6 +21,8 @@ pub struct FileConfig {
     pub listen: Option<String>,
     /// Metrics HTTP listen address (no metrics server if absent).
     pub metrics: Option<String>,
+    /// WebSocket listen address for browsers (no WebSocket endpoint if absent).
+    pub ws: Option<String>,
     /// The data directory.
     pub data: Option<PathBuf>,
     /// A certificate file (PEM or DER) to use instead of the self-signed one.
@@ -45,8 +47,8 @@ impl FileConfig {
         })?;
         let mut cfg: FileConfig = toml::from_str(&text).map_err(|e| {
             usage(format!(
-                "the config file {} is not valid: {e}\nknown keys: listen, metrics, data, \
-                 cert, key, log, store",
+                "the config file {} is not valid: {e}\nknown keys: listen, metrics, ws, \
+                 data, cert, key, log, store",
                 path.display()
             ))
         })?;
@@ -70,6 +72,8 @@ pub struct Overrides {
     pub listen: Option<String>,
     /// `--metrics` / `SYNCLINE_METRICS`.
     pub metrics: Option<String>,
+    /// `--ws` / `SYNCLINE_WS`.
+    pub ws: Option<String>,
     /// `--data` / `SYNCLINE_DATA`.
     pub data: Option<PathBuf>,
     /// `--cert` / `SYNCLINE_CERT`.
@@ -103,6 +107,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Metrics listen address.
     pub metrics: Option<SocketAddr>,
+    /// WebSocket listen address (browsers).
+    pub ws: Option<SocketAddr>,
     /// The data directory.
     pub data: PathBuf,
     /// The certificate.
@@ -158,6 +164,10 @@ pub fn resolve(over: Overrides, file: FileConfig) -> anyhow::Result<Settings> {
         Some(m) if !m.trim().is_empty() => Some(socket_addr("metrics", &m)?),
         _ => None,
     };
+    let ws = match over.ws.or(file.ws) {
+        Some(w) if !w.trim().is_empty() => Some(socket_addr("ws", &w)?),
+        _ => None,
+    };
     let tls = match (over.cert.or(file.cert), over.key.or(file.key)) {
         (None, None) => TlsSource::SelfSigned,
         (Some(cert), Some(key)) => TlsSource::Files { cert, key },
@@ -182,6 +192,7 @@ pub fn resolve(over: Overrides, file: FileConfig) -> anyhow::Result<Settings> {
     Ok(Settings {
         listen,
         metrics,
+        ws,
         data,
         tls,
         log,
@@ -248,6 +259,7 @@ mod tests {
         let file = FileConfig {
             listen: Some("127.0.0.1:5000".into()),
             metrics: Some("127.0.0.1:9100".into()),
+            ws: Some("127.0.0.1:9200".into()),
             data: Some("/from/file".into()),
             log: Some("debug".into()),
             ..FileConfig::default()
@@ -258,6 +270,7 @@ mod tests {
         };
         let s = resolve(over, file).unwrap();
         assert_eq!(s.listen, "127.0.0.1:6000".parse().unwrap());
+        assert_eq!(s.ws, Some("127.0.0.1:9200".parse().unwrap()));
         assert_eq!(s.metrics, Some("127.0.0.1:9100".parse().unwrap()));
         assert_eq!(s.data, PathBuf::from("/from/file"));
         assert_eq!(s.log, "debug");

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod ops;
 pub mod pg;
 pub mod service;
+pub mod ws;
 
 /// How often a running hub checks the store's grants version (grants changed by the CLI,
 /// or by another process, hold on live sessions within this).

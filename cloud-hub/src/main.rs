@@ -220,7 +220,7 @@ impl StoreArgs {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// A TOML config file with any of the keys listen, metrics, data, cert, key, log
+    /// A TOML config file with any of the keys listen, metrics, ws, data, cert, key, log
     /// (relative paths are taken from the file's folder).
     #[arg(long, env = "SYNCLINE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -234,6 +234,10 @@ struct RunArgs {
     /// The HTTP address of /healthz and /metrics [default: none, no metrics server].
     #[arg(long, env = "SYNCLINE_METRICS", value_name = "ADDR")]
     metrics: Option<String>,
+    /// The TCP address of the WebSocket endpoint for browsers (`ws://ADDR/v1/sync`, the same
+    /// protocol as QUIC); port 0 picks a free port [default: none, no WebSocket endpoint].
+    #[arg(long, env = "SYNCLINE_WS", value_name = "ADDR")]
+    ws: Option<String>,
     /// A TLS certificate (PEM or DER) to serve instead of the self-signed one in the data
     /// directory; replicas pin its fingerprint, printed on start.
     #[arg(long, env = "SYNCLINE_CERT", value_name = "FILE")]
@@ -298,6 +302,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let over = Overrides {
                 listen: args.listen,
                 metrics: args.metrics,
+                ws: args.ws,
                 data: args.data,
                 cert: args.cert,
                 key: args.key,

@@ -81,6 +81,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         handle,
         settings.listen,
         settings.metrics,
+        settings.ws,
         server_config,
         &fingerprint,
         &key.to_string(),
@@ -105,6 +106,7 @@ async fn serve(
     handle: Handle,
     listen: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    ws_addr: Option<SocketAddr>,
     server_config: quinn::ServerConfig,
     fingerprint: &str,
     key: &str,
@@ -127,6 +129,14 @@ async fn serve(
         Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|e| {
             usage(format!(
                 "cannot listen on {a} (TCP) for metrics: {e}; choose another --metrics"
+            ))
+        })?),
+        None => None,
+    };
+    let ws_listener = match ws_addr {
+        Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|e| {
+            usage(format!(
+                "cannot listen on {a} (TCP) for WebSockets: {e}; choose another --ws"
             ))
         })?),
         None => None,
@@ -164,6 +174,23 @@ async fn serve(
         }));
         writeln!(out, "metrics on {addr}")?;
         tracing::info!(%addr, "metrics server started");
+    }
+    let (stop_ws, ws_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut ws_task = None;
+    if let Some(listener) = ws_listener {
+        let addr = listener
+            .local_addr()
+            .context("reading the WebSocket address")?;
+        let app = crate::ws::router(handle.clone());
+        ws_task = Some(tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = ws_stopped.await;
+                })
+                .await
+        }));
+        writeln!(out, "websocket on ws://{addr}/v1/sync")?;
+        tracing::info!(%addr, "WebSocket endpoint started");
     }
     out.flush()?;
     drop(out);
@@ -218,6 +245,16 @@ async fn serve(
     if let Some(t) = tail {
         t.abort();
         let _ = t.await;
+    }
+    let _ = stop_ws.send(());
+    if let Some(task) = ws_task {
+        // Open WebSocket sessions end with the runtime; what they pushed and was
+        // acknowledged is committed already.
+        if tokio::time::timeout(DRAIN_TIMEOUT, task).await.is_err() {
+            tracing::warn!(
+                "WebSocket sessions did not end within {DRAIN_TIMEOUT:?}; dropping them"
+            );
+        }
     }
     let _ = stop_metrics.send(());
     if let Some(task) = metrics_task {

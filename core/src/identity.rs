@@ -38,6 +38,12 @@ impl Identity {
         }
     }
 
+    /// The secret seed, for stores that keep the identity somewhere other than a key file
+    /// (a browser's storage). Zeroed when dropped.
+    pub fn to_seed(&self) -> zeroize::Zeroizing<[u8; 32]> {
+        zeroize::Zeroizing::new(self.key.to_bytes())
+    }
+
     /// This identity's public key.
     pub fn peer_id(&self) -> PeerId {
         PeerId(self.key.verifying_key().to_bytes())

@@ -334,6 +334,36 @@ impl Message {
         out
     }
 
+    /// Decodes exactly one whole frame, length prefix included: the unit of message-based
+    /// transports (one WebSocket binary message per frame). A length that disagrees with the
+    /// bytes given is `Truncated` (too few) or `Garbage` (too many).
+    pub fn from_frame(frame: &[u8]) -> Result<Message, WireError> {
+        let Some((prefix, payload)) = frame.split_first_chunk::<4>() else {
+            return Err(WireError::Truncated(format!(
+                "{} bytes, shorter than the length prefix",
+                frame.len()
+            )));
+        };
+        let len = u32::from_be_bytes(*prefix) as usize;
+        if len > MAX_FRAME {
+            return Err(WireError::FrameTooLarge {
+                len,
+                max: MAX_FRAME,
+            });
+        }
+        match payload.len().cmp(&len) {
+            std::cmp::Ordering::Less => Err(WireError::Truncated(format!(
+                "the frame says {len} bytes, {} came",
+                payload.len()
+            ))),
+            std::cmp::Ordering::Greater => Err(WireError::Garbage(format!(
+                "{} bytes after the frame",
+                payload.len() - len
+            ))),
+            std::cmp::Ordering::Equal => Message::from_payload(payload),
+        }
+    }
+
     /// Decodes one frame payload (without the length prefix).
     pub fn from_payload(payload: &[u8]) -> Result<Message, WireError> {
         if payload.len() > MAX_FRAME {
@@ -840,6 +870,35 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn a_whole_frame_decodes_and_anything_else_is_refused() {
+        for (name, msg) in golden_messages() {
+            let frame = msg.to_frame();
+            assert_eq!(Message::from_frame(&frame), Ok(msg), "{name}");
+            for cut in 0..frame.len() {
+                assert!(
+                    matches!(
+                        Message::from_frame(&frame[..cut]),
+                        Err(WireError::Truncated(_))
+                    ),
+                    "{name} cut to {cut} bytes"
+                );
+            }
+            let mut two = frame.clone();
+            two.extend_from_slice(&frame);
+            assert!(
+                matches!(Message::from_frame(&two), Err(WireError::Garbage(_))),
+                "{name}: two frames in one message"
+            );
+        }
+        let mut huge = (MAX_FRAME as u32 + 1).to_be_bytes().to_vec();
+        huge.push(0);
+        assert!(matches!(
+            Message::from_frame(&huge),
+            Err(WireError::FrameTooLarge { .. })
+        ));
     }
 
     #[test]

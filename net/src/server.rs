@@ -13,6 +13,7 @@ use syncline_core::wire::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::backoff::Backoff;
@@ -164,11 +165,109 @@ where
     }
 }
 
+/// One whole frame (length prefix included) as a message-based transport carries it: a
+/// WebSocket binary message, for browsers. `Ok(None)` from the transport means a message
+/// that is not a frame (a text message): the session is refused.
+pub type FrameResult = Result<Option<Vec<u8>>, NetError>;
+
 impl<S, P> HubHandle<S, P>
 where
     S: HubStore + Send + 'static,
     P: Policy + Send + 'static,
 {
+    /// Serves one session over a message-based transport (a WebSocket): each item of
+    /// `incoming` is one frame, each frame the hub sends goes to `outgoing` as one item. There
+    /// is no TLS exporter to bind the handshake to (`wss://` ends in the browser's TLS stack),
+    /// so the session runs unbound, as the protocol allows. Refusals are the same as on QUIC:
+    /// a message that is not exactly one valid frame gets an `Error` and ends the session.
+    pub async fn serve_frames<I, O>(&self, mut incoming: I, mut outgoing: O) -> Result<(), NetError>
+    where
+        I: futures_util::Stream<Item = FrameResult> + Unpin,
+        O: futures_util::Sink<Vec<u8>> + Unpin,
+        O::Error: std::fmt::Display,
+    {
+        use futures_util::{SinkExt, StreamExt};
+        let (out_tx, mut out_rx) = mpsc::channel::<Message>(SESSION_QUEUE);
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Open {
+                binding: [0; 32],
+                side: Side::Accepted,
+                outbound: out_tx,
+                reply,
+            })
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        let session = rx.await.map_err(|_| NetError::Stopped)?;
+        let traffic = self.traffic.clone();
+        let owner = self.tx.clone();
+        let writer = async {
+            while let Some(m) = out_rx.recv().await {
+                let frame = m.to_frame();
+                let len = frame.len() as u64;
+                outgoing
+                    .send(frame)
+                    .await
+                    .map_err(|e| NetError::Config(format!("websocket: {e}")))?;
+                traffic.bytes_out.fetch_add(len, Ordering::Relaxed);
+                if out_rx.is_empty() && owner.send(Command::Writable { session }).await.is_err() {
+                    break;
+                }
+            }
+            // The hub ended the session: close after what was queued.
+            let _ = outgoing.close().await;
+            Ok::<(), NetError>(())
+        };
+        let reader = async {
+            while let Some(item) = incoming.next().await {
+                let decoded = match item? {
+                    Some(frame) => {
+                        traffic
+                            .bytes_in
+                            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                        Message::from_frame(&frame)
+                    }
+                    None => Err(syncline_core::error::WireError::Garbage(
+                        "a text message; frames travel as binary messages".into(),
+                    )),
+                };
+                match decoded {
+                    Ok(msg) => self
+                        .tx
+                        .send(Command::Message { session, msg })
+                        .await
+                        .map_err(|_| NetError::Stopped)?,
+                    Err(error) => {
+                        let _ = self
+                            .tx
+                            .send(Command::WireError {
+                                session,
+                                error: error.clone(),
+                            })
+                            .await;
+                        // Keep the writer going so the Error reaches the peer.
+                        return Err::<(), NetError>(error.into());
+                    }
+                }
+            }
+            Ok(())
+        };
+        tokio::pin!(writer, reader);
+        let result = tokio::select! {
+            r = &mut reader => match r {
+                // A refused frame: the hub's Error is on its way out; let it drain briefly.
+                Err(e @ NetError::Wire(_)) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
+                    Err(e)
+                }
+                r => r,
+            },
+            r = &mut writer => r,
+        };
+        let _ = self.tx.send(Command::Close { session }).await;
+        result
+    }
+
     /// Keeps a link to a peer hub for as long as the hub runs: connects from `endpoint`
     /// (pinning the peer's certificate), runs the link session, and reconnects with backoff
     /// when it breaks. Both hubs then serve the same data set.

@@ -1,0 +1,113 @@
+// The JS API outside a browser (Node, memory storage): the calls, the errors for bad input,
+// and sync through a real hub's WebSocket endpoint with an edge-node on the other side.
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { Repo } from '../js/index.js';
+import { Hub, Edge, until } from './procs.mjs';
+
+let n = 0;
+const open = (opts = {}) => Repo.open({ name: `t${n++}`, storage: 'memory', ...opts });
+
+test('change, read, heads, ids and change events', async () => {
+  const repo = await open();
+  assert.match(repo.peerId, /^[0-9a-f]{64}$/);
+  const doc = await repo.find('sites/berlin/inventory');
+  const events = [];
+  doc.on('change', (e) => events.push(e));
+  const heads = await doc.change([
+    { op: 'put', path: ['bolts'], value: { $counter: 10 } },
+    { op: 'put', path: ['items'], value: [] },
+    { op: 'insert', path: ['items', -1], value: 'bolt' },
+  ]);
+  await doc.change([{ op: 'increment', path: ['bolts'], by: -3 }]);
+  assert.deepEqual(await doc.json(), { bolts: 7, items: ['bolt'] });
+  assert.equal(heads.length, 1);
+  assert.notDeepEqual(await doc.heads(), heads);
+  assert.deepEqual(await repo.docIds(), ['sites/berlin/inventory']);
+  assert.equal(events.length, 2);
+  assert.equal(events[0].origin, 'local');
+  assert.deepEqual(events[1].patches, [{ path: ['bolts'], action: 'increment' }]);
+  const s = await repo.status();
+  assert.equal(s.outbox, 2, 'both writes wait for a hub');
+  assert.equal(s.online, false);
+  await repo.close();
+  await assert.rejects(repo.status(), /closed/);
+});
+
+test('bad input is a thrown Error with a clear message, and the replica is unharmed', async () => {
+  const repo = await open();
+  const doc = await repo.find('d');
+  await doc.change([{ op: 'put', path: ['x'], value: 1 }]);
+  const cases = [
+    [() => repo.find(42), /document id must be a non-empty string/],
+    [() => repo.find(''), /non-empty string/],
+    [() => repo.find('a\u0000b'), /bad document id/],
+    [() => doc.change('not ops'), /must be an array/],
+    [() => doc.change([null]), /operation 0 must be an object/],
+    [() => doc.change([{ op: 'put', path: 'x', value: 1 }]), /needs "path"/],
+    [() => doc.change([{ op: 'frob', path: ['x'] }]), /bad operations.*frob/],
+    [() => doc.change([{ op: 'increment', path: ['x'], by: 1 }]), /refused/],
+    [() => doc.change([{ op: 'put', path: ['a', 'b', 'c'], value: 1 }]), /refused/],
+    [() => doc.change([{ op: 'put', path: [{}], value: 1 }]), /bad operations/],
+    [() => repo.subscribePrefix(7), /prefix must be a string/],
+    [() => Repo.open({ name: 'x', storage: 'memory', hub: 'http://nope' }), /ws:\/\/ or wss:\/\//],
+    [() => Repo.open({ name: 'x', storage: 'memory', hubKey: 'abc' }), /64 lowercase hex/],
+    [() => Repo.open({ name: 'x/../y', storage: 'memory' }), /storage name/],
+    [() => Repo.open({ name: 'x', storage: 'disk' }), /"opfs" or "memory"/],
+    [() => Repo.open({ name: 'x', storage: 'opfs' }), /OPFS/],
+    [() => Repo.open(null), /options object/],
+  ];
+  for (const [f, want] of cases) {
+    let thrown;
+    try { await f(); } catch (e) { thrown = e; }
+    assert.ok(thrown instanceof Error, `${f}: threw ${thrown}`);
+    assert.match(thrown.message, want, `${f}`);
+  }
+  assert.deepEqual(await doc.json(), { x: 1 }, 'nothing stored was harmed');
+  await doc.change([{ op: 'put', path: ['y'], value: 2 }]);
+  assert.deepEqual(await doc.json(), { x: 1, y: 2 });
+  await repo.close();
+});
+
+test('two replicas and an edge-node converge through the hub over WebSocket', async (t) => {
+  const hub = await Hub.start();
+  const edge = await Edge.start(hub);
+  t.after(async () => { await edge.stop(); await hub.stop(); edge.remove(); hub.remove(); });
+  const a = await open({ hub: hub.url, hubKey: hub.key });
+  const b = await open({ hub: hub.url, hubKey: hub.key });
+  for (const r of [a, b]) hub.grant(r.peerId, 'boards/');
+  const id = 'boards/one';
+  await edge.subscribe('boards/');
+  const da = await a.find(id);
+  const db = await b.find(id);
+  await da.change([{ op: 'put', path: ['count'], value: { $counter: 0 } }]);
+  await until('b sees the counter', 20000, async () => (await db.json()).count === 0);
+  // Concurrent increments from both replicas and the edge.
+  await Promise.all([
+    ...Array.from({ length: 10 }, () => da.change([{ op: 'increment', path: ['count'], by: 1 }])),
+    ...Array.from({ length: 10 }, () => db.change([{ op: 'increment', path: ['count'], by: 2 }])),
+  ]);
+  await edge.change(id, [{ op: 'increment', path: ['count'], by: 100 }]);
+  for (const [name, read] of [['a', () => da.json()], ['b', () => db.json()], ['edge', () => edge.json(id)]]) {
+    await until(`${name} converges to 130`, 20000, async () => (await read())?.count === 130);
+  }
+  assert.deepEqual(await da.heads(), await db.heads());
+  await until('a has no unacknowledged writes', 10000, async () => (await a.status()).outbox === 0);
+  const s = await a.status();
+  assert.equal(s.online, true);
+  assert.equal(s.hub, hub.key);
+  await a.close();
+  await b.close();
+});
+
+test('a replica pinned to another hub key is refused, and says so', async (t) => {
+  const hub = await Hub.start();
+  t.after(async () => { await hub.stop(); hub.remove(); });
+  const errors = [];
+  const r = await open({ hub: hub.url, hubKey: 'ab'.repeat(32) });
+  r.on('error', (e) => errors.push(e.message));
+  await until('a refusal', 10000, async () => (await r.status()).lastError || errors.length);
+  const s = await r.status();
+  assert.equal(s.hub, null, 'no session with an unexpected hub');
+  await r.close();
+});
