@@ -267,9 +267,11 @@ pub fn export(
             progress(i as u64 + 1);
         }
     }
-    let file = out.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_all().map_err(io)?;
-    drop(file);
+    // Synced and closed (the block ends the file) before it is renamed into place.
+    {
+        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+    }
     std::fs::rename(&partial, to).map_err(io)?;
     progress(changes.len() as u64);
     let graph: Vec<(ChangeHash, Vec<ChangeHash>)> =

@@ -186,7 +186,7 @@ export class DocHandle {
     return this.repo.call('change', [this.id, ops]);
   }
 
-  /** The document as a plain object. */
+  /** The document as a plain object, or null while this replica does not hold it. */
   json() { return this.repo.call('json', [this.id]); }
 
   /** The document's heads (hex change hashes). */

@@ -191,24 +191,24 @@ impl Engine {
         Ok(serde_json::json!(hex_heads(&heads)).to_string())
     }
 
-    /// The document as JSON text (`{}` for a document this replica has not seen).
+    /// The document as JSON text: `null` for a document this replica does not hold (yet).
     pub fn json(&mut self, doc: &str) -> Result<String, JsError> {
         let id = doc_id(doc)?;
-        let value = self
-            .replica
-            .json(&id)
-            .map_err(|e| js_err("reading the document", e))?;
-        Ok(value.to_string())
+        match self.replica.json(&id) {
+            Ok(value) => Ok(value.to_string()),
+            Err(syncline_core::Error::UnknownDocument(_)) => Ok("null".into()),
+            Err(e) => Err(js_err("reading the document", e)),
+        }
     }
 
-    /// The document's heads, a JSON array of hex hashes.
+    /// The document's heads, a JSON array of hex hashes (empty for a document not held).
     pub fn heads(&mut self, doc: &str) -> Result<String, JsError> {
         let id = doc_id(doc)?;
-        let d = self
-            .replica
-            .doc(&id)
-            .map_err(|e| js_err("reading the document", e))?;
-        Ok(serde_json::json!(hex_heads(&d.heads())).to_string())
+        match self.replica.doc(&id) {
+            Ok(d) => Ok(serde_json::json!(hex_heads(&d.heads())).to_string()),
+            Err(syncline_core::Error::UnknownDocument(_)) => Ok("[]".into()),
+            Err(e) => Err(js_err("reading the document", e)),
+        }
     }
 
     /// The ids of the stored documents, a JSON array.
@@ -265,7 +265,12 @@ impl Engine {
         })?;
         self.replica
             .handle_message(msg)
-            .map_err(|e| js_err("refused from the hub", e))
+            .map_err(|e| js_err("refused from the hub", e))?;
+        // Verify and store what came now, so that a refusal (a forged signature) is this
+        // call's error rather than a log line (the event loop gives no later moment to ask).
+        self.replica
+            .flush()
+            .map_err(|e| js_err("refused changes from the hub", e))
     }
 
     /// The next frame to send to the hub, if any.

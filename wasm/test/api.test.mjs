@@ -37,6 +37,8 @@ test('change, read, heads, ids and change events', async () => {
 test('bad input is a thrown Error with a clear message, and the replica is unharmed', async () => {
   const repo = await open();
   const doc = await repo.find('d');
+  assert.equal(await doc.json(), null, 'not held yet');
+  assert.deepEqual(await doc.heads(), []);
   await doc.change([{ op: 'put', path: ['x'], value: 1 }]);
   const cases = [
     [() => repo.find(42), /document id must be a non-empty string/],
@@ -81,7 +83,7 @@ test('two replicas and an edge-node converge through the hub over WebSocket', as
   const da = await a.find(id);
   const db = await b.find(id);
   await da.change([{ op: 'put', path: ['count'], value: { $counter: 0 } }]);
-  await until('b sees the counter', 20000, async () => (await db.json()).count === 0);
+  await until('b sees the counter', 20000, async () => (await db.json())?.count === 0);
   // Concurrent increments from both replicas and the edge.
   await Promise.all([
     ...Array.from({ length: 10 }, () => da.change([{ op: 'increment', path: ['count'], by: 1 }])),

@@ -55,18 +55,48 @@ class Proc {
   }
 }
 
+/** A free port on 127.0.0.1 (`udp` for QUIC). */
+export async function freePort(udp = false) {
+  if (udp) {
+    const { createSocket } = await import('node:dgram');
+    const s = createSocket('udp4');
+    await new Promise((r) => s.bind(0, '127.0.0.1', r));
+    const { port } = s.address();
+    await new Promise((r) => s.close(r));
+    return port;
+  }
+  const { createServer } = await import('node:net');
+  const s = createServer();
+  await new Promise((r) => s.listen(0, '127.0.0.1', r));
+  const { port } = s.address();
+  await new Promise((r) => s.close(r));
+  return port;
+}
+
 export class Hub {
-  /** Starts a hub on free ports, with the WebSocket endpoint on `ws` (default: a free port). */
-  static async start({ data = tempDir('hub'), ws = '127.0.0.1:0' } = {}) {
+  /**
+   * Starts a hub with the WebSocket endpoint on. `fixed` picks its ports once, so that a
+   * restart comes back on the same addresses (for edges and browsers that reconnect).
+   */
+  static async start({ data = tempDir('hub'), fixed = false } = {}) {
     const hub = new Hub();
     hub.data = data;
-    hub.proc = new Proc(HUB_BIN, ['run', '--data', data, '--listen', '127.0.0.1:0', '--ws', ws]);
+    hub.listen = fixed ? `127.0.0.1:${await freePort(true)}` : '127.0.0.1:0';
+    hub.ws = fixed ? `127.0.0.1:${await freePort()}` : '127.0.0.1:0';
+    await hub.run();
+    return hub;
+  }
+  async restart() {
+    await this.run();
+  }
+  async run() {
+    const hub = this;
+    hub.proc = new Proc(HUB_BIN, ['run', '--data', hub.data, '--listen', hub.listen, '--ws', hub.ws]);
     const [, , addr, , fingerprint, , key] = (await hub.proc.line('listening on ')).split(' ');
     hub.addr = addr;
     hub.fingerprint = fingerprint;
     hub.key = key;
     hub.url = (await hub.proc.line('websocket on ')).split(' ')[2];
-    return hub;
   }
   grant(key, prefix = '', mode = 'rw') {
     execFileSync(HUB_BIN, ['grant', '--data', this.data, key, prefix, mode], { stdio: 'pipe' });
