@@ -30,7 +30,7 @@ after(async () => {
 async function openPage(context, { name, hub, hubUrl }) {
   const page = await context.newPage();
   page.on('pageerror', (e) => console.error('page error:', e.message));
-  await page.goto(`${site.url}/test/page.html`);
+  await page.goto(`${site.url}/wasm/test/page.html`);
   await page.waitForFunction(() => window.ready === true);
   const peer = await page.evaluate(async ({ name, url, key }) => {
     window.repo = await window.Repo.open({ name, hub: url, hubKey: key });
@@ -178,4 +178,30 @@ test('a forged change from the hub is refused in the browser', async (t) => {
   assert.ok(events.length > 0);
   assert.equal(await read(page, 'alarms/a1'), null, 'nothing of the forged change was stored');
   assert.deepEqual(await page.evaluate(() => window.repo.docIds()), []);
+});
+
+test('the example inventory board syncs with an edge-node', async (t) => {
+  const hub = await Hub.start();
+  const edge = await Edge.start(hub);
+  const context = await browser.newContext();
+  t.after(async () => { await context.close(); await edge.stop(); await hub.stop(); edge.remove(); hub.remove(); });
+  await edge.subscribe('sites/');
+  const id = 'sites/berlin/inventory';
+  await edge.change(id, [{ op: 'put', path: ['stock'], value: { bolts: { $counter: 10 } } }]);
+  const page = await context.newPage();
+  page.on('pageerror', (e) => console.error('page error:', e.message));
+  await page.goto(`${site.url}/examples/web-board/?hub=${encodeURIComponent(hub.url)}&key=${hub.key}`);
+  const key = await until('the board shows its key', 20000, async () => /^[0-9a-f]{64}$/.test(await page.textContent('#key')) && page.textContent('#key'));
+  hub.grant(key, 'sites/');
+  await page.waitForSelector('#items tr', { timeout: 20000 });
+  assert.match(await page.textContent('#items'), /bolts\s*10/);
+  await page.click('#items tr button:has-text("−")');
+  await until('the edge sees the board take a bolt', 20000, async () => (await edge.json(id))?.stock?.bolts === 9);
+  await page.fill('#name', 'nuts');
+  await page.fill('#qty', '5');
+  await page.click('#add button');
+  await until('the edge sees the new item', 20000, async () => (await edge.json(id))?.stock?.nuts === 5);
+  await edge.change(id, [{ op: 'increment', path: ['stock', 'nuts'], by: 3 }]);
+  await until('the board shows the edge write', 20000, async () => /nuts\s*8/.test(await page.textContent('#items')));
+  assert.match(await page.textContent('#status'), /online/);
 });
