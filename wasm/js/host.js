@@ -169,12 +169,8 @@ export class Host {
     switch (method) {
       case 'peerId':
         return e.peerId();
-      case 'change': {
-        const [doc, ops] = args;
-        const heads = JSON.parse(e.change(doc, JSON.stringify(ops)));
-        this.pump();
-        return heads;
-      }
+      case 'change':
+        return this.queueChange(args[0], args[1]);
       case 'json':
         return JSON.parse(e.json(args[0]));
       case 'heads':
@@ -195,8 +191,53 @@ export class Host {
     }
   }
 
+  /**
+   * Writes that arrive together commit together: the first one schedules a commit for the
+   * end of this turn of the event loop, and every write queued by then goes into the same
+   * transaction (one durable OPFS commit instead of one each). Each caller's promise resolves
+   * after the commit, with its document's heads then.
+   */
+  queueChange(doc, ops) {
+    return new Promise((resolve, reject) => {
+      this.batch ??= [];
+      this.batch.push({ doc, ops, resolve, reject });
+      if (this.batch.length === 1) setTimeout(() => this.commitBatch(), 0);
+    });
+  }
+
+  commitBatch() {
+    const batch = this.batch ?? [];
+    this.batch = [];
+    if (batch.length === 0) return;
+    if (this.closed) {
+      for (const w of batch) w.reject(new Error('the repo is closed'));
+      return;
+    }
+    const one = (w) => {
+      try {
+        w.resolve(JSON.parse(this.engine.change(w.doc, JSON.stringify(w.ops))));
+      } catch (err) {
+        w.reject(err);
+      }
+    };
+    if (batch.length === 1) {
+      one(batch[0]);
+    } else {
+      try {
+        const heads = JSON.parse(this.engine.changeMany(JSON.stringify(batch.map((w) => [w.doc, w.ops]))));
+        batch.forEach((w, i) => w.resolve(heads[i]));
+      } catch {
+        // One bad write refuses the whole transaction: commit them one by one, so that each
+        // caller gets its own result.
+        batch.forEach(one);
+      }
+    }
+    this.pump();
+  }
+
   close() {
     if (this.closed) return;
+    this.commitBatch(); // writes queued before close are committed, not dropped
     this.closed = true;
     clearTimeout(this.timer);
     const ws = this.ws;

@@ -17,7 +17,7 @@ self.onmessage = async ({ data }) => {
       return;
     }
     if (!host) throw new Error('the repo is not open');
-    const result = host.call(data.method, data.args ?? []);
+    const result = await host.call(data.method, data.args ?? []);
     self.postMessage({ id, result });
     if (data.method === 'close') self.close();
   } catch (e) {

@@ -191,6 +191,37 @@ impl Engine {
         Ok(serde_json::json!(hex_heads(&heads)).to_string())
     }
 
+    /// Applies several writes in one transaction (group commit): `writes` is a JSON array of
+    /// `[docId, ops]` pairs. All are durable when this returns, or none is (then the error
+    /// names the first bad write, by its index). Returns each write's document heads after
+    /// the commit, a JSON array in the same order.
+    #[wasm_bindgen(js_name = changeMany)]
+    pub fn change_many(&mut self, writes: &str) -> Result<String, JsError> {
+        let items: Vec<(String, serde_json::Value)> = serde_json::from_str(writes)
+            .map_err(|e| js_err("bad writes (want [[docId, ops], ...])", e))?;
+        let mut batch = Vec::with_capacity(items.len());
+        for (i, (doc, ops)) in items.iter().enumerate() {
+            let id = doc_id(doc)
+                .map_err(|_| JsError::new(&format!("write {i}: bad document id {doc:?}")))?;
+            let ops = Op::list_from_json(&ops.to_string())
+                .map_err(|e| js_err(&format!("write {i}: bad operations"), e))?;
+            batch.push((id, ops));
+        }
+        self.replica
+            .change_many(&batch)
+            .map_err(|e| js_err("the changes were refused", e))?;
+        let mut out = Vec::with_capacity(batch.len());
+        for (id, _) in &batch {
+            let heads = self
+                .replica
+                .doc(id)
+                .map(|d| hex_heads(&d.heads()))
+                .map_err(|e| js_err("reading the document", e))?;
+            out.push(heads);
+        }
+        Ok(serde_json::json!(out).to_string())
+    }
+
     /// The document as JSON text: `null` for a document this replica does not hold (yet).
     pub fn json(&mut self, doc: &str) -> Result<String, JsError> {
         let id = doc_id(doc)?;

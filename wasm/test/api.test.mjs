@@ -66,6 +66,16 @@ test('bad input is a thrown Error with a clear message, and the replica is unhar
     assert.match(thrown.message, want, `${f}`);
   }
   assert.deepEqual(await doc.json(), { x: 1 }, 'nothing stored was harmed');
+  // Writes made together commit together; a bad one among them fails alone.
+  const together = await Promise.allSettled([
+    doc.change([{ op: 'put', path: ['g1'], value: 1 }]),
+    doc.change([{ op: 'increment', path: ['x'], by: 1 }]),
+    doc.change([{ op: 'put', path: ['g2'], value: 2 }]),
+  ]);
+  assert.deepEqual(together.map((r) => r.status), ['fulfilled', 'rejected', 'fulfilled']);
+  assert.match(together[1].reason.message, /refused/);
+  assert.deepEqual(await doc.json(), { x: 1, g1: 1, g2: 2 });
+  await doc.change([{ op: 'delete', path: ['g1'] }, { op: 'delete', path: ['g2'] }]);
   await doc.change([{ op: 'put', path: ['y'], value: 2 }]);
   assert.deepEqual(await doc.json(), { x: 1, y: 2 });
   await repo.close();
@@ -84,6 +94,7 @@ test('two replicas and an edge-node converge through the hub over WebSocket', as
   const db = await b.find(id);
   await da.change([{ op: 'put', path: ['count'], value: { $counter: 0 } }]);
   await until('b sees the counter', 20000, async () => (await db.json())?.count === 0);
+  await until('the edge sees the counter', 20000, async () => (await edge.json(id))?.count === 0);
   // Concurrent increments from both replicas and the edge.
   await Promise.all([
     ...Array.from({ length: 10 }, () => da.change([{ op: 'increment', path: ['count'], by: 1 }])),

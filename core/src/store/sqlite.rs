@@ -30,6 +30,13 @@ pub(crate) fn open_keyed(
     key: Option<&StoreKey>,
 ) -> Result<Connection> {
     let conn = Connection::open(path).ctx("opening the store file")?;
+    // In the browser (OPFS) there is no shared memory for WAL's index: WAL works there only
+    // with the database held exclusively, which it is anyway (one worker owns the store).
+    // This must come before the first read, which would otherwise look for the shared index.
+    if cfg!(target_arch = "wasm32") {
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+            .ctx("taking the store exclusively")?;
+    }
     if let Some(key) = key {
         apply_key(&conn, path, key)?;
     }
@@ -94,13 +101,7 @@ fn configure(conn: &Connection, cache_mib: u32) -> Result<()> {
     }
     conn.busy_timeout(Duration::from_secs(5))
         .ctx("setting the busy timeout")?;
-    // In the browser (OPFS) there is no shared memory for WAL's index: a rollback journal,
-    // truncated after each commit, is as durable there, with one writer per store anyway.
-    let want = if cfg!(target_arch = "wasm32") {
-        "truncate"
-    } else {
-        "wal"
-    };
+    let want = "wal";
     let mode: String = conn
         .pragma_update_and_check(None, "journal_mode", want, |r| r.get(0))
         .ctx("setting the journal mode")?;
