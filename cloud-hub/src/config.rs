@@ -23,6 +23,8 @@ pub struct FileConfig {
     pub metrics: Option<String>,
     /// WebSocket listen address for browsers (no WebSocket endpoint if absent).
     pub ws: Option<String>,
+    /// Serve the WebSocket endpoint as `wss://`, with the hub's certificate.
+    pub ws_tls: Option<bool>,
     /// The data directory.
     pub data: Option<PathBuf>,
     /// A certificate file (PEM or DER) to use instead of the self-signed one.
@@ -48,7 +50,7 @@ impl FileConfig {
         let mut cfg: FileConfig = toml::from_str(&text).map_err(|e| {
             usage(format!(
                 "the config file {} is not valid: {e}\nknown keys: listen, metrics, ws, \
-                 data, cert, key, log, store",
+                 ws_tls, data, cert, key, log, store",
                 path.display()
             ))
         })?;
@@ -74,6 +76,8 @@ pub struct Overrides {
     pub metrics: Option<String>,
     /// `--ws` / `SYNCLINE_WS`.
     pub ws: Option<String>,
+    /// `--ws-tls` / `SYNCLINE_WS_TLS`.
+    pub ws_tls: Option<bool>,
     /// `--data` / `SYNCLINE_DATA`.
     pub data: Option<PathBuf>,
     /// `--cert` / `SYNCLINE_CERT`.
@@ -109,6 +113,8 @@ pub struct Settings {
     pub metrics: Option<SocketAddr>,
     /// WebSocket listen address (browsers).
     pub ws: Option<SocketAddr>,
+    /// Whether the WebSocket endpoint is `wss://` (TLS with the hub's certificate).
+    pub ws_tls: bool,
     /// The data directory.
     pub data: PathBuf,
     /// The certificate.
@@ -193,6 +199,7 @@ pub fn resolve(over: Overrides, file: FileConfig) -> anyhow::Result<Settings> {
         listen,
         metrics,
         ws,
+        ws_tls: over.ws_tls.or(file.ws_tls).unwrap_or(false),
         data,
         tls,
         log,

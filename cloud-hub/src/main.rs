@@ -220,7 +220,7 @@ impl StoreArgs {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// A TOML config file with any of the keys listen, metrics, ws, data, cert, key, log
+    /// A TOML config file with any of the keys listen, metrics, ws, ws_tls, data, cert, key, log
     /// (relative paths are taken from the file's folder).
     #[arg(long, env = "SYNCLINE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -238,6 +238,10 @@ struct RunArgs {
     /// protocol as QUIC); port 0 picks a free port [default: none, no WebSocket endpoint].
     #[arg(long, env = "SYNCLINE_WS", value_name = "ADDR")]
     ws: Option<String>,
+    /// Serve the WebSocket endpoint as wss:// with the hub's certificate (--cert/--key: one
+    /// that browsers trust) instead of ws://.
+    #[arg(long, env = "SYNCLINE_WS_TLS")]
+    ws_tls: bool,
     /// A TLS certificate (PEM or DER) to serve instead of the self-signed one in the data
     /// directory; replicas pin its fingerprint, printed on start.
     #[arg(long, env = "SYNCLINE_CERT", value_name = "FILE")]
@@ -303,6 +307,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 listen: args.listen,
                 metrics: args.metrics,
                 ws: args.ws,
+                ws_tls: args.ws_tls.then_some(true),
                 data: args.data,
                 cert: args.cert,
                 key: args.key,

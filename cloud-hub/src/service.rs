@@ -41,6 +41,10 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let fingerprint = tls::fingerprint(&cert.cert_der);
     let server_config = tls::server_config(&cert).context("the TLS certificate")?;
+    let ws_tls = match settings.ws_tls {
+        true => Some(tls::https_server_config(&cert).context("the TLS certificate")?),
+        false => None,
+    };
 
     // One hub process owns the data directory (the grants CLI may still write to it).
     let _lock = syncline_core::store::lock_dir(dir.root()).map_err(|e| usage(e.to_string()))?;
@@ -82,6 +86,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         settings.listen,
         settings.metrics,
         settings.ws,
+        ws_tls,
         server_config,
         &fingerprint,
         &key.to_string(),
@@ -107,6 +112,7 @@ async fn serve(
     listen: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     ws_addr: Option<SocketAddr>,
+    ws_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     server_config: quinn::ServerConfig,
     fingerprint: &str,
     key: &str,
@@ -182,14 +188,20 @@ async fn serve(
             .local_addr()
             .context("reading the WebSocket address")?;
         let app = crate::ws::router(handle.clone());
+        let scheme = if ws_tls.is_some() { "wss" } else { "ws" };
         ws_task = Some(tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = ws_stopped.await;
-                })
-                .await
+            match ws_tls {
+                Some(config) => crate::ws::serve_tls(listener, config, app, ws_stopped).await,
+                None => {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(async {
+                            let _ = ws_stopped.await;
+                        })
+                        .await
+                }
+            }
         }));
-        writeln!(out, "websocket on ws://{addr}/v1/sync")?;
+        writeln!(out, "websocket on {scheme}://{addr}/v1/sync")?;
         tracing::info!(%addr, "WebSocket endpoint started");
     }
     out.flush()?;

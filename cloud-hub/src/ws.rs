@@ -21,6 +21,59 @@ pub fn router(handle: Handle) -> Router {
         .with_state(handle)
 }
 
+/// Serves `app` as HTTPS (`wss://`) on `listener` until `stop` fires: each connection's TLS
+/// handshake must end within 10 s, then HTTP/1.1 with upgrades (the WebSocket) runs over it.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    config: std::sync::Arc<rustls::ServerConfig>,
+    app: Router,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> std::io::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            _ = &mut stop => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little, go on serving.
+                    tracing::warn!(error = %e, "accepting a WebSocket connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                acceptor.accept(tcp),
+            )
+            .await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%remote, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .with_upgrades()
+                .await
+            {
+                tracing::debug!(%remote, error = %e, "HTTPS connection ended");
+            }
+        });
+    }
+}
+
 async fn upgrade(State(handle): State<Handle>, ws: WebSocketUpgrade) -> Response {
     // One frame per message: nothing larger than the largest frame is read into memory.
     ws.max_message_size(MAX_FRAME + 4)

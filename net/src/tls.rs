@@ -65,10 +65,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// QUIC server settings for a hub with this certificate.
-pub fn server_config(key: &CertifiedKey) -> Result<quinn::ServerConfig, NetError> {
+fn rustls_server(key: &CertifiedKey) -> Result<rustls::ServerConfig, NetError> {
     let tls = |e: rustls::Error| NetError::Tls(e.to_string());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+    rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls)?
         .with_no_client_auth()
@@ -76,7 +75,19 @@ pub fn server_config(key: &CertifiedKey) -> Result<quinn::ServerConfig, NetError
             vec![CertificateDer::from(key.cert_der.clone())],
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.key_der.clone())),
         )
-        .map_err(tls)?;
+        .map_err(tls)
+}
+
+/// TLS 1.3 settings for the hub's `wss://` endpoint (HTTP/1.1 over TCP, for browsers).
+pub fn https_server_config(key: &CertifiedKey) -> Result<Arc<rustls::ServerConfig>, NetError> {
+    let mut cfg = rustls_server(key)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// QUIC server settings for a hub with this certificate.
+pub fn server_config(key: &CertifiedKey) -> Result<quinn::ServerConfig, NetError> {
+    let mut cfg = rustls_server(key)?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
         .map_err(|e| NetError::Tls(e.to_string()))?;

@@ -3,6 +3,9 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { Repo } from '../js/index.js';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import WS from 'ws';
 import { Hub, Edge, until } from './procs.mjs';
 
 let n = 0;
@@ -123,4 +126,30 @@ test('a replica pinned to another hub key is refused, and says so', async (t) =>
   const s = await r.status();
   assert.equal(s.hub, null, 'no session with an unexpected hub');
   await r.close();
+});
+
+test('the hub serves wss:// with its certificate', async (t) => {
+  const hub = await Hub.start({ tls: true });
+  t.after(async () => { await hub.stop(); hub.remove(); });
+  assert.match(hub.url, /^wss:\/\//);
+  // Trust exactly the hub's self-signed certificate (a browser trusts a CA's instead).
+  const der = readFileSync(join(hub.data, 'cert.der'));
+  const pem = `-----BEGIN CERTIFICATE-----\n${der.toString('base64').match(/.{1,64}/g).join('\n')}\n-----END CERTIFICATE-----\n`;
+  class Pinned extends WS {
+    constructor(url) { super(url, { ca: pem, checkServerIdentity: () => undefined }); }
+  }
+  const a = await open({ hub: hub.url, hubKey: hub.key, WebSocket: Pinned });
+  const b = await open({ hub: hub.url, hubKey: hub.key, WebSocket: Pinned });
+  for (const r of [a, b]) hub.grant(r.peerId, 'tls/');
+  const da = await a.find('tls/doc');
+  const db = await b.find('tls/doc');
+  await da.change([{ op: 'put', path: ['over'], value: 'tls' }]);
+  await until('b gets the write over wss', 20000, async () => (await db.json())?.over === 'tls');
+  // A client that does not trust the certificate gets no session.
+  const errors = [];
+  const c = await open({ hub: hub.url, hubKey: hub.key, WebSocket: WS });
+  c.on('error', (e) => errors.push(e));
+  await until('the untrusting client stays offline with an error', 10000, async () => (await c.status()).lastError);
+  assert.equal((await c.status()).online, false);
+  for (const r of [a, b, c]) await r.close();
 });

@@ -78,9 +78,10 @@ export class Hub {
    * Starts a hub with the WebSocket endpoint on. `fixed` picks its ports once, so that a
    * restart comes back on the same addresses (for edges and browsers that reconnect).
    */
-  static async start({ data = tempDir('hub'), fixed = false } = {}) {
+  static async start({ data = tempDir('hub'), fixed = false, tls = false } = {}) {
     const hub = new Hub();
     hub.data = data;
+    hub.tls = tls;
     hub.listen = fixed ? `127.0.0.1:${await freePort(true)}` : '127.0.0.1:0';
     hub.ws = fixed ? `127.0.0.1:${await freePort()}` : '127.0.0.1:0';
     await hub.run();
@@ -91,7 +92,8 @@ export class Hub {
   }
   async run() {
     const hub = this;
-    hub.proc = new Proc(HUB_BIN, ['run', '--data', hub.data, '--listen', hub.listen, '--ws', hub.ws]);
+    hub.proc = new Proc(HUB_BIN, ['run', '--data', hub.data, '--listen', hub.listen, '--ws', hub.ws,
+      ...(hub.tls ? ['--ws-tls'] : [])]);
     const [, , addr, , fingerprint, , key] = (await hub.proc.line('listening on ')).split(' ');
     hub.addr = addr;
     hub.fingerprint = fingerprint;
