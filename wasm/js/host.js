@@ -21,6 +21,7 @@ export class Host {
     this.closed = false;
     this.backoff = BACKOFF_MIN;
     this.timer = null;
+    this.repump = null;
     this.lastError = null;
     if (this.hub) {
       if (!this.WebSocket) {
@@ -84,9 +85,13 @@ export class Host {
       try {
         this.engine.handleFrame(new Uint8Array(m.data));
       } catch (e) {
-        // A bad frame or a forged change: nothing of it was stored; the session ends.
+        // A bad frame or a forged change: nothing of it was stored. The engine's error for
+        // the hub (if any) goes out, then the session ends; the retry timer starts over.
         this.lastError = String(e?.message ?? e);
         this.onEvent({ type: 'error', message: this.lastError });
+        this.pump();
+        try { ws.close(); } catch { /* closing already */ }
+        return;
       }
       this.pump();
     };
@@ -126,7 +131,10 @@ export class Host {
           if (!frame) break;
           ws.send(frame);
         }
-        if (ws.bufferedAmount >= MAX_BUFFERED) setTimeout(() => this.pump(), 20);
+        if (ws.bufferedAmount >= MAX_BUFFERED && !this.repump) {
+          // The socket is full: look again soon (WebSocket has no "drained" event).
+          this.repump = setTimeout(() => { this.repump = null; this.pump(); }, 20);
+        }
         if (this.engine.sessionFailed()) ws.close();
       } catch (e) {
         this.fail(ws, e);
@@ -165,6 +173,8 @@ export class Host {
   /** One call from the app. Returns a structured-cloneable value or throws an Error. */
   call(method, args) {
     if (this.closed) throw new Error('the repo is closed');
+    // Calls take effect in the order they were made: a read after a write sees it.
+    if (method !== 'change' && this.batch?.length) this.commitBatch();
     const e = this.engine;
     switch (method) {
       case 'peerId':
@@ -240,6 +250,7 @@ export class Host {
     this.commitBatch(); // writes queued before close are committed, not dropped
     this.closed = true;
     clearTimeout(this.timer);
+    clearTimeout(this.repump);
     const ws = this.ws;
     this.ws = null;
     if (ws) try { ws.close(); } catch { /* ignore */ }

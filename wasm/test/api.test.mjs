@@ -79,6 +79,11 @@ test('bad input is a thrown Error with a clear message, and the replica is unhar
   assert.match(together[1].reason.message, /refused/);
   assert.deepEqual(await doc.json(), { x: 1, g1: 1, g2: 2 });
   await doc.change([{ op: 'delete', path: ['g1'] }, { op: 'delete', path: ['g2'] }]);
+  // A read issued after a write, without waiting for it, sees it.
+  const write = doc.change([{ op: 'put', path: ['z'], value: 3 }]);
+  assert.equal((await doc.json()).z, 3);
+  await write;
+  await doc.change([{ op: 'delete', path: ['z'] }]);
   await doc.change([{ op: 'put', path: ['y'], value: 2 }]);
   assert.deepEqual(await doc.json(), { x: 1, y: 2 });
   await repo.close();
@@ -152,4 +157,36 @@ test('the hub serves wss:// with its certificate', async (t) => {
   await until('the untrusting client stays offline with an error', 10000, async () => (await c.status()).lastError);
   assert.equal((await c.status()).online, false);
   for (const r of [a, b, c]) await r.close();
+});
+
+test('the hub refuses bad WebSocket input, and keeps serving', async (t) => {
+  const hub = await Hub.start();
+  t.after(async () => { await hub.stop(); hub.remove(); });
+  const session = (send) => new Promise((resolve) => {
+    const ws = new WS(hub.url);
+    const got = [];
+    ws.on('open', () => send(ws));
+    ws.on('message', (m) => got.push(Buffer.from(m)));
+    ws.on('close', () => resolve(got));
+    ws.on('error', () => {});
+  });
+  const isError = (frame) => frame.length > 5 && frame[4] === 10; // Message::Error is tag 10
+  // A text message, garbage, a frame whose length disagrees with its bytes, two frames in one
+  // message: each gets the protocol's Error and the session ends.
+  for (const [what, bad] of [
+    ['text', 'hello'],
+    ['garbage', Buffer.from([0, 0, 0, 3, 0xff, 0xff, 0xff])],
+    ['short', Buffer.from([0, 0, 0, 9, 1])],
+    ['oversized length', Buffer.from([0xff, 0xff, 0xff, 0xff, 0])],
+  ]) {
+    const got = await session((ws) => ws.send(bad));
+    assert.ok(got.some(isError), `${what}: an Error frame before the close (${got.length} frames)`);
+  }
+  // A message over the frame limit is refused by the WebSocket layer itself.
+  await session((ws) => ws.send(Buffer.alloc(8 * 1024 * 1024 + 16)));
+  // The hub still serves a well-behaved replica.
+  const a = await open({ hub: hub.url, hubKey: hub.key });
+  hub.grant(a.peerId, '');
+  await until('a session after the bad ones', 10000, async () => (await a.status()).connected);
+  await a.close();
 });
