@@ -110,11 +110,14 @@ async fn install_opfs(name: &str) -> Result<String, JsError> {
         .build();
     install::<sqlite_wasm_rs::WasmOsCallback>(&cfg, false)
         .await
-        .map_err(|e| {
-            JsError::new(&format!(
-                "cannot open the storage {name:?} in OPFS ({e}): it needs a dedicated worker, \
-                 and no other tab or worker may have it open"
-            ))
+        .map_err(|e| match e {
+            sqlite_wasm_vfs::sahpool::OpfsSAHError::NotSupported => {
+                JsError::new("OPFS storage works only in a dedicated worker (Repo.open starts one)")
+            }
+            e => JsError::new(&format!(
+                "cannot open the storage {name:?}: another tab or worker has it open; close \
+                 it there, or use another name ({e})"
+            )),
         })?;
     Ok(vfs)
 }

@@ -205,3 +205,31 @@ test('the example inventory board syncs with an edge-node', async (t) => {
   await until('the board shows the edge write', 20000, async () => /nuts\s*8/.test(await page.textContent('#items')));
   assert.match(await page.textContent('#status'), /online/);
 });
+
+test('a second tab cannot open a storage name another tab holds, and says why', async (t) => {
+  const hub = await Hub.start();
+  const context = await browser.newContext();
+  t.after(async () => { await context.close(); await hub.stop(); hub.remove(); });
+  const first = await openPage(context, { name: 'owned', hub });
+  await change(first.page, 'tabs/x', [{ op: 'put', path: ['v'], value: 1 }]);
+  const second = await context.newPage();
+  await second.goto(`${site.url}/wasm/test/page.html`);
+  await second.waitForFunction(() => window.ready === true);
+  const refused = await second.evaluate(async () => {
+    try {
+      await window.Repo.open({ name: 'owned' });
+      return null;
+    } catch (e) {
+      return e.message;
+    }
+  });
+  assert.match(refused ?? 'it opened', /another tab or worker/);
+  assert.deepEqual(await read(first.page, 'tabs/x'), { v: 1 }, 'the first tab is unharmed');
+  // Once the first tab closes its repo, the second can open it and finds the data.
+  await first.page.evaluate(() => window.repo.close());
+  const v = await second.evaluate(async () => {
+    const r = await window.Repo.open({ name: 'owned' });
+    return (await r.find('tabs/x')).json();
+  });
+  assert.deepEqual(v, { v: 1 });
+});
