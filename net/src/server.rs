@@ -127,6 +127,27 @@ where
         self.run_session(&conn, send, recv, Side::Accepted).await
     }
 
+    /// Opens a session on the hub thread: its id, and the channel of what the hub sends on it.
+    async fn open_session(
+        &self,
+        binding: [u8; 32],
+        side: Side,
+    ) -> Result<(SessionId, mpsc::Receiver<Message>), NetError> {
+        let (outbound, out_rx) = mpsc::channel::<Message>(SESSION_QUEUE);
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Open {
+                binding,
+                side,
+                outbound,
+                reply,
+            })
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        let session = rx.await.map_err(|_| NetError::Stopped)?;
+        Ok((session, out_rx))
+    }
+
     /// Runs one session over a connection's stream until either side ends it.
     async fn run_session(
         &self,
@@ -136,18 +157,7 @@ where
         side: Side,
     ) -> Result<(), NetError> {
         let binding = tls::channel_binding(conn)?;
-        let (out_tx, out_rx) = mpsc::channel::<Message>(SESSION_QUEUE);
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Open {
-                binding,
-                side,
-                outbound: out_tx,
-                reply,
-            })
-            .await
-            .map_err(|_| NetError::Stopped)?;
-        let session = rx.await.map_err(|_| NetError::Stopped)?;
+        let (session, out_rx) = self.open_session(binding, side).await?;
         let result = crate::stream::run(
             self.traffic.clone(),
             send,
@@ -187,18 +197,7 @@ where
         O::Error: std::fmt::Display,
     {
         use futures_util::{SinkExt, StreamExt};
-        let (out_tx, mut out_rx) = mpsc::channel::<Message>(SESSION_QUEUE);
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Open {
-                binding: [0; 32],
-                side: Side::Accepted,
-                outbound: out_tx,
-                reply,
-            })
-            .await
-            .map_err(|_| NetError::Stopped)?;
-        let session = rx.await.map_err(|_| NetError::Stopped)?;
+        let (session, mut out_rx) = self.open_session([0; 32], Side::Accepted).await?;
         let traffic = self.traffic.clone();
         let owner = self.tx.clone();
         let writer = async {

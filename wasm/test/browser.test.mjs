@@ -26,11 +26,34 @@ after(async () => {
   site?.server.close();
 });
 
-/** A page of a fresh browser context (its own storage) with a repo open on `hub`. */
-async function openPage(context, { name, hub, hubUrl }) {
+/**
+ * A hub, an edge-node on it if `edge`, and a fresh browser context (its own storage), all
+ * ended after the test.
+ */
+async function setup(t, { edge = false, hub: hubOpts = {} } = {}) {
+  const hub = await Hub.start(hubOpts);
+  const e = edge ? await Edge.start(hub) : null;
+  const context = await browser.newContext();
+  t.after(async () => {
+    await context.close();
+    if (e) { await e.stop(); e.remove(); }
+    await hub.stop();
+    hub.remove();
+  });
+  return { hub, edge: e, context };
+}
+
+/** A page of `context` at `path` (the test page by default), its errors logged. */
+async function visit(context, path = '/wasm/test/page.html') {
   const page = await context.newPage();
   page.on('pageerror', (e) => console.error('page error:', e.message));
-  await page.goto(`${site.url}/wasm/test/page.html`);
+  await page.goto(`${site.url}${path}`);
+  return page;
+}
+
+/** The test page with a repo open on `hub`. */
+async function openPage(context, { name, hub, hubUrl }) {
+  const page = await visit(context);
   await page.waitForFunction(() => window.ready === true);
   const peer = await page.evaluate(async ({ name, url, key }) => {
     window.repo = await window.Repo.open({ name, hub: url, hubKey: key });
@@ -49,10 +72,7 @@ const heads = (page, id) => page.evaluate(async (id) => (await window.repo.find(
 const status = (page) => page.evaluate(() => window.repo.status());
 
 test('a write in the browser reaches the edge-node, and the reverse', async (t) => {
-  const hub = await Hub.start();
-  const edge = await Edge.start(hub);
-  const context = await browser.newContext();
-  t.after(async () => { await context.close(); await edge.stop(); await hub.stop(); edge.remove(); hub.remove(); });
+  const { hub, edge, context } = await setup(t, { edge: true });
   await edge.subscribe('sensors/');
   const { page, peer } = await openPage(context, { name: 'both-ways', hub });
   hub.grant(peer, 'sensors/');
@@ -66,10 +86,9 @@ test('a write in the browser reaches the edge-node, and the reverse', async (t) 
 });
 
 test('two browser contexts converge after concurrent edits', async (t) => {
-  const hub = await Hub.start();
-  const c1 = await browser.newContext();
+  const { hub, context: c1 } = await setup(t);
   const c2 = await browser.newContext();
-  t.after(async () => { await c1.close(); await c2.close(); await hub.stop(); hub.remove(); });
+  t.after(() => c2.close());
   const a = await openPage(c1, { name: 'ctx', hub });
   const b = await openPage(c2, { name: 'ctx', hub });
   assert.notEqual(a.peer, b.peer, 'each context has its own identity');
@@ -92,10 +111,7 @@ test('two browser contexts converge after concurrent edits', async (t) => {
 });
 
 test('a write made offline survives a reload and reaches the edge-node afterwards', async (t) => {
-  const hub = await Hub.start({ fixed: true });
-  const edge = await Edge.start(hub);
-  const context = await browser.newContext();
-  t.after(async () => { await context.close(); await edge.stop(); await hub.stop(); edge.remove(); hub.remove(); });
+  const { hub, edge, context } = await setup(t, { edge: true, hub: { fixed: true } });
   await edge.subscribe('notes/');
   const { page, peer } = await openPage(context, { name: 'offline', hub });
   hub.grant(peer, 'notes/');
@@ -113,7 +129,7 @@ test('a write made offline survives a reload and reaches the edge-node afterward
   }, { url: hub.url, key: hub.key });
   assert.deepEqual(await read(page, 'notes/n1'), { text: 'written offline' }, 'the write survived the reload');
   assert.equal((await status(page)).outbox, 1, 'and still waits for the hub');
-  await hub.restart();
+  await hub.run();
   await until('the edge gets the offline write', 30000, async () => (await edge.json('notes/n1'))?.text === 'written offline');
   await until('the browser outbox empties', 20000, async () => (await status(page)).outbox === 0);
 });
@@ -160,11 +176,9 @@ function forgingProxy(upstream) {
 }
 
 test('a forged change from the hub is refused in the browser', async (t) => {
-  const hub = await Hub.start();
-  const edge = await Edge.start(hub);
+  const { hub, edge, context } = await setup(t, { edge: true });
   const proxy = await forgingProxy(hub.url);
-  const context = await browser.newContext();
-  t.after(async () => { await context.close(); proxy.close(); await edge.stop(); await hub.stop(); edge.remove(); hub.remove(); });
+  t.after(() => proxy.close());
   await edge.change('alarms/a1', [{ op: 'put', path: ['armed'], value: false }]);
   const { page, peer } = await openPage(context, { name: 'forged', hub, hubUrl: proxy.url });
   hub.grant(peer, 'alarms/');
@@ -181,16 +195,11 @@ test('a forged change from the hub is refused in the browser', async (t) => {
 });
 
 test('the example inventory board syncs with an edge-node', async (t) => {
-  const hub = await Hub.start();
-  const edge = await Edge.start(hub);
-  const context = await browser.newContext();
-  t.after(async () => { await context.close(); await edge.stop(); await hub.stop(); edge.remove(); hub.remove(); });
+  const { hub, edge, context } = await setup(t, { edge: true });
   await edge.subscribe('sites/');
   const id = 'sites/berlin/inventory';
   await edge.change(id, [{ op: 'put', path: ['stock'], value: { bolts: { $counter: 10 } } }]);
-  const page = await context.newPage();
-  page.on('pageerror', (e) => console.error('page error:', e.message));
-  await page.goto(`${site.url}/examples/web-board/?hub=${encodeURIComponent(hub.url)}&key=${hub.key}`);
+  const page = await visit(context, `/examples/web-board/?hub=${encodeURIComponent(hub.url)}&key=${hub.key}`);
   const key = await until('the board shows its key', 20000, async () => /^[0-9a-f]{64}$/.test(await page.textContent('#key')) && page.textContent('#key'));
   hub.grant(key, 'sites/');
   await page.waitForSelector('#items tr', { timeout: 20000 });
@@ -207,13 +216,10 @@ test('the example inventory board syncs with an edge-node', async (t) => {
 });
 
 test('a second tab cannot open a storage name another tab holds, and says why', async (t) => {
-  const hub = await Hub.start();
-  const context = await browser.newContext();
-  t.after(async () => { await context.close(); await hub.stop(); hub.remove(); });
+  const { hub, context } = await setup(t);
   const first = await openPage(context, { name: 'owned', hub });
   await change(first.page, 'tabs/x', [{ op: 'put', path: ['v'], value: 1 }]);
-  const second = await context.newPage();
-  await second.goto(`${site.url}/wasm/test/page.html`);
+  const second = await visit(context);
   await second.waitForFunction(() => window.ready === true);
   const refused = await second.evaluate(async () => {
     try {

@@ -87,18 +87,12 @@ export class Hub {
     await hub.run();
     return hub;
   }
-  async restart() {
-    await this.run();
-  }
+  /** Starts the process (again, after a stop: same data, same addresses if `fixed`). */
   async run() {
-    const hub = this;
-    hub.proc = new Proc(HUB_BIN, ['run', '--data', hub.data, '--listen', hub.listen, '--ws', hub.ws,
-      ...(hub.tls ? ['--ws-tls'] : [])]);
-    const [, , addr, , fingerprint, , key] = (await hub.proc.line('listening on ')).split(' ');
-    hub.addr = addr;
-    hub.fingerprint = fingerprint;
-    hub.key = key;
-    hub.url = (await hub.proc.line('websocket on ')).split(' ')[2];
+    this.proc = new Proc(HUB_BIN, ['run', '--data', this.data, '--listen', this.listen, '--ws', this.ws,
+      ...(this.tls ? ['--ws-tls'] : [])]);
+    [, , this.addr, , this.fingerprint, , this.key] = (await this.proc.line('listening on ')).split(' ');
+    this.url = (await this.proc.line('websocket on ')).split(' ')[2];
   }
   grant(key, prefix = '', mode = 'rw') {
     execFileSync(HUB_BIN, ['grant', '--data', this.data, key, prefix, mode], { stdio: 'pipe' });
