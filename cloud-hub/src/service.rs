@@ -41,6 +41,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let fingerprint = tls::fingerprint(&cert.cert_der);
     let server_config = tls::server_config(&cert).context("the TLS certificate")?;
+    let endpoint_config = tls::endpoint_config(&cert);
     let ws_tls = match settings.ws_tls {
         true => Some(tls::https_server_config(&cert).context("the TLS certificate")?),
         false => None,
@@ -87,7 +88,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         settings.metrics,
         settings.ws,
         ws_tls,
-        server_config,
+        (endpoint_config, server_config),
         &fingerprint,
         &key.to_string(),
         version,
@@ -113,7 +114,7 @@ async fn serve(
     metrics_addr: Option<SocketAddr>,
     ws_addr: Option<SocketAddr>,
     ws_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
-    server_config: quinn::ServerConfig,
+    (endpoint_config, server_config): (quinn::EndpointConfig, quinn::ServerConfig),
     fingerprint: &str,
     key: &str,
     grants_version: u64,
@@ -125,11 +126,19 @@ async fn serve(
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
-    let endpoint = quinn::Endpoint::server(server_config, listen).map_err(|e| {
+    let cannot_listen = |e: std::io::Error| {
         usage(format!(
             "cannot listen on {listen} (UDP): {e}; choose another --listen"
         ))
-    })?;
+    };
+    let socket = std::net::UdpSocket::bind(listen).map_err(cannot_listen)?;
+    let endpoint = quinn::Endpoint::new(
+        endpoint_config,
+        Some(server_config),
+        socket,
+        std::sync::Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(cannot_listen)?;
     let quic_addr = endpoint.local_addr().context("reading the QUIC address")?;
     let metrics_listener = match metrics_addr {
         Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|e| {

@@ -5,6 +5,12 @@ use syncline_e2e::{Edge, Hub, until};
 
 use crate::{cluster, converged, writer};
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 #[test]
 fn a_hub_killed_under_load_loses_nothing_it_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
@@ -28,7 +34,24 @@ fn a_hub_killed_under_load_loses_nothing_it_acknowledged() {
     until("offline writes", 20, || {
         (acked.load(Ordering::Relaxed) > before + 20).then_some(())
     });
+    let restarted_ms = now_ms();
     let _hub = Hub::start(&data, &addr);
+    // The restarted hub answers the old connections' packets with a stateless reset (its
+    // reset key is derived from its TLS key), so both edges, the writing one and the idle one
+    // (its keepalive goes every 10 s), reconnect well before QUIC's 30 s idle timeout.
+    until("both edges to reconnect to the restarted hub", 15, || {
+        edges
+            .iter()
+            .all(|e| {
+                e.status().is_ok_and(|s| {
+                    s["connected"] == json!(true)
+                        && s["last_connected_ms"]
+                            .as_u64()
+                            .is_some_and(|t| t >= restarted_ms)
+                })
+            })
+            .then_some(())
+    });
     until("more writes after the restart", 20, || {
         (acked.load(Ordering::Relaxed) > before + 40).then_some(())
     });
