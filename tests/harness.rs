@@ -14,13 +14,19 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
-/// Where the workspace's binaries are: next to the test executable's `deps` folder.
+pub mod nemesis;
+pub mod proxy;
+
+/// Where the workspace's binaries are: next to the running executable (a binary of this
+/// crate), or next to its `deps` folder (a test).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable's path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
+    let here = exe.parent().expect("target/<profile>");
+    let dir = if here.ends_with("deps") {
+        here.parent().expect("target/<profile>")
+    } else {
+        here
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),

@@ -77,6 +77,8 @@ pub mod audit;
 pub mod change;
 pub mod document;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hub;
 pub mod identity;
 pub mod ids;

@@ -18,7 +18,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use crate::change;
 use crate::hub::{AllowAll, Hub, SessionId};
 use crate::identity::Identity;
 use crate::ids::{ChangeHash, DocId, DocPrefix, PeerId};
@@ -763,7 +762,6 @@ impl Sim {
         let mut views: Vec<BTreeMap<DocId, (Vec<ChangeHash>, serde_json::Value)>> = Vec::new();
         for r in self.replicas.iter_mut() {
             let rep = r.replica.as_mut().ok_or("replica missing")?;
-            rep.store().integrity_check().map_err(|e| e.to_string())?;
             let mut view = BTreeMap::new();
             for d in rep.doc_ids().map_err(|e| e.to_string())? {
                 let doc = rep.doc(&d).map_err(|e| e.to_string())?;
@@ -772,28 +770,8 @@ impl Sim {
                 view.insert(d, (heads, doc.to_json()));
             }
             // Every stored change verifies against its author's signature.
-            for crate::store::StoredChange {
-                doc,
-                hash,
-                signature,
-                bytes,
-            } in rep.store().all_changes().map_err(|e| e.to_string())?
-            {
-                let bytes = match bytes {
-                    Some(b) => b,
-                    None => {
-                        use automerge::ReadDoc;
-                        let d = rep.doc(&doc).map_err(|e| e.to_string())?;
-                        d.automerge()
-                            .get_change_by_hash(&hash.into())
-                            .ok_or(format!("compacted change {hash} missing from {doc}"))?
-                            .raw_bytes()
-                            .to_vec()
-                    }
-                };
-                change::verify(&doc, change::SignedChange { bytes, signature })
-                    .map_err(|e| format!("stored change fails verification: {e}"))?;
-            }
+            rep.verify_stored()
+                .map_err(|e| format!("stored change fails verification: {e}"))?;
             views.push(view);
         }
         for (doc, hash) in &self.acked.clone() {

@@ -4,6 +4,7 @@
 
 mod backup;
 mod faults;
+mod nemesis;
 mod peering;
 mod postgres;
 mod replication;

@@ -1,3 +1,4 @@
 //! The crate's one integration-test binary (one binary keeps link times down).
 
 mod crash;
+mod fuzz_corpus;
