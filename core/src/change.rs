@@ -139,6 +139,16 @@ fn parse(signed: &SignedChange) -> Result<Parsed, ChangeError> {
     let change = automerge::Change::try_from(&signed.bytes[..])
         .map_err(|e| ChangeError::Malformed(e.to_string()))?;
     let hash = ChangeHash(change.hash().0);
+    // One encoding per change: the uncompressed chunk whose checksum (bytes 4..8) is the
+    // start of its hash, as `sign` makes it. Automerge's change parser accepts a wrong
+    // checksum and a compressed chunk of the same hash; the signature covers the hash, not
+    // the bytes, so either would let a relay store bytes the author never sent, and a wrong
+    // checksum makes Automerge's document load fail later (found by the `verify` fuzzer).
+    if signed.bytes.get(4..8) != Some(&hash.0[..4]) || change.raw_bytes() != &signed.bytes[..] {
+        return Err(ChangeError::Malformed(format!(
+            "change {hash} is not in its canonical encoding (wrong checksum, or compressed)"
+        )));
+    }
     let author = author_of(change.actor_id()).ok_or(ChangeError::ActorNotBound { hash })?;
     let key = author
         .verifying_key()
@@ -319,6 +329,33 @@ mod tests {
         tx.put(automerge::ROOT, key, 1).unwrap();
         tx.commit();
         doc.get_last_local_change().unwrap()
+    }
+
+    #[test]
+    fn only_the_canonical_encoding_of_a_signed_change_verifies() {
+        let alice = Identity::generate();
+        let doc = DocId::new("a/b").unwrap();
+        let v = sign(&alice, &doc, make_change(&alice, "x")).unwrap();
+        let good = v.signed().clone();
+        // The checksum changed: the hash, and so the signature, stay the same.
+        let mut bad = good.clone();
+        bad.bytes[4] ^= 0xff;
+        assert!(
+            matches!(verify(&doc, bad.clone()), Err(ChangeError::Malformed(m)) if m.contains("canonical"))
+        );
+        assert!(verify_batch(&doc, vec![good.clone(), good.clone(), good.clone(), bad]).is_err());
+        // The same change compressed.
+        let mut big = make_change(&alice, &"k".repeat(600));
+        let compressed = big.bytes().to_vec();
+        assert_ne!(compressed, big.raw_bytes());
+        let v = sign(&alice, &doc, big.clone()).unwrap();
+        let zipped = SignedChange {
+            bytes: compressed,
+            signature: v.signed().signature,
+        };
+        assert!(verify(&doc, zipped).is_err());
+        assert!(verify(&doc, v.signed().clone()).is_ok());
+        assert!(verify(&doc, good).is_ok());
     }
 
     #[test]
