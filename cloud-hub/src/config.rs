@@ -35,6 +35,8 @@ pub struct FileConfig {
     pub log: Option<String>,
     /// A PostgreSQL URL for the store instead of the data directory's SQLite file.
     pub store: Option<String>,
+    /// QUIC connections served at once.
+    pub max_connections: Option<usize>,
 }
 
 impl FileConfig {
@@ -50,7 +52,7 @@ impl FileConfig {
         let mut cfg: FileConfig = toml::from_str(&text).map_err(|e| {
             usage(format!(
                 "the config file {} is not valid: {e}\nknown keys: listen, metrics, ws, \
-                 ws_tls, data, cert, key, log, store",
+                 ws_tls, max_connections, data, cert, key, log, store",
                 path.display()
             ))
         })?;
@@ -88,6 +90,8 @@ pub struct Overrides {
     pub log: Option<String>,
     /// `--store` / `SYNCLINE_STORE`.
     pub store: Option<String>,
+    /// `--max-connections` / `SYNCLINE_MAX_CONNECTIONS`.
+    pub max_connections: Option<usize>,
 }
 
 /// Where the hub's TLS certificate comes from.
@@ -125,7 +129,12 @@ pub struct Settings {
     pub peers: Vec<syncline_net::client::HubAddress>,
     /// Where the store is.
     pub store: StoreLocation,
+    /// QUIC connections served at once.
+    pub max_connections: usize,
 }
+
+/// QUIC connections served at once when nothing says otherwise.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 /// Where a hub's store is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,6 +204,15 @@ pub fn resolve(over: Overrides, file: FileConfig) -> anyhow::Result<Settings> {
         .or(file.log)
         .unwrap_or_else(|| DEFAULT_LOG.to_owned());
     let store = StoreLocation::parse(over.store.or(file.store).as_deref())?;
+    let max_connections = over
+        .max_connections
+        .or(file.max_connections)
+        .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    if max_connections == 0 {
+        return Err(usage(
+            "max_connections is 0: no replica could connect; give at least 1",
+        ));
+    }
     Ok(Settings {
         listen,
         metrics,
@@ -205,6 +223,7 @@ pub fn resolve(over: Overrides, file: FileConfig) -> anyhow::Result<Settings> {
         log,
         peers: Vec::new(),
         store,
+        max_connections,
     })
 }
 

@@ -220,7 +220,7 @@ impl StoreArgs {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// A TOML config file with any of the keys listen, metrics, ws, ws_tls, data, cert, key, log
+    /// A TOML config file with any of the keys listen, metrics, ws, ws_tls, max_connections, data, cert, key, log
     /// (relative paths are taken from the file's folder).
     #[arg(long, env = "SYNCLINE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -267,6 +267,11 @@ struct RunArgs {
     /// each still needs its own data directory (identity, certificate) [default: SQLite].
     #[arg(long, env = "SYNCLINE_STORE", value_name = "URL")]
     store: Option<String>,
+    /// QUIC connections served at once; more are refused before their TLS handshake (and
+    /// counted in syncline_hub_rejects_total{reason="connection_limit"}); their replicas
+    /// retry with backoff [default: 10000].
+    #[arg(long, env = "SYNCLINE_MAX_CONNECTIONS", value_name = "N")]
+    max_connections: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -313,6 +318,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 key: args.key,
                 log: args.log.or_else(|| std::env::var("RUST_LOG").ok()),
                 store: args.store,
+                max_connections: args.max_connections,
             };
             let mut settings = config::resolve(over, file)?;
             settings.peers = config::peers(&args.peers, &args.peer_fingerprints)?;

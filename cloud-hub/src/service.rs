@@ -81,7 +81,11 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         .thread_name("syncline-hub-io")
         .build()
         .context("starting the async runtime")?;
-    let (handle, thread) = HubHandle::spawn(hub);
+    let (mut handle, thread) = HubHandle::spawn(hub);
+    handle.set_limits(syncline_net::server::Limits {
+        max_connections: settings.max_connections,
+        ..syncline_net::server::Limits::default()
+    });
     let outcome = runtime.block_on(serve(
         handle,
         settings.listen,

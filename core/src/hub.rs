@@ -456,6 +456,34 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             .collect())
     }
 
+    /// Counts a refusal made outside the state machine (by a transport driver: a connection
+    /// over the limit), under `reason` in [`HubMetrics::rejects`].
+    pub fn count_reject(&mut self, reason: &'static str) {
+        self.metrics.reject(reason);
+    }
+
+    /// Fails a session whose peer has not completed the handshake yet (a driver calls it
+    /// when the handshake deadline passes): an `Error` goes to the peer, the refusal is
+    /// counted as `handshake_timeout`. Returns whether it did; an authenticated, failed or
+    /// closed session is left alone.
+    pub fn expire_handshake(&mut self, id: SessionId, after: std::time::Duration) -> bool {
+        match self.sessions.get(&id) {
+            Some(s) if s.peer.is_none() && !s.failed => {}
+            _ => return false,
+        }
+        let message = format!(
+            "no authenticated handshake within {} s; the session is closed",
+            after.as_secs()
+        );
+        self.fail_as(
+            id,
+            ErrorCode::ProtocolViolation,
+            message,
+            "handshake_timeout",
+        );
+        true
+    }
+
     /// The authenticated peer of a session.
     pub fn session_peer(&self, id: SessionId) -> Option<PeerId> {
         self.sessions.get(&id).and_then(|s| s.peer)
@@ -577,18 +605,29 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         result
     }
 
-    fn fail(&mut self, id: SessionId, code: ErrorCode, mut message: String) {
+    fn fail(&mut self, id: SessionId, code: ErrorCode, message: String) {
+        let reason = match code {
+            ErrorCode::UnknownPeer => "unknown_peer",
+            ErrorCode::VersionMismatch => "version",
+            ErrorCode::LimitExceeded => "limit",
+            _ => "protocol",
+        };
+        self.fail_as(id, code, message, reason);
+    }
+
+    fn fail_as(
+        &mut self,
+        id: SessionId,
+        code: ErrorCode,
+        mut message: String,
+        reason: &'static str,
+    ) {
         // A failed session goes quiet: its peer's further messages (its own Error among them)
         // get no answer, or two failing sides would trade errors forever.
         if self.sessions.get(&id).is_none_or(|s| s.failed) {
             return;
         }
-        self.metrics.reject(match code {
-            ErrorCode::UnknownPeer => "unknown_peer",
-            ErrorCode::VersionMismatch => "version",
-            ErrorCode::LimitExceeded => "limit",
-            _ => "protocol",
-        });
+        self.metrics.reject(reason);
         if let Some(s) = self.sessions.get_mut(&id) {
             wire::truncate_text(&mut message, wire::MAX_ERROR_TEXT);
             s.failed = true;

@@ -63,10 +63,31 @@ enum Command<S, P> {
     Call(Job<S, P>),
 }
 
+/// What the driver allows a hostile or broken peer.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// QUIC connections served at once; more are refused at once (counted as
+    /// `connection_limit`) and their peers retry with backoff.
+    pub max_connections: usize,
+    /// Time a peer has to open its stream and complete the authenticated handshake; past it
+    /// the session is refused (counted as `handshake_timeout`) and the connection closed.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// A cloneable handle to the hub thread.
 pub struct HubHandle<S, P> {
     tx: mpsc::Sender<Command<S, P>>,
     traffic: Arc<Traffic>,
+    limits: Limits,
 }
 
 impl<S, P> Clone for HubHandle<S, P> {
@@ -74,6 +95,7 @@ impl<S, P> Clone for HubHandle<S, P> {
         HubHandle {
             tx: self.tx.clone(),
             traffic: self.traffic.clone(),
+            limits: self.limits,
         }
     }
 }
@@ -94,9 +116,20 @@ where
             HubHandle {
                 tx,
                 traffic: Arc::new(Traffic::default()),
+                limits: Limits::default(),
             },
             thread,
         )
+    }
+
+    /// Sets the limits of the sessions served from now on.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// Bytes moved by every session of this hub so far.
@@ -123,7 +156,14 @@ where
     /// Serves one QUIC connection until it ends: the replica opens one bidirectional stream
     /// and the Syncline session runs over it.
     pub async fn serve_connection(&self, conn: quinn::Connection) -> Result<(), NetError> {
-        let (send, recv) = conn.accept_bi().await?;
+        let deadline = self.limits.handshake_timeout;
+        let Ok(stream) = tokio::time::timeout(deadline, conn.accept_bi()).await else {
+            // A connection that never opens its stream holds resources for nothing.
+            let _ = self.call(|h| h.count_reject("handshake_timeout")).await;
+            conn.close(0u32.into(), b"no stream opened in time");
+            return Err(NetError::Timeout("waiting for the peer to open its stream"));
+        };
+        let (send, recv) = stream?;
         self.run_session(&conn, send, recv, Side::Accepted).await
     }
 
@@ -145,6 +185,16 @@ where
             .await
             .map_err(|_| NetError::Stopped)?;
         let session = rx.await.map_err(|_| NetError::Stopped)?;
+        if matches!(side, Side::Accepted) {
+            // A peer that does not authenticate in time is refused; the hub thread ends the
+            // session (an authenticated or closed one is left alone).
+            let hub = self.clone();
+            let after = self.limits.handshake_timeout;
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let _ = hub.call(move |h| h.expire_handshake(session, after)).await;
+            });
+        }
         Ok((session, out_rx))
     }
 
@@ -251,18 +301,7 @@ where
             }
             Ok(())
         };
-        tokio::pin!(writer, reader);
-        let result = tokio::select! {
-            r = &mut reader => match r {
-                // A refused frame: the hub's Error is on its way out; let it drain briefly.
-                Err(e @ NetError::Wire(_)) => {
-                    let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
-                    Err(e)
-                }
-                r => r,
-            },
-            r = &mut writer => r,
-        };
+        let result = crate::stream::until_either(reader, writer).await;
         let _ = self.tx.send(Command::Close { session }).await;
         result
     }
@@ -315,15 +354,27 @@ where
     }
 }
 
-/// Accepts connections on `endpoint` until it is closed, serving each in its own task.
+/// Accepts connections on `endpoint` until it is closed, serving each in its own task, at
+/// most [`Limits::max_connections`] at once: past it a connection is refused before its TLS
+/// handshake (cheap for the hub) and counted as `connection_limit`.
 pub async fn serve<S, P>(endpoint: quinn::Endpoint, hub: HubHandle<S, P>)
 where
     S: HubStore + Send + 'static,
     P: Policy + Send + 'static,
 {
+    let slots = Arc::new(tokio::sync::Semaphore::new(hub.limits.max_connections));
     while let Some(incoming) = endpoint.accept().await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            incoming.refuse();
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                let _ = hub.call(|h| h.count_reject("connection_limit")).await;
+            });
+            continue;
+        };
         let hub = hub.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let remote = incoming.remote_address();
             match incoming.await {
                 Ok(conn) => {

@@ -85,8 +85,26 @@ pub(crate) async fn run<C: Send>(
             }
         }
     };
+    until_either(reader, writer).await
+}
+
+/// Runs a session's reader and writer until either ends. When the reader ends on refused
+/// bytes, the owner's `Error` is on its way out (the owner ends the session after it): the
+/// writer gets up to 2 s to send it before the connection closes, or the peer would never
+/// learn why.
+pub(crate) async fn until_either(
+    reader: impl Future<Output = Result<(), NetError>>,
+    writer: impl Future<Output = Result<(), NetError>>,
+) -> Result<(), NetError> {
+    tokio::pin!(reader, writer);
     tokio::select! {
-        r = reader => r,
-        r = writer => r,
+        r = &mut reader => match r {
+            Err(e @ NetError::Wire(_)) => {
+                let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
+                Err(e)
+            }
+            r => r,
+        },
+        r = &mut writer => r,
     }
 }

@@ -4,6 +4,7 @@
 
 mod backup;
 mod faults;
+mod hostile;
 mod nemesis;
 mod peering;
 mod postgres;
