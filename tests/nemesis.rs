@@ -82,8 +82,8 @@ pub struct Report {
     pub faults: BTreeMap<&'static str, u64>,
     /// Writes acknowledged (200).
     pub acked: u64,
-    /// Writes refused with 507 storage_full.
-    pub refused_full: u64,
+    /// Writes refused (507 storage_full; any other answer is also a failure).
+    pub refused: u64,
     /// Writes whose answer never came (the edge was killed, paused or restarting).
     pub unknown: u64,
     /// Acknowledged writes missing from the converged state (must be 0).
@@ -133,7 +133,7 @@ impl Report {
             self.fault_secs,
             faults.join(", "),
             self.acked,
-            self.refused_full,
+            self.refused,
             self.unknown,
             self.lost,
             self.divergences,
@@ -210,7 +210,7 @@ enum Kind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Outcome {
     Acked,
-    RefusedFull,
+    Refused,
     Unknown,
 }
 
@@ -272,15 +272,16 @@ fn start_writer(edge: usize, api: Arc<Mutex<String>>, docs: usize, seed: u64) ->
             let path = format!("/v1/docs/{}/changes", crate::enc(&doc_id(doc)));
             let outcome = match crate::http(&addr, "POST", &path, Some(&body)) {
                 Ok((200, _)) => Outcome::Acked,
-                Ok((507, _)) => Outcome::RefusedFull,
+                Ok((507, _)) => Outcome::Refused,
                 Ok((status, text)) => {
                     let code = serde_json::from_str::<Value>(&text)
                         .ok()
                         .and_then(|v| v["code"].as_str().map(str::to_owned))
                         .unwrap_or_default();
                     *other.entry(format!("{status} {code}")).or_insert(0) += 1;
-                    // A refusal with a typed error: the write did not happen.
-                    Outcome::RefusedFull
+                    // A refusal with a typed error: the write did not happen (and the
+                    // checker reports the answer: only 507 is expected).
+                    Outcome::Refused
                 }
                 Err(_) => Outcome::Unknown,
             };
@@ -537,6 +538,12 @@ impl Scenario<'_> {
         }
         nemesis?;
         writes.append(&mut self.probe_writes);
+        for (answer, n) in &self.report.other_answers {
+            self.report.failures.push(format!(
+                "the edge API answered {answer} to {n} writes (only 200, or 507 when the disk \
+                 is full, are expected)"
+            ));
+        }
         self.check(&writes, healed)
     }
 
@@ -807,7 +814,7 @@ impl Scenario<'_> {
         for w in writes {
             match w.outcome {
                 Outcome::Acked => self.report.acked += 1,
-                Outcome::RefusedFull => self.report.refused_full += 1,
+                Outcome::Refused => self.report.refused += 1,
                 Outcome::Unknown => self.report.unknown += 1,
             }
         }
@@ -865,7 +872,7 @@ impl Scenario<'_> {
                 match w.outcome {
                     Outcome::Acked => e.0 += 1,
                     Outcome::Unknown => e.1 += 1,
-                    Outcome::RefusedFull => {}
+                    Outcome::Refused => {}
                 }
                 continue;
             }
@@ -879,7 +886,7 @@ impl Scenario<'_> {
                     .map_or(0, |t| t.matches(&format!("<{}>", w.tag)).count()),
             };
             match (w.outcome, times) {
-                (Outcome::Acked, 1) | (Outcome::RefusedFull, 0) | (Outcome::Unknown, 0 | 1) => {}
+                (Outcome::Acked, 1) | (Outcome::Refused, 0) | (Outcome::Unknown, 0 | 1) => {}
                 (Outcome::Acked, 0) => {
                     self.report.lost += 1;
                     if self.report.lost <= 5 {

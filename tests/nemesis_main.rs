@@ -121,7 +121,7 @@ fn totals(reports: &[Report], took: Duration, args: &Args, first: u64) -> String
         ("writes acknowledged", sum(|r| r.acked).to_string()),
         (
             "writes refused with 507 storage_full (disk full)",
-            sum(|r| r.refused_full).to_string(),
+            sum(|r| r.refused).to_string(),
         ),
         (
             "writes whose answer was lost (process killed or paused)",
