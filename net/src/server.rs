@@ -356,14 +356,27 @@ where
 
 /// Accepts connections on `endpoint` until it is closed, serving each in its own task, at
 /// most [`Limits::max_connections`] at once: past it a connection is refused before its TLS
-/// handshake (cheap for the hub) and counted as `connection_limit`.
+/// handshake (cheap for the hub) and counted as `connection_limit`; past half of it, new
+/// peers must validate their address first (a QUIC retry).
 pub async fn serve<S, P>(endpoint: quinn::Endpoint, hub: HubHandle<S, P>)
 where
     S: HubStore + Send + 'static,
     P: Policy + Send + 'static,
 {
-    let slots = Arc::new(tokio::sync::Semaphore::new(hub.limits.max_connections));
+    let max = hub.limits.max_connections;
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
     while let Some(incoming) = endpoint.accept().await {
+        // Under load (over half the slots taken), a new peer first proves that it receives
+        // at its address (a QUIC retry: one round trip, no state kept here), so that a flood
+        // from spoofed addresses costs the hub no TLS handshake. Clients follow it on their
+        // own.
+        if slots.available_permits() < max / 2
+            && !incoming.remote_address_validated()
+            && incoming.may_retry()
+        {
+            let _ = incoming.retry();
+            continue;
+        }
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             incoming.refuse();
             let hub = hub.clone();
