@@ -495,7 +495,9 @@ fn floods_and_a_peer_that_never_reads_leave_good_edges_syncing() {
     until("the first flood to be refused", 60, || {
         (rejects(&hub, "limit") >= 1).then_some(())
     });
-    for i in 0..200 {
+    // 1,200 writes of 4 KB: more than the slow reader's QUIC window (1.25 MB), its session
+    // channel and its queue hold, so its subscription must fall back to the log.
+    for i in 0..1200 {
         let (status, _) = edges[0]
             .change(
                 &format!("bulk/{i}"),
@@ -505,6 +507,17 @@ fn floods_and_a_peer_that_never_reads_leave_good_edges_syncing() {
         assert_eq!(status, 200);
     }
     let loaded = latency_ms(&edges[0], &edges[1], "loaded", 15);
+    until(
+        "the slow reader's subscription to fall back to the log",
+        30,
+        || {
+            let (_, text) = hub.http("/metrics").ok()?;
+            text.lines()
+                .find_map(|l| l.strip_prefix("syncline_hub_slow_fallbacks_total "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|n| *n >= 1)
+        },
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let floods = rt.block_on(attack).unwrap();
     drop(slow);
@@ -528,7 +541,7 @@ fn floods_and_a_peer_that_never_reads_leave_good_edges_syncing() {
     let late = Edge::start(&data);
     late.subscribe("").unwrap();
     until("a late edge to catch up", 60, || {
-        late.get("bulk/199").ok()?.map(|_| ())
+        late.get("bulk/1199").ok()?.map(|_| ())
     });
 }
 
