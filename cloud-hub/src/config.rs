@@ -133,9 +133,6 @@ pub struct Settings {
     pub max_connections: usize,
 }
 
-/// QUIC connections served at once when nothing says otherwise.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-
 /// Where a hub's store is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreLocation {
@@ -207,7 +204,7 @@ pub fn resolve(over: Overrides, file: FileConfig) -> anyhow::Result<Settings> {
     let max_connections = over
         .max_connections
         .or(file.max_connections)
-        .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        .unwrap_or_else(|| syncline_net::server::Limits::default().max_connections);
     if max_connections == 0 {
         return Err(usage(
             "max_connections is 0: no replica could connect; give at least 1",
@@ -288,6 +285,7 @@ mod tests {
             ws: Some("127.0.0.1:9200".into()),
             data: Some("/from/file".into()),
             log: Some("debug".into()),
+            max_connections: Some(500),
             ..FileConfig::default()
         };
         let over = Overrides {
@@ -301,6 +299,7 @@ mod tests {
         assert_eq!(s.data, PathBuf::from("/from/file"));
         assert_eq!(s.log, "debug");
         assert_eq!(s.tls, TlsSource::SelfSigned);
+        assert_eq!(s.max_connections, 500);
 
         let s = resolve(
             Overrides {
@@ -313,6 +312,7 @@ mod tests {
         assert_eq!(s.listen, DEFAULT_LISTEN.parse().unwrap());
         assert_eq!(s.metrics, None);
         assert_eq!(s.log, DEFAULT_LOG);
+        assert_eq!(s.max_connections, 10_000);
     }
 
     #[test]
@@ -337,6 +337,10 @@ mod tests {
         })));
         assert!(is_usage(with(Overrides {
             listen: Some("nowhere".into()),
+            ..Overrides::default()
+        })));
+        assert!(is_usage(with(Overrides {
+            max_connections: Some(0),
             ..Overrides::default()
         })));
     }
