@@ -237,6 +237,26 @@ impl Hub {
     pub fn http(&self, path: &str) -> Result<(u16, String)> {
         http(&self.metrics, "GET", path, None)
     }
+
+    /// The value of one metric sample, `name` with its labels as the text format writes
+    /// them (`syncline_hub_rejects_total{reason="wire"}`); `None` if it is absent.
+    pub fn metric(&self, sample: &str) -> Option<u64> {
+        let (_, text) = self.http("/metrics").ok()?;
+        let prefix = format!("{sample} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// A new edge in `data` for this hub alone, granted rw on everything, running, and
+    /// following everything.
+    pub fn follower(&self, data: &Path) -> Edge {
+        let key = Edge::init(data, &[(&self.addr, &self.fingerprint)]);
+        self.grant(&key, "", "rw");
+        let e = Edge::start(data);
+        e.subscribe("").expect("subscribing to everything");
+        e
+    }
 }
 
 /// Initializes a hub's data directory; returns (public key, fingerprint).

@@ -439,7 +439,6 @@ struct Scenario<'a> {
     disk: Option<SmallDisk>,
     backup: Option<PathBuf>,
     backups: u64,
-    probes: u64,
     probe_writes: Vec<Write>,
     report: &'a mut Report,
 }
@@ -461,7 +460,6 @@ impl Scenario<'_> {
             disk: None,
             backup: None,
             backups: 0,
-            probes: 0,
             probe_writes: Vec::new(),
             report,
         };
@@ -610,13 +608,23 @@ impl Scenario<'_> {
         }
         self.backups += 1;
         let file = self.root.join(format!("backup-{}.bak", self.backups));
+        self.backup_to(&file)?;
+        self.backup = Some(file);
+        Ok(())
+    }
+
+    /// `syncline-hub backup` of the hub's store into `file`, online.
+    fn backup_to(&self, file: &Path) -> anyhow::Result<()> {
         let (code, _, err) = run(Command::new(bin("syncline-hub"))
             .args(["backup", "--data"])
             .arg(&self.hub_data)
             .arg("--to")
-            .arg(&file));
-        anyhow::ensure!(code == 0, "an online backup of the hub failed: {err}");
-        self.backup = Some(file);
+            .arg(file));
+        anyhow::ensure!(
+            code == 0,
+            "an online backup of the hub into {} failed: {err}",
+            file.display()
+        );
         Ok(())
     }
 
@@ -758,8 +766,7 @@ impl Scenario<'_> {
         if self.nodes[i].down || self.nodes[i].paused {
             return Ok(());
         }
-        self.probes += 1;
-        let tag = format!("probe-{}", self.probes);
+        let tag = format!("probe-{}", self.probe_writes.len() + 1);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let ops = json!([{"op":"put","path":["m", &tag],"value":0}]);
@@ -831,7 +838,7 @@ impl Scenario<'_> {
         match wait_converged(&edges, config.docs, config.converge_within) {
             Ok(_) => self.report.converge = healed.elapsed(),
             Err(e) => {
-                self.report.divergences = count_diverged(&edges, config.docs);
+                self.report.divergences = diverged(&edges, config.docs).len() as u64;
                 self.report.failures.push(e);
                 return Ok(());
             }
@@ -839,15 +846,11 @@ impl Scenario<'_> {
 
         // 2. A fresh replica catching up from the hub alone reaches the same state: the hub
         //    holds everything too.
-        let fresh_dir = self.root.join("fresh");
-        let key = Edge::init(&fresh_dir, &[(&self.hub_addr, &self.hub_fp)]);
-        self.hub()?.grant(&key, "", "rw");
-        let fresh = Edge::start(&fresh_dir);
-        fresh.subscribe("")?;
+        let fresh = self.hub()?.follower(&self.root.join("fresh"));
         let mut all = edges.clone();
         all.push(&fresh);
         if let Err(e) = wait_converged(&all, config.docs, config.converge_within) {
-            self.report.divergences = count_diverged(&all, config.docs);
+            self.report.divergences = diverged(&all, config.docs).len() as u64;
             self.report
                 .failures
                 .push(format!("a fresh replica of the hub: {e}"));
@@ -956,12 +959,7 @@ impl Scenario<'_> {
             }
         }
         let file = self.root.join("final.bak");
-        let (code, _, err) = run(Command::new(bin("syncline-hub"))
-            .args(["backup", "--data"])
-            .arg(&self.hub_data)
-            .arg("--to")
-            .arg(&file));
-        anyhow::ensure!(code == 0, "the final backup of the hub failed: {err}");
+        self.backup_to(&file)?;
         let (code, out, err) = run(Command::new(bin("syncline-hub"))
             .args(["verify", "--json", "--from"])
             .arg(&file));
@@ -978,32 +976,23 @@ impl Scenario<'_> {
     }
 }
 
-fn count_diverged(edges: &[&Edge], docs: usize) -> u64 {
+/// The documents not held by every edge with the same heads and JSON.
+fn diverged(edges: &[&Edge], docs: usize) -> Vec<String> {
     (0..docs)
-        .filter(|d| {
-            let views: Vec<Option<Value>> = edges
-                .iter()
-                .map(|e| e.get(&doc_id(*d)).ok().flatten())
-                .collect();
+        .map(doc_id)
+        .filter(|id| {
+            let views: Vec<Option<Value>> =
+                edges.iter().map(|e| e.get(id).ok().flatten()).collect();
             !(views.iter().all(Option::is_some) && views.windows(2).all(|w| w[0] == w[1]))
         })
-        .count() as u64
+        .collect()
 }
 
 /// Waits until every edge holds every document with the same heads and JSON.
 fn wait_converged(edges: &[&Edge], docs: usize, within: Duration) -> Result<Duration, String> {
     let start = Instant::now();
     loop {
-        let mut diverged = Vec::new();
-        for d in 0..docs {
-            let id = doc_id(d);
-            let views: Vec<Option<Value>> =
-                edges.iter().map(|e| e.get(&id).ok().flatten()).collect();
-            let same = views.iter().all(Option::is_some) && views.windows(2).all(|w| w[0] == w[1]);
-            if !same {
-                diverged.push(id);
-            }
-        }
+        let diverged = diverged(edges, docs);
         if diverged.is_empty() {
             return Ok(start.elapsed());
         }

@@ -77,11 +77,7 @@ fn a_hub_restored_from_an_older_backup_gets_the_later_writes_back_from_the_edges
 
     // The edge notices the new epoch and uploads what the backup lacks; a fresh edge then
     // finds both writes at the hub. The first edge's grant came back with the backup.
-    let fresh_dir = dir.path().join("fresh");
-    let key = Edge::init(&fresh_dir, &[(&hub.addr, &hub.fingerprint)]);
-    hub.grant(&key, "", "rw");
-    let fresh = Edge::start(&fresh_dir);
-    fresh.subscribe("").unwrap();
+    let fresh = hub.follower(&dir.path().join("fresh"));
     let state = converged(&[&edges[0], &fresh], doc, 60);
     assert_eq!(state, json!({"before": 1, "after": 2}));
 }

@@ -126,11 +126,7 @@ fn an_edge_fails_over_to_the_second_hub() {
     edge.change(doc, json!([{"op":"put","path":["x"],"value":1}]))
         .unwrap();
     // A second edge on hub B sees the write.
-    let data2 = dir.path().join("edge2");
-    let key2 = Edge::init(&data2, &[(&b.addr, &b.fingerprint)]);
-    b.grant(&key2, "", "rw");
-    let edge2 = Edge::start(&data2);
-    edge2.subscribe("").unwrap();
+    let edge2 = b.follower(&dir.path().join("edge2"));
     converged(&[&edge, &edge2], doc, 60);
     let status = edge.status().unwrap();
     assert_eq!(status["hub"], json!(b.addr));

@@ -51,13 +51,18 @@ impl Peer {
         Peer::dial_at(&hub.into()).await
     }
 
-    async fn dial_at(hub: &HubAddr) -> anyhow::Result<Peer> {
+    /// A QUIC connection to the hub, its certificate pinned, within 5 s.
+    async fn connect(hub: &HubAddr) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
         let fp = syncline_net::tls::parse_fingerprint(&hub.fingerprint)?;
         let config = syncline_net::tls::client_config(vec![fp])?;
-        let conn = endpoint
-            .connect_with(config, hub.addr.parse()?, "syncline")?
-            .await?;
+        let connecting = endpoint.connect_with(config, hub.addr.parse()?, "syncline")?;
+        let conn = tokio::time::timeout(Duration::from_secs(5), connecting).await??;
+        Ok((endpoint, conn))
+    }
+
+    async fn dial_at(hub: &HubAddr) -> anyhow::Result<Peer> {
+        let (endpoint, conn) = Peer::connect(hub).await?;
         let (send, recv) = conn.open_bi().await?;
         Ok(Peer {
             conn,
@@ -136,12 +141,7 @@ impl Peer {
             // Probe: a key the hub accepts gets CaughtUp for a subscription, an unknown one
             // Error(UnknownPeer) right after its Auth.
             let probe = Target::Doc(DocId::new("probe/accepted").unwrap());
-            p.send(&Message::Subscribe(Subscribe {
-                target: probe,
-                epoch: Epoch::none(),
-                cursor: Cursor(0),
-            }))
-            .await;
+            p.send(&subscribe(probe)).await;
             loop {
                 match p.next(5).await {
                     Some(Message::CaughtUp(_)) => return (p, r),
@@ -170,14 +170,31 @@ fn push_of(r: &mut Replica, doc: &str, ops: serde_json::Value) -> Push {
 }
 
 fn rejects(hub: &Hub, reason: &str) -> u64 {
-    let Ok((_, text)) = hub.http("/metrics") else {
-        return 0;
-    };
-    let prefix = format!("syncline_hub_rejects_total{{reason=\"{reason}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    hub.metric(&format!(
+        "syncline_hub_rejects_total{{reason=\"{reason}\"}}"
+    ))
+    .unwrap_or(0)
+}
+
+/// A `Hello` of a fresh key for the versions `min..=max`.
+fn hello(min: u16, max: u16) -> Message {
+    Message::Hello(Hello {
+        min_version: min,
+        max_version: max,
+        role: Role::Replica,
+        peer: Identity::generate().peer_id(),
+        nonce: [1; 32],
+        epoch: Epoch::none(),
+    })
+}
+
+/// A first subscription (no cursor yet) to `target`.
+fn subscribe(target: Target) -> Message {
+    Message::Subscribe(Subscribe {
+        target,
+        epoch: Epoch::none(),
+        cursor: Cursor(0),
+    })
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -202,17 +219,7 @@ fn garbage_oversized_frames_and_a_wrong_version_are_refused_and_counted() {
     runtime().block_on(async {
         // A peer that says Hello and never authenticates: refused at the deadline.
         let mut silent = Peer::dial(&hub).await.unwrap();
-        let id = Identity::generate();
-        silent
-            .send(&Message::Hello(Hello {
-                min_version: 1,
-                max_version: 1,
-                role: Role::Replica,
-                peer: id.peer_id(),
-                nonce: [2; 32],
-                epoch: Epoch::none(),
-            }))
-            .await;
+        silent.send(&hello(1, 1)).await;
         let silent = tokio::spawn(async move {
             silent
                 .expect(30, |m| match m {
@@ -242,16 +249,7 @@ fn garbage_oversized_frames_and_a_wrong_version_are_refused_and_counted() {
 
         // A version the hub does not speak.
         let mut p = Peer::dial(&hub).await.unwrap();
-        let id = Identity::generate();
-        p.send(&Message::Hello(Hello {
-            min_version: 90,
-            max_version: 99,
-            role: Role::Replica,
-            peer: id.peer_id(),
-            nonce: [1; 32],
-            epoch: Epoch::none(),
-        }))
-        .await;
+        p.send(&hello(90, 99)).await;
         assert_eq!(p.expect(10, error_code).await, ErrorCode::VersionMismatch);
         assert_eq!(silent.await.unwrap(), ErrorCode::ProtocolViolation);
     });
@@ -357,11 +355,7 @@ fn forged_replayed_spoofed_and_ungranted_changes_are_refused_and_stored_nowhere(
             json!([{"op":"put","path":["ok"],"value":true}]),
         )
         .unwrap();
-    let fresh_dir = dir.path().join("fresh");
-    let key = Edge::init(&fresh_dir, &[(&hub.addr, &hub.fingerprint)]);
-    hub.grant(&key, "", "rw");
-    let fresh = Edge::start(&fresh_dir);
-    fresh.subscribe("").unwrap();
+    let fresh = hub.follower(&dir.path().join("fresh"));
     until("the later write to reach a fresh edge", 30, || {
         fresh.get("after/attack").ok()?.map(|_| ())
     });
@@ -402,15 +396,9 @@ fn floods_and_a_peer_that_never_reads_leave_good_edges_syncing() {
         "127.0.0.1:0",
         &["--max-connections", "40"],
     );
-    let mut edges = Vec::new();
-    for i in 0..2 {
-        let data = dir.path().join(format!("edge{i}"));
-        let key = Edge::init(&data, &[(&hub.addr, &hub.fingerprint)]);
-        hub.grant(&key, "", "rw");
-        let e = Edge::start(&data);
-        e.subscribe("").unwrap();
-        edges.push(e);
-    }
+    let edges: Vec<Edge> = (0..2)
+        .map(|i| hub.follower(&dir.path().join(format!("edge{i}"))))
+        .collect();
     let unloaded = latency_ms(&edges[0], &edges[1], "unloaded", 15);
 
     let rt = runtime();
@@ -423,12 +411,8 @@ fn floods_and_a_peer_that_never_reads_leave_good_edges_syncing() {
     // everything and never reads again.
     let (slow, refused, served) = rt.block_on(async {
         let (mut slow, _r) = Peer::authenticated(&hub, &reader).await;
-        slow.send(&Message::Subscribe(Subscribe {
-            target: Target::Prefix(DocPrefix::new("").unwrap()),
-            epoch: Epoch::none(),
-            cursor: Cursor(0),
-        }))
-        .await;
+        slow.send(&subscribe(Target::Prefix(DocPrefix::new("").unwrap())))
+            .await;
         let mut idle = Vec::new();
         let mut refused = 0u64;
         for _ in 0..60 {
@@ -470,14 +454,7 @@ fn floods_and_a_peer_that_never_reads_leave_good_edges_syncing() {
                 let mut frames = Vec::new();
                 for i in 0..70_000u32 {
                     let target = Target::Doc(DocId::new(format!("flood/{i}")).unwrap());
-                    frames.extend(
-                        Message::Subscribe(Subscribe {
-                            target,
-                            epoch: Epoch::none(),
-                            cursor: Cursor(0),
-                        })
-                        .to_frame(),
-                    );
+                    frames.extend(subscribe(target).to_frame());
                 }
                 p.send_raw(&frames).await;
                 assert_eq!(p.expect(60, error_code).await, ErrorCode::LimitExceeded);
@@ -511,10 +488,7 @@ fn floods_and_a_peer_that_never_reads_leave_good_edges_syncing() {
         "the slow reader's subscription to fall back to the log",
         30,
         || {
-            let (_, text) = hub.http("/metrics").ok()?;
-            text.lines()
-                .find_map(|l| l.strip_prefix("syncline_hub_slow_fallbacks_total "))
-                .and_then(|v| v.trim().parse::<u64>().ok())
+            hub.metric("syncline_hub_slow_fallbacks_total")
                 .filter(|n| *n >= 1)
         },
     );
@@ -535,11 +509,7 @@ fn floods_and_a_peer_that_never_reads_leave_good_edges_syncing() {
         "latency under attack {loaded:.1} ms, unloaded {unloaded:.1} ms"
     );
     // A new edge can still connect once the idle connections are gone.
-    let data = dir.path().join("late");
-    let key = Edge::init(&data, &[(&hub.addr, &hub.fingerprint)]);
-    hub.grant(&key, "", "rw");
-    let late = Edge::start(&data);
-    late.subscribe("").unwrap();
+    let late = hub.follower(&dir.path().join("late"));
     until("a late edge to catch up", 60, || {
         late.get("bulk/1199").ok()?.map(|_| ())
     });
@@ -548,16 +518,6 @@ fn floods_and_a_peer_that_never_reads_leave_good_edges_syncing() {
 impl Peer {
     /// A QUIC connection that never opens a stream; `None` if the hub refused it.
     async fn dial_idle(hub: &Hub) -> Option<(quinn::Endpoint, quinn::Connection)> {
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().ok()?).ok()?;
-        let fp = syncline_net::tls::parse_fingerprint(&hub.fingerprint).ok()?;
-        let config = syncline_net::tls::client_config(vec![fp]).ok()?;
-        let connecting = endpoint
-            .connect_with(config, hub.addr.parse().ok()?, "syncline")
-            .ok()?;
-        let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
-            .await
-            .ok()?
-            .ok()?;
-        Some((endpoint, conn))
+        Peer::connect(&hub.into()).await.ok()
     }
 }

@@ -49,14 +49,7 @@ pub fn writer(
 pub fn cluster(dir: &std::path::Path, n: usize) -> (Hub, Vec<Edge>) {
     let hub = Hub::start(&dir.join("hub"), "127.0.0.1:0");
     let edges = (0..n)
-        .map(|i| {
-            let data = dir.join(format!("edge{i}"));
-            let key = Edge::init(&data, &[(&hub.addr, &hub.fingerprint)]);
-            hub.grant(&key, "", "rw");
-            let e = Edge::start(&data);
-            e.subscribe("").unwrap();
-            e
-        })
+        .map(|i| hub.follower(&dir.join(format!("edge{i}"))))
         .collect();
     (hub, edges)
 }
