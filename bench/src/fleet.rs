@@ -25,6 +25,15 @@ impl Node {
             patch_events,
             ..ReplicaOptions::default()
         };
+        Node::open_with(path, identity, options)
+    }
+
+    /// Opens a replica on `path` (or in memory) with these options.
+    pub fn open_with(
+        path: Option<&Path>,
+        identity: &Identity,
+        options: ReplicaOptions,
+    ) -> Result<Node> {
         let replica = match path {
             Some(p) => Replica::open(p, identity.clone(), options)?,
             None => Replica::open_in_memory(identity.clone(), options)?,

@@ -13,6 +13,7 @@ mod backups;
 mod edges;
 mod fleet;
 mod limits;
+mod longlife;
 mod procs;
 mod reference;
 mod workloads;
@@ -59,7 +60,7 @@ struct Args {
     #[arg(long, default_value = "bench/reference")]
     reference_dir: PathBuf,
     /// Only these workloads (comma separated): limits, fanout, fanout-edges, latency, ingest,
-    /// many-docs, catch-up, reconnect, footprint, backup, postgres.
+    /// many-docs, catch-up, reconnect, footprint, backup, postgres, long-life.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Give up on one workload after this many seconds.
@@ -495,6 +496,47 @@ async fn run(args: Args) -> Result<()> {
         ));
         drop(hubs);
         run.record("postgres", json!({"ingest": rows, "cross_instance": cross}));
+    }
+
+    if run.wants("long-life") {
+        // (days, seconds a day, rolling period, buckets kept, plain slices, slice seconds)
+        let (days, day_secs, period, keep, slices, slice_secs) = match scale {
+            Scale::Smoke => (3, 3_600, 600, 3, 2, 3_600),
+            Scale::Standard => (3, 86_400, 3_600, 24, 2, 21_600),
+            Scale::Full => (30, 86_400, 3_600, 24, 4, 21_600),
+        };
+        say(format!(
+            "== long life: one reading a second to one logical document for {days} simulated \
+             days of {day_secs} s, rolling every {period} s, {keep} buckets kept; the same to a \
+             plain document for {slices} x {slice_secs} s"
+        ));
+        let (hub, addr, dir) = run.hub()?;
+        let l = longlife::measure(
+            &addr,
+            &hub.data,
+            dir.path(),
+            &run.identity,
+            days,
+            slices,
+            slice_secs,
+            day_secs,
+            period,
+            keep,
+            within,
+        )
+        .await
+        .context("long life")?;
+        say(format!(
+            "   rolling: last day at {:.2}x day one's write rate, store at most {:.1} MB; plain: \
+             last day at {:.2}x; a fresh replica caught up {} changes in {:.2} s; hub store {:.1} MB",
+            l.rate_ratio,
+            l.store_bytes_max as f64 / 1e6,
+            l.plain_rate_ratio,
+            l.fresh_replica.changes,
+            l.fresh_replica.seconds,
+            l.hub_store_bytes as f64 / 1e6
+        ));
+        run.record("long_life", serde_json::to_value(&l)?);
     }
 
     if run.wants("backup") {

@@ -186,13 +186,28 @@ pub fn verify_batch(
     doc: &DocId,
     changes: Vec<SignedChange>,
 ) -> Result<Vec<VerifiedChange>, ChangeError> {
+    let docs = vec![doc; changes.len()];
+    verify_batch_of(&docs, changes)
+}
+
+/// [`verify_batch`] of changes of several documents: `docs[i]` is the document of
+/// `changes[i]`.
+fn verify_batch_of(
+    docs: &[&DocId],
+    changes: Vec<SignedChange>,
+) -> Result<Vec<VerifiedChange>, ChangeError> {
     if changes.len() < 4 {
-        return changes.into_iter().map(|c| verify(doc, c)).collect();
+        return changes
+            .into_iter()
+            .zip(docs)
+            .map(|(c, doc)| verify(doc, c))
+            .collect();
     }
     let parsed = changes.iter().map(parse).collect::<Result<Vec<_>, _>>()?;
     let messages: Vec<Vec<u8>> = parsed
         .iter()
-        .map(|p| signing_message(doc, &p.hash))
+        .zip(docs)
+        .map(|(p, doc)| signing_message(doc, &p.hash))
         .collect();
     let message_refs: Vec<&[u8]> = messages.iter().map(|m| &m[..]).collect();
     let signatures: Vec<ed25519_dalek::Signature> = changes
@@ -205,22 +220,23 @@ pub fn verify_batch(
         for (i, p) in parsed.iter().enumerate() {
             if p.key.verify_strict(&messages[i], &signatures[i]).is_err() {
                 return Err(ChangeError::BadSignature {
-                    doc: doc.clone(),
+                    doc: docs[i].clone(),
                     hash: p.hash,
                 });
             }
         }
         // Batch and single verification disagree only on non-canonical encodings: refuse.
         return Err(ChangeError::BadSignature {
-            doc: doc.clone(),
+            doc: docs[0].clone(),
             hash: parsed[0].hash,
         });
     }
     Ok(changes
         .into_iter()
         .zip(parsed)
-        .map(|(signed, p)| VerifiedChange {
-            doc: doc.clone(),
+        .zip(docs)
+        .map(|((signed, p), doc)| VerifiedChange {
+            doc: (*doc).clone(),
             signed,
             change: p.change,
             author: p.author,
@@ -231,33 +247,72 @@ pub fn verify_batch(
 
 /// [`verify_batch`] split over up to `threads` threads (scoped, joined before this returns).
 /// Each thread verifies a contiguous part as one batch; the result (or the first bad change,
-/// in input order) is the same as [`verify_batch`]'s. Batches under 128 changes, one thread, or a platform without threads (wasm) verify on the
-/// calling thread.
+/// in input order) is the same as [`verify_batch`]'s. Batches under 128 changes, one thread,
+/// or a platform without threads (wasm) verify on the calling thread.
 pub fn verify_batch_parallel(
     doc: &DocId,
+    changes: Vec<SignedChange>,
+    threads: usize,
+) -> Result<Vec<VerifiedChange>, ChangeError> {
+    let docs = vec![doc; changes.len()];
+    verify_parallel_of(&docs, changes, threads)
+}
+
+/// Verifies the changes of several documents (as received in several messages) as one
+/// parallel batch: a replica catching up many small documents verifies them on every core,
+/// as it does one large one. Returns them in the same order, per document.
+pub fn verify_docs_parallel(
+    batches: Vec<(DocId, Vec<SignedChange>)>,
+    threads: usize,
+) -> Result<Vec<(DocId, Vec<VerifiedChange>)>, ChangeError> {
+    let sizes: Vec<usize> = batches.iter().map(|(_, c)| c.len()).collect();
+    let (ids, changes): (Vec<DocId>, Vec<Vec<SignedChange>>) = batches.into_iter().unzip();
+    let docs: Vec<&DocId> = ids
+        .iter()
+        .zip(&sizes)
+        .flat_map(|(d, n)| std::iter::repeat_n(d, *n))
+        .collect();
+    let mut verified =
+        verify_parallel_of(&docs, changes.into_iter().flatten().collect(), threads)?.into_iter();
+    Ok(ids
+        .iter()
+        .zip(sizes)
+        .map(|(d, n)| (d.clone(), verified.by_ref().take(n).collect()))
+        .collect())
+}
+
+fn verify_parallel_of(
+    docs: &[&DocId],
     mut changes: Vec<SignedChange>,
     threads: usize,
 ) -> Result<Vec<VerifiedChange>, ChangeError> {
     const MIN_PER_THREAD: usize = 64;
     let threads = threads.min(changes.len() / MIN_PER_THREAD);
     if threads <= 1 {
-        return verify_batch(doc, changes);
+        return verify_batch_of(docs, changes);
     }
     let per = changes.len().div_ceil(threads);
     let mut parts = Vec::with_capacity(threads);
+    let mut start = 0;
     while changes.len() > per {
         let rest = changes.split_off(per);
-        parts.push(std::mem::replace(&mut changes, rest));
+        let part = std::mem::replace(&mut changes, rest);
+        parts.push((&docs[start..start + part.len()], part));
+        start += per;
     }
-    parts.push(changes);
+    parts.push((&docs[start..], changes));
     // One slot per part: a thread takes its part out of its slot; a part whose thread could
     // not be spawned (no threads on this platform) stays in its slot and is verified here.
-    let slots: Vec<std::sync::Mutex<Option<Vec<SignedChange>>>> = parts
+    type Part<'a> = (&'a [&'a DocId], Vec<SignedChange>);
+    let slots: Vec<std::sync::Mutex<Option<Part<'_>>>> = parts
         .into_iter()
         .map(|p| std::sync::Mutex::new(Some(p)))
         .collect();
-    let take = |slot: &std::sync::Mutex<Option<Vec<SignedChange>>>| {
-        slot.lock().ok().and_then(|mut p| p.take())
+    let take = |slot: &std::sync::Mutex<Option<Part<'_>>>| {
+        slot.lock()
+            .ok()
+            .and_then(|mut p| p.take())
+            .map(|(d, c)| verify_batch_of(d, c))
     };
     let results: Vec<Result<Vec<VerifiedChange>, ChangeError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = slots[1..]
@@ -265,17 +320,14 @@ pub fn verify_batch_parallel(
             .map(|slot| {
                 std::thread::Builder::new()
                     .name("syncline-verify".into())
-                    .spawn_scoped(scope, || take(slot).map(|p| verify_batch(doc, p)))
+                    .spawn_scoped(scope, || take(slot))
                     .ok()
             })
             .collect();
-        let mut out: Vec<_> = take(&slots[0])
-            .map(|p| verify_batch(doc, p))
-            .into_iter()
-            .collect();
+        let mut out: Vec<_> = take(&slots[0]).into_iter().collect();
         for (slot, handle) in slots[1..].iter().zip(handles) {
             let joined = handle.and_then(|h| h.join().ok()).flatten();
-            match joined.or_else(|| take(slot).map(|p| verify_batch(doc, p))) {
+            match joined.or_else(|| take(slot)) {
                 Some(r) => out.push(r),
                 None => out.push(Err(ChangeError::Malformed(
                     "a verification thread failed".into(),
@@ -483,6 +535,52 @@ mod tests {
                     }
                     other => panic!("{threads} threads, forged {bad}: {other:?}"),
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn many_documents_verify_as_one_batch_and_each_change_is_bound_to_its_own_document() {
+        let alice = Identity::generate();
+        // 40 documents of 5 changes: 200 changes, split across threads mid-document.
+        let mut batches = Vec::new();
+        for d in 0..40 {
+            let doc = DocId::new(format!("many/{d}")).unwrap();
+            let mut am = automerge::Automerge::new();
+            am.set_actor(actor_for(&alice.peer_id(), [3; 8]));
+            let mut changes = Vec::new();
+            for i in 0..5 {
+                let mut tx = am.transaction();
+                tx.put(automerge::ROOT, "k", i).unwrap();
+                tx.commit();
+                let c = am.get_last_local_change().unwrap();
+                changes.push(sign(&alice, &doc, c).unwrap().signed().clone());
+            }
+            batches.push((doc, changes));
+        }
+        for threads in [1, 2, 3] {
+            let got = verify_docs_parallel(batches.clone(), threads).unwrap();
+            assert_eq!(got.len(), 40);
+            for ((doc, want), (got_doc, got)) in batches.iter().zip(&got) {
+                assert_eq!(doc, got_doc);
+                let hashes: Vec<_> = got.iter().map(|c| c.hash()).collect();
+                let want: Vec<_> = verify_batch(doc, want.clone())
+                    .unwrap()
+                    .iter()
+                    .map(|c| c.hash())
+                    .collect();
+                assert_eq!(hashes, want, "{threads} threads, {doc}");
+                assert!(got.iter().all(|c| c.doc() == doc));
+            }
+            // A change signed for one document, presented as another's, is refused there.
+            let mut moved = batches.clone();
+            let stolen = moved[3].1[2].clone();
+            moved[30].1[4] = stolen;
+            match verify_docs_parallel(moved, threads) {
+                Err(ChangeError::BadSignature { doc, .. }) => {
+                    assert_eq!(doc.as_str(), "many/30", "{threads} threads")
+                }
+                other => panic!("{threads} threads: {other:?}"),
             }
         }
     }

@@ -287,6 +287,64 @@ impl Document {
             Some((automerge::Value::Scalar(s), _)) => Some(scalar_json(&s)),
         }
     }
+
+    /// The top-level entries of the document with their CRDT types (counters as counters,
+    /// text as text, nested maps and lists as values): what a rolling document's next bucket
+    /// starts from. Values nested deeper than [`MAX_DEPTH`] are cut there.
+    pub fn root_values(&self) -> Vec<(String, Value)> {
+        self.doc
+            .map_range(&ROOT, ..)
+            .map(|item| {
+                let id = item.id();
+                (
+                    item.key.to_string(),
+                    typed(&self.doc, item.value.into(), id, 0),
+                )
+            })
+            .collect()
+    }
+}
+
+fn typed(doc: &Automerge, v: automerge::Value<'_>, id: ObjId, depth: usize) -> Value {
+    let t = match v {
+        automerge::Value::Scalar(s) => return typed_scalar(&s),
+        automerge::Value::Object(_) if depth >= MAX_DEPTH => return Value::Null,
+        automerge::Value::Object(t) => t,
+    };
+    match t {
+        ObjType::Map | ObjType::Table => Value::Map(
+            doc.map_range(&id, ..)
+                .map(|item| {
+                    let child = item.id();
+                    let v = typed(doc, item.value.into(), child, depth + 1);
+                    (item.key.to_string(), v)
+                })
+                .collect(),
+        ),
+        ObjType::List => Value::List(
+            doc.list_range(&id, ..)
+                .map(|item| {
+                    let child = item.id();
+                    typed(doc, item.value.into(), child, depth + 1)
+                })
+                .collect(),
+        ),
+        ObjType::Text => Value::Text(doc.text(&id).unwrap_or_default()),
+    }
+}
+
+fn typed_scalar(s: &ScalarValue) -> Value {
+    match s {
+        ScalarValue::Bytes(b) => Value::Bytes(b.clone()),
+        ScalarValue::Str(s) => Value::Str(s.to_string()),
+        ScalarValue::Int(i) => Value::Int(*i),
+        ScalarValue::Uint(u) => i64::try_from(*u).map_or(Value::Float(*u as f64), Value::Int),
+        ScalarValue::F64(f) => Value::Float(*f),
+        ScalarValue::Counter(c) => Value::Counter(i64::from(c)),
+        ScalarValue::Timestamp(t) => Value::Timestamp(*t),
+        ScalarValue::Boolean(b) => Value::Bool(*b),
+        ScalarValue::Null | ScalarValue::Unknown { .. } => Value::Null,
+    }
 }
 
 fn prop_elem(prop: &Prop) -> PathElem {

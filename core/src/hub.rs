@@ -252,6 +252,32 @@ enum Reply {
     PeerCursor(Option<Cursor>),
 }
 
+/// A `Push` whose signatures were checked where it was received (a connection task, on any
+/// core); only [`VerifiedPush::verify`] makes one. See [`Hub::handle_verified_push`].
+pub struct VerifiedPush {
+    push_id: u64,
+    doc: DocId,
+    result: std::result::Result<Vec<VerifiedChange>, ChangeError>,
+}
+
+impl VerifiedPush {
+    /// Verifies the changes of a `Push` within the wire limits; any other message (or a push
+    /// over the limits, which the hub refuses the usual way) is given back untouched.
+    pub fn verify(msg: Message) -> std::result::Result<VerifiedPush, Message> {
+        if msg.check_limits().is_err() {
+            return Err(msg);
+        }
+        match msg {
+            Message::Push(push) => Ok(VerifiedPush {
+                push_id: push.push_id,
+                result: change::verify_batch(&push.doc, push.changes),
+                doc: push.doc,
+            }),
+            other => Err(other),
+        }
+    }
+}
+
 struct QueuedPush {
     session: SessionId,
     reply: Reply,
@@ -641,6 +667,45 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         self.queued.retain(|q| q.session != id);
     }
 
+    /// A push whose signatures a connection task verified ([`VerifiedPush::verify`]), so that
+    /// verification runs on every core and not on the hub's one thread. Answered exactly as
+    /// [`Hub::handle_message`] answers the same `Push`.
+    pub fn handle_verified_push(&mut self, id: SessionId, push: VerifiedPush) -> Result<()> {
+        let ready = self
+            .sessions
+            .get(&id)
+            .is_some_and(|s| !s.failed && s.link.is_none() && s.peer.is_some());
+        match (ready, push.result) {
+            (true, result) => {
+                let Some(peer) = self.sessions.get(&id).and_then(|s| s.peer) else {
+                    return Ok(());
+                };
+                self.accept_push(id, peer, push.push_id, push.doc, result);
+                Ok(())
+            }
+            // Not a replica's authenticated session: the usual path says why, as for any push.
+            (false, Ok(verified)) => self.handle_message(
+                id,
+                Message::Push(wire::Push {
+                    push_id: push.push_id,
+                    doc: push.doc,
+                    changes: verified
+                        .into_iter()
+                        .map(VerifiedChange::into_signed)
+                        .collect(),
+                }),
+            ),
+            (false, Err(_)) => {
+                self.fail(
+                    id,
+                    ErrorCode::ProtocolViolation,
+                    "unexpected Push before the session is authenticated".into(),
+                );
+                Ok(())
+            }
+        }
+    }
+
     fn handle_inner(&mut self, id: SessionId, msg: Message) -> Result<()> {
         msg.check_limits()?;
         let Some(s) = self.sessions.get_mut(&id) else {
@@ -721,53 +786,8 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 self.ready.insert(id);
             }
             Message::Push(push) => {
-                let verified = match change::verify_batch(&push.doc, push.changes) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        let (code, why) = match e {
-                            ChangeError::BadSignature { .. } => {
-                                (ErrorCode::BadSignature, "bad_signature")
-                            }
-                            _ => (ErrorCode::MalformedChange, "malformed_change"),
-                        };
-                        self.metrics.reject(why);
-                        tracing::warn!(session = id, %peer, error = %e, "refused a push");
-                        s.out.push_back(Message::Reject(Reject {
-                            push_id: push.push_id,
-                            doc: push.doc,
-                            code,
-                            message: e.to_string(),
-                        }));
-                        self.ready.insert(id);
-                        return Ok(());
-                    }
-                };
-                // A peer hub relays changes whose authors' rights it checked itself.
-                let relay = self.policy.may_relay(&peer);
-                if let Some(c) = verified
-                    .iter()
-                    .find(|c| !relay && !self.policy.may_write(&c.author(), &push.doc))
-                {
-                    self.metrics.reject("not_authorized");
-                    let message = format!(
-                        "key {} may not write {}; ask the hub operator for a write grant",
-                        c.author(),
-                        push.doc
-                    );
-                    s.out.push_back(Message::Reject(Reject {
-                        push_id: push.push_id,
-                        doc: push.doc,
-                        code: ErrorCode::NotAuthorized,
-                        message,
-                    }));
-                    self.ready.insert(id);
-                    return Ok(());
-                }
-                self.queued.push(QueuedPush {
-                    session: id,
-                    reply: Reply::Ack(push.push_id),
-                    changes: verified,
-                });
+                let result = change::verify_batch(&push.doc, push.changes);
+                self.accept_push(id, peer, push.push_id, push.doc, result);
             }
             Message::Reconcile(r) => {
                 if s.reconciles.len() >= MAX_PENDING_RECONCILES {
@@ -791,6 +811,65 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             }
         }
         Ok(())
+    }
+
+    /// Queues a verified push for the next group commit, or refuses it (bad signature, no
+    /// write grant) with a `Reject` for its author's outbox.
+    fn accept_push(
+        &mut self,
+        id: SessionId,
+        peer: PeerId,
+        push_id: u64,
+        doc: DocId,
+        result: std::result::Result<Vec<VerifiedChange>, ChangeError>,
+    ) {
+        let refusal = match result {
+            Err(e) => {
+                let (code, why) = match e {
+                    ChangeError::BadSignature { .. } => (ErrorCode::BadSignature, "bad_signature"),
+                    _ => (ErrorCode::MalformedChange, "malformed_change"),
+                };
+                tracing::warn!(session = id, %peer, error = %e, "refused a push");
+                Some((code, why, e.to_string()))
+            }
+            Ok(verified) => {
+                // A peer hub relays changes whose authors' rights it checked itself.
+                let relay = self.policy.may_relay(&peer);
+                match verified
+                    .iter()
+                    .find(|c| !relay && !self.policy.may_write(&c.author(), &doc))
+                {
+                    Some(c) => Some((
+                        ErrorCode::NotAuthorized,
+                        "not_authorized",
+                        format!(
+                            "key {} may not write {doc}; ask the hub operator for a write grant",
+                            c.author()
+                        ),
+                    )),
+                    None => {
+                        self.queued.push(QueuedPush {
+                            session: id,
+                            reply: Reply::Ack(push_id),
+                            changes: verified,
+                        });
+                        None
+                    }
+                }
+            }
+        };
+        if let Some((code, why, message)) = refusal {
+            self.metrics.reject(why);
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.out.push_back(Message::Reject(Reject {
+                    push_id,
+                    doc,
+                    code,
+                    message,
+                }));
+                self.ready.insert(id);
+            }
+        }
     }
 
     /// Commits every queued push in one transaction, then acknowledges them and relays the

@@ -85,6 +85,7 @@ pub mod ids;
 pub mod ops;
 pub mod protocol;
 pub mod replica;
+pub mod rolling;
 pub mod store;
 
 pub mod wire;

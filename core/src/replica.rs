@@ -28,6 +28,7 @@ use crate::identity::Identity;
 use crate::ids::{ChangeHash, Cursor, DocId, DocPrefix, Epoch, PeerId};
 use crate::ops::Op;
 use crate::protocol::Handshake;
+use crate::rolling::Rolling;
 use crate::store::ReplicaStore;
 use crate::wire::{
     self, CaughtUp, Changes, ErrorCode, Heads, Message, Push, Reconcile, Reject, Role, Subscribe,
@@ -75,6 +76,9 @@ pub struct ReplicaOptions {
     /// Bound the store file to about this many bytes: writes beyond it are refused with
     /// [`Error::StorageFull`] and store nothing (`ReplicaStore::set_max_bytes`).
     pub max_store_bytes: Option<u64>,
+    /// Rolling policies: logical documents under these prefixes are kept as one bucket
+    /// document per period, so their history stays bounded ([`crate::rolling`]).
+    pub rolling: Vec<Rolling>,
 }
 
 /// Milliseconds since the Unix epoch by the system clock; 0 before 1970, and on wasm, where
@@ -104,6 +108,7 @@ impl Default for ReplicaOptions {
             clock: system_clock_ms,
             store_key: None,
             max_store_bytes: None,
+            rolling: Vec::new(),
         }
     }
 }
@@ -251,6 +256,13 @@ impl Subscriptions {
     fn iter(&self) -> std::slice::Iter<'_, Target> {
         self.list.iter()
     }
+
+    fn remove_doc(&mut self, doc: &DocId) {
+        if self.docs.remove(doc) {
+            self.list
+                .retain(|t| !matches!(t, Target::Doc(d) if d == doc));
+        }
+    }
 }
 
 /// A replica of a set of documents. See the module docs for how a driver runs it.
@@ -265,6 +277,10 @@ pub struct Replica {
     events: VecDeque<Event>,
     dropped_events: u64,
     compactions: u64,
+    /// Buckets of rolling documents forgotten since the replica was opened.
+    retired: u64,
+    /// When [`Replica::roll`] next looks at the clock's bucket (ms, by `options.clock`).
+    next_roll_ms: i64,
     options: ReplicaOptions,
     rng: StdRng,
 }
@@ -316,6 +332,8 @@ impl Replica {
             events: VecDeque::new(),
             dropped_events: 0,
             compactions: 0,
+            retired: 0,
+            next_roll_ms: i64::MIN,
             options,
             rng,
         })
@@ -381,7 +399,17 @@ impl Replica {
 
     /// A document held by this replica.
     pub fn doc(&mut self, id: &DocId) -> Result<&Document> {
-        Ok(&self.load(id, false)?.doc)
+        match self.rolling_for(id).cloned() {
+            None => Ok(&self.load(id, false)?.doc),
+            Some(policy) => {
+                let clock = policy.bucket_at((self.options.clock)());
+                let newest = self.held_buckets(&policy, id, clock)?.pop();
+                let bucket = newest
+                    .and_then(|b| policy.bucket_id(id, b))
+                    .ok_or_else(|| Error::UnknownDocument(id.clone()))?;
+                Ok(&self.load(&bucket, false)?.doc)
+            }
+        }
     }
 
     /// A document as plain JSON.
@@ -394,15 +422,20 @@ impl Replica {
     /// fails.
     pub fn change(&mut self, doc: &DocId, ops: &[Op]) -> Result<Vec<ChangeHash>> {
         self.change_many(&[(doc.clone(), ops.to_vec())])?;
-        Ok(self
-            .load(doc, false)
-            .map(|s| s.doc.heads())
-            .unwrap_or_default())
+        Ok(self.doc(doc).map(|d| d.heads()).unwrap_or_default())
     }
 
     /// Applies several changes and commits them in one transaction (group commit): all are
     /// durable when this returns, or none is.
     pub fn change_many(&mut self, changes: &[(DocId, Vec<Op>)]) -> Result<()> {
+        let routed;
+        let changes = if self.options.rolling.is_empty() {
+            changes
+        } else {
+            self.roll()?;
+            routed = self.route_writes(changes)?;
+            &routed[..]
+        };
         let result = self.change_many_inner(changes);
         if result.is_err() {
             // In-memory documents may be ahead of the store: reload them from disk when next used.
@@ -507,8 +540,176 @@ impl Replica {
         self.compact_after_commit(doc);
     }
 
-    /// Follows a document or prefix from the hub (persisted; sent now if connected).
+    /// The rolling policy `id` is a logical document of, if any.
+    fn rolling_for(&self, id: &DocId) -> Option<&Rolling> {
+        self.options.rolling.iter().find(|p| p.applies(id))
+    }
+
+    /// The buckets of `logical` held (stored, or created in memory), oldest first, up to one
+    /// period ahead of `clock`'s bucket.
+    fn held_buckets(&self, policy: &Rolling, logical: &DocId, clock: i64) -> Result<Vec<i64>> {
+        let mut held: Vec<i64> = self
+            .store
+            .doc_ids_with_prefix(&policy.bucket_prefix(logical))?
+            .iter()
+            .chain(self.docs.keys())
+            .filter_map(|d| policy.split(d))
+            .filter(|(l, b)| l == logical && *b <= clock.saturating_add(1))
+            .map(|(_, b)| b)
+            .collect();
+        held.sort_unstable();
+        held.dedup();
+        Ok(held)
+    }
+
+    /// Maps writes to rolling logical documents onto their buckets: the newest bucket held,
+    /// or the clock's if newer. The first write into a new bucket starts with the top-level
+    /// values of the newest older bucket held.
+    fn route_writes(&mut self, changes: &[(DocId, Vec<Op>)]) -> Result<Vec<(DocId, Vec<Op>)>> {
+        let clock_ms = (self.options.clock)();
+        let mut routed = Vec::with_capacity(changes.len());
+        let mut chosen: HashMap<DocId, DocId> = HashMap::new();
+        for (doc, ops) in changes {
+            let Some(policy) = self.rolling_for(doc).cloned() else {
+                routed.push((doc.clone(), ops.clone()));
+                continue;
+            };
+            if let Some(bucket) = chosen.get(doc) {
+                routed.push((bucket.clone(), ops.clone()));
+                continue;
+            }
+            let clock = policy.bucket_at(clock_ms);
+            let newest = self.held_buckets(&policy, doc, clock)?.pop();
+            let bucket = newest.map_or(clock, |n| n.max(clock));
+            let too_long = || Error::InvalidOperation {
+                doc: doc.clone(),
+                reason: format!(
+                    "the id is too long to roll: its bucket ids add \"{}\" and must stay within \
+                     {} bytes; shorten it",
+                    policy.bucket_prefix(doc).split_at(doc.as_str().len()).1,
+                    crate::ids::MAX_DOC_ID_LEN
+                ),
+            };
+            let id = policy.bucket_id(doc, bucket).ok_or_else(too_long)?;
+            let mut all = Vec::new();
+            if let Some(from) = newest.filter(|n| *n < bucket) {
+                let from = policy.bucket_id(doc, from).ok_or_else(too_long)?;
+                all.extend(self.load(&from, false)?.doc.root_values().into_iter().map(
+                    |(key, value)| Op::Put {
+                        path: vec![crate::ops::PathElem::Key(key)],
+                        value,
+                    },
+                ));
+            }
+            all.extend(ops.iter().cloned());
+            chosen.insert(doc.clone(), id.clone());
+            routed.push((id, all));
+        }
+        Ok(routed)
+    }
+
+    /// Moves rolling documents on with the clock, for every rolling document held or
+    /// followed: follows the buckets a view can come from (the clock's last `keep` periods)
+    /// and the next one; keeps the buckets of the last `keep` periods and the newest bucket
+    /// held, however old, and forgets older ones once nothing written there awaits the hub. Runs at most every 60 s (a
+    /// quarter period if shorter) of the replica's clock; writes call it, and drivers call it
+    /// from a timer (the edge-node every few seconds). Returns how many buckets it forgot.
+    pub fn roll(&mut self) -> Result<usize> {
+        let now = (self.options.clock)();
+        if self.options.rolling.is_empty() || now < self.next_roll_ms {
+            return Ok(0);
+        }
+        let step = self
+            .options
+            .rolling
+            .iter()
+            .map(|p| (p.period_secs() as i64 * 250).min(60_000))
+            .min()
+            .unwrap_or(60_000);
+        self.next_roll_ms = now.saturating_add(step);
+        let mut forgotten = 0;
+        for policy in self.options.rolling.clone() {
+            let clock = policy.bucket_at(now);
+            let mut logicals: std::collections::BTreeSet<DocId> = self
+                .store
+                .doc_ids_with_prefix(policy.prefix().as_str())?
+                .iter()
+                .chain(self.subscriptions.docs.iter())
+                .filter_map(|d| policy.split(d).map(|(l, _)| l))
+                .collect();
+            logicals.retain(|l| policy.applies(l));
+            for logical in logicals {
+                let keep = i64::from(policy.keep());
+                // The clock's bucket (or a newer one held) and the keep - 1 before it stay,
+                // and the newest bucket held however old: a replica never drops the last
+                // state it has of a document.
+                let newest = self.held_buckets(&policy, &logical, clock)?.pop();
+                let kept_from = newest
+                    .map_or(clock, |n| n.max(clock))
+                    .saturating_sub(keep - 1);
+                // Follow the window a view can come from, and the next bucket (a writer whose
+                // clock is a little ahead may start it).
+                let window = clock.saturating_sub(keep - 1);
+                for b in window.max(kept_from)..=clock.saturating_add(1) {
+                    if let Some(id) = policy.bucket_id(&logical, b) {
+                        self.subscribe(Target::Doc(id))?;
+                    }
+                }
+                let held: HashSet<DocId> = self
+                    .store
+                    .doc_ids_with_prefix(&policy.bucket_prefix(&logical))?
+                    .into_iter()
+                    .collect();
+                let mut old: Vec<DocId> = held
+                    .iter()
+                    .chain(self.subscriptions.docs.iter())
+                    .filter(|d| {
+                        policy.split(d).is_some_and(|(l, b)| {
+                            l == logical
+                                && Some(b) != newest
+                                && (b < kept_from || (b < window && !held.contains(*d)))
+                        })
+                    })
+                    .cloned()
+                    .collect();
+                old.sort();
+                old.dedup();
+                for id in old {
+                    if self.store.unacknowledged(&id)? > 0 {
+                        continue; // kept until the hub has every change written there
+                    }
+                    self.store.forget_doc(&id)?;
+                    self.docs.remove(&id);
+                    self.subscriptions.remove_doc(&id);
+                    if held.contains(&id) {
+                        self.retired += 1;
+                        forgotten += 1;
+                        tracing::debug!(doc = %id, "forgot an old bucket of a rolling document");
+                    }
+                }
+            }
+        }
+        Ok(forgotten)
+    }
+
+    /// Buckets of rolling documents this replica forgot since it was opened.
+    pub fn retired(&self) -> u64 {
+        self.retired
+    }
+
+    /// Follows a document or prefix from the hub (persisted; sent now if connected). A
+    /// rolling logical document is followed through its buckets ([`Replica::roll`]).
     pub fn subscribe(&mut self, target: Target) -> Result<()> {
+        if let Target::Doc(d) = &target
+            && let Some(policy) = self.rolling_for(d).cloned()
+        {
+            let clock = policy.bucket_at((self.options.clock)());
+            if let Some(id) = policy.bucket_id(d, clock) {
+                self.subscribe(Target::Doc(id))?;
+            }
+            self.next_roll_ms = i64::MIN;
+            return self.roll().map(|_| ());
+        }
         if self.subscriptions.contains(&target) {
             return Ok(());
         }
@@ -936,9 +1137,12 @@ impl Replica {
     }
 
     fn record_caught_up(&mut self, c: CaughtUp) -> Result<()> {
-        let mut batch = self.store.batch()?;
-        batch.set_cursor(&c.target, c.epoch, c.cursor)?;
-        batch.commit()?;
+        // A bucket forgotten during the session is not followed again.
+        if self.subscriptions.contains(&c.target) {
+            let mut batch = self.store.batch()?;
+            batch.set_cursor(&c.target, c.epoch, c.cursor)?;
+            batch.commit()?;
+        }
         let s = self.session.as_mut().ok_or(ProtocolError::Unexpected {
             message: "CaughtUp",
             state: "closed",
@@ -970,22 +1174,32 @@ impl Replica {
     fn ingest(&mut self, incoming: Vec<Changes>, touched: &mut Vec<DocId>) -> Result<()> {
         let mut per_doc: Vec<(DocId, Vec<VerifiedChange>)> = Vec::new();
         let mut cursors: Vec<(Target, Cursor)> = Vec::new();
+        let mut received = Vec::with_capacity(incoming.len());
         for m in incoming {
-            let verified =
-                change::verify_batch_parallel(&m.doc, m.changes, self.options.verify_threads)?;
+            cursors.extend(m.cursor);
+            received.push((m.doc, m.changes));
+        }
+        // One parallel batch for every message of the flush: many small documents verify on
+        // every core too.
+        for (doc, verified) in change::verify_docs_parallel(received, self.options.verify_threads)?
+        {
             match per_doc.last_mut() {
-                Some((d, v)) if *d == m.doc => v.extend(verified),
-                _ => match per_doc.iter_mut().find(|(d, _)| *d == m.doc) {
+                Some((d, v)) if *d == doc => v.extend(verified),
+                _ => match per_doc.iter_mut().find(|(d, _)| *d == doc) {
                     Some((_, v)) => v.extend(verified),
-                    None => per_doc.push((m.doc, verified)),
+                    None => per_doc.push((doc, verified)),
                 },
             }
-            cursors.extend(m.cursor);
         }
         let max_pending = self.options.max_pending_per_doc;
         let mut fresh_all: Vec<VerifiedChange> = Vec::new();
         let mut changed: Vec<(DocId, Vec<ChangeHash>)> = Vec::new();
         for (doc, changes) in per_doc {
+            if !self.subscriptions.covers(&doc)
+                && self.options.rolling.iter().any(|p| p.split(&doc).is_some())
+            {
+                continue; // a bucket forgotten during this session: the hub keeps it
+            }
             touched.push(doc.clone());
             let state = self.load(&doc, true)?;
             let mut seen = HashSet::new();

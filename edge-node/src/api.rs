@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use syncline_core::audit::At;
 use syncline_core::ops::Op;
 use syncline_core::replica::{Event, Replica};
+use syncline_core::rolling;
 use syncline_core::wire::Target;
 use syncline_core::{ChangeHash, DocId, DocPrefix};
 use syncline_net::client::ReplicaHandle;
@@ -350,15 +351,19 @@ async fn doc_events(
                     origin,
                     heads,
                     patches,
-                }) if doc == id => SseEvent::default().event("change").data(
-                    json!({
-                        "doc": doc,
+                }) if doc == id || rolling::logical_of(&doc).as_ref() == Some(&id) => {
+                    let mut data = json!({
+                        "doc": id,
                         "origin": origin,
                         "heads": hex_heads(&heads),
                         "patches": patches,
-                    })
-                    .to_string(),
-                ),
+                    });
+                    if doc != id {
+                        // A rolling document: which bucket changed.
+                        data["bucket"] = json!(doc);
+                    }
+                    SseEvent::default().event("change").data(data.to_string())
+                }
                 Ok(Event::Lagged { dropped }) => lagged(&id, dropped),
                 Err(broadcast::error::RecvError::Lagged(missed)) => lagged(&id, missed),
                 Ok(_) => continue,

@@ -81,6 +81,10 @@ impl DataDir {
             hub.validate()
                 .with_context(|| format!("in {}", path.display()))?;
         }
+        for r in &config.rolling {
+            r.to_policy()
+                .with_context(|| format!("in {}", path.display()))?;
+        }
         Ok(config)
     }
 
@@ -126,6 +130,32 @@ pub struct EdgeConfig {
     /// `507 storage_full` and nothing stored is lost. Absent: the disk is the limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_store_mb: Option<u64>,
+    /// Rolling documents: each logical document under a prefix is kept as one bucket document
+    /// per period, so its history stays bounded (`docs/API.md`, "Rolling documents").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rolling: Vec<RollingConfig>,
+}
+
+/// One `[[rolling]]` table of `edge.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollingConfig {
+    /// Documents whose id starts with this roll (`sensors/`).
+    pub prefix: String,
+    /// Seconds per bucket (3600: a new bucket every hour).
+    pub period_secs: u64,
+    /// Buckets kept on this device per logical document (at least 2); older ones are dropped
+    /// once the hub holds them.
+    pub keep: u32,
+}
+
+impl RollingConfig {
+    /// The policy the replica takes.
+    pub fn to_policy(&self) -> anyhow::Result<syncline_core::rolling::Rolling> {
+        let prefix = syncline_core::ids::DocPrefix::new(self.prefix.clone())?;
+        syncline_core::rolling::Rolling::new(prefix, self.period_secs, self.keep)
+            .map_err(|e| anyhow::anyhow!("[[rolling]] prefix {:?}: {e}", self.prefix))
+    }
 }
 
 /// One hub of `edge.toml`.
@@ -203,8 +233,29 @@ mod tests {
             ],
             db_key_file: Some("/run/keys/edge.key".into()),
             max_store_mb: Some(512),
+            rolling: vec![RollingConfig {
+                prefix: "sensors/".into(),
+                period_secs: 3600,
+                keep: 24,
+            }],
         };
         let text = toml::to_string(&config).unwrap();
         assert_eq!(toml::from_str::<EdgeConfig>(&text).unwrap(), config);
+    }
+
+    #[test]
+    fn a_bad_rolling_policy_is_refused_with_its_prefix_and_what_to_give() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path().to_path_buf());
+        std::fs::write(
+            data.config(),
+            "[[rolling]]\nprefix = \"sensors/\"\nperiod_secs = 3600\nkeep = 1\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", data.load_config().unwrap_err());
+        assert!(e.contains("sensors/") && e.contains("at least 2"), "{e}");
+        std::fs::write(data.config(), "[[rolling]]\nprefix = \"sensors/\"\n").unwrap();
+        let e = format!("{:#}", data.load_config().unwrap_err());
+        assert!(e.contains("period_secs"), "{e}");
     }
 }

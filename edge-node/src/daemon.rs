@@ -17,6 +17,8 @@ use crate::config::{DEFAULT_API, DataDir, write_atomically};
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the replica thread gets to finish what it is doing after the API stops.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often rolling documents are looked at, at most (a quarter period if shorter).
+const ROLL_TICK: Duration = Duration::from_secs(5);
 
 /// Runs the daemon on `data` until SIGTERM or SIGINT. `api` overrides the configured API
 /// address.
@@ -40,11 +42,37 @@ pub async fn run(data: &DataDir, api: Option<String>) -> anyhow::Result<()> {
     let options = ReplicaOptions {
         store_key,
         max_store_bytes: config.max_store_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
+        rolling: config
+            .rolling
+            .iter()
+            .map(|r| r.to_policy())
+            .collect::<anyhow::Result<_>>()?,
         ..ReplicaOptions::default()
     };
+    let roll_tick = options
+        .rolling
+        .iter()
+        .map(|r| Duration::from_millis(r.period_secs().saturating_mul(250)).min(ROLL_TICK))
+        .min();
     let replica = Replica::open(&data.store(), identity, options)
         .with_context(|| format!("opening the store {}", data.store().display()))?;
     let (handle, thread) = ReplicaHandle::spawn(replica);
+    if let Some(every) = roll_tick {
+        // Rolling documents move on with the clock even when nobody writes: follow the next
+        // bucket, forget the oldest (Replica::roll does nothing until it is due).
+        let h = handle.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                match h.call(|r| r.roll()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "rolling documents failed; retrying"),
+                    Err(_) => return, // the replica has stopped
+                }
+            }
+        });
+    }
 
     let hubs = config
         .hub

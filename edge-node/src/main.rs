@@ -220,12 +220,13 @@ fn init(
         .map(|(h, fp)| HubConfig::new(h, fp))
         .collect::<anyhow::Result<Vec<_>>>()
         .map_err(|e| UsageError(format!("{e:#}")))?;
-    let (api, old_key_file, max_store_mb) = match data.load_config() {
+    let old = match data.load_config() {
         // Re-running init changes the hubs and keeps the identity and the other settings.
-        Ok(old) => (old.api, old.db_key_file, old.max_store_mb),
-        Err(_) if !data.config().exists() => (None, None, None),
+        Ok(old) => old,
+        Err(_) if !data.config().exists() => EdgeConfig::default(),
         Err(e) => return Err(e),
     };
+    let (api, old_key_file, max_store_mb) = (old.api, old.db_key_file, old.max_store_mb);
     let db_key_file = match (db_key_file, old_key_file) {
         (Some(new), old) => {
             let new = std::path::absolute(&new)
@@ -260,6 +261,7 @@ fn init(
         hub,
         db_key_file,
         max_store_mb,
+        rolling: old.rolling,
     })?;
     let key = identity.peer_id().to_string();
     if json {

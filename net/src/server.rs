@@ -7,13 +7,13 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use syncline_core::hub::{Hub, Policy, SessionId};
+use syncline_core::hub::{Hub, Policy, SessionId, VerifiedPush};
 use syncline_core::store::HubStore;
 use syncline_core::wire::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::backoff::Backoff;
@@ -44,11 +44,17 @@ enum Command<S, P> {
         binding: [u8; 32],
         side: Side,
         outbound: mpsc::Sender<Message>,
+        authenticated: Arc<AtomicBool>,
         reply: oneshot::Sender<SessionId>,
     },
     Message {
         session: SessionId,
         msg: Message,
+    },
+    /// A push its connection task verified (on whichever core ran the task).
+    Push {
+        session: SessionId,
+        push: VerifiedPush,
     },
     WireError {
         session: SessionId,
@@ -167,19 +173,22 @@ where
         self.run_session(&conn, send, recv, Side::Accepted).await
     }
 
-    /// Opens a session on the hub thread: its id, and the channel of what the hub sends on it.
+    /// Opens a session on the hub thread: its id, the channel of what the hub sends on it, and
+    /// how its connection task hands over what it receives.
     async fn open_session(
         &self,
         binding: [u8; 32],
         side: Side,
-    ) -> Result<(SessionId, mpsc::Receiver<Message>), NetError> {
+    ) -> Result<(SessionId, mpsc::Receiver<Message>, Incoming), NetError> {
         let (outbound, out_rx) = mpsc::channel::<Message>(SESSION_QUEUE);
         let (reply, rx) = oneshot::channel();
+        let authenticated = Arc::new(AtomicBool::new(false));
         self.tx
             .send(Command::Open {
                 binding,
                 side,
                 outbound,
+                authenticated: authenticated.clone(),
                 reply,
             })
             .await
@@ -195,7 +204,13 @@ where
                 let _ = hub.call(move |h| h.expire_handshake(session, after)).await;
             });
         }
-        Ok((session, out_rx))
+        let incoming = Incoming {
+            session,
+            // Pushes from the replicas (and peer hubs) that connect here, once authenticated;
+            // on links this hub opened, the hub thread verifies what the peer sends.
+            authenticated: matches!(side, Side::Accepted).then_some(authenticated),
+        };
+        Ok((session, out_rx, incoming))
     }
 
     /// Runs one session over a connection's stream until either side ends it.
@@ -207,14 +222,14 @@ where
         side: Side,
     ) -> Result<(), NetError> {
         let binding = tls::channel_binding(conn)?;
-        let (session, out_rx) = self.open_session(binding, side).await?;
+        let (session, out_rx, incoming) = self.open_session(binding, side).await?;
         let result = crate::stream::run(
             self.traffic.clone(),
             send,
             recv,
             out_rx,
             self.tx.clone(),
-            |msg| Command::Message { session, msg },
+            |msg| incoming.command(msg),
             || Command::Writable { session },
             |error| Some(Command::WireError { session, error }),
         )
@@ -222,6 +237,32 @@ where
         let _ = self.tx.send(Command::Close { session }).await;
         conn.close(0u32.into(), b"session ended");
         result
+    }
+}
+
+/// How one session's connection task hands what it receives to the hub thread. Once the
+/// session is authenticated, pushes are verified here, on the task's core, so that the hub
+/// thread only commits; before that (and on links this hub opened) the hub thread does it.
+struct Incoming {
+    session: SessionId,
+    authenticated: Option<Arc<AtomicBool>>,
+}
+
+impl Incoming {
+    fn command<S, P>(&self, msg: Message) -> Command<S, P> {
+        let session = self.session;
+        if !matches!(msg, Message::Push(_))
+            || !self
+                .authenticated
+                .as_ref()
+                .is_some_and(|a| a.load(Ordering::Acquire))
+        {
+            return Command::Message { session, msg };
+        }
+        match VerifiedPush::verify(msg) {
+            Ok(push) => Command::Push { session, push },
+            Err(msg) => Command::Message { session, msg },
+        }
     }
 }
 
@@ -247,7 +288,7 @@ where
         O::Error: std::fmt::Display,
     {
         use futures_util::{SinkExt, StreamExt};
-        let (session, mut out_rx) = self.open_session([0; 32], Side::Accepted).await?;
+        let (session, mut out_rx, handover) = self.open_session([0; 32], Side::Accepted).await?;
         let traffic = self.traffic.clone();
         let owner = self.tx.clone();
         let writer = async {
@@ -283,7 +324,7 @@ where
                 match decoded {
                     Ok(msg) => self
                         .tx
-                        .send(Command::Message { session, msg })
+                        .send(handover.command(msg))
                         .await
                         .map_err(|_| NetError::Stopped)?,
                     Err(error) => {
@@ -406,6 +447,8 @@ fn run<S: HubStore, P: Policy>(
     mut rx: mpsc::Receiver<Command<S, P>>,
 ) -> Hub<S, P> {
     let mut outbound: HashMap<SessionId, mpsc::Sender<Message>> = HashMap::new();
+    // Sessions not authenticated yet, with the flag their connection task reads.
+    let mut handshaking: HashMap<SessionId, Arc<AtomicBool>> = HashMap::new();
     let mut due: BTreeSet<SessionId> = BTreeSet::new();
     while let Some(first) = rx.blocking_recv() {
         let mut cmd = Some(first);
@@ -416,6 +459,7 @@ fn run<S: HubStore, P: Policy>(
                     binding,
                     side,
                     outbound: tx,
+                    authenticated: flag,
                     reply,
                 } => {
                     let id = match side {
@@ -423,12 +467,25 @@ fn run<S: HubStore, P: Policy>(
                         Side::Peer(expected) => hub.connect_peer(expected, binding),
                     };
                     outbound.insert(id, tx);
+                    handshaking.insert(id, flag);
                     due.insert(id);
                     let _ = reply.send(id);
                 }
                 Command::Message { session, msg } => {
                     if let Err(e) = hub.handle_message(session, msg) {
                         tracing::debug!(session, error = %e, "session refused a message");
+                    }
+                    if handshaking.contains_key(&session) && hub.session_peer(session).is_some() {
+                        // Authenticated: its connection task verifies its pushes from now on.
+                        if let Some(flag) = handshaking.remove(&session) {
+                            flag.store(true, Ordering::Release);
+                        }
+                    }
+                    due.insert(session);
+                }
+                Command::Push { session, push } => {
+                    if let Err(e) = hub.handle_verified_push(session, push) {
+                        tracing::debug!(session, error = %e, "session refused a push");
                     }
                     due.insert(session);
                 }
@@ -442,6 +499,7 @@ fn run<S: HubStore, P: Policy>(
                 Command::Close { session } => {
                     hub.close(session);
                     outbound.remove(&session);
+                    handshaking.remove(&session);
                 }
                 Command::Call(job) => job(&mut hub),
             }

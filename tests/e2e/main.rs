@@ -9,6 +9,7 @@ mod nemesis;
 mod peering;
 mod postgres;
 mod replication;
+mod rolling;
 mod security;
 
 use std::sync::Arc;

@@ -192,6 +192,52 @@ impl ReplicaStore {
             .collect()
     }
 
+    /// The documents held whose id starts with `prefix`, in id order (an index range: ids
+    /// are printable ASCII, below `\x7f`).
+    pub fn doc_ids_with_prefix(&self, prefix: &str) -> Result<Vec<DocId>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT doc FROM docs WHERE doc >= ?1 AND doc < ?1 || char(127) ORDER BY doc",
+            )
+            .ctx("listing documents")?;
+        let rows = st
+            .query_map([prefix], |r| r.get::<_, String>(0))
+            .ctx("listing documents")?;
+        rows.map(|r| doc_from(r.ctx("listing documents")?))
+            .collect()
+    }
+
+    /// Changes of `doc` waiting for the hub's acknowledgement (refused ones not counted).
+    pub fn unacknowledged(&self, doc: &DocId) -> Result<u64> {
+        self.conn
+            .prepare_cached("SELECT count(*) FROM outbox WHERE doc = ?1 AND rejected IS NULL")
+            .and_then(|mut st| st.query_row([doc.as_str()], |r| r.get::<_, i64>(0)))
+            .map(|n| n.max(0) as u64)
+            .ctx("counting a document's outbox")
+    }
+
+    /// Forgets a document locally, in one transaction: its changes, snapshot, refused outbox
+    /// entries and subscription. The caller checks that nothing of it awaits the hub.
+    pub fn forget_doc(&mut self, doc: &DocId) -> Result<()> {
+        let tx = self.conn.transaction().ctx("forgetting a document")?;
+        for sql in [
+            "DELETE FROM outbox WHERE doc = ?1",
+            "DELETE FROM changes WHERE doc = ?1",
+            "DELETE FROM snapshots WHERE doc = ?1",
+            "DELETE FROM docs WHERE doc = ?1",
+        ] {
+            tx.execute(sql, [doc.as_str()])
+                .ctx("forgetting a document")?;
+        }
+        tx.execute(
+            "DELETE FROM subscriptions WHERE target = ?1",
+            [Target::Doc(doc.clone()).key()],
+        )
+        .ctx("forgetting a document")?;
+        tx.commit().ctx("forgetting a document")
+    }
+
     /// Whether the document is held.
     pub fn has_doc(&self, doc: &DocId) -> Result<bool> {
         self.conn

@@ -2,3 +2,4 @@
 
 mod crash;
 mod fuzz_corpus;
+mod rolling;
