@@ -671,20 +671,19 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
     /// verification runs on every core and not on the hub's one thread. Answered exactly as
     /// [`Hub::handle_message`] answers the same `Push`.
     pub fn handle_verified_push(&mut self, id: SessionId, push: VerifiedPush) -> Result<()> {
-        let ready = self
+        // The peer of a replica's (or peer hub's) authenticated session that has not failed.
+        let peer = self
             .sessions
             .get(&id)
-            .is_some_and(|s| !s.failed && s.link.is_none() && s.peer.is_some());
-        match (ready, push.result) {
-            (true, result) => {
-                let Some(peer) = self.sessions.get(&id).and_then(|s| s.peer) else {
-                    return Ok(());
-                };
+            .filter(|s| !s.failed && s.link.is_none())
+            .and_then(|s| s.peer);
+        match (peer, push.result) {
+            (Some(peer), result) => {
                 self.accept_push(id, peer, push.push_id, push.doc, result);
                 Ok(())
             }
             // Not a replica's authenticated session: the usual path says why, as for any push.
-            (false, Ok(verified)) => self.handle_message(
+            (None, Ok(verified)) => self.handle_message(
                 id,
                 Message::Push(wire::Push {
                     push_id: push.push_id,
@@ -695,7 +694,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                         .collect(),
                 }),
             ),
-            (false, Err(_)) => {
+            (None, Err(_)) => {
                 self.fail(
                     id,
                     ErrorCode::ProtocolViolation,

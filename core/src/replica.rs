@@ -548,18 +548,25 @@ impl Replica {
     /// The buckets of `logical` held (stored, or created in memory), oldest first, up to one
     /// period ahead of `clock`'s bucket.
     fn held_buckets(&self, policy: &Rolling, logical: &DocId, clock: i64) -> Result<Vec<i64>> {
-        let mut held: Vec<i64> = self
+        Ok(self
+            .bucket_docs(policy, logical)?
+            .into_keys()
+            .take_while(|b| *b <= clock.saturating_add(1))
+            .collect())
+    }
+
+    /// Every bucket of `logical` held (stored, or created in memory), by bucket.
+    fn bucket_docs(&self, policy: &Rolling, logical: &DocId) -> Result<BTreeMap<i64, DocId>> {
+        Ok(self
             .store
             .doc_ids_with_prefix(&policy.bucket_prefix(logical))?
             .iter()
             .chain(self.docs.keys())
-            .filter_map(|d| policy.split(d))
-            .filter(|(l, b)| l == logical && *b <= clock.saturating_add(1))
-            .map(|(_, b)| b)
-            .collect();
-        held.sort_unstable();
-        held.dedup();
-        Ok(held)
+            .filter_map(|d| match policy.split(d) {
+                Some((l, b)) if l == *logical => Some((b, d.clone())),
+                _ => None,
+            })
+            .collect())
     }
 
     /// Maps writes to rolling logical documents onto their buckets: the newest bucket held,
@@ -643,7 +650,11 @@ impl Replica {
                 // The clock's bucket (or a newer one held) and the keep - 1 before it stay,
                 // and the newest bucket held however old: a replica never drops the last
                 // state it has of a document.
-                let newest = self.held_buckets(&policy, &logical, clock)?.pop();
+                let buckets = self.bucket_docs(&policy, &logical)?;
+                let newest = buckets
+                    .range(..=clock.saturating_add(1))
+                    .next_back()
+                    .map(|(b, _)| *b);
                 let kept_from = newest
                     .map_or(clock, |n| n.max(clock))
                     .saturating_sub(keep - 1);
@@ -655,11 +666,7 @@ impl Replica {
                         self.subscribe(Target::Doc(id))?;
                     }
                 }
-                let held: HashSet<DocId> = self
-                    .store
-                    .doc_ids_with_prefix(&policy.bucket_prefix(&logical))?
-                    .into_iter()
-                    .collect();
+                let held: HashSet<DocId> = buckets.into_values().collect();
                 let mut old: Vec<DocId> = held
                     .iter()
                     .chain(self.subscriptions.docs.iter())
