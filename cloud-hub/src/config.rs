@@ -37,6 +37,31 @@ pub struct FileConfig {
     pub store: Option<String>,
     /// QUIC connections served at once.
     pub max_connections: Option<usize>,
+    /// Retention of rolling buckets, one `[[retention]]` table per prefix.
+    #[serde(default)]
+    pub retention: Vec<RetentionConfig>,
+}
+
+/// One `[[retention]]` table of the hub's config file: the rolling buckets under `prefix`
+/// (ids `LOGICAL@{period}s.{N}`, see the edge's `[[rolling]]`) are dropped from the store
+/// `max_age_secs` after their period ends, and writes into them are refused from then on.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Buckets of the logical documents under this prefix (`sensors/`).
+    pub prefix: String,
+    /// Seconds a bucket is kept after its period ends (2592000: 30 days).
+    pub max_age_secs: u64,
+}
+
+impl RetentionConfig {
+    /// The rule the hub takes; a bad prefix or age is a usage error naming the table.
+    pub fn to_rule(&self) -> anyhow::Result<syncline_core::rolling::Retention> {
+        let bad = |e: String| usage(format!("[[retention]] prefix {:?}: {e}", self.prefix));
+        let prefix =
+            syncline_core::DocPrefix::new(self.prefix.clone()).map_err(|e| bad(e.to_string()))?;
+        syncline_core::rolling::Retention::new(prefix, self.max_age_secs).map_err(bad)
+    }
 }
 
 impl FileConfig {
@@ -52,7 +77,7 @@ impl FileConfig {
         let mut cfg: FileConfig = toml::from_str(&text).map_err(|e| {
             usage(format!(
                 "the config file {} is not valid: {e}\nknown keys: listen, metrics, ws, \
-                 ws_tls, max_connections, data, cert, key, log, store",
+                 ws_tls, max_connections, data, cert, key, log, store, [[retention]]",
                 path.display()
             ))
         })?;
@@ -131,6 +156,8 @@ pub struct Settings {
     pub store: StoreLocation,
     /// QUIC connections served at once.
     pub max_connections: usize,
+    /// Retention of rolling buckets (config file only).
+    pub retention: Vec<syncline_core::rolling::Retention>,
 }
 
 /// Where a hub's store is.
@@ -210,7 +237,13 @@ pub fn resolve(over: Overrides, file: FileConfig) -> anyhow::Result<Settings> {
             "max_connections is 0: no replica could connect; give at least 1",
         ));
     }
+    let retention = file
+        .retention
+        .iter()
+        .map(RetentionConfig::to_rule)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Settings {
+        retention,
         listen,
         metrics,
         ws,
@@ -354,6 +387,26 @@ mod tests {
         assert_eq!(cfg.data, Some(dir.path().join("state")));
         assert_eq!(cfg.cert, Some(PathBuf::from("/abs/cert.pem")));
         std::fs::write(&path, "listn = \"127.0.0.1:1\"\n").unwrap();
+        assert!(FileConfig::load(&path).unwrap_err().is::<crate::Usage>());
+    }
+
+    #[test]
+    fn retention_tables_become_rules_and_a_zero_age_is_refused_by_its_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.toml");
+        let table = |age: u64| {
+            format!("data = \"d\"\n[[retention]]\nprefix = \"sensors/\"\nmax_age_secs = {age}\n")
+        };
+        std::fs::write(&path, table(2_592_000)).unwrap();
+        let s = resolve(Overrides::default(), FileConfig::load(&path).unwrap()).unwrap();
+        assert_eq!(s.retention.len(), 1);
+        assert_eq!(s.retention[0].prefix().as_str(), "sensors/");
+        assert_eq!(s.retention[0].max_age_secs(), 2_592_000);
+        std::fs::write(&path, table(0)).unwrap();
+        let err = resolve(Overrides::default(), FileConfig::load(&path).unwrap()).unwrap_err();
+        assert!(err.is::<crate::Usage>());
+        assert!(err.to_string().contains("\"sensors/\""), "{err}");
+        std::fs::write(&path, "[[retention]]\nprefix = \"s/\"\nmax_age = 1\n").unwrap();
         assert!(FileConfig::load(&path).unwrap_err().is::<crate::Usage>());
     }
 }

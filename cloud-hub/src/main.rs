@@ -221,7 +221,8 @@ impl StoreArgs {
 #[derive(Debug, Args)]
 struct RunArgs {
     /// A TOML config file with any of the keys listen, metrics, ws, ws_tls, max_connections,
-    /// data, cert, key, log (relative paths are taken from the file's folder).
+    /// data, cert, key, log, store, and `[[retention]]` tables (relative paths are taken from
+    /// the file's folder).
     #[arg(long, env = "SYNCLINE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     /// The data directory (created and initialized if missing or empty).

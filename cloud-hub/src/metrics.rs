@@ -37,7 +37,9 @@ pub struct Snapshot {
 
 /// Reads a snapshot on the hub thread. `log_base` is the log's size when the hub started:
 /// counting the log on every scrape would scan the whole table on the hub thread, and only
-/// this process writes the log, so the size is `log_base` plus what it stored since.
+/// this process writes the log, so the size is `log_base` plus what it stored since, minus
+/// what its retention dropped (positions are never reused, so after a restart that dropped
+/// buckets before, `log_base`, the last position, counts them still: an upper bound).
 pub async fn snapshot(handle: &Handle, log_base: u64) -> Option<Snapshot> {
     let traffic = handle.traffic();
     let bytes = (
@@ -47,7 +49,8 @@ pub async fn snapshot(handle: &Handle, log_base: u64) -> Option<Snapshot> {
     let read = handle.call(move |hub| Snapshot {
         sessions: hub.session_count(),
         hub: hub.metrics().clone(),
-        log_changes: log_base + hub.metrics().changes_stored,
+        log_changes: (log_base + hub.metrics().changes_stored)
+            .saturating_sub(hub.metrics().expired_changes),
         lags: hub
             .replica_lags()
             .unwrap_or_default()
@@ -126,6 +129,18 @@ pub fn render(s: &Snapshot) -> String {
         "counter",
         "Live subscriptions sent back to the log because their session read too slowly.",
         &one(m.slow_fallbacks),
+    );
+    family(
+        "syncline_hub_expired_docs_total",
+        "counter",
+        "Rolling buckets dropped past their retention.",
+        &one(m.expired_docs),
+    );
+    family(
+        "syncline_hub_expired_changes_total",
+        "counter",
+        "Changes dropped with rolling buckets past their retention.",
+        &one(m.expired_changes),
     );
     family(
         "syncline_hub_log_changes",

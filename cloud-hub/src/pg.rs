@@ -19,8 +19,8 @@ use syncline_core::change::{SignedChange, VerifiedChange};
 use syncline_core::hub::Grant;
 use syncline_core::store::backup;
 use syncline_core::store::{
-    Appended, DocHeads, HubStore, LogBatch, LogEntry, PeerState, actor_key, complete_heads,
-    uncovered_positions,
+    Appended, DocHeads, Dropped, HubStore, LogBatch, LogEntry, PeerState, actor_key,
+    complete_heads, uncovered_positions,
 };
 use syncline_core::wire::Target;
 use syncline_core::{ChangeHash, Cursor, DocId, DocPrefix, Epoch, Error, PeerId, Result};
@@ -766,6 +766,36 @@ impl HubStore for PgHubStore {
                 })
             })
             .collect()
+    }
+
+    fn drop_doc(&mut self, doc: &DocId, limit: usize) -> Result<Dropped> {
+        const WHAT: &str = "dropping an expired document";
+        self.live()?;
+        let mut tx = self.client.transaction().map_err(db_error(WHAT))?;
+        let changes = tx
+            .execute(
+                "DELETE FROM log WHERE seq IN
+                     (SELECT seq FROM log WHERE doc = $1 ORDER BY seq LIMIT $2)",
+                &[&doc.as_str(), &(limit.min(i64::MAX as usize) as i64)],
+            )
+            .map_err(db_error(WHAT))?;
+        let left: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM log WHERE doc = $1)",
+                &[&doc.as_str()],
+            )
+            .map_err(db_error(WHAT))?
+            .try_get(0)
+            .map_err(bad_column)?;
+        if !left {
+            tx.execute("DELETE FROM docs WHERE doc = $1", &[&doc.as_str()])
+                .map_err(db_error(WHAT))?;
+        }
+        tx.commit().map_err(db_error(WHAT))?;
+        Ok(Dropped {
+            changes,
+            gone: !left,
+        })
     }
 }
 

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use syncline_core::hub::{Grants, Hub};
+use syncline_core::hub::{Grants, Hub, RETENTION_BUDGET, RETENTION_TICK};
 use syncline_core::store::{HubStore, SqliteHubStore};
 use syncline_net::NetError;
 use syncline_net::server::{self, HubHandle};
@@ -70,6 +70,11 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         "store opened"
     );
     let mut hub = Hub::new(identity, store, Grants { grants }, None);
+    let retains = !settings.retention.is_empty();
+    for r in &settings.retention {
+        tracing::info!(prefix = %r.prefix(), max_age_secs = r.max_age_secs(), "retention of rolling buckets");
+    }
+    hub.set_retention(settings.retention.clone());
     if shared {
         // Other instances write to the same log: relay what they commit.
         hub.share_store().context("reading the log end")?;
@@ -99,6 +104,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         log_base,
         settings.peers.clone(),
         shared,
+        retains,
     ));
     // Drops whatever connection task is still alive, and with it its hub handle.
     runtime.shutdown_timeout(Duration::from_secs(2));
@@ -125,6 +131,7 @@ async fn serve(
     log_base: u64,
     peers: Vec<syncline_net::client::HubAddress>,
     shared: bool,
+    retains: bool,
 ) -> anyhow::Result<()> {
     // Signals first: a SIGTERM during startup still shuts down cleanly.
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -171,6 +178,7 @@ async fn serve(
         .collect();
     let mut poller = tokio::spawn(poll_grants(handle.clone(), grants_version));
     let mut tail = shared.then(|| tokio::spawn(tail_store(handle.clone())));
+    let sweeper = retains.then(|| tokio::spawn(expire_buckets(handle.clone())));
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut metrics_task = None;
     let mut out = std::io::stdout().lock();
@@ -267,6 +275,10 @@ async fn serve(
     }
     poller.abort();
     let _ = poller.await;
+    if let Some(t) = sweeper {
+        t.abort();
+        let _ = t.await;
+    }
     if let Some(t) = tail {
         t.abort();
         let _ = t.await;
@@ -349,6 +361,42 @@ async fn tail_store(handle: Handle) -> String {
                 failing = true;
             }
             Err(e) => return format!("the hub thread stopped: {e}"),
+        }
+    }
+}
+
+/// Drops the rolling buckets past their retention, a bounded amount every
+/// [`RETENTION_TICK`] (see `Hub::expire`), until the hub thread stops.
+async fn expire_buckets(handle: Handle) {
+    let mut tick = tokio::time::interval(RETENTION_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        match handle
+            .call(move |hub| hub.expire(now, RETENTION_BUDGET))
+            .await
+        {
+            Ok(Ok(done)) => {
+                failing = false;
+                if done.docs > 0 {
+                    tracing::info!(
+                        buckets = done.docs,
+                        changes = done.changes,
+                        "dropped rolling buckets past their retention"
+                    );
+                }
+            }
+            Ok(Err(e)) => {
+                if !failing {
+                    tracing::warn!(error = %e, "dropping expired buckets failed; retrying");
+                }
+                failing = true;
+            }
+            Err(_) => return,
         }
     }
 }

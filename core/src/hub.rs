@@ -20,6 +20,7 @@ use crate::error::{ChangeError, Error, ProtocolError, Result};
 use crate::identity::Identity;
 use crate::ids::{ChangeHash, Cursor, DocId, Epoch, PeerId};
 use crate::protocol::Handshake;
+use crate::rolling::Retention;
 use crate::store::{Appended, HubStore};
 use crate::wire::{
     self, Ack, CaughtUp, Changes, ErrorCode, ErrorMessage, Heads, Message, Reconciled, Reject,
@@ -44,6 +45,12 @@ const CATCH_UP_BATCH: usize = 512;
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Documents listed per repair step.
 const HEADS_BATCH: usize = 64;
+/// Documents one [`Hub::expire`] call looks at, per retention rule.
+const SWEEP_PAGE: usize = 1024;
+/// How often `syncline-hub run` sweeps for expired buckets ([`Hub::expire`]).
+pub const RETENTION_TICK: std::time::Duration = std::time::Duration::from_millis(250);
+/// Changes one sweep drops at most: about 10 ms of the hub's thread on SQLite.
+pub const RETENTION_BUDGET: usize = 2_000;
 
 /// Who may do what. The hub checks it on every operation, so a change to the policy (a
 /// revoked grant) holds for live sessions at once.
@@ -141,6 +148,10 @@ pub struct HubMetrics {
     pub slow_fallbacks: u64,
     /// How long group commits took, as measured by the driver.
     pub commit_seconds: Histogram,
+    /// Documents dropped by retention ([`Hub::expire`]).
+    pub expired_docs: u64,
+    /// Changes dropped by retention.
+    pub expired_changes: u64,
 }
 
 /// A fixed-bucket histogram (Prometheus' cumulative buckets are computed when exported).
@@ -297,6 +308,21 @@ pub struct Hub<S, P> {
     rng: StdRng,
     /// Set when other hub instances write to the same store ([`Hub::share_store`]).
     shared: Option<SharedTail>,
+    /// Retention of rolling buckets ([`Hub::set_retention`]), each with where its sweep goes
+    /// on (the last document looked at; `None`: from the start).
+    retention: Vec<(Retention, Option<DocId>)>,
+    /// The time of the last [`Hub::expire`] (seconds since the Unix epoch); 0 before the
+    /// first, when nothing counts as expired.
+    retention_now: u64,
+}
+
+/// What one [`Hub::expire`] call dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// Documents dropped whole.
+    pub docs: u64,
+    /// Changes dropped.
+    pub changes: u64,
 }
 
 /// How far this hub has relayed a store that other hub instances also write. With a shared
@@ -327,7 +353,69 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             metrics: HubMetrics::default(),
             rng: rng_seed.map_or_else(StdRng::from_entropy, StdRng::seed_from_u64),
             shared: None,
+            retention: Vec::new(),
+            retention_now: 0,
         }
+    }
+
+    /// Sets the retention of rolling buckets (it applies from the next [`Hub::expire`]).
+    pub fn set_retention(&mut self, rules: Vec<Retention>) {
+        self.retention = rules.into_iter().map(|r| (r, None)).collect();
+    }
+
+    /// The retention rule that `doc` has expired under, at the time of the last sweep.
+    fn expired_under(&self, doc: &DocId) -> Option<&Retention> {
+        self.retention
+            .iter()
+            .map(|(r, _)| r)
+            .find(|r| r.expired(doc, self.retention_now))
+    }
+
+    /// Drops from the store the rolling buckets past their retention at `now_secs` (seconds
+    /// since the Unix epoch), and from then on refuses writes into them. Each call looks at
+    /// one page of documents per rule, going on where the last call stopped, and drops at
+    /// most `budget` changes, so that it holds the hub's thread briefly: call it regularly
+    /// (`syncline-hub run` does, every [`RETENTION_TICK`]). Only ids of rolling buckets are
+    /// ever dropped, never a document that is not one.
+    pub fn expire(&mut self, now_secs: u64, budget: usize) -> Result<Expired> {
+        self.retention_now = self.retention_now.max(now_secs);
+        let now = self.retention_now;
+        let mut out = Expired::default();
+        for i in 0..self.retention.len() {
+            let (rule, from) = &self.retention[i];
+            let rule = rule.clone();
+            let page = self.store.docs_page(
+                &Target::Prefix(rule.prefix().clone()),
+                from.as_ref(),
+                SWEEP_PAGE,
+            )?;
+            let through = page.len() < SWEEP_PAGE;
+            let mut reached = from.clone();
+            for doc in page {
+                if rule.expired(&doc, now) {
+                    let left = budget.saturating_sub(out.changes as usize);
+                    if left == 0 {
+                        self.retention[i].1 = reached;
+                        return Ok(out);
+                    }
+                    let dropped = self.store.drop_doc(&doc, left)?;
+                    out.changes += dropped.changes;
+                    self.metrics.expired_changes += dropped.changes;
+                    if !dropped.gone {
+                        // The budget ran out inside this document: go on with it next time.
+                        self.retention[i].1 = reached;
+                        return Ok(out);
+                    }
+                    out.docs += 1;
+                    self.metrics.expired_docs += 1;
+                    tracing::debug!(%doc, "dropped a rolling bucket past its retention");
+                }
+                reached = Some(doc);
+            }
+            // Through the prefix: start over next time.
+            self.retention[i].1 = if through { None } else { reached };
+        }
+        Ok(out)
     }
 
     /// Declares that other hub instances write to this hub's store (several instances on one
@@ -834,11 +922,12 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             Ok(verified) => {
                 // A peer hub relays changes whose authors' rights it checked itself.
                 let relay = self.policy.may_relay(&peer);
-                match verified
+                let expired = self.expired_under(&doc).map(Retention::max_age_secs);
+                let unauthorized = verified
                     .iter()
-                    .find(|c| !relay && !self.policy.may_write(&c.author(), &doc))
-                {
-                    Some(c) => Some((
+                    .find(|c| !relay && !self.policy.may_write(&c.author(), &doc));
+                match (unauthorized, expired) {
+                    (Some(c), _) => Some((
                         ErrorCode::NotAuthorized,
                         "not_authorized",
                         format!(
@@ -846,7 +935,16 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                             c.author()
                         ),
                     )),
-                    None => {
+                    (None, Some(max_age)) => Some((
+                        ErrorCode::Expired,
+                        "expired",
+                        format!(
+                            "{doc} is a rolling bucket that ended more than {max_age} s ago, past \
+                             the hub's retention: the write is not kept (check this device's \
+                             clock if it should have gone to a newer bucket)"
+                        ),
+                    )),
+                    (None, None) => {
                         self.queued.push(QueuedPush {
                             session: id,
                             reply: Reply::Ack(push_id),
@@ -1061,7 +1159,11 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 .into());
             }
             Message::Changes(c) => {
-                let verified = change::verify_batch(&c.doc, c.changes)?;
+                let mut verified = change::verify_batch(&c.doc, c.changes)?;
+                if self.expired_under(&c.doc).is_some() {
+                    // Past retention here: not stored again, but the position moves on.
+                    verified.clear();
+                }
                 let cursor = c.cursor.map(|(_, cursor)| cursor);
                 self.queued.push(QueuedPush {
                     session: id,
@@ -1086,6 +1188,13 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                     state.push_epoch = push_epoch;
                     state.pushed = pushed;
                     self.store.set_peer_state(&peer, &state)?;
+                }
+            }
+            Message::Reject(r) if r.code == ErrorCode::Expired => {
+                // The peer's retention dropped that bucket already: nothing to fix.
+                tracing::debug!(session = id, doc = %r.doc, "the peer hub has expired a bucket");
+                if let Some(link) = s.link.as_mut() {
+                    link.inflight.remove(&r.push_id);
                 }
             }
             Message::Reject(r) => {

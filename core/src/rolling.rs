@@ -113,10 +113,70 @@ impl Rolling {
     }
 }
 
+/// A hub's retention for rolling documents: the buckets under a prefix whose period ended
+/// more than `max_age_secs` ago are dropped from the hub's store, and writes into them are
+/// refused ([`crate::wire::ErrorCode::Expired`]). A bucket's age comes from its id, so hubs
+/// and replicas need not agree on anything but the policy; documents that are not bucket ids
+/// are never dropped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retention {
+    prefix: DocPrefix,
+    max_age_secs: u64,
+}
+
+impl Retention {
+    /// Buckets under `prefix` are kept until `max_age_secs` after their period ends.
+    pub fn new(prefix: DocPrefix, max_age_secs: u64) -> Result<Self, String> {
+        if max_age_secs == 0 {
+            return Err(
+                "a retention of 0 seconds would refuse every write into a bucket that \
+                        has ended; give at least 1"
+                    .into(),
+            );
+        }
+        Ok(Retention {
+            prefix,
+            max_age_secs,
+        })
+    }
+
+    /// The prefix it applies to.
+    pub fn prefix(&self) -> &DocPrefix {
+        &self.prefix
+    }
+
+    /// How long a bucket is kept after its period ends, in seconds.
+    pub fn max_age_secs(&self) -> u64 {
+        self.max_age_secs
+    }
+
+    /// Whether `id` is a bucket under the prefix whose period ended more than the retention
+    /// before `now_secs` (seconds since the Unix epoch).
+    pub fn expired(&self, id: &DocId, now_secs: u64) -> bool {
+        id.matches(&self.prefix)
+            && bucket_end_secs(id)
+                .is_some_and(|end| end.saturating_add(self.max_age_secs) <= now_secs)
+    }
+}
+
 /// The logical document a bucket id belongs to (of any policy), or `None` for other ids: an
 /// app watching `sensors/temp` is shown the changes of its buckets.
 pub fn logical_of(id: &DocId) -> Option<DocId> {
     split_any(id).map(|(logical, _, _)| logical)
+}
+
+/// When a bucket id's period ends, in seconds since the Unix epoch, or `None` for ids that
+/// are not bucket ids. A hub's retention ([`crate::hub::Retention`]) reads a bucket's age from
+/// its id alone.
+pub fn bucket_end_secs(id: &DocId) -> Option<u64> {
+    let (_, period, bucket) = split_any(id)?;
+    // `split_any` parses digits only, so the bucket is not negative.
+    Some(
+        u64::try_from(bucket)
+            .ok()?
+            .saturating_add(1)
+            .saturating_mul(period),
+    )
 }
 
 /// A bucket id's logical document, period and bucket: `LOGICAL@{period}s.{bucket}`, both
@@ -178,6 +238,38 @@ mod tests {
                 .contains("at least 2")
         );
         assert!(Rolling::new(p, u64::MAX, 3).is_err());
+    }
+
+    #[test]
+    fn a_bucket_ends_one_period_after_it_starts() {
+        let r = hourly();
+        let logical = DocId::new("sensors/temp").unwrap();
+        let id = r.bucket_id(&logical, 490_176).unwrap();
+        assert_eq!(bucket_end_secs(&id), Some(490_177 * 3600));
+        assert_eq!(bucket_end_secs(&logical), None);
+        let huge = DocId::new(format!("x@{}s.{}", u64::MAX, i64::MAX)).unwrap();
+        assert_eq!(
+            bucket_end_secs(&huge),
+            Some(u64::MAX),
+            "saturates, never wraps"
+        );
+    }
+
+    #[test]
+    fn a_bucket_expires_its_retention_after_it_ends_and_nothing_else_does() {
+        let keep_a_day = Retention::new(DocPrefix::new("sensors/").unwrap(), 86_400).unwrap();
+        let logical = DocId::new("sensors/temp").unwrap();
+        let id = hourly().bucket_id(&logical, 10).unwrap();
+        let end = 11 * 3600;
+        assert!(!keep_a_day.expired(&id, end + 86_399));
+        assert!(keep_a_day.expired(&id, end + 86_400));
+        assert!(!keep_a_day.expired(&logical, u64::MAX), "not a bucket");
+        let elsewhere = DocId::new("other/x@3600s.10").unwrap();
+        assert!(
+            !keep_a_day.expired(&elsewhere, u64::MAX),
+            "not under the prefix"
+        );
+        assert!(Retention::new(DocPrefix::all(), 0).is_err());
     }
 
     #[test]

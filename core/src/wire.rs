@@ -174,6 +174,8 @@ pub enum ErrorCode {
     LimitExceeded,
     /// The hub failed to store (disk full, database down); retry later.
     StorageUnavailable,
+    /// The document is a rolling bucket past the hub's retention: the write is not kept.
+    Expired,
 }
 
 /// Hub to replica: the push was refused. Nothing of it was stored, but with
@@ -496,7 +498,7 @@ mod tests {
     use crate::identity::Identity;
     use crate::protocol::handshake_message;
 
-    const ALL_CODES: [ErrorCode; 9] = [
+    const ALL_CODES: [ErrorCode; 10] = [
         ErrorCode::BadSignature,
         ErrorCode::MalformedChange,
         ErrorCode::NotAuthorized,
@@ -506,6 +508,7 @@ mod tests {
         ErrorCode::ProtocolViolation,
         ErrorCode::LimitExceeded,
         ErrorCode::StorageUnavailable,
+        ErrorCode::Expired,
     ];
 
     // ---- generators ----
@@ -986,7 +989,7 @@ mod tests {
         bad_bool.extend(str_bytes(b"d"));
         bad_bool.extend_from_slice(&[0, 2]); // no heads, `complete` neither 0 nor 1
 
-        let mut bad_code = vec![10u8, 9]; // ErrorCode has 9 variants
+        let mut bad_code = vec![10u8, ALL_CODES.len() as u8]; // one past the last ErrorCode
         bad_code.extend(str_bytes(b""));
 
         let cases: Vec<(&str, Vec<u8>)> = vec![

@@ -1,6 +1,7 @@
 //! Rolling documents through real `syncline-edge` processes: a logical document written every
 //! few milliseconds rolls into a new bucket every 2 s; the writing edge and a following edge
-//! show the same latest state through the logical id, and each keeps only its newest buckets.
+//! show the same latest state through the logical id, and each keeps only its newest buckets;
+//! a hub with a retention drops the buckets past it.
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,27 @@ fn buckets(e: &Edge, logical: &str) -> Vec<String> {
         .collect()
 }
 
+/// Writes `sensors/temp`'s `c` = 0, 1, 2... every 20 ms for `secs` seconds, checking that the
+/// writer never holds more than 3 buckets; returns how many readings went and every bucket
+/// the writer held meanwhile.
+fn write_readings(writer: &Edge, secs: u64) -> (i64, std::collections::BTreeSet<String>) {
+    let started = Instant::now();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(secs) {
+        let (code, body) = writer
+            .change("sensors/temp", json!([{"op":"put","path":["c"],"value":i}]))
+            .unwrap();
+        assert_eq!(code, 200, "{body}");
+        let held = buckets(writer, "sensors/temp");
+        assert!(held.len() <= 3, "{held:?}");
+        seen.extend(held);
+        i += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (i, seen)
+}
+
 #[test]
 fn a_rolling_document_shows_the_same_state_on_every_edge_and_keeps_its_newest_buckets() {
     let dir = tempfile::tempdir().unwrap();
@@ -57,23 +79,7 @@ fn a_rolling_document_shows_the_same_state_on_every_edge_and_keeps_its_newest_bu
         )
         .unwrap();
     assert_eq!(code, 200, "{body}");
-    let started = Instant::now();
-    let mut seen = std::collections::BTreeSet::new();
-    let mut i = 0;
-    while started.elapsed() < Duration::from_secs(7) {
-        let (code, body) = writer
-            .change("sensors/temp", json!([{"op":"put","path":["c"],"value":i}]))
-            .unwrap();
-        assert_eq!(code, 200, "{body}");
-        assert!(
-            buckets(&writer, "sensors/temp").len() <= 3,
-            "{:?}",
-            buckets(&writer, "sensors/temp")
-        );
-        seen.extend(buckets(&writer, "sensors/temp"));
-        i += 1;
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (i, seen) = write_readings(&writer, 7);
     assert!(seen.len() >= 3, "it rolled: {seen:?}");
     let last = json!({"unit": "C", "c": i - 1});
     let view = |e: &Edge| {
@@ -99,4 +105,38 @@ fn a_rolling_document_shows_the_same_state_on_every_edge_and_keeps_its_newest_bu
     until("the auditor to hold the first bucket", 20, || {
         auditor.get(&first).ok().flatten().map(|_| ())
     });
+}
+
+#[test]
+fn the_hub_drops_buckets_past_its_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hub.toml");
+    std::fs::write(
+        &config,
+        "[[retention]]\nprefix = \"sensors/\"\nmax_age_secs = 2\n",
+    )
+    .unwrap();
+    let hub = Hub::start_with(
+        &dir.path().join("hub"),
+        "127.0.0.1:0",
+        &["--config", config.to_str().unwrap()],
+    );
+    let writer = rolling_edge(&hub, &dir.path().join("writer"));
+    let (_, seen) = write_readings(&writer, 7);
+    assert!(seen.len() >= 3, "it rolled: {seen:?}");
+    // A bucket ends 2 s after it starts and is dropped 2 s later.
+    until("the hub to drop a bucket past its retention", 20, || {
+        hub.metric("syncline_hub_expired_docs_total")
+            .filter(|n| *n >= 1)
+    });
+    // A follower of everything gets the newest bucket, and never the first (the log is
+    // served in order: had the hub kept the first, it would have come before).
+    let auditor = hub.follower(&dir.path().join("auditor"));
+    let newest = seen.iter().next_back().unwrap().clone();
+    until("the auditor to hold the newest bucket", 20, || {
+        auditor.get(&newest).ok().flatten().map(|_| ())
+    });
+    let first = seen.iter().next().unwrap().clone();
+    assert_eq!(auditor.get(&first).unwrap(), None, "{first} was dropped");
+    assert!(hub.metric("syncline_hub_expired_changes_total").unwrap() > 0);
 }

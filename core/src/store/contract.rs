@@ -10,7 +10,7 @@ use crate::change::{self, VerifiedChange};
 use crate::hub::Grant;
 use crate::identity::Identity;
 use crate::ids::{ChangeHash, Cursor, DocId, DocPrefix, Epoch, PeerId};
-use crate::store::{Appended, HubStore, PeerState};
+use crate::store::{Appended, Dropped, HubStore, PeerState};
 use crate::wire::Target;
 
 /// `n` changes by `who` to `doc`, each a put of one key, under actor instance `instance`;
@@ -209,4 +209,51 @@ pub fn check(store: &mut dyn HubStore) {
         )
         .unwrap();
     assert_eq!(store.peer_state(&hub).unwrap().recv_cursor, Cursor(43));
+
+    // Retention: a document's changes go oldest first, at most `limit` a call, then the
+    // document; the others stay, and positions are not reused.
+    let end = store.last_cursor().unwrap();
+    let d = store.drop_doc(&a, 3).unwrap();
+    assert_eq!((d.changes, d.gone), (3, false));
+    let left = store
+        .read_log(&Target::Doc(a.clone()), Cursor(0), 100)
+        .unwrap();
+    let left: Vec<ChangeHash> = left
+        .entries
+        .iter()
+        .map(|e| change::verify(&e.doc, e.change.clone()).unwrap().hash())
+        .collect();
+    assert_eq!(
+        left,
+        vec![ca[3].hash(), ca[4].hash()],
+        "the oldest went first"
+    );
+    assert_eq!(
+        store.drop_doc(&a, 100).unwrap(),
+        Dropped {
+            changes: 2,
+            gone: true
+        }
+    );
+    assert_eq!(store.docs_page(&sites, None, 10).unwrap(), vec![b.clone()]);
+    assert_eq!(store.heads(&a).unwrap().heads, Vec::<ChangeHash>::new());
+    assert_eq!(
+        store
+            .read_log(&sites, Cursor(0), 100)
+            .unwrap()
+            .entries
+            .len(),
+        2
+    );
+    let never = DocId::new("sites/never").unwrap();
+    assert_eq!(
+        store.drop_doc(&never, 10).unwrap(),
+        Dropped {
+            changes: 0,
+            gone: true
+        }
+    );
+    let again = changes(&Identity::from_seed([3; 32]), &a, [4; 8], 1);
+    let at = stored(&store.append(&again).unwrap());
+    assert!(at[0] > end.0, "positions are not reused");
 }

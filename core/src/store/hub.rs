@@ -120,6 +120,15 @@ pub struct DocHeads {
     pub complete: bool,
 }
 
+/// What one [`HubStore::drop_doc`] call removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    /// Changes removed.
+    pub changes: u64,
+    /// Whether the document is gone (none of its changes is left).
+    pub gone: bool,
+}
+
 /// How far a hub has synced with one peer hub.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PeerState {
@@ -186,6 +195,11 @@ pub trait HubStore {
         doc: &DocId,
         have: &[ChangeHash],
     ) -> Result<Vec<SignedChange>>;
+
+    /// Removes up to `limit` of the document's changes, oldest first, in one transaction,
+    /// and the document once none is left (retention: [`crate::rolling::Retention`]). Space
+    /// is reused by later writes; positions are never reused.
+    fn drop_doc(&mut self, doc: &DocId, limit: usize) -> Result<Dropped>;
 }
 
 /// A boxed store is a store: a hub binary picks its engine at start-up.
@@ -237,6 +251,9 @@ impl<T: HubStore + ?Sized> HubStore for Box<T> {
         have: &[ChangeHash],
     ) -> Result<Vec<SignedChange>> {
         (**self).changes_not_covered(doc, have)
+    }
+    fn drop_doc(&mut self, doc: &DocId, limit: usize) -> Result<Dropped> {
+        (**self).drop_doc(doc, limit)
     }
 }
 
@@ -846,6 +863,33 @@ impl HubStore for SqliteHubStore {
             out.push(SignedChange { bytes, signature });
         }
         Ok(out)
+    }
+
+    fn drop_doc(&mut self, doc: &DocId, limit: usize) -> Result<Dropped> {
+        const WHAT: &str = "dropping an expired document";
+        let tx = self.conn.transaction().ctx(WHAT)?;
+        let changes = tx
+            .prepare_cached(
+                "DELETE FROM log WHERE seq IN
+                     (SELECT seq FROM log WHERE doc = ?1 ORDER BY seq LIMIT ?2)",
+            )
+            .and_then(|mut st| {
+                st.execute(params![doc.as_str(), limit.min(i64::MAX as usize) as i64])
+            })
+            .ctx(WHAT)?;
+        let left: bool = tx
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM log WHERE doc = ?1)")
+            .and_then(|mut st| st.query_row([doc.as_str()], |r| r.get(0)))
+            .ctx(WHAT)?;
+        if !left {
+            tx.execute("DELETE FROM docs WHERE doc = ?1", [doc.as_str()])
+                .ctx(WHAT)?;
+        }
+        tx.commit().ctx(WHAT)?;
+        Ok(Dropped {
+            changes: changes as u64,
+            gone: !left,
+        })
     }
 }
 

@@ -13,8 +13,8 @@ mod sqlite;
 #[cfg(test)]
 pub(crate) use hub::tests::signed_changes;
 pub use hub::{
-    Appended, DocHeads, HubStore, LogBatch, LogEntry, PeerState, SqliteHubStore, actor_key,
-    complete_heads, uncovered_positions,
+    Appended, DocHeads, Dropped, HubStore, LogBatch, LogEntry, PeerState, SqliteHubStore,
+    actor_key, complete_heads, uncovered_positions,
 };
 pub use key::StoreKey;
 pub use replica::{OutboxEntry, ReplicaStore, StoredChange, StoredDoc};

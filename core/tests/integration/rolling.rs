@@ -13,7 +13,7 @@ use syncline_core::ids::DocPrefix;
 use syncline_core::ops::{Op, PathElem, Value};
 use syncline_core::replica::{Replica, ReplicaOptions};
 use syncline_core::rolling::Rolling;
-use syncline_core::store::SqliteHubStore;
+use syncline_core::store::{HubStore, SqliteHubStore};
 use syncline_core::wire::Target;
 
 thread_local! {
@@ -282,4 +282,145 @@ fn two_writers_that_start_the_same_bucket_at_once_converge() {
     // The copies both writers made have the same shape, so the values written in the new
     // bucket come after either copy in Automerge's order and win: nobody's write is lost.
     assert_eq!(ja, json!({"speed": 2, "mode": "manual"}));
+}
+
+#[test]
+fn the_hub_drops_buckets_past_retention_and_refuses_writes_into_them() {
+    use syncline_core::replica::Event;
+    use syncline_core::rolling::Retention;
+    use syncline_core::wire::ErrorCode;
+
+    set_now(T0);
+    let dir = tempfile::tempdir().unwrap();
+    let mut hub = hub();
+    let keep_secs = 3 * PERIOD_SECS;
+    hub.set_retention(vec![Retention::new(DocPrefix::all(), keep_secs).unwrap()]);
+    let secs = |ms: i64| (ms / 1000) as u64;
+    let mut writer = Replica::open(
+        &dir.path().join("w.sqlite"),
+        Identity::generate(),
+        options(2),
+    )
+    .unwrap();
+    // A device that went offline at T0 with one reading, for longer than the retention.
+    let mut offline = Replica::open(
+        &dir.path().join("o.sqlite"),
+        Identity::generate(),
+        options(2),
+    )
+    .unwrap();
+    let logical = DocId::new("sensors/temp").unwrap();
+    // Not a rolling document: under the retention's prefix (all) but never dropped.
+    let plain = DocId::new("config/unit").unwrap();
+    offline
+        .change(&logical, &[put("temp", Value::Int(-1))])
+        .unwrap();
+    writer
+        .change(&plain, &[put("unit", Value::Str("C".into()))])
+        .unwrap();
+    let sw = connect(&mut hub, &mut writer);
+
+    // 20 periods of one reading a second; the hub sweeps at each sync, 50 changes at most
+    // a sweep (a bucket holds 60), so a bucket takes more than one sweep to go.
+    let periods = 20;
+    let mut most = 0;
+    for i in 0..periods * PERIOD_SECS as i64 {
+        set_now(T0 + i * 1000);
+        writer
+            .change(&logical, &[put("temp", Value::Int(i))])
+            .unwrap();
+        if i % 5 == 4 {
+            sync(&mut hub, &mut [(&mut writer, sw)]);
+            hub.expire(secs(now()), 50).unwrap();
+            let held = hub
+                .store()
+                .read_log(
+                    &Target::Prefix(DocPrefix::all()),
+                    Default::default(),
+                    100_000,
+                )
+                .unwrap()
+                .entries
+                .len();
+            most = most.max(held);
+        }
+    }
+    // A bucket lives one period, then the retention, then up to a few sweeps more.
+    let bound = (1 + 3 + 1) * PERIOD_SECS as usize + 1;
+    assert!(
+        most <= bound,
+        "the hub held {most} changes at most, over {bound}"
+    );
+    let docs = hub
+        .store()
+        .docs_page(&Target::Prefix(DocPrefix::all()), None, 100)
+        .unwrap();
+    assert!(
+        docs.contains(&plain),
+        "a document that is not a bucket stays: {docs:?}"
+    );
+    assert!(docs.len() <= 1 + 5, "{docs:?}");
+    assert!(hub.metrics().expired_docs >= 14, "{:?}", hub.metrics());
+    assert!(hub.metrics().expired_changes >= 14 * PERIOD_SECS);
+
+    // The device back online: its write into a bucket long expired is refused, typed, and
+    // no longer keeps that bucket on the device once it holds a newer one.
+    let so = connect(&mut hub, &mut offline);
+    sync(&mut hub, &mut [(&mut offline, so), (&mut writer, sw)]);
+    let status = offline.status().unwrap();
+    assert_eq!((status.outbox, status.rejected), (1, 1));
+    offline
+        .change(&logical, &[put("temp", Value::Int(99))])
+        .unwrap();
+    sync(&mut hub, &mut [(&mut offline, so), (&mut writer, sw)]);
+    set_now(now() + PERIOD_SECS as i64 * 1000 / 4); // Rolls are throttled to a quarter period.
+    offline.roll().unwrap();
+    assert_eq!(
+        offline.status().unwrap().outbox,
+        0,
+        "the new write acknowledged, the old gone"
+    );
+    assert_eq!(buckets_held(&offline, "sensors/temp").len(), 1);
+    let mut expired = 0;
+    while let Some(e) = offline.poll_event() {
+        if let Event::Rejected { code, message, .. } = e {
+            assert_eq!(code, ErrorCode::Expired, "{message}");
+            assert!(message.contains("retention"), "{message}");
+            expired += 1;
+        }
+    }
+    assert_eq!(expired, 1, "told once");
+    let first = DocId::new(format!(
+        "sensors/temp@{PERIOD_SECS}s.{}",
+        T0 / 1000 / PERIOD_SECS as i64
+    ))
+    .unwrap();
+    let kept = hub
+        .store()
+        .docs_page(&Target::Doc(first.clone()), None, 1)
+        .unwrap();
+    assert!(
+        kept.is_empty(),
+        "the refused write was not stored: {kept:?}"
+    );
+    assert_eq!(hub.metrics().rejects.get("expired"), Some(&1));
+
+    // A fresh replica still catches up the current view.
+    let mut fresh = Replica::open_in_memory(Identity::generate(), options(2)).unwrap();
+    fresh.subscribe(Target::Doc(logical.clone())).unwrap();
+    let sf = connect(&mut hub, &mut fresh);
+    sync(&mut hub, &mut [(&mut fresh, sf)]);
+    // The returning device wrote into the current bucket concurrently with the writer: one
+    // of the two values shows, the same everywhere.
+    sync(
+        &mut hub,
+        &mut [(&mut offline, so), (&mut writer, sw), (&mut fresh, sf)],
+    );
+    let view = fresh.json(&logical).unwrap();
+    assert!(
+        view == json!({"temp": 99}) || view == json!({"temp": 1199}),
+        "{view}"
+    );
+    assert_eq!(offline.json(&logical).unwrap(), view);
+    assert_eq!(writer.json(&logical).unwrap(), view);
 }
