@@ -16,6 +16,7 @@ mod limits;
 mod longlife;
 mod procs;
 mod reference;
+mod retention;
 mod workloads;
 
 use std::path::PathBuf;
@@ -60,7 +61,7 @@ struct Args {
     #[arg(long, default_value = "bench/reference")]
     reference_dir: PathBuf,
     /// Only these workloads (comma separated): limits, fanout, fanout-edges, latency, ingest,
-    /// many-docs, catch-up, reconnect, footprint, backup, postgres, long-life.
+    /// many-docs, catch-up, reconnect, footprint, backup, postgres, long-life, retention.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Give up on one workload after this many seconds.
@@ -537,6 +538,34 @@ async fn run(args: Args) -> Result<()> {
             l.hub_store_bytes as f64 / 1e6
         ));
         run.record("long_life", serde_json::to_value(&l)?);
+    }
+
+    if run.wants("retention") {
+        let (buckets, per_bucket) = match scale {
+            Scale::Smoke => (4, 300),
+            Scale::Standard => (20, 3_600),
+            Scale::Full => (100, 3_600),
+        };
+        say(format!(
+            "== retention: {buckets} hourly buckets of {per_bucket} readings in a hub store, \
+             dropped by sweeps; baseline: appending them"
+        ));
+        let dir = tempfile::tempdir()?;
+        let r = retention::measure(dir.path(), buckets, per_bucket).context("retention")?;
+        say(format!(
+            "   dropped {:.0} changes/s ({:.2}x the append rate of {:.0}/s); a sweep p50 {:.1} ms, \
+             p99 {:.1} ms, max {:.1} ms; an idle sweep {:.2} ms; store {:.1} MB, {:.1} MB after",
+            r.drop_per_sec,
+            r.drop_over_append,
+            r.append_per_sec,
+            r.sweep_p50_ms,
+            r.sweep_p99_ms,
+            r.sweep_max_ms,
+            r.idle_sweep_ms,
+            r.store_bytes as f64 / 1e6,
+            r.store_bytes_after as f64 / 1e6
+        ));
+        run.record("retention", serde_json::to_value(&r)?);
     }
 
     if run.wants("backup") {

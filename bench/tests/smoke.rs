@@ -83,6 +83,16 @@ fn every_workload_runs_at_smoke_scale_and_reports_consistent_numbers() {
     }
     assert_eq!(pg["cross_instance"]["latency"]["samples"], 20, "{pg}");
 
+    // Retention dropped every bucket, in sweeps no bigger than the budget allows.
+    let rt = &r["retention"];
+    assert_eq!(rt["buckets"], 4, "{rt}");
+    assert!(rt["sweeps"].as_u64().unwrap() >= 1, "{rt}");
+    assert!(rt["drop_per_sec"].as_f64().unwrap() > 0.0, "{rt}");
+    assert!(
+        rt["sweep_max_ms"].as_f64() >= rt["sweep_p50_ms"].as_f64(),
+        "{rt}"
+    );
+
     // The backup holds every change of the store, and each step took time.
     let b = &r["backup"];
     assert_eq!(b["changes"], 1000, "{b}");

@@ -337,6 +337,9 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// The pause between two sweeps while expired buckets are left to drop.
+const RETENTION_BACKLOG_GAP: Duration = Duration::from_millis(25);
+
 /// How often an instance on a shared store looks for what the others committed: the bound
 /// on cross-instance write-to-visible latency, beside the commit itself. One indexed
 /// `max(seq)` query per tick when nothing is new.
@@ -366,13 +369,15 @@ async fn tail_store(handle: Handle) -> String {
 }
 
 /// Drops the rolling buckets past their retention, a bounded amount every
-/// [`RETENTION_TICK`] (see `Hub::expire`), until the hub thread stops.
+/// [`RETENTION_TICK`] (see `Hub::expire`), until the hub thread stops. While a backlog
+/// lasts (a sweep used its whole budget) it sweeps again after [`RETENTION_BACKLOG_GAP`]:
+/// about a fifth of the hub thread, so drops keep up with the fastest ingest.
 async fn expire_buckets(handle: Handle) {
-    let mut tick = tokio::time::interval(RETENTION_TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    let mut next = RETENTION_TICK;
     loop {
-        tick.tick().await;
+        tokio::time::sleep(next).await;
+        next = RETENTION_TICK;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -382,6 +387,9 @@ async fn expire_buckets(handle: Handle) {
         {
             Ok(Ok(done)) => {
                 failing = false;
+                if done.changes >= RETENTION_BUDGET as u64 {
+                    next = RETENTION_BACKLOG_GAP;
+                }
                 if done.docs > 0 {
                     tracing::info!(
                         buckets = done.docs,
