@@ -63,7 +63,10 @@ pub fn measure(
     );
     let store_path = data.join("hub.db");
     let author = Identity::generate();
-    let sample = build_store(&store_path, &author, docs, per_doc)?;
+    let ids = (0..docs)
+        .map(|d| DocId::new(format!("bench/backup/{d}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let sample = build_store(&store_path, &author, &ids, per_doc)?.sample;
     let changes = (docs * per_doc) as u64;
     let store_bytes = std::fs::metadata(&store_path)?.len();
 
@@ -165,14 +168,22 @@ fn timed(cmd: &mut Command) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// `per_doc` changes (one key put each, 1,000 keys) made once, then signed for each of `docs`
-/// documents and appended in group commits of 256. Returns the first document's changes.
-fn build_store(
+/// A hub store built by [`build_store`].
+pub struct Built {
+    /// The first document's changes.
+    pub sample: Vec<SignedChange>,
+    /// Time spent appending (signing left out).
+    pub append_secs: f64,
+}
+
+/// `per_doc` changes (one key put each, 1,000 keys) made once, then signed for each of the
+/// documents and appended in group commits of 256.
+pub fn build_store(
     path: &Path,
     author: &Identity,
-    docs: usize,
+    docs: &[DocId],
     per_doc: usize,
-) -> Result<Vec<SignedChange>> {
+) -> Result<Built> {
     let mut am = automerge::Automerge::new();
     am.set_actor(change::actor_for(&author.peer_id(), rand::random()));
     let made: Vec<automerge::Change> = (0..per_doc)
@@ -185,16 +196,18 @@ fn build_store(
         .collect::<Result<_>>()?;
     let mut store = SqliteHubStore::open(path)?;
     let mut sample = Vec::new();
+    let mut append_secs = 0.0;
     let t = Instant::now();
-    for d in 0..docs {
-        let doc = DocId::new(format!("bench/backup/{d}"))?;
+    for (d, doc) in docs.iter().enumerate() {
         let signed: Vec<VerifiedChange> = made
             .iter()
-            .map(|c| change::sign(author, &doc, c.clone()))
+            .map(|c| change::sign(author, doc, c.clone()))
             .collect::<Result<_, _>>()?;
+        let appending = Instant::now();
         for part in signed.chunks(256) {
             store.append(part)?;
         }
+        append_secs += appending.elapsed().as_secs_f64();
         if d == 0 {
             sample = signed
                 .into_iter()
@@ -205,10 +218,13 @@ fn build_store(
             crate::say(format!(
                 "   built {} of {} changes ({:.0} s)",
                 (d + 1) * per_doc,
-                docs * per_doc,
+                docs.len() * per_doc,
                 t.elapsed().as_secs_f64()
             ));
         }
     }
-    Ok(sample)
+    Ok(Built {
+        sample,
+        append_secs,
+    })
 }

@@ -6,17 +6,16 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Result, ensure};
-use automerge::transaction::Transactable;
+use anyhow::{Context, Result, ensure};
 use serde::Serialize;
 use syncline_core::DocId;
-use syncline_core::change::{self, VerifiedChange};
 use syncline_core::hub::{AllowAll, Hub, RETENTION_BUDGET};
 use syncline_core::identity::Identity;
 use syncline_core::ids::DocPrefix;
 use syncline_core::rolling::{Retention, Rolling};
 use syncline_core::store::SqliteHubStore;
 
+use crate::backups::build_store;
 use crate::fleet::percentile;
 
 /// What one run measured.
@@ -41,43 +40,20 @@ pub struct RetentionResult {
     pub store_bytes_after: u64,
 }
 
-fn bucket_changes(author: &Identity, doc: &DocId, n: u64) -> Result<Vec<VerifiedChange>> {
-    let mut am = automerge::Automerge::new();
-    am.set_actor(change::actor_for(&author.peer_id(), rand::random()));
-    (0..n)
-        .map(|i| {
-            let mut tx = am.transaction();
-            tx.put(automerge::ROOT, "temp", i as f64 / 10.0)?;
-            tx.put(automerge::ROOT, "at", i as i64)?;
-            tx.commit();
-            let c = am
-                .get_last_local_change()
-                .ok_or_else(|| anyhow::anyhow!("no change made"))?;
-            Ok(change::sign(author, doc, c)?)
-        })
-        .collect()
-}
-
-/// `buckets` hourly buckets of `per_bucket` readings in a hub store under `dir`, then
-/// dropped by sweeps as `syncline-hub run` makes them.
+/// `buckets` hourly buckets of `per_bucket` readings (puts into 1,000 keys, as the backup
+/// workload's) in a hub store under `dir`, then dropped by sweeps as `syncline-hub run`
+/// makes them.
 pub fn measure(dir: &Path, buckets: u64, per_bucket: u64) -> Result<RetentionResult> {
     let path = dir.join("hub.db");
     let author = Identity::generate();
     let policy = Rolling::new(DocPrefix::new("gw/")?, 3600, 2).map_err(anyhow::Error::msg)?;
     let logical = DocId::new("gw/boiler")?;
-    let mut store = SqliteHubStore::open(&path)?;
-    let mut append_secs = 0.0;
-    for b in 0..buckets {
-        let Some(doc) = policy.bucket_id(&logical, 490_000 + b as i64) else {
-            anyhow::bail!("bucket id too long");
-        };
-        let changes = bucket_changes(&author, &doc, per_bucket)?;
-        let t = Instant::now();
-        for part in changes.chunks(256) {
-            syncline_core::store::HubStore::append(&mut store, part)?;
-        }
-        append_secs += t.elapsed().as_secs_f64();
-    }
+    let ids = (0..buckets)
+        .map(|b| policy.bucket_id(&logical, 490_000 + b as i64))
+        .collect::<Option<Vec<_>>>()
+        .context("a bucket id too long")?;
+    let built = build_store(&path, &author, &ids, per_bucket as usize)?;
+    let store = SqliteHubStore::open(&path)?;
     let total = buckets * per_bucket;
     let store_bytes = std::fs::metadata(&path)?.len();
 
@@ -106,7 +82,7 @@ pub fn measure(dir: &Path, buckets: u64, per_bucket: u64) -> Result<RetentionRes
         hub.metrics().expired_docs
     );
     sweeps.sort_by(f64::total_cmp);
-    let append_per_sec = total as f64 / append_secs;
+    let append_per_sec = total as f64 / built.append_secs;
     let drop_per_sec = total as f64 / drop_secs;
     Ok(RetentionResult {
         buckets,

