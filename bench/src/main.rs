@@ -502,7 +502,7 @@ async fn run(args: Args) -> Result<()> {
     if run.wants("long-life") {
         // (days, seconds a day, rolling period, buckets kept, plain slices, slice seconds)
         let (days, day_secs, period, keep, slices, slice_secs) = match scale {
-            Scale::Smoke => (3, 3_600, 600, 3, 2, 3_600),
+            Scale::Smoke => (3, 600, 100, 3, 2, 300),
             Scale::Standard => (3, 86_400, 3_600, 24, 2, 21_600),
             Scale::Full => (30, 86_400, 3_600, 24, 4, 21_600),
         };

@@ -83,6 +83,20 @@ fn every_workload_runs_at_smoke_scale_and_reports_consistent_numbers() {
     }
     assert_eq!(pg["cross_instance"]["latency"]["samples"], 20, "{pg}");
 
+    // Long life: every simulated day was written and measured, the device held no more than
+    // the buckets it keeps (plus the current one), and a fresh replica caught up what they hold.
+    let ll = &r["long_life"];
+    let days = ll["rolling"].as_array().unwrap();
+    assert_eq!(days.len(), 3, "{ll}");
+    assert_eq!(ll["writes"], 3 * 600, "{ll}");
+    for d in days {
+        assert!(d["writes_per_sec"].as_f64().unwrap() > 0.0, "{d}");
+        assert!(d["buckets_held"].as_u64().unwrap() <= 3 + 1, "{d}");
+    }
+    assert_eq!(ll["plain"].as_array().unwrap().len(), 2, "{ll}");
+    let fresh = ll["fresh_replica"]["changes"].as_u64().unwrap();
+    assert!((2 * 100..=4 * 100).contains(&fresh), "{ll}");
+
     // Retention dropped every bucket, in sweeps no bigger than the budget allows.
     let rt = &r["retention"];
     assert_eq!(rt["buckets"], 4, "{rt}");
