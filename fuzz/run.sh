@@ -12,7 +12,7 @@ scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 cargo +nightly fuzz build -O >/dev/null
 status=0
-for t in wire verify hub_session replica_session ops; do
+for t in wire verify hub_session replica_session ops apply; do
   mkdir -p "$scratch/$t"
   log="$scratch/$t.log"
   if cargo +nightly fuzz run -O "$t" "$scratch/$t" "corpus/$t" -- \

@@ -368,6 +368,37 @@ pub fn sign(
     })
 }
 
+/// `change` re-encoded under another sequence number, with a valid checksum and hash: what a
+/// damaged store or a hostile author could sign. For tests of what refuses it.
+#[cfg(test)]
+pub(crate) fn renumbered(change: &automerge::Change, seq: u64) -> automerge::Change {
+    fn uleb(b: &[u8]) -> (u64, usize) {
+        let (mut v, mut i) = (0u64, 0);
+        loop {
+            v |= u64::from(b[i] & 0x7f) << (7 * i);
+            i += 1;
+            if b[i - 1] & 0x80 == 0 {
+                return (v, i);
+            }
+        }
+    }
+    // The body starts with the dependencies, the actor and the sequence number.
+    let body = crate::fuzzing::change_body(change.raw_bytes()).expect("an uncompressed change");
+    let (deps, n) = uleb(body);
+    let mut at = n + 32 * deps as usize;
+    let (actor_len, n) = uleb(&body[at..]);
+    at += n + actor_len as usize;
+    let (_, n) = uleb(&body[at..]);
+    assert!(seq < 0x80, "a one-byte sequence number");
+    let mut new_body = body[..at].to_vec();
+    new_body.push(seq as u8);
+    new_body.extend_from_slice(&body[at + n..]);
+    let c = automerge::Change::from_bytes(crate::fuzzing::change_chunk(&new_body))
+        .expect("a well-formed change");
+    assert_eq!(c.seq(), seq);
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use automerge::transaction::Transactable;

@@ -2,7 +2,9 @@
 //! changes in batches, read it as JSON.
 
 use automerge::transaction::Transactable;
-use automerge::{Automerge, ObjId, ObjType, Prop, ROOT, ReadDoc, ScalarValue};
+use std::collections::{HashMap, VecDeque};
+
+use automerge::{ActorId, Automerge, ObjId, ObjType, Prop, ROOT, ReadDoc, ScalarValue};
 use base64::Engine as _;
 
 use crate::error::{Error, Result};
@@ -13,6 +15,60 @@ use crate::ops::{MAX_DEPTH, Op, PathElem, Value, path_to_string};
 pub struct Document {
     id: DocId,
     doc: Automerge,
+    /// Per actor, its last change in `doc` (built on first need).
+    seqs: Option<HashMap<ActorId, Last>>,
+    /// Changes whose dependencies have not all arrived. They are kept out of Automerge's own
+    /// queue, which would apply them later without [`Document::apply_changes`]'s checks.
+    waiting: Vec<automerge::Change>,
+}
+
+/// An actor's last change in a document: its sequence number and its last operation.
+#[derive(Clone, Copy, Debug, Default)]
+struct Last {
+    seq: u64,
+    max_op: u64,
+}
+
+/// A remote change [`Document::apply_changes`] will not apply. An actor's changes must be
+/// numbered 1, 2, 3... in causal order, each with operations numbered after its previous
+/// change's. Only a damaged or copied store, or a hostile author, signs a change that breaks
+/// this; Automerge asserts the numbering instead of returning an error (it would panic), so
+/// such a change is refused before Automerge sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// The change.
+    pub hash: ChangeHash,
+    /// Its sequence number.
+    pub seq: u64,
+    /// The sequence number its actor's next change must have.
+    pub expected: u64,
+    /// Its first operation's number.
+    pub start_op: u64,
+    /// The last operation number of its actor's previous change: `start_op` must be above.
+    pub previous_max_op: u64,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.seq == self.expected {
+            write!(
+                f,
+                "change {} starts at operation {}, not after its actor's previous change (which \
+                 ends at {})",
+                self.hash, self.start_op, self.previous_max_op
+            )?;
+        } else {
+            write!(
+                f,
+                "change {} has sequence number {} where its actor's next change is number {}",
+                self.hash, self.seq, self.expected
+            )?;
+        }
+        f.write_str(
+            ": its author's store was damaged or copied, or the author is hostile; it is not \
+             applied",
+        )
+    }
 }
 
 impl std::fmt::Debug for Document {
@@ -33,13 +89,21 @@ pub struct PatchSummary {
 impl Document {
     /// An empty document that writes with `actor`.
     pub fn new(id: DocId, actor: automerge::ActorId) -> Self {
+        Document::wrap(id, Automerge::new().with_actor(actor))
+    }
+
+    fn wrap(id: DocId, doc: Automerge) -> Self {
         Document {
             id,
-            doc: Automerge::new().with_actor(actor),
+            doc,
+            seqs: None,
+            waiting: Vec::new(),
         }
     }
 
-    /// A document from a saved snapshot (or empty) plus changes not in the snapshot.
+    /// A document from a saved snapshot (or empty) plus changes not in the snapshot. Stored
+    /// changes Automerge cannot take ([`Refused`]: only a store written before they were
+    /// refused holds one) are left out, with a warning.
     pub(crate) fn load(
         id: DocId,
         actor: automerge::ActorId,
@@ -54,26 +118,29 @@ impl Document {
             None => Automerge::new(),
         };
         doc.set_actor(actor);
-        doc.apply_changes(changes)
-            .map_err(|source| Error::Automerge {
-                doc: id.clone(),
-                source: Box::new(source),
-            })?;
-        Ok(Document { id, doc })
+        let mut d = Document::wrap(id, doc);
+        for r in d.apply_changes(changes)? {
+            tracing::warn!(doc = %d.id, "a stored change is left out: {r}");
+        }
+        Ok(d)
     }
 
     /// A read-only document built from verified changes (an audit of a hub's log: the hub
-    /// holds no materialized documents).
+    /// holds no materialized documents). A change that cannot be applied ([`Refused`]) is
+    /// an error naming it.
     pub fn from_changes(id: DocId, changes: Vec<crate::change::VerifiedChange>) -> Result<Self> {
-        Document::load(
-            id,
-            automerge::ActorId::random(),
-            None,
-            changes
-                .into_iter()
-                .map(crate::change::VerifiedChange::into_automerge)
-                .collect(),
-        )
+        let mut d = Document::wrap(id, Automerge::new());
+        let changes = changes
+            .into_iter()
+            .map(crate::change::VerifiedChange::into_automerge)
+            .collect();
+        if let Some(r) = d.apply_changes(changes)?.into_iter().next() {
+            return Err(Error::InvalidOperation {
+                doc: d.id.clone(),
+                reason: r.to_string(),
+            });
+        }
+        Ok(d)
     }
 
     /// The document's id.
@@ -147,18 +214,44 @@ impl Document {
         if self.doc.get_heads() == before {
             return Ok(None);
         }
-        Ok(self.doc.get_last_local_change())
+        let change = self.doc.get_last_local_change();
+        if let (Some(seqs), Some(c)) = (self.seqs.as_mut(), &change) {
+            seqs.insert(
+                c.actor_id().clone(),
+                Last {
+                    seq: c.seq(),
+                    max_op: c.max_op(),
+                },
+            );
+        }
+        Ok(change)
     }
 
-    /// Applies remote changes (already verified) in one batch. Changes whose dependencies are
-    /// missing wait inside Automerge's queue until they arrive.
-    pub(crate) fn apply_changes(&mut self, changes: Vec<automerge::Change>) -> Result<()> {
-        self.doc
-            .apply_changes(changes)
-            .map_err(|source| Error::Automerge {
+    /// Applies remote changes (already verified) in one batch, in causal order. Changes whose
+    /// dependencies are missing wait here until they arrive; changes whose actor's numbering
+    /// they break are not applied and are returned (see [`Refused`]).
+    pub(crate) fn apply_changes(
+        &mut self,
+        changes: Vec<automerge::Change>,
+    ) -> Result<Vec<Refused>> {
+        let mut candidates = std::mem::take(&mut self.waiting);
+        candidates.extend(changes);
+        let doc = &self.doc;
+        let seqs = self.seqs.get_or_insert_with(|| actor_seqs(doc));
+        let (ready, waiting, refused) = causal_order(doc, seqs, candidates);
+        self.waiting = waiting;
+        if ready.is_empty() {
+            return Ok(refused);
+        }
+        if let Err(source) = self.doc.apply_changes(ready) {
+            // Some of the batch may be in: count again from the document at the next call.
+            self.seqs = None;
+            return Err(Error::Automerge {
                 doc: self.id.clone(),
                 source: Box::new(source),
-            })
+            });
+        }
+        Ok(refused)
     }
 
     /// Every change of the document, in causal order (a change after those it depends on).
@@ -183,10 +276,7 @@ impl Document {
                 doc: self.id.clone(),
                 source: Box::new(source),
             })?;
-        Ok(Document {
-            id: self.id.clone(),
-            doc,
-        })
+        Ok(Document::wrap(self.id.clone(), doc))
     }
 
     /// The heads of the document as it was at `time_ms` (milliseconds since the Unix epoch):
@@ -622,6 +712,96 @@ fn put_value<T: Transactable>(
     Ok(())
 }
 
+/// Per actor, its last change in `doc`.
+fn actor_seqs(doc: &Automerge) -> HashMap<ActorId, Last> {
+    let mut seqs: HashMap<ActorId, Last> = HashMap::new();
+    for m in doc.get_changes_meta(&[]) {
+        let last = seqs.entry(m.actor.into_owned()).or_default();
+        if m.seq > last.seq {
+            *last = Last {
+                seq: m.seq,
+                max_op: m.max_op,
+            };
+        }
+    }
+    seqs
+}
+
+/// Sorts `candidates` for Automerge: the changes it can apply now, in an order where each
+/// comes after its dependencies and after its actor's previous change (`seqs` is advanced
+/// over them); those still missing a dependency; those that break their actor's numbering.
+/// Work proportional to the candidates and their dependencies (Kahn's algorithm), not to the
+/// document.
+fn causal_order(
+    doc: &Automerge,
+    seqs: &mut HashMap<ActorId, Last>,
+    candidates: Vec<automerge::Change>,
+) -> (Vec<automerge::Change>, Vec<automerge::Change>, Vec<Refused>) {
+    let mut slots: Vec<Option<automerge::Change>> = Vec::with_capacity(candidates.len());
+    let mut index: HashMap<automerge::ChangeHash, usize> = HashMap::new();
+    for c in candidates {
+        let h = c.hash();
+        if index.contains_key(&h) || doc.get_change_meta_by_hash(&h).is_some() {
+            continue; // a duplicate, or already in the document
+        }
+        index.insert(h, slots.len());
+        slots.push(Some(c));
+    }
+    // For each candidate, how many of its dependencies are candidates not yet placed; a
+    // dependency that is neither here nor in the document keeps it waiting.
+    let mut unplaced = vec![0usize; slots.len()];
+    let mut blocked = vec![false; slots.len()];
+    let mut dependents: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (i, slot) in slots.iter().enumerate() {
+        let Some(c) = slot else { continue };
+        for d in c.deps() {
+            match index.get(d) {
+                Some(&j) => {
+                    unplaced[i] += 1;
+                    dependents.entry(j).or_default().push(i);
+                }
+                None if doc.get_change_meta_by_hash(d).is_some() => {}
+                None => blocked[i] = true,
+            }
+        }
+    }
+    let mut queue: VecDeque<usize> = (0..slots.len())
+        .filter(|&i| unplaced[i] == 0 && !blocked[i])
+        .collect();
+    let mut ready = Vec::new();
+    let mut refused = Vec::new();
+    while let Some(i) = queue.pop_front() {
+        let Some(c) = slots[i].take() else { continue };
+        let last = seqs.get(c.actor_id()).copied().unwrap_or_default();
+        if c.seq() != last.seq + 1 || c.start_op().get() <= last.max_op {
+            refused.push(Refused {
+                hash: ChangeHash::from(c.hash()),
+                seq: c.seq(),
+                expected: last.seq + 1,
+                start_op: c.start_op().get(),
+                previous_max_op: last.max_op,
+            });
+            continue; // what depends on it waits for good
+        }
+        seqs.insert(
+            c.actor_id().clone(),
+            Last {
+                seq: c.seq(),
+                max_op: c.max_op(),
+            },
+        );
+        for &j in dependents.get(&i).map(Vec::as_slice).unwrap_or(&[]) {
+            unplaced[j] -= 1;
+            if unplaced[j] == 0 && !blocked[j] {
+                queue.push_back(j);
+            }
+        }
+        ready.push(c);
+    }
+    let waiting = slots.into_iter().flatten().collect();
+    (ready, waiting, refused)
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -634,6 +814,113 @@ mod tests {
 
     fn ops(j: serde_json::Value) -> Vec<Op> {
         Op::list_from_json(&j.to_string()).unwrap()
+    }
+
+    /// A document of `n` changes by one actor, and those changes.
+    fn written(n: usize) -> (Document, Vec<automerge::Change>) {
+        let mut a = doc();
+        let changes = (0..n)
+            .map(|i| {
+                a.apply_ops(&ops(json!([{"op":"put","path":["v"],"value":i}])))
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect();
+        (a, changes)
+    }
+
+    #[test]
+    fn automerge_panics_on_a_sequence_gap_which_is_why_documents_check_first() {
+        let (_, changes) = written(1);
+        let gap = crate::change::renumbered(&changes[0], 3);
+        let outcome = std::panic::catch_unwind(move || {
+            let mut raw = Automerge::new();
+            raw.apply_changes(vec![gap]).is_ok()
+        });
+        // If Automerge ever returns an error instead, the check in `causal_order` becomes a
+        // second line of defence; this test then says so.
+        assert!(outcome.is_err(), "Automerge no longer panics: {outcome:?}");
+    }
+
+    #[test]
+    fn a_change_that_skips_or_reuses_its_actors_sequence_number_is_refused_not_applied() {
+        let (_, changes) = written(2);
+        let mut b = doc();
+        // Number 3 from an actor this document has never seen: a gap.
+        let gap = crate::change::renumbered(&changes[0], 3);
+        let refused = b.apply_changes(vec![gap.clone()]).unwrap();
+        assert_eq!(
+            refused,
+            vec![Refused {
+                hash: ChangeHash::from(gap.hash()),
+                seq: 3,
+                expected: 1,
+                start_op: 1,
+                previous_max_op: 0,
+            }]
+        );
+        assert!(!b.has_change(&ChangeHash::from(gap.hash())));
+        assert_eq!(b.to_json(), json!({}));
+        assert!(
+            refused[0].to_string().contains("sequence number 3"),
+            "{}",
+            refused[0]
+        );
+        // The real history still applies.
+        assert!(b.apply_changes(changes.clone()).unwrap().is_empty());
+        assert_eq!(b.to_json(), json!({"v": 1}));
+        // A second change numbered 2 (the first one's content, renumbered): a reuse.
+        let reuse = crate::change::renumbered(&changes[0], 2);
+        assert_ne!(reuse.hash(), changes[1].hash());
+        let refused = b.apply_changes(vec![reuse]).unwrap();
+        assert_eq!((refused[0].seq, refused[0].expected), (2, 3));
+        assert_eq!(b.to_json(), json!({"v": 1}));
+        // A refused change read back from a store is left out, not fatal.
+        let loaded = Document::load(
+            DocId::new("t").unwrap(),
+            automerge::ActorId::random(),
+            None,
+            vec![gap, changes[0].clone()],
+        )
+        .unwrap();
+        assert_eq!(loaded.to_json(), json!({"v": 0}));
+    }
+
+    #[test]
+    fn an_audit_of_a_log_with_a_renumbered_change_fails_naming_it() {
+        let me = crate::identity::Identity::generate();
+        let id = DocId::new("t").unwrap();
+        let mut a = Document::new(id.clone(), crate::change::actor_for(&me.peer_id(), [1; 8]));
+        let c = a
+            .apply_ops(&ops(json!([{"op":"put","path":["v"],"value":1}])))
+            .unwrap()
+            .unwrap();
+        let good = crate::change::sign(&me, &id, c.clone()).unwrap();
+        let bad = crate::change::sign(&me, &id, crate::change::renumbered(&c, 2)).unwrap();
+        let bad_hash = bad.hash();
+        assert!(Document::from_changes(id.clone(), vec![good.clone()]).is_ok());
+        let e = Document::from_changes(id, vec![good, bad]).unwrap_err();
+        assert!(e.to_string().contains(&bad_hash.to_string()), "{e}");
+    }
+
+    #[test]
+    fn changes_arriving_out_of_order_wait_and_apply_once_their_dependencies_arrive() {
+        let (a, changes) = written(40);
+        let mut b = doc();
+        // Newest first, in batches: each batch waits for the next one.
+        for batch in changes.rchunks(10) {
+            let mut batch = batch.to_vec();
+            batch.reverse();
+            assert!(b.apply_changes(batch).unwrap().is_empty());
+            assert!(b.heads().is_empty() || b.heads() == a.heads());
+        }
+        assert_eq!(b.heads(), a.heads());
+        assert_eq!(b.to_json(), json!({"v": 39}));
+        // Local writes after remote ones keep the numbering straight for what comes next.
+        b.apply_ops(&ops(json!([{"op":"put","path":["w"],"value":1}])))
+            .unwrap();
+        let (_, more) = written(1);
+        assert!(b.apply_changes(more).unwrap().is_empty());
     }
 
     #[test]

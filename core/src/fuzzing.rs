@@ -15,10 +15,14 @@
 //!   serving an honest replica afterwards.
 //! - [`ops`]: the edge API's operation list (`POST /v1/docs/{id}/changes`), parsed and
 //!   applied to a document.
+//! - [`apply`]: remote changes a hostile author made and signed (any change body, in a
+//!   well-formed chunk), applied to a document with history: applied or refused, never a
+//!   panic.
 
 use std::sync::OnceLock;
 
 use crate::change::{self, SignedChange};
+use crate::document::Document;
 use crate::hub::{AllowAll, Hub, SessionId};
 use crate::identity::Identity;
 use crate::ids::DocId;
@@ -334,4 +338,119 @@ pub fn session_seeds() -> (Vec<u8>, Vec<u8>) {
         }
     });
     (to_hub, to_replica)
+}
+
+/// The chunk around a change body, as Automerge encodes it: magic bytes, checksum (the first
+/// 4 bytes of the SHA-256 of the rest), type 1 (change), length, body.
+pub fn change_chunk(body: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    let mut hashed = vec![1u8];
+    let mut n = body.len() as u64;
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            hashed.push(byte);
+            break;
+        }
+        hashed.push(byte | 0x80);
+    }
+    hashed.extend_from_slice(body);
+    let digest = sha2::Sha256::digest(&hashed);
+    let mut out = vec![0x85, 0x6f, 0x4a, 0x83];
+    out.extend_from_slice(&digest[..4]);
+    out.extend_from_slice(&hashed);
+    out
+}
+
+/// The body of an uncompressed change chunk (what [`change_chunk`] wraps), if it is one.
+pub fn change_body(chunk: &[u8]) -> Option<&[u8]> {
+    if chunk.len() < 10 || chunk[8] != 1 {
+        return None;
+    }
+    let len_bytes = chunk[9..].iter().position(|b| b & 0x80 == 0)? + 1;
+    chunk.get(9 + len_bytes..)
+}
+
+const APPLY_DOC: &str = "fuzz/apply";
+
+fn apply_actor(n: u8) -> automerge::ActorId {
+    automerge::ActorId::from(&[n; 16][..])
+}
+
+/// The document [`apply`] starts from: three changes by actor 1.
+fn apply_base() -> Document {
+    let mut d = Document::new(doc(APPLY_DOC), apply_actor(1));
+    for ops in [
+        r#"[{"op":"put","path":["t"],"value":21.5},{"op":"put","path":["l"],"value":[]}]"#,
+        r#"[{"op":"insert","path":["l",-1],"value":"a"},{"op":"put","path":["c"],"value":{"$counter":0}}]"#,
+        r#"[{"op":"put","path":["s"],"value":{"$text":"hi"}}]"#,
+    ] {
+        let _ = d.apply_ops_at(&Op::list_from_json(ops).unwrap_or_default(), 1);
+    }
+    d
+}
+
+/// A seed for [`apply`]: what follows the base honestly, by its actor and by a concurrent
+/// second one, as [`apply`] reads it.
+pub fn apply_seed() -> Vec<u8> {
+    let mut next = Vec::new();
+    let mut a = apply_base();
+    let mut b = Document::new(doc(APPLY_DOC), apply_actor(2));
+    let _ = b.apply_changes(a.changes());
+    for (second, ops) in [
+        (
+            false,
+            r#"[{"op":"increment","path":["c"],"by":2},{"op":"delete","path":["l",0]}]"#,
+        ),
+        (
+            false,
+            r#"[{"op":"splice","path":["s"],"index":1,"delete":1,"text":"ey"}]"#,
+        ),
+        (
+            true,
+            r#"[{"op":"put","path":["t"],"value":"x"},{"op":"insert","path":["l",0],"value":{"$bytes":"AAE="}}]"#,
+        ),
+        (
+            true,
+            r#"[{"op":"put","path":["m"],"value":{"k":{"$timestamp":1}}}]"#,
+        ),
+    ] {
+        let d = if second { &mut b } else { &mut a };
+        if let Ok(Some(c)) = d.apply_ops_at(&Op::list_from_json(ops).unwrap_or_default(), 2) {
+            next.push(c);
+        }
+    }
+    let mut out = Vec::new();
+    for c in &next {
+        if let Some(body) = change_body(c.raw_bytes()) {
+            out.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            out.extend_from_slice(body);
+        }
+    }
+    out
+}
+
+/// Remote changes as a document applies them. The input is change bodies, each after its
+/// 2-byte length; each is put in a chunk with a correct checksum (a hostile author signs
+/// whatever chunk it makes, so the body is what is in question), parsed, and the changes are
+/// applied to a document with history in two batches. Each is applied or refused; the
+/// document then reads back as JSON and saves.
+pub fn apply(data: &[u8]) {
+    let mut changes = Vec::new();
+    let mut rest = data;
+    while rest.len() >= 2 && changes.len() < MAX_MESSAGES {
+        let n = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+        let body = &rest[2..][..n.min(rest.len() - 2)];
+        rest = &rest[2 + body.len()..];
+        if let Ok(c) = automerge::Change::from_bytes(change_chunk(body)) {
+            changes.push(c);
+        }
+    }
+    let mut d = apply_base();
+    let later = changes.split_off(changes.len() / 2);
+    let _ = d.apply_changes(changes);
+    let _ = d.apply_changes(later);
+    let _ = d.to_json();
+    let _ = d.save();
 }

@@ -1727,6 +1727,75 @@ mod tests {
     }
 
     #[test]
+    fn a_writer_signing_a_renumbered_change_cannot_crash_or_wedge_its_readers() {
+        let me = Identity::generate();
+        let mut writer = Replica::open_in_memory(me.clone(), ReplicaOptions::default()).unwrap();
+        let mut reader = replica();
+        let mut hub = hub_with(vec![
+            grant(me.peer_id(), "", true, true),
+            grant(reader.peer_id(), "", true, false),
+        ]);
+        let doc = DocId::new("plant/line1").unwrap();
+        writer
+            .change(&doc, &ops(json!([{"op":"put","path":["a"],"value":1}])))
+            .unwrap();
+        reader.subscribe(Target::Doc(doc.clone())).unwrap();
+        let ws = connect(&mut hub, &mut writer);
+        let rs = connect(&mut hub, &mut reader);
+        pump(&mut hub, &mut [(&mut writer, ws), (&mut reader, rs)]);
+        assert_eq!(reader.json(&doc).unwrap(), json!({"a": 1}));
+
+        // The writer's key signs its first change again under numbers 5 and 7: gaps, on
+        // which Automerge would panic. (The hub stores them: it does not apply documents.)
+        let first = writer.doc(&doc).unwrap().changes().remove(0);
+        let forged: Vec<SignedChange> = [5, 7]
+            .into_iter()
+            .map(|seq| {
+                crate::change::sign(&me, &doc, crate::change::renumbered(&first, seq))
+                    .unwrap()
+                    .into_signed()
+            })
+            .collect();
+        hub.handle_message(
+            ws,
+            Message::Push(wire::Push {
+                push_id: 77,
+                doc: doc.clone(),
+                changes: forged,
+            }),
+        )
+        .unwrap();
+        let errors = pump(&mut hub, &mut [(&mut writer, ws), (&mut reader, rs)]);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(reader.status().unwrap().refused, 2);
+        assert_eq!(reader.json(&doc).unwrap(), json!({"a": 1}));
+        assert_eq!(
+            reader.verify_stored().unwrap(),
+            1,
+            "nothing refused was stored"
+        );
+
+        // The session is still up, and the writer's next real change arrives.
+        writer
+            .change(&doc, &ops(json!([{"op":"put","path":["b"],"value":2}])))
+            .unwrap();
+        let errors = pump(&mut hub, &mut [(&mut writer, ws), (&mut reader, rs)]);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(reader.json(&doc).unwrap(), json!({"a": 1, "b": 2}));
+        // And a fresh replica catching up the whole log gets the same.
+        let mut late = replica();
+        hub.policy_mut()
+            .grants
+            .push(grant(late.peer_id(), "", true, false));
+        late.subscribe(Target::Doc(doc.clone())).unwrap();
+        let ls = connect(&mut hub, &mut late);
+        let errors = pump(&mut hub, &mut [(&mut late, ls)]);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(late.json(&doc).unwrap(), json!({"a": 1, "b": 2}));
+        assert_eq!(late.status().unwrap().refused, 2);
+    }
+
+    #[test]
     fn forged_and_replayed_pushes_are_refused_and_store_nothing() {
         let mut r = replica();
         let mut hub = hub_with(vec![grant(r.peer_id(), "", true, true)]);

@@ -180,6 +180,10 @@ pub struct Status {
     pub outbox: u64,
     /// Of those, how many the hub refused.
     pub rejected: u64,
+    /// Remote changes this replica refused since it was opened: signed by their author but
+    /// breaking the author's sequence numbering ([`crate::document::Refused`]; a damaged or
+    /// copied store, or a hostile author). Not applied, not stored; logged as warnings.
+    pub refused: u64,
     /// Subscriptions that have caught up in this session.
     pub synced: Vec<String>,
     /// Subscriptions.
@@ -279,6 +283,8 @@ pub struct Replica {
     compactions: u64,
     /// Buckets of rolling documents forgotten since the replica was opened.
     retired: u64,
+    /// Remote changes refused since the replica was opened ([`Status::refused`]).
+    refused: u64,
     /// When [`Replica::roll`] next looks at the clock's bucket (ms, by `options.clock`).
     next_roll_ms: i64,
     options: ReplicaOptions,
@@ -333,6 +339,7 @@ impl Replica {
             dropped_events: 0,
             compactions: 0,
             retired: 0,
+            refused: 0,
             next_roll_ms: i64::MIN,
             options,
             rng,
@@ -781,6 +788,7 @@ impl Replica {
             hub: session.and_then(|s| s.hub).map(|h| h.to_string()),
             outbox,
             rejected,
+            refused: self.refused,
             synced: session
                 .map(|s| s.synced.iter().map(Target::key).collect())
                 .unwrap_or_default(),
@@ -1201,6 +1209,7 @@ impl Replica {
         let max_pending = self.options.max_pending_per_doc;
         let mut fresh_all: Vec<VerifiedChange> = Vec::new();
         let mut changed: Vec<(DocId, Vec<ChangeHash>)> = Vec::new();
+        let mut refused_total = 0;
         for (doc, changes) in per_doc {
             if !self.subscriptions.covers(&doc)
                 && self.options.rolling.iter().any(|p| p.split(&doc).is_some())
@@ -1222,9 +1231,26 @@ impl Replica {
                 continue;
             }
             let before = state.doc.heads();
-            state
+            let refused = state
                 .doc
                 .apply_changes(fresh.iter().map(|c| c.automerge().clone()).collect())?;
+            let fresh: Vec<VerifiedChange> = if refused.is_empty() {
+                fresh
+            } else {
+                for r in &refused {
+                    let author = fresh
+                        .iter()
+                        .find(|c| c.hash() == r.hash)
+                        .map(|c| c.author());
+                    tracing::warn!(%doc, ?author, "refused a remote change: {r}");
+                }
+                refused_total += refused.len() as u64;
+                let out: HashSet<ChangeHash> = refused.iter().map(|r| r.hash).collect();
+                fresh
+                    .into_iter()
+                    .filter(|c| !out.contains(&c.hash()))
+                    .collect()
+            };
             state.pending.extend(fresh.iter().map(|c| c.hash()));
             let doc_ref = &state.doc;
             state.pending.retain(|h| !doc_ref.has_change(h));
@@ -1243,6 +1269,7 @@ impl Replica {
             }
             fresh_all.extend(fresh);
         }
+        self.refused += refused_total;
         let mut batch = self.store.batch()?;
         for c in &fresh_all {
             batch.insert_change(c)?;

@@ -429,6 +429,7 @@ async fn status(State(s): State<ApiState>) -> Result<Json<Value>, ApiError> {
         "attempts": link.attempts,
         "outbox": st.outbox,
         "rejected": st.rejected,
+        "refused": st.refused,
         "subscriptions": st.subscriptions,
         "synced": st.synced,
     })))

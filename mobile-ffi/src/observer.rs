@@ -76,6 +76,9 @@ pub struct SyncStatus {
     pub pending_uploads: u64,
     /// Of those, how many the hub refused (no write grant...); offered again next session.
     pub rejected_uploads: u64,
+    /// Changes from the hub this replica refused (signed, but breaking their author's
+    /// sequence numbering: a damaged or copied store, or a hostile author); not applied.
+    pub refused_changes: u64,
     /// Connected, nothing pending, and every subscription caught up with the hub.
     pub caught_up: bool,
     /// The last connection error, if any.
@@ -107,6 +110,7 @@ pub(crate) async fn status(
         hub_key: st.hub,
         pending_uploads: st.outbox,
         rejected_uploads: st.rejected,
+        refused_changes: st.refused,
         caught_up,
         last_error: link.last_error,
         last_connected_ms: link.last_connected_ms,

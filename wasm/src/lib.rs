@@ -347,6 +347,7 @@ impl Engine {
             "hub": s.hub,
             "outbox": s.outbox,
             "rejected": s.rejected,
+            "refused": s.refused,
             "synced": s.synced,
             "subscriptions": s.subscriptions,
         })

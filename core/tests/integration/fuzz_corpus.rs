@@ -12,12 +12,13 @@ use syncline_core::wire::FrameDecoder;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 5] = [
+const TARGETS: [(&str, Target); 6] = [
     ("wire", fuzzing::wire),
     ("verify", fuzzing::verify),
     ("hub_session", fuzzing::hub_session),
     ("replica_session", fuzzing::replica_session),
     ("ops", fuzzing::ops),
+    ("apply", fuzzing::apply),
 ];
 
 fn corpus(target: &str) -> PathBuf {
@@ -94,6 +95,7 @@ fn seeds() -> Vec<Seed> {
         ("verify", "valid-change", vec![1], true),
         ("verify", "flipped-signature", vec![1, 0x80], true),
         ("verify", "other-document", vec![3], true),
+        ("apply", "honest-next-changes", fuzzing::apply_seed(), true),
     ];
     for (i, o) in ops.iter().enumerate() {
         let name = ["put", "counter", "list", "text", "bytes"][i];

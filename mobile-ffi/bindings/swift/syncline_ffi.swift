@@ -1656,6 +1656,11 @@ public struct SyncStatus: Equatable, Hashable {
      */
     public var rejectedUploads: UInt64
     /**
+     * Changes from the hub this replica refused (signed, but breaking their author's
+     * sequence numbering: a damaged or copied store, or a hostile author); not applied.
+     */
+    public var refusedChanges: UInt64
+    /**
      * Connected, nothing pending, and every subscription caught up with the hub.
      */
     public var caughtUp: Bool
@@ -1702,6 +1707,10 @@ public struct SyncStatus: Equatable, Hashable {
          * Of those, how many the hub refused (no write grant...); offered again next session.
          */rejectedUploads: UInt64, 
         /**
+         * Changes from the hub this replica refused (signed, but breaking their author's
+         * sequence numbering: a damaged or copied store, or a hostile author); not applied.
+         */refusedChanges: UInt64, 
+        /**
          * Connected, nothing pending, and every subscription caught up with the hub.
          */caughtUp: Bool, 
         /**
@@ -1725,6 +1734,7 @@ public struct SyncStatus: Equatable, Hashable {
         self.hubKey = hubKey
         self.pendingUploads = pendingUploads
         self.rejectedUploads = rejectedUploads
+        self.refusedChanges = refusedChanges
         self.caughtUp = caughtUp
         self.lastError = lastError
         self.lastConnectedMs = lastConnectedMs
@@ -1755,6 +1765,7 @@ public struct FfiConverterTypeSyncStatus: FfiConverterRustBuffer {
                 hubKey: FfiConverterOptionString.read(from: &buf), 
                 pendingUploads: FfiConverterUInt64.read(from: &buf), 
                 rejectedUploads: FfiConverterUInt64.read(from: &buf), 
+                refusedChanges: FfiConverterUInt64.read(from: &buf), 
                 caughtUp: FfiConverterBool.read(from: &buf), 
                 lastError: FfiConverterOptionString.read(from: &buf), 
                 lastConnectedMs: FfiConverterOptionUInt64.read(from: &buf), 
@@ -1771,6 +1782,7 @@ public struct FfiConverterTypeSyncStatus: FfiConverterRustBuffer {
         FfiConverterOptionString.write(value.hubKey, into: &buf)
         FfiConverterUInt64.write(value.pendingUploads, into: &buf)
         FfiConverterUInt64.write(value.rejectedUploads, into: &buf)
+        FfiConverterUInt64.write(value.refusedChanges, into: &buf)
         FfiConverterBool.write(value.caughtUp, into: &buf)
         FfiConverterOptionString.write(value.lastError, into: &buf)
         FfiConverterOptionUInt64.write(value.lastConnectedMs, into: &buf)

@@ -2602,6 +2602,12 @@ data class SyncStatus (
     var `rejectedUploads`: kotlin.ULong
     , 
     /**
+     * Changes from the hub this replica refused (signed, but breaking their author's
+     * sequence numbering: a damaged or copied store, or a hostile author); not applied.
+     */
+    var `refusedChanges`: kotlin.ULong
+    , 
+    /**
      * Connected, nothing pending, and every subscription caught up with the hub.
      */
     var `caughtUp`: kotlin.Boolean
@@ -2652,6 +2658,7 @@ public object FfiConverterTypeSyncStatus: FfiConverterRustBuffer<SyncStatus> {
             FfiConverterOptionalString.read(buf),
             FfiConverterULong.read(buf),
             FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
             FfiConverterBoolean.read(buf),
             FfiConverterOptionalString.read(buf),
             FfiConverterOptionalULong.read(buf),
@@ -2668,6 +2675,7 @@ public object FfiConverterTypeSyncStatus: FfiConverterRustBuffer<SyncStatus> {
             FfiConverterOptionalString.allocationSize(value.`hubKey`) +
             FfiConverterULong.allocationSize(value.`pendingUploads`) +
             FfiConverterULong.allocationSize(value.`rejectedUploads`) +
+            FfiConverterULong.allocationSize(value.`refusedChanges`) +
             FfiConverterBoolean.allocationSize(value.`caughtUp`) +
             FfiConverterOptionalString.allocationSize(value.`lastError`) +
             FfiConverterOptionalULong.allocationSize(value.`lastConnectedMs`) +
@@ -2683,6 +2691,7 @@ public object FfiConverterTypeSyncStatus: FfiConverterRustBuffer<SyncStatus> {
             FfiConverterOptionalString.write(value.`hubKey`, buf)
             FfiConverterULong.write(value.`pendingUploads`, buf)
             FfiConverterULong.write(value.`rejectedUploads`, buf)
+            FfiConverterULong.write(value.`refusedChanges`, buf)
             FfiConverterBoolean.write(value.`caughtUp`, buf)
             FfiConverterOptionalString.write(value.`lastError`, buf)
             FfiConverterOptionalULong.write(value.`lastConnectedMs`, buf)
