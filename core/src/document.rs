@@ -31,38 +31,60 @@ struct Last {
 
 /// A remote change [`Document::apply_changes`] will not apply. An actor's changes must be
 /// numbered 1, 2, 3... in causal order, each with operations numbered after its previous
-/// change's. Only a damaged or copied store, or a hostile author, signs a change that breaks
-/// this; Automerge asserts the numbering instead of returning an error (it would panic), so
-/// such a change is refused before Automerge sees it.
+/// change's, and may refer only to actors whose changes came before. Only a damaged or
+/// copied store, or a hostile author, signs a change that breaks this; Automerge asserts
+/// these rules instead of returning errors (it would panic), so such a change is refused
+/// before Automerge sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refused {
     /// The change.
     pub hash: ChangeHash,
-    /// Its sequence number.
-    pub seq: u64,
-    /// The sequence number its actor's next change must have.
-    pub expected: u64,
-    /// Its first operation's number.
-    pub start_op: u64,
-    /// The last operation number of its actor's previous change: `start_op` must be above.
-    pub previous_max_op: u64,
+    /// The rule it breaks.
+    pub reason: RefusedReason,
+}
+
+/// Why a change was [`Refused`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RefusedReason {
+    /// Its sequence number is not its actor's next.
+    Numbering {
+        /// Its sequence number.
+        seq: u64,
+        /// The number its actor's next change must have.
+        expected: u64,
+    },
+    /// Its operations are not numbered after its actor's previous change's.
+    OpsReused {
+        /// Its first operation's number.
+        start_op: u64,
+        /// The last operation number of its actor's previous change.
+        previous_max_op: u64,
+    },
+    /// It refers to an actor (hex) none of whose changes came before it.
+    UnknownActor(String),
 }
 
 impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.seq == self.expected {
-            write!(
+        let hash = self.hash;
+        match &self.reason {
+            RefusedReason::Numbering { seq, expected } => write!(
                 f,
-                "change {} starts at operation {}, not after its actor's previous change (which \
-                 ends at {})",
-                self.hash, self.start_op, self.previous_max_op
-            )?;
-        } else {
-            write!(
+                "change {hash} has sequence number {seq} where its actor's next change is \
+                 number {expected}"
+            )?,
+            RefusedReason::OpsReused {
+                start_op,
+                previous_max_op,
+            } => write!(
                 f,
-                "change {} has sequence number {} where its actor's next change is number {}",
-                self.hash, self.seq, self.expected
-            )?;
+                "change {hash} starts at operation {start_op}, not after its actor's previous \
+                 change (which ends at {previous_max_op})"
+            )?,
+            RefusedReason::UnknownActor(actor) => write!(
+                f,
+                "change {hash} refers to actor {actor}, none of whose changes came before it"
+            )?,
         }
         f.write_str(
             ": its author's store was damaged or copied, or the author is hostile; it is not \
@@ -773,13 +795,26 @@ fn causal_order(
     while let Some(i) = queue.pop_front() {
         let Some(c) = slots[i].take() else { continue };
         let last = seqs.get(c.actor_id()).copied().unwrap_or_default();
-        if c.seq() != last.seq + 1 || c.start_op().get() <= last.max_op {
-            refused.push(Refused {
-                hash: ChangeHash::from(c.hash()),
+        let broken = if c.seq() != last.seq + 1 {
+            Some(RefusedReason::Numbering {
                 seq: c.seq(),
                 expected: last.seq + 1,
+            })
+        } else if c.start_op().get() <= last.max_op {
+            Some(RefusedReason::OpsReused {
                 start_op: c.start_op().get(),
                 previous_max_op: last.max_op,
+            })
+        } else {
+            c.other_actor_ids()
+                .iter()
+                .find(|a| !seqs.contains_key(*a))
+                .map(|a| RefusedReason::UnknownActor(a.to_hex_string()))
+        };
+        if let Some(reason) = broken {
+            refused.push(Refused {
+                hash: ChangeHash::from(c.hash()),
+                reason,
             });
             continue; // what depends on it waits for good
         }
@@ -853,10 +888,10 @@ mod tests {
             refused,
             vec![Refused {
                 hash: ChangeHash::from(gap.hash()),
-                seq: 3,
-                expected: 1,
-                start_op: 1,
-                previous_max_op: 0,
+                reason: RefusedReason::Numbering {
+                    seq: 3,
+                    expected: 1
+                },
             }]
         );
         assert!(!b.has_change(&ChangeHash::from(gap.hash())));
@@ -873,7 +908,13 @@ mod tests {
         let reuse = crate::change::renumbered(&changes[0], 2);
         assert_ne!(reuse.hash(), changes[1].hash());
         let refused = b.apply_changes(vec![reuse]).unwrap();
-        assert_eq!((refused[0].seq, refused[0].expected), (2, 3));
+        assert_eq!(
+            refused[0].reason,
+            RefusedReason::Numbering {
+                seq: 2,
+                expected: 3
+            }
+        );
         assert_eq!(b.to_json(), json!({"v": 1}));
         // A refused change read back from a store is left out, not fatal.
         let loaded = Document::load(
