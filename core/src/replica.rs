@@ -181,8 +181,9 @@ pub struct Status {
     /// Of those, how many the hub refused.
     pub rejected: u64,
     /// Remote changes this replica refused since it was opened: signed by their author but
-    /// breaking the author's sequence numbering ([`crate::document::Refused`]; a damaged or
-    /// copied store, or a hostile author). Not applied, not stored; logged as warnings.
+    /// breaking the rules Automerge asserts (the author's sequence or operation numbering,
+    /// actors it may name: [`crate::document::Refused`]; a damaged or copied store, or a
+    /// hostile author). Not applied, not stored; logged as warnings.
     pub refused: u64,
     /// Subscriptions that have caught up in this session.
     pub synced: Vec<String>,
@@ -1246,6 +1247,9 @@ impl Replica {
                 }
                 refused_total += refused.len() as u64;
                 let out: HashSet<ChangeHash> = refused.iter().map(|r| r.hash).collect();
+                // One that waited since an earlier flush is stored already; it stops
+                // counting as pending (it is left out again if the document is reloaded).
+                state.pending.retain(|h| !out.contains(h));
                 fresh
                     .into_iter()
                     .filter(|c| !out.contains(&c.hash()))

@@ -76,8 +76,9 @@ pub struct SyncStatus {
     pub pending_uploads: u64,
     /// Of those, how many the hub refused (no write grant...); offered again next session.
     pub rejected_uploads: u64,
-    /// Changes from the hub this replica refused (signed, but breaking their author's
-    /// sequence numbering: a damaged or copied store, or a hostile author); not applied.
+    /// Changes from the hub this replica refused (signed, but breaking a rule Automerge
+    /// asserts, such as their author's sequence numbering: a damaged or copied store, or a
+    /// hostile author); not applied.
     pub refused_changes: u64,
     /// Connected, nothing pending, and every subscription caught up with the hub.
     pub caught_up: bool,

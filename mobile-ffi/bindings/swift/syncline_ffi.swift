@@ -1656,8 +1656,9 @@ public struct SyncStatus: Equatable, Hashable {
      */
     public var rejectedUploads: UInt64
     /**
-     * Changes from the hub this replica refused (signed, but breaking their author's
-     * sequence numbering: a damaged or copied store, or a hostile author); not applied.
+     * Changes from the hub this replica refused (signed, but breaking a rule Automerge
+     * asserts, such as their author's sequence numbering: a damaged or copied store, or a
+     * hostile author); not applied.
      */
     public var refusedChanges: UInt64
     /**
@@ -1707,8 +1708,9 @@ public struct SyncStatus: Equatable, Hashable {
          * Of those, how many the hub refused (no write grant...); offered again next session.
          */rejectedUploads: UInt64, 
         /**
-         * Changes from the hub this replica refused (signed, but breaking their author's
-         * sequence numbering: a damaged or copied store, or a hostile author); not applied.
+         * Changes from the hub this replica refused (signed, but breaking a rule Automerge
+         * asserts, such as their author's sequence numbering: a damaged or copied store, or a
+         * hostile author); not applied.
          */refusedChanges: UInt64, 
         /**
          * Connected, nothing pending, and every subscription caught up with the hub.

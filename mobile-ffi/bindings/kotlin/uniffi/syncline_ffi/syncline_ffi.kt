@@ -2602,8 +2602,9 @@ data class SyncStatus (
     var `rejectedUploads`: kotlin.ULong
     , 
     /**
-     * Changes from the hub this replica refused (signed, but breaking their author's
-     * sequence numbering: a damaged or copied store, or a hostile author); not applied.
+     * Changes from the hub this replica refused (signed, but breaking a rule Automerge
+     * asserts, such as their author's sequence numbering: a damaged or copied store, or a
+     * hostile author); not applied.
      */
     var `refusedChanges`: kotlin.ULong
     , 
