@@ -82,7 +82,10 @@ fn store_bytes(path: &Path) -> u64 {
 
 /// Writes `days` simulated days (of `day_secs` seconds: 86,400 but in the smoke run) of one
 /// reading a second to `doc` through `node`; the day's write rate, store size, buckets held
-/// and outbox after each day.
+/// and outbox after each day. With `settle`, each day ends by waiting (that long at most) for
+/// the hub to acknowledge the day and letting the replica roll once more: a bucket is kept
+/// until the hub holds it, and with a day of a few minutes (the smoke run) the last minutes'
+/// acknowledgements would otherwise still be on their way when the buckets are counted.
 async fn write_days(
     node: &Node,
     path: &Path,
@@ -90,6 +93,7 @@ async fn write_days(
     days: u32,
     day_secs: i64,
     label: &str,
+    settle: Option<Duration>,
 ) -> Result<Vec<Day>> {
     let mut out = Vec::new();
     for day in 0..days {
@@ -119,6 +123,14 @@ async fn write_days(
             node.call(move |r| r.change_many(&group)).await??;
         }
         let seconds = started.elapsed().as_secs_f64();
+        if let Some(within) = settle {
+            wait_uploaded(std::slice::from_ref(node), within).await?;
+            // The roll step (at most a minute) after the day's last roll: the time the next
+            // day's first minute of writes sets the clock to.
+            let end = T0 + i64::from(day + 1) * day_secs * 1000;
+            SIM_MS.store(end + 59_000, Ordering::Relaxed);
+            node.call(|r| r.roll()).await??;
+        }
         let prefix = format!("{doc}@");
         let (buckets_held, outbox) = node
             .call(move |r| -> syncline_core::Result<(usize, u64)> {
@@ -199,6 +211,7 @@ pub async fn measure(
         plain_slices,
         plain_slice_secs,
         "plain  ",
+        None,
     )
     .await?;
     plain.close().await?;
@@ -206,7 +219,16 @@ pub async fn measure(
     let path = dir.join("gateway.sqlite");
     let mut gateway = Node::open_with(Some(&path), identity, options.clone())?;
     gateway.start_sync(hub)?;
-    let rolling = write_days(&gateway, &path, &logical, days, day_secs, "rolling").await?;
+    let rolling = write_days(
+        &gateway,
+        &path,
+        &logical,
+        days,
+        day_secs,
+        "rolling",
+        Some(within),
+    )
+    .await?;
     wait_uploaded(std::slice::from_ref(&gateway), within).await?;
     let l = logical.clone();
     let expected = gateway.call(move |r| r.json(&l)).await??;

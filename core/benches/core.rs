@@ -478,6 +478,29 @@ fn base_automerge(c: &mut Criterion, ctx: &mut Ctx) {
             )
         })
     });
+    // The same stream through `Document`'s checked apply (causal sort, numbering, actor and
+    // object checks before Automerge): the ratio to `apply_256/fresh` is their cost.
+    g.bench_function("apply_256/fresh_checked", |b| {
+        b.iter_custom(|iters| {
+            let mut doc = syncline_core::document::Document::new(
+                DocId::new("bench").expect("an id"),
+                automerge::ActorId::random(),
+            );
+            let mut at = 0;
+            timed(
+                iters,
+                &mut doc,
+                |_| {
+                    at += INGEST_BATCH;
+                    stream.automerge(at - INGEST_BATCH..at)
+                },
+                |doc, batch| {
+                    let refused = syncline_core::fuzzing::document_apply(doc, batch);
+                    assert_eq!(refused, 0, "valid changes");
+                },
+            )
+        })
+    });
     for (name, loaded) in [
         ("apply_256/history", false),
         ("apply_256/history_loaded", true),

@@ -2,7 +2,7 @@
 //! changes in batches, read it as JSON.
 
 use automerge::transaction::Transactable;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use automerge::{ActorId, Automerge, ObjId, ObjType, Prop, ROOT, ReadDoc, ScalarValue};
 use base64::Engine as _;
@@ -10,6 +10,8 @@ use base64::Engine as _;
 use crate::error::{Error, Result};
 use crate::ids::{ChangeHash, DocId};
 use crate::ops::{MAX_DEPTH, Op, PathElem, Value, path_to_string};
+
+mod objects;
 
 /// A document held by a replica.
 pub struct Document {
@@ -62,6 +64,20 @@ pub enum RefusedReason {
     },
     /// It refers to an actor (hex) none of whose changes came before it.
     UnknownActor(String),
+    /// An operation acts on an object (`counter@actor`) that neither the document, nor the
+    /// change, nor one applied before it in the same batch creates.
+    UnknownObject(String),
+    /// An operation's key is an element (`counter@actor`) of a list or text (`object`) that
+    /// neither the document, nor the change, nor one before it in the batch inserts.
+    UnknownElement {
+        /// The list or text.
+        object: String,
+        /// The element named.
+        element: String,
+    },
+    /// Its operations name what its columns cannot hold (an actor index past its actors, an
+    /// object half named): what Automerge's parser does not check.
+    Malformed(String),
 }
 
 impl std::fmt::Display for Refused {
@@ -85,6 +101,16 @@ impl std::fmt::Display for Refused {
                 f,
                 "change {hash} refers to actor {actor}, none of whose changes came before it"
             )?,
+            RefusedReason::UnknownObject(obj) => write!(
+                f,
+                "change {hash} acts on object {obj}, which no change before it creates"
+            )?,
+            RefusedReason::UnknownElement { object, element } => write!(
+                f,
+                "change {hash} names element {element} of {object}, which no change before it \
+                 inserts"
+            )?,
+            RefusedReason::Malformed(what) => write!(f, "change {hash} is malformed: {what}")?,
         }
         f.write_str(
             ": its author's store was damaged or copied, or the author is hostile; it is not \
@@ -749,9 +775,64 @@ fn actor_seqs(doc: &Automerge) -> HashMap<ActorId, Last> {
     seqs
 }
 
+/// Checks that `c` acts only on objects that `doc` holds, that the changes before it in the
+/// batch create (`placed`, which Automerge indexes before it applies any operation of the
+/// batch), or that it creates itself, and records those it creates; and that each list
+/// element it is keyed by is an operation already numbered (`seqs`: of the document or the
+/// batch before it) or one it inserts into that list itself. Automerge assumes both and
+/// panics otherwise. (Whether an older operation is an element of that very list is not
+/// checked: Automerge's lookup of one, `get_cursor_position`, itself panics on an operation
+/// of another object, and its slow lookup costs the whole object.)
+fn place_objects(
+    doc: &Automerge,
+    seqs: &HashMap<ActorId, Last>,
+    placed: &mut HashSet<(u64, ActorId)>,
+    c: &automerge::Change,
+) -> std::result::Result<(), RefusedReason> {
+    let found = objects::read(c).map_err(RefusedReason::Malformed)?;
+    let actor = |index: usize| {
+        match index {
+            0 => Some(c.actor_id()),
+            k => c.other_actor_ids().get(k - 1),
+        }
+        .ok_or_else(|| RefusedReason::Malformed(format!("an operation names actor {index}")))
+    };
+    let id = |(ctr, index): (u64, usize)| actor(index).map(|a| (ctr, a.clone()));
+    let name = |(ctr, a): &(u64, ActorId)| format!("{ctr}@{}", a.to_hex_string());
+    for &obj in &found.touched {
+        if obj.1 == 0 && found.made.contains(&obj.0) {
+            continue;
+        }
+        let obj = id(obj)?;
+        let held = placed.contains(&obj)
+            || doc
+                .object_type(ObjId::Id(obj.0, obj.1.clone(), usize::MAX))
+                .is_ok();
+        if !held {
+            return Err(RefusedReason::UnknownObject(name(&obj)));
+        }
+    }
+    for &(obj, elem) in &found.elements {
+        if elem.1 == 0 && found.inserted.contains(&(obj, elem.0)) {
+            continue;
+        }
+        let (obj, elem) = (id(obj)?, id(elem)?);
+        let held = seqs.get(&elem.1).is_some_and(|last| elem.0 <= last.max_op);
+        if !held {
+            return Err(RefusedReason::UnknownElement {
+                object: name(&obj),
+                element: name(&elem),
+            });
+        }
+    }
+    placed.extend(found.made.iter().map(|&ctr| (ctr, c.actor_id().clone())));
+    Ok(())
+}
+
 /// Sorts `candidates` for Automerge: the changes it can apply now, in an order where each
 /// comes after its dependencies and after its actor's previous change (`seqs` is advanced
-/// over them); those still missing a dependency; those that break their actor's numbering.
+/// over them); those still missing a dependency; those that break their actor's numbering
+/// or name what is not there ([`place_objects`]).
 /// Work proportional to the candidates and their dependencies (Kahn's algorithm), not to the
 /// document.
 fn causal_order(
@@ -792,6 +873,7 @@ fn causal_order(
         .collect();
     let mut ready = Vec::new();
     let mut refused = Vec::new();
+    let mut placed = HashSet::new();
     while let Some(i) = queue.pop_front() {
         let Some(c) = slots[i].take() else { continue };
         let last = seqs.get(c.actor_id()).copied().unwrap_or_default();
@@ -805,11 +887,10 @@ fn causal_order(
                 start_op: c.start_op().get(),
                 previous_max_op: last.max_op,
             })
+        } else if let Some(a) = c.other_actor_ids().iter().find(|a| !seqs.contains_key(*a)) {
+            Some(RefusedReason::UnknownActor(a.to_hex_string()))
         } else {
-            c.other_actor_ids()
-                .iter()
-                .find(|a| !seqs.contains_key(*a))
-                .map(|a| RefusedReason::UnknownActor(a.to_hex_string()))
+            place_objects(doc, seqs, &mut placed, &c).err()
         };
         if let Some(reason) = broken {
             refused.push(Refused {
@@ -925,6 +1006,166 @@ mod tests {
         )
         .unwrap();
         assert_eq!(loaded.to_json(), json!({"v": 0}));
+    }
+
+    /// `change` re-encoded with no dependencies (a valid checksum and hash): what a hostile
+    /// author could sign to act on an object before the change that creates it.
+    fn without_deps(change: &automerge::Change) -> automerge::Change {
+        let body = crate::fuzzing::change_body(change.raw_bytes()).unwrap();
+        let deps = usize::from(body[0]);
+        assert!(deps < 0x80);
+        let mut new_body = vec![0u8];
+        new_body.extend_from_slice(&body[1 + 32 * deps..]);
+        automerge::Change::from_bytes(crate::fuzzing::change_chunk(&new_body)).unwrap()
+    }
+
+    /// Actor 01..01's first change: it makes its op 2 a map (`map`) or a number.
+    fn first_change(map: bool) -> automerge::Change {
+        let mut x = Document::new(DocId::new("t").unwrap(), ActorId::from(&[1u8; 16][..]));
+        let second = if map { json!({}) } else { json!(2) };
+        x.apply_ops(&ops(json!([
+            {"op":"put","path":["v"],"value":1},
+            {"op":"put","path":["m"],"value":second},
+        ])))
+        .unwrap()
+        .unwrap()
+    }
+
+    /// [`first_change`], and a change by another actor that writes into the map 2@01..01,
+    /// re-signed with no dependencies.
+    fn into_object_two(map: bool) -> (automerge::Change, automerge::Change) {
+        let mut y = Document::new(DocId::new("t").unwrap(), ActorId::from(&[2u8; 16][..]));
+        assert!(
+            y.apply_changes(vec![first_change(true)])
+                .unwrap()
+                .is_empty()
+        );
+        let into = y
+            .apply_ops(&ops(json!([{"op":"put","path":["m","k"],"value":3}])))
+            .unwrap()
+            .unwrap();
+        (first_change(map), without_deps(&into))
+    }
+
+    #[test]
+    fn a_change_acting_on_an_object_the_document_does_not_hold_is_refused_not_a_panic() {
+        // Where 2@a is a map, the change applies (the check refuses nothing honest)...
+        let (first, into) = into_object_two(true);
+        let mut d = doc();
+        assert!(
+            d.apply_changes(vec![first, into.clone()])
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(d.to_json(), json!({"v": 1, "m": {"k": 3}}));
+        // ...where it is a number, Automerge would panic ("Obj Missing from Index")...
+        let (first, into) = into_object_two(false);
+        let raw = (first.clone(), into.clone());
+        let outcome = std::panic::catch_unwind(move || {
+            let mut doc = Automerge::new();
+            doc.apply_changes(vec![raw.0, raw.1]).is_ok()
+        });
+        assert!(outcome.is_err(), "Automerge no longer panics: {outcome:?}");
+        // ...and the document refuses it, keeping the rest of the batch.
+        let mut d = doc();
+        let refused = d.apply_changes(vec![first, into.clone()]).unwrap();
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0].hash, ChangeHash::from(into.hash()));
+        let RefusedReason::UnknownObject(obj) = &refused[0].reason else {
+            panic!("{:?}", refused[0]);
+        };
+        assert_eq!(obj, &format!("2@{}", "01".repeat(16)));
+        assert!(
+            refused[0].to_string().contains("acts on object 2@"),
+            "{}",
+            refused[0]
+        );
+        assert_eq!(d.to_json(), json!({"v": 1, "m": 2}));
+        assert!(!d.has_change(&ChangeHash::from(into.hash())));
+    }
+
+    #[test]
+    fn a_change_naming_a_list_element_the_document_does_not_hold_is_refused_not_a_panic() {
+        let actor = |n: u8| ActorId::from(&[n; 16][..]);
+        // Actor 1 makes the list 1@01.., and inserts element 2@01.. or not.
+        let first = |element: bool| {
+            let mut x = Document::new(DocId::new("t").unwrap(), actor(1));
+            let mut o = vec![json!({"op":"put","path":["l"],"value":[]})];
+            if element {
+                o.push(json!({"op":"insert","path":["l",0],"value":"x"}));
+            }
+            x.apply_ops(&ops(json!(o))).unwrap().unwrap()
+        };
+        // Actor 2 overwrites element 2@01.., re-signed with no dependencies.
+        let mut y = Document::new(DocId::new("t").unwrap(), actor(2));
+        assert!(y.apply_changes(vec![first(true)]).unwrap().is_empty());
+        let over = y
+            .apply_ops(&ops(json!([{"op":"put","path":["l",0],"value":"y"}])))
+            .unwrap()
+            .unwrap();
+        let over = without_deps(&over);
+        let mut d = doc();
+        assert!(
+            d.apply_changes(vec![first(true), over.clone()])
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(d.to_json(), json!({"l": ["y"]}));
+        // On this empty list Automerge lets it pass; where the list holds elements it can
+        // panic (`batch.rs:146`, the input `fuzz/corpus/apply/regressions/
+        // op-on-missing-list-element`, replayed by the test command). Refused either way.
+        let mut d = doc();
+        let refused = d.apply_changes(vec![first(false), over.clone()]).unwrap();
+        let hex = |n: &str| format!("{n}@{}", "01".repeat(16));
+        assert_eq!(
+            refused,
+            vec![Refused {
+                hash: ChangeHash::from(over.hash()),
+                reason: RefusedReason::UnknownElement {
+                    object: hex("1"),
+                    element: hex("2"),
+                },
+            }]
+        );
+        assert!(
+            refused[0].to_string().contains("names element 2@"),
+            "{}",
+            refused[0]
+        );
+        assert_eq!(d.to_json(), json!({"l": []}));
+    }
+
+    #[test]
+    fn objects_made_earlier_in_the_same_batch_are_held() {
+        let mut a = doc();
+        let changes: Vec<_> = [
+            json!([{"op":"put","path":["m"],"value":{}}]),
+            json!([{"op":"put","path":["m","l"],"value":[]}]),
+            json!([{"op":"insert","path":["m","l",-1],"value":{"$text":"hi"}}]),
+            json!([{"op":"put","path":["m","l",0],"value":{"$text":"ho"}}]),
+        ]
+        .into_iter()
+        .map(|o| a.apply_ops(&ops(o)).unwrap().unwrap())
+        .collect();
+        // Large changes travel compressed: the check reads them as Automerge does.
+        let big = "x".repeat(4000);
+        let mut changes = changes;
+        changes.push(
+            a.apply_ops(&ops(
+                json!([{"op":"put","path":["m","big"],"value":{"$text":big}}]),
+            ))
+            .unwrap()
+            .unwrap(),
+        );
+        let mut last = changes.pop().unwrap();
+        let wire = last.bytes().into_owned();
+        assert_eq!(wire[8], 2, "a compressed chunk");
+        changes.push(automerge::Change::from_bytes(wire).unwrap());
+        let mut b = doc();
+        let mut reversed = changes;
+        reversed.reverse();
+        assert!(b.apply_changes(reversed).unwrap().is_empty());
+        assert_eq!(b.to_json(), a.to_json());
     }
 
     #[test]

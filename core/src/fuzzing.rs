@@ -372,6 +372,13 @@ pub fn change_body(chunk: &[u8]) -> Option<&[u8]> {
     chunk.get(9 + len_bytes..)
 }
 
+/// [`Document`]'s checked apply of remote changes (causal order, numbering, actors, objects,
+/// then Automerge), for benches that set it beside raw Automerge. Returns how many it refused.
+pub fn document_apply(d: &mut Document, changes: Vec<automerge::Change>) -> usize {
+    d.apply_changes(changes)
+        .map_or(usize::MAX, |refused| refused.len())
+}
+
 const APPLY_DOC: &str = "fuzz/apply";
 
 fn apply_actor(n: u8) -> automerge::ActorId {

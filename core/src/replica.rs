@@ -182,7 +182,7 @@ pub struct Status {
     pub rejected: u64,
     /// Remote changes this replica refused since it was opened: signed by their author but
     /// breaking the rules Automerge asserts (the author's sequence or operation numbering,
-    /// actors it may name: [`crate::document::Refused`]; a damaged or copied store, or a
+    /// actors and objects it may name: [`crate::document::Refused`]; a damaged or copied store, or a
     /// hostile author). Not applied, not stored; logged as warnings.
     pub refused: u64,
     /// Subscriptions that have caught up in this session.
