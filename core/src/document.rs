@@ -775,18 +775,48 @@ fn actor_seqs(doc: &Automerge) -> HashMap<ActorId, Last> {
     seqs
 }
 
-/// Checks that `c` acts only on objects that `doc` holds, that the changes before it in the
-/// batch create (`placed`, which Automerge indexes before it applies any operation of the
-/// batch), or that it creates itself, and records those it creates; and that each list
-/// element it is keyed by is an operation already numbered (`seqs`: of the document or the
-/// batch before it) or one it inserts into that list itself. Automerge assumes both and
-/// panics otherwise. (Whether an older operation is an element of that very list is not
-/// checked: Automerge's lookup of one, `get_cursor_position`, itself panics on an operation
-/// of another object, and its slow lookup costs the whole object.)
+type OpKey = (u64, ActorId);
+
+/// What the changes placed so far in a batch create (Automerge indexes all of it before it
+/// applies any operation of the batch), and what the document was asked.
+#[derive(Default)]
+struct Placed {
+    objects: HashSet<OpKey>,
+    /// (list or text, element) for each element inserted.
+    elements: HashSet<(OpKey, OpKey)>,
+    /// The document's heads, once asked for.
+    heads: Option<Vec<automerge::ChangeHash>>,
+    /// Elements asked of the document, and whether it holds them in that list.
+    asked: HashMap<(OpKey, OpKey), bool>,
+}
+
+impl Placed {
+    /// Whether `doc` holds `elem` in the list or text `obj`. Automerge's fast lookup
+    /// (`get_cursor_position` without heads) asserts when the operation is in another
+    /// object, so it is asked at its heads: the lookup that walks the object. Once per
+    /// element and batch.
+    fn doc_holds(&mut self, doc: &Automerge, obj: &OpKey, elem: &OpKey) -> bool {
+        let key = (obj.clone(), elem.clone());
+        if let Some(&held) = self.asked.get(&key) {
+            return held;
+        }
+        let heads = self.heads.get_or_insert_with(|| doc.get_heads());
+        let name = format!("{}@{}", elem.0, elem.1.to_hex_string());
+        let held = automerge::Cursor::try_from(name.as_str()).is_ok_and(|cursor| {
+            let obj = ObjId::Id(obj.0, obj.1.clone(), usize::MAX);
+            doc.get_cursor_position(obj, &cursor, Some(heads)).is_ok()
+        });
+        self.asked.insert(key, held);
+        held
+    }
+}
+
+/// Checks that `c` acts only on objects and list elements that `doc` holds, that the
+/// changes before it in the batch create (`placed`), or that it creates itself, and records
+/// what it creates. Automerge assumes all of it and panics otherwise.
 fn place_objects(
     doc: &Automerge,
-    seqs: &HashMap<ActorId, Last>,
-    placed: &mut HashSet<(u64, ActorId)>,
+    placed: &mut Placed,
     c: &automerge::Change,
 ) -> std::result::Result<(), RefusedReason> {
     let found = objects::read(c).map_err(RefusedReason::Malformed)?;
@@ -798,13 +828,13 @@ fn place_objects(
         .ok_or_else(|| RefusedReason::Malformed(format!("an operation names actor {index}")))
     };
     let id = |(ctr, index): (u64, usize)| actor(index).map(|a| (ctr, a.clone()));
-    let name = |(ctr, a): &(u64, ActorId)| format!("{ctr}@{}", a.to_hex_string());
+    let name = |(ctr, a): &OpKey| format!("{ctr}@{}", a.to_hex_string());
     for &obj in &found.touched {
         if obj.1 == 0 && found.made.contains(&obj.0) {
             continue;
         }
         let obj = id(obj)?;
-        let held = placed.contains(&obj)
+        let held = placed.objects.contains(&obj)
             || doc
                 .object_type(ObjId::Id(obj.0, obj.1.clone(), usize::MAX))
                 .is_ok();
@@ -817,7 +847,8 @@ fn place_objects(
             continue;
         }
         let (obj, elem) = (id(obj)?, id(elem)?);
-        let held = seqs.get(&elem.1).is_some_and(|last| elem.0 <= last.max_op);
+        let held = placed.elements.contains(&(obj.clone(), elem.clone()))
+            || (!placed.objects.contains(&obj) && placed.doc_holds(doc, &obj, &elem));
         if !held {
             return Err(RefusedReason::UnknownElement {
                 object: name(&obj),
@@ -825,7 +856,13 @@ fn place_objects(
             });
         }
     }
-    placed.extend(found.made.iter().map(|&ctr| (ctr, c.actor_id().clone())));
+    let author = c.actor_id();
+    placed
+        .objects
+        .extend(found.made.iter().map(|&ctr| (ctr, author.clone())));
+    for (obj, ctr) in found.inserted {
+        placed.elements.insert((id(obj)?, (ctr, author.clone())));
+    }
     Ok(())
 }
 
@@ -873,7 +910,7 @@ fn causal_order(
         .collect();
     let mut ready = Vec::new();
     let mut refused = Vec::new();
-    let mut placed = HashSet::new();
+    let mut placed = Placed::default();
     while let Some(i) = queue.pop_front() {
         let Some(c) = slots[i].take() else { continue };
         let last = seqs.get(c.actor_id()).copied().unwrap_or_default();
@@ -890,7 +927,7 @@ fn causal_order(
         } else if let Some(a) = c.other_actor_ids().iter().find(|a| !seqs.contains_key(*a)) {
             Some(RefusedReason::UnknownActor(a.to_hex_string()))
         } else {
-            place_objects(doc, seqs, &mut placed, &c).err()
+            place_objects(doc, &mut placed, &c).err()
         };
         if let Some(reason) = broken {
             refused.push(Refused {
