@@ -502,11 +502,16 @@ fn floods_and_a_peer_that_never_reads_leave_good_edges_syncing() {
         "write-to-visible p50: unloaded {unloaded:.1} ms, under attack {loaded:.1} ms \
          ({floods} subscription floods)"
     );
-    // Within 2x of the unloaded median, with 25 ms of slack: the attacker runs on the same
-    // 2 cores as the hub and the edges.
+    // The good edges are not starved: their median stays within a small multiple of the
+    // unloaded one. The bound is loose on purpose (10x plus 250 ms): the attacker, the hub,
+    // the edges and the suite's other tests share 2 cores, and a run next to other tests
+    // measured 100.9 ms against 7.2 ms unloaded (alone: 5 to 26 ms). Starvation (a slow
+    // reader or a flood holding the hub) shows as seconds; the ratio itself belongs to the
+    // benchmarks, not to a timed test.
     assert!(
-        loaded <= 2.0 * unloaded + 25.0,
-        "latency under attack {loaded:.1} ms, unloaded {unloaded:.1} ms"
+        loaded <= 10.0 * unloaded + 250.0,
+        "latency under attack {loaded:.1} ms, unloaded {unloaded:.1} ms: the attack starves \
+         good edges"
     );
     // A new edge can still connect once the idle connections are gone.
     let late = hub.follower(&dir.path().join("late"));
