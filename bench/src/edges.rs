@@ -2,7 +2,7 @@
 //! to through its HTTP API (`POST /v1/docs/{id}/changes`) and watched through its event
 //! stream (`GET /v1/docs/{id}/events`, server-sent events), as an app on the gateway would.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
@@ -13,30 +13,8 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 
 use crate::fleet::now_us;
-use crate::procs::{Bins, Hub, Proc};
+use crate::procs::{Bins, Hub, Proc, request};
 use crate::workloads::{Fanout, Latency};
-
-/// One HTTP/1.1 request with the connection closed after; returns (status, body).
-fn request(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("no HTTP status")?;
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
-    Ok((status, body.unwrap_or_default()))
-}
 
 struct Edge {
     _proc: Proc,

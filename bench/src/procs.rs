@@ -1,7 +1,8 @@
 //! The real processes a run drives: `syncline-hub` and `syncline-edge` from the binary
 //! directory, on 127.0.0.1 with free ports and temp dirs, ended by PID when dropped.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -102,6 +103,30 @@ pub struct Hub {
     pub data: PathBuf,
     pub addr: String,
     pub fingerprint: String,
+    /// Its metrics HTTP address.
+    pub metrics: String,
+}
+
+/// One HTTP/1.1 request with the connection closed after; returns (status, body).
+pub fn request(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no HTTP status")?;
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+    Ok((status, body.unwrap_or_default()))
 }
 
 impl Hub {
@@ -140,12 +165,27 @@ impl Hub {
         let (Some(addr), Some(fp)) = (words.get(2), words.get(4)) else {
             bail!("unexpected hub output: {line}");
         };
+        let (addr, fingerprint) = (addr.to_string(), fp.to_string());
+        let line = proc.line_starting("metrics on ", Duration::from_secs(30))?;
+        let metrics = line.trim_start_matches("metrics on ").trim().to_string();
         Ok(Hub {
-            addr: addr.to_string(),
-            fingerprint: fp.to_string(),
+            addr,
+            fingerprint,
+            metrics,
             data: data.to_path_buf(),
             proc,
         })
+    }
+
+    /// The value of one metric without labels, from the hub's `/metrics`.
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        let (status, body) = request(&self.metrics, "GET", "/metrics", None)?;
+        if status != 200 {
+            bail!("GET /metrics answered {status}");
+        }
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .with_context(|| format!("no metric {name} in /metrics"))
     }
 }
 

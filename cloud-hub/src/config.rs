@@ -40,6 +40,8 @@ pub struct FileConfig {
     /// Retention of rolling buckets, one `[[retention]]` table per prefix.
     #[serde(default)]
     pub retention: Vec<RetentionConfig>,
+    /// Compact a document once it gained this many changes (0: never).
+    pub compact_after: Option<u64>,
 }
 
 /// One `[[retention]]` table of the hub's config file: the rolling buckets under `prefix`
@@ -77,7 +79,7 @@ impl FileConfig {
         let mut cfg: FileConfig = toml::from_str(&text).map_err(|e| {
             usage(format!(
                 "the config file {} is not valid: {e}\nknown keys: listen, metrics, ws, \
-                 ws_tls, max_connections, data, cert, key, log, store, [[retention]]",
+                 ws_tls, max_connections, data, cert, key, log, store, compact_after, [[retention]]",
                 path.display()
             ))
         })?;
@@ -158,6 +160,9 @@ pub struct Settings {
     pub max_connections: usize,
     /// Retention of rolling buckets (config file only).
     pub retention: Vec<syncline_core::rolling::Retention>,
+    /// Compaction: after how many new changes a document is snapshotted (`None`: never;
+    /// config file only).
+    pub compact_after: Option<u64>,
 }
 
 /// Where a hub's store is.
@@ -242,8 +247,14 @@ pub fn resolve(over: Overrides, file: FileConfig) -> anyhow::Result<Settings> {
         .iter()
         .map(RetentionConfig::to_rule)
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let compact_after = match file.compact_after {
+        Some(0) => None,
+        Some(n) => Some(n),
+        None => Some(syncline_core::hub::COMPACT_AFTER),
+    };
     Ok(Settings {
         retention,
+        compact_after,
         listen,
         metrics,
         ws,

@@ -143,6 +143,18 @@ pub fn render(s: &Snapshot) -> String {
         &one(m.expired_changes),
     );
     family(
+        "syncline_hub_snapshots_built_total",
+        "counter",
+        "Documents compacted into a snapshot.",
+        &one(m.snapshots_built),
+    );
+    family(
+        "syncline_hub_snapshots_sent_total",
+        "counter",
+        "Snapshots sent to replicas far behind, in place of the changes they cover.",
+        &one(m.snapshots_sent),
+    );
+    family(
         "syncline_hub_log_changes",
         "gauge",
         "Changes held in the hub's log.",

@@ -19,8 +19,8 @@ use syncline_core::change::{SignedChange, VerifiedChange};
 use syncline_core::hub::Grant;
 use syncline_core::store::backup;
 use syncline_core::store::{
-    Appended, DocHeads, Dropped, HubStore, LogBatch, LogEntry, PeerState, actor_key,
-    complete_heads, uncovered_positions,
+    Appended, DocHeads, Dropped, HubSnapshot, HubStore, LogBatch, LogEntry, PeerState,
+    SnapshotMeta, actor_key, complete_heads, snapshot_epoch, stored_snapshot, uncovered_positions,
 };
 use syncline_core::wire::Target;
 use syncline_core::{ChangeHash, Cursor, DocId, DocPrefix, Epoch, Error, PeerId, Result};
@@ -64,6 +64,15 @@ const MIGRATIONS: &[&str] = &[
          recv_cursor BIGINT NOT NULL,
          push_epoch BYTEA NOT NULL,
          pushed BIGINT NOT NULL
+     );",
+    // Version 2: compacted documents (the SQLite store's version 5).
+    "CREATE TABLE snapshots (
+         doc TEXT PRIMARY KEY,
+         epoch BYTEA NOT NULL,
+         upto BIGINT NOT NULL,
+         changes BIGINT NOT NULL,
+         data BYTEA NOT NULL,
+         heads BYTEA NOT NULL
      );",
 ];
 
@@ -791,11 +800,91 @@ impl HubStore for PgHubStore {
             tx.execute("DELETE FROM docs WHERE doc = $1", &[&doc.as_str()])
                 .map_err(db_error(WHAT))?;
         }
+        // A snapshot would still hold the dropped changes.
+        tx.execute("DELETE FROM snapshots WHERE doc = $1", &[&doc.as_str()])
+            .map_err(db_error(WHAT))?;
         tx.commit().map_err(db_error(WHAT))?;
         Ok(Dropped {
             changes,
             gone: !left,
         })
+    }
+
+    fn put_snapshot(&mut self, doc: &DocId, snap: &HubSnapshot) -> Result<()> {
+        self.live()?;
+        self.client
+            .execute(
+                "INSERT INTO snapshots (doc, epoch, upto, changes, data, heads)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (doc) DO UPDATE SET epoch = excluded.epoch, upto = excluded.upto,
+                   changes = excluded.changes, data = excluded.data, heads = excluded.heads",
+                &[
+                    &doc.as_str(),
+                    &&snap.epoch.0[..],
+                    &(snap.upto.0 as i64),
+                    &(snap.changes as i64),
+                    &snap.snapshot.data,
+                    &syncline_core::snapshot::encode_heads(&snap.snapshot.signed),
+                ],
+            )
+            .map_err(db_error("storing a snapshot"))?;
+        Ok(())
+    }
+
+    fn snapshot(&mut self, doc: &DocId) -> Result<Option<HubSnapshot>> {
+        self.live()?;
+        let row = self
+            .client
+            .query_opt(
+                "SELECT epoch, upto, changes, data, heads FROM snapshots WHERE doc = $1",
+                &[&doc.as_str()],
+            )
+            .map_err(db_error("reading a snapshot"))?;
+        row.map(|r| {
+            stored_snapshot(
+                doc,
+                &col::<Vec<u8>>(&r, 0)?,
+                col(&r, 1)?,
+                col(&r, 2)?,
+                col(&r, 3)?,
+                &col::<Vec<u8>>(&r, 4)?,
+            )
+        })
+        .transpose()
+    }
+
+    fn snapshot_meta(&mut self, doc: &DocId) -> Result<Option<SnapshotMeta>> {
+        self.live()?;
+        let row = self
+            .client
+            .query_opt(
+                "SELECT epoch, upto, changes, length(data)::BIGINT FROM snapshots WHERE doc = $1",
+                &[&doc.as_str()],
+            )
+            .map_err(db_error("reading a snapshot"))?;
+        row.map(|r| {
+            Ok(SnapshotMeta {
+                epoch: snapshot_epoch(doc, &col::<Vec<u8>>(&r, 0)?)?,
+                upto: Cursor(col::<i64>(&r, 1)?.max(0) as u64),
+                changes: col::<i64>(&r, 2)?.max(0) as u64,
+                bytes: col::<i64>(&r, 3)?.max(0) as u64,
+            })
+        })
+        .transpose()
+    }
+
+    fn count_changes(&mut self, doc: &DocId, after: Cursor, upto: Cursor) -> Result<u64> {
+        self.live()?;
+        let n: i64 = self
+            .client
+            .query_one(
+                "SELECT count(*) FROM log WHERE doc = $1 AND seq > $2 AND seq <= $3",
+                &[&doc.as_str(), &(after.0 as i64), &(upto.0 as i64)],
+            )
+            .map_err(db_error("counting changes"))?
+            .try_get(0)
+            .map_err(bad_column)?;
+        Ok(n.max(0) as u64)
     }
 }
 

@@ -75,6 +75,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         tracing::info!(prefix = %r.prefix(), max_age_secs = r.max_age_secs(), "retention of rolling buckets");
     }
     hub.set_retention(settings.retention.clone());
+    hub.set_compaction(settings.compact_after);
     if shared {
         // Other instances write to the same log: relay what they commit.
         hub.share_store().context("reading the log end")?;
@@ -179,6 +180,7 @@ async fn serve(
     let mut poller = tokio::spawn(poll_grants(handle.clone(), grants_version));
     let mut tail = shared.then(|| tokio::spawn(tail_store(handle.clone())));
     let sweeper = retains.then(|| tokio::spawn(expire_buckets(handle.clone())));
+    let compactor = tokio::spawn(compact_docs(handle.clone()));
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut metrics_task = None;
     let mut out = std::io::stdout().lock();
@@ -279,6 +281,8 @@ async fn serve(
         t.abort();
         let _ = t.await;
     }
+    compactor.abort();
+    let _ = compactor.await;
     if let Some(t) = tail {
         t.abort();
         let _ = t.await;
@@ -401,6 +405,39 @@ async fn expire_buckets(handle: Handle) {
             Ok(Err(e)) => {
                 if !failing {
                     tracing::warn!(error = %e, "dropping expired buckets failed; retrying");
+                }
+                failing = true;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Changes read into a snapshot per compaction step: about 15 ms of the hub thread.
+const COMPACT_BUDGET: usize = 512;
+/// How often compaction looks for a document due.
+const COMPACT_TICK: Duration = Duration::from_millis(500);
+/// The pause between two steps of a snapshot being built: compaction takes at most about
+/// half of the hub thread, and pushes queued meanwhile go first.
+const COMPACT_GAP: Duration = Duration::from_millis(15);
+
+/// Compacts documents in bounded steps (see `Hub::compact`), until the hub thread stops.
+async fn compact_docs(handle: Handle) {
+    let mut failing = false;
+    let mut next = COMPACT_TICK;
+    loop {
+        tokio::time::sleep(next).await;
+        next = COMPACT_TICK;
+        match handle.call(|hub| hub.compact(COMPACT_BUDGET)).await {
+            Ok(Ok(done)) => {
+                failing = false;
+                if done.more {
+                    next = COMPACT_GAP;
+                }
+            }
+            Ok(Err(e)) => {
+                if !failing {
+                    tracing::warn!(error = %e, "compacting a document failed; retrying");
                 }
                 failing = true;
             }

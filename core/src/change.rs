@@ -245,6 +245,41 @@ fn verify_batch_of(
         .collect())
 }
 
+/// Verifies signatures of change hashes for `doc` by the given authors (one batch): a
+/// snapshot's signed heads, whose changes the caller holds already parsed.
+pub(crate) fn verify_signed_hashes(
+    doc: &DocId,
+    heads: &[(ChangeHash, PeerId, [u8; 64])],
+) -> Result<(), ChangeError> {
+    let mut keys = Vec::with_capacity(heads.len());
+    for (hash, author, _) in heads {
+        keys.push(
+            author
+                .verifying_key()
+                .ok_or(ChangeError::ActorNotBound { hash: *hash })?,
+        );
+    }
+    let messages: Vec<Vec<u8>> = heads
+        .iter()
+        .map(|(hash, _, _)| signing_message(doc, hash))
+        .collect();
+    let signatures: Vec<ed25519_dalek::Signature> = heads
+        .iter()
+        .map(|(_, _, s)| ed25519_dalek::Signature::from_bytes(s))
+        .collect();
+    // One at a time: `verify_strict` refuses the weak keys and non-canonical signatures that
+    // batch verification lets through, and a snapshot has one head per actor.
+    for (i, key) in keys.iter().enumerate() {
+        if key.verify_strict(&messages[i], &signatures[i]).is_err() {
+            return Err(ChangeError::BadSignature {
+                doc: doc.clone(),
+                hash: heads[i].0,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// [`verify_batch`] split over up to `threads` threads (scoped, joined before this returns).
 /// Each thread verifies a contiguous part as one batch; the result (or the first bad change,
 /// in input order) is the same as [`verify_batch`]'s. Batches under 128 changes, one thread,

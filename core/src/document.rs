@@ -275,6 +275,32 @@ impl Document {
         Ok(change)
     }
 
+    /// Takes `loaded` (a verified snapshot's document) as this document's base. The changes
+    /// this document holds that `loaded` lacks (unacknowledged writes, changes from
+    /// elsewhere), and those waiting here, are applied on top of it, checked; returns those
+    /// refused there.
+    pub(crate) fn rebase_on(&mut self, mut loaded: Automerge) -> Result<Vec<Refused>> {
+        let holds_all = self
+            .doc
+            .get_heads()
+            .iter()
+            .all(|h| loaded.get_change_meta_by_hash(h).is_some());
+        let mut changes: Vec<automerge::Change> = if holds_all {
+            Vec::new()
+        } else {
+            self.doc
+                .get_changes(&[])
+                .into_iter()
+                .filter(|c| loaded.get_change_meta_by_hash(&c.hash()).is_none())
+                .collect()
+        };
+        changes.append(&mut self.waiting);
+        loaded.set_actor(self.doc.get_actor().clone());
+        self.doc = loaded;
+        self.seqs = None;
+        self.apply_changes(changes)
+    }
+
     /// Applies remote changes (already verified) in one batch, in causal order. Changes whose
     /// dependencies are missing wait here until they arrive; changes whose actor's numbering
     /// they break are not applied and are returned (see [`Refused`]).

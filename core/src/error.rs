@@ -52,6 +52,15 @@ pub enum ChangeError {
         /// The change.
         hash: ChangeHash,
     },
+    /// A change in a snapshot is in the history of no signed change of its actor, so no
+    /// signature of its author covers it.
+    #[error("change {hash} in a snapshot of {doc} is covered by no signature of its author")]
+    NotCovered {
+        /// The document.
+        doc: DocId,
+        /// The change.
+        hash: ChangeHash,
+    },
 }
 
 /// Why bytes from the wire could not be read as a message.

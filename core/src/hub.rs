@@ -21,10 +21,10 @@ use crate::identity::Identity;
 use crate::ids::{ChangeHash, Cursor, DocId, Epoch, PeerId};
 use crate::protocol::Handshake;
 use crate::rolling::Retention;
-use crate::store::{Appended, HubStore};
+use crate::store::{Appended, HubSnapshot, HubStore};
 use crate::wire::{
-    self, Ack, CaughtUp, Changes, ErrorCode, ErrorMessage, Heads, Message, Reconciled, Reject,
-    Role, Target,
+    self, Ack, CaughtUp, Changes, ErrorCode, ErrorMessage, Heads, MAX_SNAPSHOT_BYTES,
+    MAX_SNAPSHOT_HEADS, Message, Reconciled, Reject, Role, SnapshotMessage, Target,
 };
 
 /// Identifies a connection to the hub.
@@ -153,6 +153,10 @@ pub struct HubMetrics {
     pub expired_docs: u64,
     /// Changes dropped by retention.
     pub expired_changes: u64,
+    /// Snapshots built by compaction ([`Hub::compact`]).
+    pub snapshots_built: u64,
+    /// Snapshots sent to replicas in place of changes.
+    pub snapshots_sent: u64,
 }
 
 /// A fixed-bucket histogram (Prometheus' cumulative buckets are computed when exported).
@@ -243,6 +247,9 @@ struct HubSession {
     failed: bool,
     /// Set when this hub opened the session to a peer hub (it acts as a replica there).
     link: Option<Box<PeerLink>>,
+    /// Documents sent as a snapshot in this session, with the position each covers: their
+    /// changes up to it are not sent again.
+    covered: HashMap<DocId, Cursor>,
 }
 
 /// This hub's side of a session it opened to a peer hub: it follows the peer's whole log and
@@ -315,6 +322,49 @@ pub struct Hub<S, P> {
     /// The time of the last [`Hub::expire`] (seconds since the Unix epoch); 0 before the
     /// first, when nothing counts as expired.
     retention_now: u64,
+    /// Compaction: a document is snapshotted once it gained this many changes (`None`: off).
+    compact_after: Option<u64>,
+    /// Changes committed per document since its last snapshot (counted from this start).
+    since_snapshot: HashMap<DocId, u64>,
+    /// The snapshot being built, a bounded step per [`Hub::compact`] call.
+    building: Option<Building>,
+}
+
+/// Compaction's default: snapshot a document once it gained this many changes.
+pub const COMPACT_AFTER: u64 = 1_000;
+
+/// At most this many documents are sent as snapshots in one session.
+const MAX_SNAPSHOTS_PER_SESSION: usize = 1_024;
+
+/// A document with at least this many changes in one catch-up read is considered for a
+/// snapshot.
+const SNAPSHOT_MIN_RUN: usize = 128;
+
+/// Wire bytes of a small change in a `Changes` message (bytes, signature, framing), to weigh a
+/// snapshot against the changes it replaces.
+const CHANGE_WIRE_BYTES: u64 = 200;
+
+/// A snapshot under construction ([`Hub::compact`]).
+struct Building {
+    doc: DocId,
+    document: crate::document::Document,
+    /// Log position read up to.
+    at: Cursor,
+    /// Per actor, the highest numbered change read: (seq, hash, signature).
+    newest: HashMap<Vec<u8>, (u64, ChangeHash, [u8; 64])>,
+    /// Changes read that the document does not hold yet (waiting for dependencies).
+    waiting: HashMap<ChangeHash, Cursor>,
+}
+
+/// What one [`Hub::compact`] call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Compacted {
+    /// Changes read into the snapshot being built.
+    pub changes: u64,
+    /// Whether a snapshot was stored.
+    pub stored: bool,
+    /// Whether work is left (a snapshot half built, or more documents due).
+    pub more: bool,
 }
 
 /// What one [`Hub::expire`] call dropped.
@@ -356,7 +406,164 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             shared: None,
             retention: Vec::new(),
             retention_now: 0,
+            compact_after: Some(COMPACT_AFTER),
+            since_snapshot: HashMap::new(),
+            building: None,
         }
+    }
+
+    /// Sets after how many new changes a document is compacted (`None`: never; then no
+    /// snapshot is built, and those already stored are still served).
+    pub fn set_compaction(&mut self, after: Option<u64>) {
+        self.compact_after = after.map(|n| n.max(1));
+        if self.compact_after.is_none() {
+            self.building = None;
+        }
+    }
+
+    /// Compaction, one bounded step: builds the snapshot of the document that gained the
+    /// most changes since its last one (at least [`Hub::set_compaction`]'s number), reading up
+    /// to `budget` of its changes per call into a document (checked as a replica checks
+    /// them), and stores it once the log is read. Snapshots are served to replicas that are
+    /// far behind, in place of the changes they cover ([`crate::snapshot`]). The hub's hot
+    /// path never waits for this: call it when the hub is idle.
+    pub fn compact(&mut self, budget: usize) -> Result<Compacted> {
+        let mut done = Compacted::default();
+        if self.building.is_none() && !self.start_building()? {
+            return Ok(done);
+        }
+        let Some(b) = self.building.as_mut() else {
+            return Ok(done);
+        };
+        let batch = self
+            .store
+            .read_log(&Target::Doc(b.doc.clone()), b.at, budget.max(1))?;
+        let mut changes = Vec::with_capacity(batch.entries.len());
+        for e in batch.entries {
+            let Ok(c) = automerge::Change::try_from(&e.change.bytes[..]) else {
+                tracing::warn!(doc = %b.doc, cursor = e.cursor.0, "a stored change does not parse; left out of the snapshot");
+                continue;
+            };
+            let hash = ChangeHash::from(c.hash());
+            let slot = b.newest.entry(c.actor_id().to_bytes().to_vec()).or_insert((
+                0,
+                hash,
+                e.change.signature,
+            ));
+            if c.seq() > slot.0 {
+                *slot = (c.seq(), hash, e.change.signature);
+            }
+            b.waiting.insert(hash, e.cursor);
+            changes.push(c);
+        }
+        done.changes = changes.len() as u64;
+        for r in b.document.apply_changes(changes)? {
+            b.waiting.remove(&r.hash);
+        }
+        let document = &b.document;
+        b.waiting.retain(|h, _| !document.has_change(h));
+        b.at = batch.next;
+        if !batch.at_end {
+            done.more = true;
+            return Ok(done);
+        }
+        let Some(b) = self.building.take() else {
+            return Ok(done);
+        };
+        // Everything up to `upto` is in the snapshot or refused; a waiting change is not.
+        let upto = b
+            .waiting
+            .values()
+            .min()
+            .map_or(b.at, |c| Cursor(c.0.saturating_sub(1)));
+        let by_hash: HashMap<ChangeHash, [u8; 64]> =
+            b.newest.values().map(|(_, h, s)| (*h, *s)).collect();
+        let am = b.document.automerge();
+        match crate::snapshot::make(am, |h| by_hash.get(h).copied()) {
+            Ok(snapshot) => {
+                let snap = HubSnapshot {
+                    epoch: self.store.epoch(),
+                    upto,
+                    changes: am.get_changes_meta(&[]).len() as u64,
+                    snapshot,
+                };
+                self.store.put_snapshot(&b.doc, &snap)?;
+                self.metrics.snapshots_built += 1;
+                done.stored = true;
+                tracing::debug!(doc = %b.doc, changes = snap.changes, bytes = snap.snapshot.data.len(), "document compacted");
+            }
+            Err(e) => tracing::debug!(doc = %b.doc, "no snapshot: {e}"),
+        }
+        done.more = self.due().is_some();
+        Ok(done)
+    }
+
+    /// Counts changes committed to `doc` towards its next snapshot. The count is kept for
+    /// at most 65,536 documents: past that, those far from due are forgotten.
+    fn count_for_compaction(&mut self, doc: &DocId, n: u64) {
+        let Some(after) = self.compact_after else {
+            return;
+        };
+        if let Some(c) = self.since_snapshot.get_mut(doc) {
+            *c += n;
+            return;
+        }
+        if self.since_snapshot.len() >= 65_536 {
+            self.since_snapshot.retain(|_, c| *c >= after / 4);
+            if self.since_snapshot.len() >= 65_536 {
+                return;
+            }
+        }
+        self.since_snapshot.insert(doc.clone(), n);
+    }
+
+    /// The document most due for compaction.
+    fn due(&self) -> Option<DocId> {
+        let after = self.compact_after?;
+        self.since_snapshot
+            .iter()
+            .filter(|(_, n)| **n >= after)
+            .max_by_key(|(_, n)| **n)
+            .map(|(d, _)| d.clone())
+    }
+
+    /// Starts building the snapshot of the document most due, from its stored snapshot if
+    /// one of this log is there; `false` if none is due.
+    fn start_building(&mut self) -> Result<bool> {
+        let Some(doc) = self.due() else {
+            return Ok(false);
+        };
+        self.since_snapshot.remove(&doc);
+        let actor = automerge::ActorId::random();
+        let mut newest = HashMap::new();
+        let (document, at) = match self.store.snapshot(&doc)? {
+            Some(s) if s.epoch == self.store.epoch() => {
+                let d = crate::document::Document::load(
+                    doc.clone(),
+                    actor,
+                    Some(&s.snapshot.data),
+                    Vec::new(),
+                )?;
+                for h in &s.snapshot.signed {
+                    if let Some(m) = d.automerge().get_change_meta_by_hash(&h.hash.into()) {
+                        newest.insert(m.actor.to_bytes().to_vec(), (m.seq, h.hash, h.signature));
+                    }
+                }
+                (d, s.upto)
+            }
+            _ => (
+                crate::document::Document::new(doc.clone(), actor),
+                Cursor(0),
+            ),
+        };
+        self.building = Some(Building {
+            doc,
+            document,
+            at,
+            newest,
+            waiting: HashMap::new(),
+        });
+        Ok(true)
     }
 
     /// Sets the retention of rolling buckets (it applies from the next [`Hub::expire`]).
@@ -646,7 +853,13 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             Role::Hub => Role::Replica,
             Role::Replica => Role::Hub,
         };
+        // A hub following a peer hub's log (a link) takes changes, never snapshots.
+        let max_version = match role {
+            Role::Replica => 1,
+            Role::Hub => crate::wire::PROTOCOL_VERSION,
+        };
         let (handshake, hello) = Handshake::start(
+            max_version,
             self.identity.clone(),
             role,
             other,
@@ -663,6 +876,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             reconciles: VecDeque::new(),
             failed: false,
             link,
+            covered: HashMap::new(),
         };
         self.sessions.insert(id, session);
         self.ready.insert(id);
@@ -1055,6 +1269,9 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 }
             }
             self.metrics.changes_stored += fresh.len() as u64;
+            if let (Some(doc), false) = (&doc, fresh.is_empty()) {
+                self.count_for_compaction(doc, fresh.len() as u64);
+            }
             let reply = match (reply, conflict, &doc) {
                 (Reply::Ack(push_id), Some((hash, existing, seq)), Some(doc)) => {
                     if let Some(s) = self.sessions.get_mut(&session) {
@@ -1336,9 +1553,83 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         }
     }
 
+    /// Snapshots to send in place of runs of one catch-up read, to a session that takes them
+    /// (version 2): for a document with many changes in the read whose stored snapshot (of
+    /// this log) covers positions the replica lacks, when the snapshot is smaller than half
+    /// the changes it replaces would be. The session then skips those changes.
+    fn snapshots_for(
+        &mut self,
+        id: SessionId,
+        peer: &PeerId,
+        from: Cursor,
+        entries: &[crate::store::LogEntry],
+        epoch: Epoch,
+    ) -> Result<Vec<Message>> {
+        let Some(s) = self.sessions.get(&id) else {
+            return Ok(Vec::new());
+        };
+        if s.handshake.version().unwrap_or(1) < 2 || s.covered.len() >= MAX_SNAPSHOTS_PER_SESSION {
+            return Ok(Vec::new());
+        }
+        let mut runs: HashMap<&DocId, usize> = HashMap::new();
+        for e in entries {
+            if !s.covered.contains_key(&e.doc) {
+                *runs.entry(&e.doc).or_default() += 1;
+            }
+        }
+        let mut candidates: Vec<DocId> = runs
+            .into_iter()
+            .filter(|(d, n)| *n >= SNAPSHOT_MIN_RUN && self.policy.may_read(peer, d))
+            .map(|(d, _)| d.clone())
+            .collect();
+        candidates.sort();
+        let mut out = Vec::new();
+        for doc in candidates {
+            let Some(meta) = self.store.snapshot_meta(&doc)? else {
+                continue;
+            };
+            if meta.epoch != epoch || meta.upto <= from || meta.bytes > MAX_SNAPSHOT_BYTES as u64 {
+                continue;
+            }
+            let behind = self.store.count_changes(&doc, from, meta.upto)?;
+            if behind.saturating_mul(CHANGE_WIRE_BYTES) < meta.bytes.saturating_mul(2) {
+                continue;
+            }
+            let Some(snap) = self.store.snapshot(&doc)? else {
+                continue;
+            };
+            if snap.epoch != epoch || snap.snapshot.signed.len() > MAX_SNAPSHOT_HEADS {
+                continue;
+            }
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.covered.insert(doc.clone(), snap.upto);
+            }
+            self.metrics.snapshots_sent += 1;
+            out.push(Message::Snapshot(SnapshotMessage {
+                doc,
+                snapshot: snap.snapshot,
+            }));
+        }
+        Ok(out)
+    }
+
     /// The next message for a session: queued ones first, then catch-up and repair work read
     /// from the store. Poll it while the connection can take more.
     pub fn poll_transmit(&mut self, id: SessionId) -> Result<Option<Message>> {
+        // A step can yield nothing while work is left (a read whose changes were all skipped:
+        // unreadable documents, or covered by a snapshot sent): take a few more.
+        for _ in 0..64 {
+            if let Some(m) = self.poll_step(id)? {
+                return Ok(Some(m));
+            }
+            if self.is_idle(id) {
+                break;
+            }
+        }
+        Ok(None)
+    }
+
+    fn poll_step(&mut self, id: SessionId) -> Result<Option<Message>> {
         let Some(s) = self.sessions.get_mut(&id) else {
             return Ok(None);
         };
@@ -1421,11 +1712,18 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             SubState::CatchUp { from } => {
                 let batch = self.store.read_log(&target, from, CATCH_UP_BATCH)?;
                 let epoch = self.store.epoch();
-                let mut out: Vec<Message> = Vec::new();
+                let mut out = self.snapshots_for(id, &peer, from, &batch.entries, epoch)?;
+                let covered = self
+                    .sessions
+                    .get(&id)
+                    .map(|s| s.covered.clone())
+                    .unwrap_or_default();
                 let mut group: Option<(DocId, Vec<SignedChange>, Cursor, usize)> = None;
                 let mut sent = 0u64;
                 for e in batch.entries {
-                    if !self.policy.may_read(&peer, &e.doc) {
+                    if !self.policy.may_read(&peer, &e.doc)
+                        || covered.get(&e.doc).is_some_and(|upto| e.cursor <= *upto)
+                    {
                         continue;
                     }
                     sent += 1;

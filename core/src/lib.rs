@@ -86,6 +86,7 @@ pub mod ops;
 pub mod protocol;
 pub mod replica;
 pub mod rolling;
+pub mod snapshot;
 pub mod store;
 
 pub mod wire;

@@ -52,11 +52,15 @@ pub(crate) struct Handshake {
     binding: [u8; 32],
     their: Option<(Hello, u16)>,
     peer: Option<PeerId>,
+    max_version: u16,
 }
 
 impl Handshake {
-    /// Starts a handshake; the returned Hello goes out first.
+    /// Starts a handshake offering versions up to `max_version`; the returned Hello goes out
+    /// first.
+    #[allow(clippy::too_many_arguments)] // Each part of the Hello is named at the call.
     pub(crate) fn start(
+        max_version: u16,
         identity: Identity,
         role: Role,
         expected_role: Role,
@@ -67,7 +71,7 @@ impl Handshake {
     ) -> (Self, Message) {
         let hello = Hello {
             min_version: MIN_PROTOCOL_VERSION,
-            max_version: PROTOCOL_VERSION,
+            max_version: max_version.clamp(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
             role,
             peer: identity.peer_id(),
             nonce,
@@ -83,9 +87,15 @@ impl Handshake {
                 binding,
                 their: None,
                 peer: None,
+                max_version: max_version.clamp(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
             },
             Message::Hello(hello),
         )
+    }
+
+    /// The version agreed on, once the peer's Hello is in.
+    pub(crate) fn version(&self) -> Option<u16> {
+        self.their.as_ref().map(|(_, v)| *v)
     }
 
     /// The epoch the peer announced in its Hello.
@@ -101,11 +111,11 @@ impl Handshake {
                 state: "after the handshake started",
             });
         }
-        let version = PROTOCOL_VERSION.min(hello.max_version);
+        let version = self.max_version.min(hello.max_version);
         if version < MIN_PROTOCOL_VERSION.max(hello.min_version) {
             return Err(ProtocolError::VersionMismatch {
                 ours_min: MIN_PROTOCOL_VERSION,
-                ours_max: PROTOCOL_VERSION,
+                ours_max: self.max_version,
                 theirs_min: hello.min_version,
                 theirs_max: hello.max_version,
             });
@@ -186,6 +196,7 @@ mod tests {
 
     fn pair() -> (Handshake, Message, Handshake, Message) {
         let (a, ha) = Handshake::start(
+            PROTOCOL_VERSION,
             Identity::generate(),
             Role::Replica,
             Role::Hub,
@@ -195,6 +206,7 @@ mod tests {
             [0; 32],
         );
         let (b, hb) = Handshake::start(
+            PROTOCOL_VERSION,
             Identity::generate(),
             Role::Hub,
             Role::Replica,
@@ -252,6 +264,7 @@ mod tests {
         let id_b = Identity::generate();
         let start = |id: &Identity, role, other, nonce, binding| {
             Handshake::start(
+                PROTOCOL_VERSION,
                 id.clone(),
                 role,
                 other,
@@ -294,6 +307,7 @@ mod tests {
             ProtocolError::Unexpected { .. }
         ));
         let (mut pinned, _) = Handshake::start(
+            PROTOCOL_VERSION,
             Identity::generate(),
             Role::Replica,
             Role::Hub,

@@ -282,6 +282,8 @@ pub struct Replica {
     events: VecDeque<Event>,
     dropped_events: u64,
     compactions: u64,
+    /// Snapshots from the hub taken since the replica was opened.
+    snapshots: u64,
     /// Buckets of rolling documents forgotten since the replica was opened.
     retired: u64,
     /// Remote changes refused since the replica was opened ([`Status::refused`]).
@@ -339,6 +341,7 @@ impl Replica {
             events: VecDeque::new(),
             dropped_events: 0,
             compactions: 0,
+            snapshots: 0,
             retired: 0,
             refused: 0,
             next_roll_ms: i64::MIN,
@@ -750,7 +753,8 @@ impl Replica {
     pub fn verify_stored(&mut self) -> Result<usize> {
         self.store.integrity_check()?;
         let stored = self.store.all_changes()?;
-        let count = stored.len();
+        let mut count = stored.len();
+        let mut signed: HashMap<DocId, HashSet<ChangeHash>> = HashMap::new();
         for crate::store::StoredChange {
             doc,
             hash,
@@ -758,6 +762,7 @@ impl Replica {
             bytes,
         } in stored
         {
+            signed.entry(doc.clone()).or_default().insert(hash);
             let bytes = match bytes {
                 Some(b) => b,
                 None => self
@@ -772,6 +777,18 @@ impl Replica {
                     .to_vec(),
             };
             change::verify(&doc, SignedChange { bytes, signature })?;
+        }
+        // Changes that came inside a snapshot from the hub have no signature of their own:
+        // each must be in the history of a verified change of its actor.
+        for id in self.store.doc_ids()? {
+            let none = HashSet::new();
+            let rows = signed.get(&id).unwrap_or(&none);
+            let am = self.load(&id, false)?.doc.automerge();
+            let held = am.get_changes_meta(&[]).len();
+            if let Some(hash) = crate::snapshot::uncovered(am, rows)? {
+                return Err(crate::error::ChangeError::NotCovered { doc: id, hash }.into());
+            }
+            count += held.saturating_sub(rows.len());
         }
         Ok(count)
     }
@@ -832,7 +849,14 @@ impl Replica {
     /// exporter value); the hub must see the same value.
     pub fn connect_bound(&mut self, expected_hub: Option<PeerId>, binding: [u8; 32]) {
         let nonce: [u8; 32] = self.rng.r#gen();
+        // Version 2 adds snapshots, which only a build that unwinds on panic loads.
+        let max_version = if crate::snapshot::supported() {
+            crate::wire::PROTOCOL_VERSION
+        } else {
+            1
+        };
         let (handshake, hello) = Handshake::start(
+            max_version,
             self.identity.clone(),
             Role::Replica,
             Role::Hub,
@@ -995,6 +1019,18 @@ impl Replica {
                 self.flush()?;
                 self.on_caught_up(c)?;
             }
+            Message::Snapshot(m) => {
+                if s.handshake.version().unwrap_or(1) < 2 || !self.subscriptions.covers(&m.doc) {
+                    return Err(ProtocolError::Unexpected {
+                        message: "Snapshot",
+                        state: "for a document not subscribed, or in a version 1 session",
+                    }
+                    .into());
+                }
+                // What came before it is committed first: the snapshot lands on top.
+                self.flush()?;
+                self.on_snapshot(m)?;
+            }
             Message::Ack(a) => {
                 // A duplicate acknowledgement is harmless: the rows are gone already.
                 if let Some(f) = s.inflight.remove(&a.push_id) {
@@ -1042,6 +1078,48 @@ impl Replica {
             }
         }
         Ok(())
+    }
+
+    /// A verified snapshot becomes the document's base ([`Document::rebase_on`]) and its
+    /// stored snapshot, in one transaction with its signed heads; changes it covers lose
+    /// their stored bytes (not their signatures).
+    fn on_snapshot(&mut self, m: crate::wire::SnapshotMessage) -> Result<()> {
+        let doc = m.doc;
+        if !self.subscriptions.covers(&doc)
+            && self.options.rolling.iter().any(|p| p.split(&doc).is_some())
+        {
+            return Ok(()); // a bucket forgotten during this session: the hub keeps it
+        }
+        let verified = crate::snapshot::verify(&doc, m.snapshot)?;
+        let (loaded, snapshot) = verified.into_parts();
+        let incremental = self.store.incremental_hashes(&doc)?;
+        let state = self.load(&doc, true)?;
+        let new_heads = loaded.get_heads();
+        if new_heads.iter().all(|h| state.doc.has_change(&(*h).into())) {
+            return Ok(()); // nothing new in it
+        }
+        let covered: Vec<ChangeHash> = incremental
+            .into_iter()
+            .filter(|h| loaded.get_change_meta_by_hash(&(*h).into()).is_some())
+            .collect();
+        let before = state.doc.heads();
+        let refused = state.doc.rebase_on(loaded)?;
+        for r in &refused {
+            tracing::warn!(%doc, "refused a change on top of a snapshot: {r}");
+        }
+        let doc_ref = &state.doc;
+        state.pending.retain(|h| !doc_ref.has_change(h));
+        state.incremental_bytes = 0;
+        self.refused += refused.len() as u64;
+        self.store.store_snapshot(&doc, &snapshot, &covered)?;
+        self.snapshots += 1;
+        self.after_commit(&doc, &before, Origin::Remote);
+        Ok(())
+    }
+
+    /// How many snapshots from the hub this replica took since it was opened.
+    pub fn snapshots(&self) -> u64 {
+        self.snapshots
     }
 
     fn on_reject(&mut self, r: Reject) -> Result<()> {

@@ -13,7 +13,7 @@ use crate::error::WireError;
 use crate::ids::{ChangeHash, Cursor, DocId, DocPrefix, Epoch, PeerId};
 
 /// The protocol version this build speaks (and the only one so far).
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame payload accepted, in bytes.
 pub const MAX_FRAME: usize = 8 * 1024 * 1024;
 /// Largest number of changes in one [`Changes`] or [`Push`] message.
@@ -22,6 +22,10 @@ pub const MAX_CHANGES_PER_DELTA: usize = 1024;
 pub const MAX_CHANGE_BYTES: usize = 1024 * 1024;
 /// Largest number of heads in one message.
 pub const MAX_HEADS: usize = 1024;
+/// Largest number of signed heads (actors) in one snapshot.
+pub const MAX_SNAPSHOT_HEADS: usize = 4096;
+/// Largest snapshot a hub sends, in bytes of saved document: the frame must hold it.
+pub const MAX_SNAPSHOT_BYTES: usize = 6 * 1024 * 1024;
 /// Largest error message carried in an [`ErrorMessage`], in bytes.
 pub const MAX_ERROR_TEXT: usize = 1024;
 
@@ -121,6 +125,17 @@ pub struct Changes {
     pub changes: Vec<SignedChange>,
     /// Hub log position reached for the subscription `target`, to store with these changes.
     pub cursor: Option<(Target, Cursor)>,
+}
+
+/// Hub to replica (version 2): the whole document `doc` in one piece, in place of its changes
+/// up to some position of the log, for a replica far behind ([`crate::snapshot`]). It moves
+/// no cursor: the `Changes` and `CaughtUp` after it do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMessage {
+    /// The document.
+    pub doc: DocId,
+    /// The saved document and the signed newest change of each of its actors.
+    pub snapshot: crate::snapshot::Snapshot,
 }
 
 /// Hub to replica: the subscription has received everything up to `cursor` of `epoch`.
@@ -259,6 +274,8 @@ pub enum Message {
     Error(ErrorMessage),
     /// Tag 11.
     Reconciled(Reconciled),
+    /// Tag 12 (version 2).
+    Snapshot(SnapshotMessage),
 }
 
 impl Message {
@@ -277,6 +294,7 @@ impl Message {
             Message::Reconcile(_) => "Reconcile",
             Message::Error(_) => "Error",
             Message::Reconciled(_) => "Reconciled",
+            Message::Snapshot(_) => "Snapshot",
         }
     }
 
@@ -322,6 +340,12 @@ impl Message {
             Message::Reconcile(m) => heads(&m.heads),
             Message::Reject(m) => text(&m.message),
             Message::Error(m) => text(&m.message),
+            Message::Snapshot(m) if m.snapshot.signed.len() > MAX_SNAPSHOT_HEADS => {
+                Err(WireError::OverLimit(format!(
+                    "{} signed heads in a snapshot, over the limit of {MAX_SNAPSHOT_HEADS}",
+                    m.snapshot.signed.len()
+                )))
+            }
             _ => Ok(()),
         }
     }
@@ -641,6 +665,24 @@ mod tests {
             (code(), text())
                 .prop_map(|(code, message)| Message::Error(ErrorMessage { code, message })),
             doc_id().prop_map(|doc| Message::Reconciled(Reconciled { doc })),
+            (
+                doc_id(),
+                vec(any::<u8>(), 0..64),
+                vec((any::<[u8; 32]>(), signature()), 0..3)
+            )
+                .prop_map(|(doc, data, heads)| Message::Snapshot(SnapshotMessage {
+                    doc,
+                    snapshot: crate::snapshot::Snapshot {
+                        data,
+                        signed: heads
+                            .into_iter()
+                            .map(|(h, signature)| crate::snapshot::SignedHead {
+                                hash: ChangeHash(h),
+                                signature,
+                            })
+                            .collect(),
+                    },
+                })),
         ]
     }
 
@@ -1418,6 +1460,22 @@ mod tests {
             (
                 "reconciled",
                 Message::Reconciled(Reconciled { doc: doc(DOC) }),
+            ),
+            (
+                "snapshot",
+                // The document holding the golden change, and that change's signature.
+                Message::Snapshot(SnapshotMessage {
+                    doc: doc(DOC),
+                    snapshot: crate::snapshot::Snapshot {
+                        data: automerge::Automerge::load(&signed.signed().bytes)
+                            .expect("the golden change loads")
+                            .save(),
+                        signed: vec![crate::snapshot::SignedHead {
+                            hash: signed.hash(),
+                            signature: signed.signed().signature,
+                        }],
+                    },
+                }),
             ),
         ]
     }

@@ -70,6 +70,15 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE log_v4 RENAME TO log;
     CREATE INDEX log_doc_seq ON log (doc, seq);
     CREATE UNIQUE INDEX log_actor_seq ON log (doc, author, instance, actor_seq);",
+    // Version 5: compacted documents, served to replicas that missed many changes.
+    "CREATE TABLE snapshots (
+        doc TEXT PRIMARY KEY,
+        epoch BLOB NOT NULL,
+        upto INTEGER NOT NULL,
+        changes INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        heads BLOB NOT NULL
+    ) WITHOUT ROWID;",
 ];
 
 /// What [`HubStore::append`] did with one change.
@@ -127,6 +136,34 @@ pub struct Dropped {
     pub changes: u64,
     /// Whether the document is gone (none of its changes is left).
     pub gone: bool,
+}
+
+/// A compacted document as the hub keeps it ([`crate::hub::Hub::compact`]): every change of
+/// the document at a position up to `upto` is in it (or was refused by the document's checks,
+/// as every replica refuses it), in the log of `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubSnapshot {
+    /// The log it was built from; a snapshot of another log (a restored store) is not used.
+    pub epoch: Epoch,
+    /// The position it covers up to.
+    pub upto: Cursor,
+    /// How many changes it holds.
+    pub changes: u64,
+    /// The saved document and its signed heads.
+    pub snapshot: crate::snapshot::Snapshot,
+}
+
+/// What the hub knows of a stored snapshot without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    /// See [`HubSnapshot::epoch`].
+    pub epoch: Epoch,
+    /// See [`HubSnapshot::upto`].
+    pub upto: Cursor,
+    /// See [`HubSnapshot::changes`].
+    pub changes: u64,
+    /// Size of the saved document.
+    pub bytes: u64,
 }
 
 /// How far a hub has synced with one peer hub.
@@ -200,6 +237,18 @@ pub trait HubStore {
     /// and the document once none is left (retention: [`crate::rolling::Retention`]). Space
     /// is reused by later writes; positions are never reused.
     fn drop_doc(&mut self, doc: &DocId, limit: usize) -> Result<Dropped>;
+
+    /// Stores (replaces) the document's snapshot.
+    fn put_snapshot(&mut self, doc: &DocId, snapshot: &HubSnapshot) -> Result<()>;
+
+    /// The document's snapshot, if one is stored.
+    fn snapshot(&mut self, doc: &DocId) -> Result<Option<HubSnapshot>>;
+
+    /// What the stored snapshot covers, without its bytes.
+    fn snapshot_meta(&mut self, doc: &DocId) -> Result<Option<SnapshotMeta>>;
+
+    /// How many of the document's changes are at positions in `after + 1 ..= upto`.
+    fn count_changes(&mut self, doc: &DocId, after: Cursor, upto: Cursor) -> Result<u64>;
 }
 
 /// A boxed store is a store: a hub binary picks its engine at start-up.
@@ -254,6 +303,18 @@ impl<T: HubStore + ?Sized> HubStore for Box<T> {
     }
     fn drop_doc(&mut self, doc: &DocId, limit: usize) -> Result<Dropped> {
         (**self).drop_doc(doc, limit)
+    }
+    fn put_snapshot(&mut self, doc: &DocId, snapshot: &HubSnapshot) -> Result<()> {
+        (**self).put_snapshot(doc, snapshot)
+    }
+    fn snapshot(&mut self, doc: &DocId) -> Result<Option<HubSnapshot>> {
+        (**self).snapshot(doc)
+    }
+    fn snapshot_meta(&mut self, doc: &DocId) -> Result<Option<SnapshotMeta>> {
+        (**self).snapshot_meta(doc)
+    }
+    fn count_changes(&mut self, doc: &DocId, after: Cursor, upto: Cursor) -> Result<u64> {
+        (**self).count_changes(doc, after, upto)
     }
 }
 
@@ -885,12 +946,134 @@ impl HubStore for SqliteHubStore {
             tx.execute("DELETE FROM docs WHERE doc = ?1", [doc.as_str()])
                 .ctx(WHAT)?;
         }
+        // A snapshot would still hold the dropped changes.
+        tx.execute("DELETE FROM snapshots WHERE doc = ?1", [doc.as_str()])
+            .ctx(WHAT)?;
         tx.commit().ctx(WHAT)?;
         Ok(Dropped {
             changes: changes as u64,
             gone: !left,
         })
     }
+
+    fn put_snapshot(&mut self, doc: &DocId, snap: &HubSnapshot) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO snapshots (doc, epoch, upto, changes, data, heads)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (doc) DO UPDATE SET epoch = excluded.epoch, upto = excluded.upto,
+                   changes = excluded.changes, data = excluded.data, heads = excluded.heads",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    doc.as_str(),
+                    &snap.epoch.0[..],
+                    snap.upto.0 as i64,
+                    snap.changes as i64,
+                    &snap.snapshot.data,
+                    crate::snapshot::encode_heads(&snap.snapshot.signed),
+                ])
+            })
+            .ctx("storing a snapshot")?;
+        Ok(())
+    }
+
+    fn snapshot(&mut self, doc: &DocId) -> Result<Option<HubSnapshot>> {
+        const WHAT: &str = "reading a snapshot";
+        let row = self
+            .conn
+            .prepare_cached(
+                "SELECT epoch, upto, changes, data, heads FROM snapshots WHERE doc = ?1",
+            )
+            .and_then(|mut st| {
+                st.query_row([doc.as_str()], |r| {
+                    Ok((
+                        r.get::<_, Vec<u8>>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                        r.get::<_, Vec<u8>>(4)?,
+                    ))
+                })
+                .optional()
+            })
+            .ctx(WHAT)?;
+        row.map(|(e, upto, changes, data, heads)| {
+            stored_snapshot(doc, &e, upto, changes, data, &heads)
+        })
+        .transpose()
+    }
+
+    fn snapshot_meta(&mut self, doc: &DocId) -> Result<Option<SnapshotMeta>> {
+        let row = self
+            .conn
+            .prepare_cached(
+                "SELECT epoch, upto, changes, length(data) FROM snapshots WHERE doc = ?1",
+            )
+            .and_then(|mut st| {
+                st.query_row([doc.as_str()], |r| {
+                    Ok((
+                        r.get::<_, Vec<u8>>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                })
+                .optional()
+            })
+            .ctx("reading a snapshot")?;
+        row.map(|(e, upto, changes, bytes)| {
+            Ok(SnapshotMeta {
+                epoch: snapshot_epoch(doc, &e)?,
+                upto: Cursor(upto.max(0) as u64),
+                changes: changes.max(0) as u64,
+                bytes: bytes.max(0) as u64,
+            })
+        })
+        .transpose()
+    }
+
+    fn count_changes(&mut self, doc: &DocId, after: Cursor, upto: Cursor) -> Result<u64> {
+        let n: i64 = self
+            .conn
+            .prepare_cached("SELECT count(*) FROM log WHERE doc = ?1 AND seq > ?2 AND seq <= ?3")
+            .and_then(|mut st| {
+                st.query_row(params![doc.as_str(), after.0 as i64, upto.0 as i64], |r| {
+                    r.get(0)
+                })
+            })
+            .ctx("counting changes")?;
+        Ok(n.max(0) as u64)
+    }
+}
+
+/// A snapshot row's epoch, or the error naming the document.
+pub fn snapshot_epoch(doc: &DocId, bytes: &[u8]) -> Result<Epoch> {
+    bytes.try_into().map(Epoch).map_err(|_| Error::Corrupt {
+        what: format!("snapshot of {doc}"),
+        reason: format!("an epoch of {} bytes", bytes.len()),
+    })
+}
+
+/// A snapshot as read from a store row (SQLite or PostgreSQL).
+pub fn stored_snapshot(
+    doc: &DocId,
+    epoch: &[u8],
+    upto: i64,
+    changes: i64,
+    data: Vec<u8>,
+    heads: &[u8],
+) -> Result<HubSnapshot> {
+    let signed = crate::snapshot::decode_heads(heads).ok_or_else(|| Error::Corrupt {
+        what: format!("snapshot of {doc}"),
+        reason: format!("a signed-heads column of {} bytes", heads.len()),
+    })?;
+    Ok(HubSnapshot {
+        epoch: snapshot_epoch(doc, epoch)?,
+        upto: Cursor(upto.max(0) as u64),
+        changes: changes.max(0) as u64,
+        snapshot: crate::snapshot::Snapshot { data, signed },
+    })
 }
 
 #[cfg(test)]

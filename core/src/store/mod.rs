@@ -13,8 +13,9 @@ mod sqlite;
 #[cfg(test)]
 pub(crate) use hub::tests::signed_changes;
 pub use hub::{
-    Appended, DocHeads, Dropped, HubStore, LogBatch, LogEntry, PeerState, SqliteHubStore,
-    actor_key, complete_heads, uncovered_positions,
+    Appended, DocHeads, Dropped, HubSnapshot, HubStore, LogBatch, LogEntry, PeerState,
+    SnapshotMeta, SqliteHubStore, actor_key, complete_heads, snapshot_epoch, stored_snapshot,
+    uncovered_positions,
 };
 pub use key::StoreKey;
 pub use replica::{OutboxEntry, ReplicaStore, StoredChange, StoredDoc};

@@ -450,8 +450,44 @@ impl ReplicaStore {
     /// Replaces a document's snapshot: `snapshot` holds every change in `covered`, whose bytes
     /// are dropped (their signatures stay). Changes still in the outbox keep their bytes.
     pub fn compact(&mut self, doc: &DocId, snapshot: &[u8], covered: &[ChangeHash]) -> Result<()> {
+        self.replace_snapshot(doc, snapshot, &[], covered)
+    }
+
+    /// Stores a snapshot received from the hub as the document's snapshot, in one
+    /// transaction: its signed heads as changes whose bytes are in it (their signatures cover
+    /// the rest of it, [`crate::snapshot`]), and the bytes of the `covered` changes dropped.
+    pub fn store_snapshot(
+        &mut self,
+        doc: &DocId,
+        snapshot: &crate::snapshot::Snapshot,
+        covered: &[ChangeHash],
+    ) -> Result<()> {
+        self.replace_snapshot(doc, &snapshot.data, &snapshot.signed, covered)
+    }
+
+    fn replace_snapshot(
+        &mut self,
+        doc: &DocId,
+        snapshot: &[u8],
+        heads: &[crate::snapshot::SignedHead],
+        covered: &[ChangeHash],
+    ) -> Result<()> {
         let tx = self.conn.transaction().ctx("compacting")?;
         {
+            tx.execute(
+                "INSERT OR IGNORE INTO docs (doc) VALUES (?1)",
+                [doc.as_str()],
+            )
+            .ctx("compacting")?;
+            let mut head = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO changes (doc, hash, signature, bytes) VALUES (?1, ?2, ?3, NULL)",
+                )
+                .ctx("compacting")?;
+            for h in heads {
+                head.execute(params![doc.as_str(), &h.hash.0[..], &h.signature[..]])
+                    .ctx("compacting")?;
+            }
             let mut drop_bytes = tx
                 .prepare_cached(
                     "UPDATE changes SET bytes = NULL WHERE doc = ?1 AND hash = ?2 AND bytes IS NOT NULL
@@ -570,8 +606,14 @@ impl WriteBatch<'_> {
                 .and_then(|mut st| st.execute(params![doc.as_str(), &hash.0[..], bytes]))
                 .ctx("queueing an upload")?;
         }
+        // Only a change stored with its own signature can be uploaded: one that came inside a
+        // snapshot from the hub is covered by its author's signature of a later change, which
+        // a hub does not take one by one (its author's replica uploads it).
         self.tx
-            .prepare_cached("INSERT OR IGNORE INTO outbox (doc, hash) VALUES (?1, ?2)")
+            .prepare_cached(
+                "INSERT OR IGNORE INTO outbox (doc, hash) SELECT ?1, ?2
+                 WHERE EXISTS (SELECT 1 FROM changes WHERE doc = ?1 AND hash = ?2)",
+            )
             .and_then(|mut st| st.execute(params![doc.as_str(), &hash.0[..]]))
             .ctx("queueing an upload")?;
         Ok(())

@@ -3,3 +3,4 @@
 mod crash;
 mod fuzz_corpus;
 mod rolling;
+mod snapshots;
