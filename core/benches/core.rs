@@ -887,6 +887,49 @@ fn sync_replica(c: &mut Criterion, ctx: &mut Ctx) {
     g.finish();
 }
 
+/// A replica catching up 10,000 changes of one author: verified and applied by changes, in
+/// batches of 256 (verify in parallel, then the checked apply), beside verifying and loading
+/// the same document as one snapshot (`snapshot::verify`: load, coverage walk, one signature).
+fn sync_catch_up(c: &mut Criterion, ctx: &mut Ctx) {
+    const N: usize = 10_000;
+    let doc = ctx.stream.doc.clone();
+    let signed = ctx.stream.signed(0..N);
+    let parsed = ctx.stream.automerge(0..N);
+    let mut full = Automerge::new();
+    full.apply_changes(parsed).expect("valid changes");
+    let last = ctx.stream.verified(N - 1..N)[0].clone();
+    let snap = syncline_core::snapshot::make(&full, |h| {
+        (*h == last.hash()).then_some(last.signed().signature)
+    })
+    .expect("one actor, its newest change signed");
+    eprintln!(
+        "catch-up of {N} changes: {} bytes as changes, {} bytes as a snapshot",
+        signed.iter().map(|c| c.bytes.len() + 64).sum::<usize>(),
+        snap.data.len() + 96
+    );
+    let mut g = group(c, "sync/catch_up", true);
+    g.throughput(Throughput::Elements(N as u64));
+    g.bench_function("10k/changes", |b| {
+        b.iter(|| {
+            let mut d =
+                syncline_core::document::Document::new(doc.clone(), automerge::ActorId::random());
+            for batch in signed.chunks(INGEST_BATCH) {
+                let verified = change::verify_batch_parallel(&doc, batch.to_vec(), 2)
+                    .expect("valid signatures");
+                let changes = verified
+                    .into_iter()
+                    .map(change::VerifiedChange::into_automerge)
+                    .collect();
+                assert_eq!(syncline_core::fuzzing::document_apply(&mut d, changes), 0);
+            }
+        })
+    });
+    g.bench_function("10k/snapshot", |b| {
+        b.iter(|| syncline_core::snapshot::verify(&doc, snap.clone()).expect("it verifies"))
+    });
+    g.finish();
+}
+
 fn main() {
     let mut c = Criterion::default()
         .sample_size(10)
@@ -917,5 +960,6 @@ fn main() {
     sync_local(&mut c, &mut ctx);
     sync_hub(&mut c, &mut ctx);
     sync_replica(&mut c, &mut ctx);
+    sync_catch_up(&mut c, &mut ctx);
     c.final_summary();
 }

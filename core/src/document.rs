@@ -310,6 +310,9 @@ impl Document {
     ) -> Result<Vec<Refused>> {
         let mut candidates = std::mem::take(&mut self.waiting);
         candidates.extend(changes);
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
         let doc = &self.doc;
         let seqs = self.seqs.get_or_insert_with(|| actor_seqs(doc));
         let (ready, waiting, refused) = causal_order(doc, seqs, candidates);

@@ -607,6 +607,11 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                         return Ok(out);
                     }
                     let dropped = self.store.drop_doc(&doc, left)?;
+                    // A snapshot being built would bring the dropped changes back.
+                    if self.building.as_ref().is_some_and(|b| b.doc == doc) {
+                        self.building = None;
+                    }
+                    self.since_snapshot.remove(&doc);
                     out.changes += dropped.changes;
                     self.metrics.expired_changes += dropped.changes;
                     if !dropped.gone {
@@ -1766,7 +1771,15 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                     }));
                     SubState::Live
                 } else {
-                    SubState::CatchUp { from: batch.next }
+                    // A subscription to the one document a snapshot covers reads on from the
+                    // snapshot's position: every entry before it is covered.
+                    let from = match &target {
+                        Target::Doc(d) => {
+                            covered.get(d).map_or(batch.next, |u| (*u).max(batch.next))
+                        }
+                        Target::Prefix(_) => batch.next,
+                    };
+                    SubState::CatchUp { from }
                 };
                 let s = self
                     .sessions
