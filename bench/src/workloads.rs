@@ -373,6 +373,7 @@ async fn connect_until_has(
     let want: std::collections::BTreeSet<ChangeHash> = last.iter().copied().collect();
     let mut events = reader.handle.events();
     let start = Instant::now();
+    let mut connected = None;
     reader.start_sync(hub)?;
     loop {
         match tokio::time::timeout(Duration::from_millis(20), events.recv()).await {
@@ -380,6 +381,9 @@ async fn connect_until_has(
                 if heads.into_iter().collect::<std::collections::BTreeSet<_>>() == want {
                     break;
                 }
+            }
+            Ok(Ok(Event::Connected { .. })) => {
+                connected.get_or_insert(start.elapsed());
             }
             Ok(Ok(_)) => {}
             Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
@@ -395,7 +399,19 @@ async fn connect_until_has(
             anyhow::bail!("timed out after {within:?} waiting for the reader to catch up");
         }
     }
+    if let Some(c) = connected {
+        say_connect_share(start.elapsed(), c);
+    }
     Ok((start.elapsed().as_secs_f64(), reader))
+}
+
+/// Where a catch-up's time went, on stderr.
+fn say_connect_share(total: Duration, connected: Duration) {
+    eprintln!(
+        "   (authenticated after {:.1} ms of {:.1} ms)",
+        connected.as_secs_f64() * 1e3,
+        total.as_secs_f64() * 1e3
+    );
 }
 
 /// The heads of `doc` at `node`.
