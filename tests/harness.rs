@@ -451,6 +451,33 @@ pub struct Postgres {
 impl Postgres {
     /// Makes a cluster (`initdb`), starts it and creates the database `syncline`.
     pub fn start() -> Postgres {
+        Postgres::start_with(None)
+    }
+
+    /// The same with TLS on (`ssl = on`), its certificate for `127.0.0.1` and `localhost`
+    /// signed by a CA made for the test; returns the CA's PEM file. Plain connections are
+    /// still accepted (`host` lines of the default `pg_hba.conf`).
+    pub fn start_tls() -> (Postgres, PathBuf) {
+        let ca_key = rcgen::KeyPair::generate().expect("a CA key");
+        let mut ca_params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "syncline test CA");
+        let ca = ca_params.self_signed(&ca_key).expect("a CA certificate");
+        let key = rcgen::KeyPair::generate().expect("a server key");
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+            .expect("server parameters")
+            .signed_by(&key, &rcgen::Issuer::new(ca_params, ca_key))
+            .expect("a server certificate");
+        let pg = Postgres::start_with(Some((cert.pem(), key.serialize_pem())));
+        let ca_file = pg.dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).expect("writing the CA");
+        (pg, ca_file)
+    }
+
+    fn start_with(tls: Option<(String, String)>) -> Postgres {
         let bin = postgres_bin();
         let dir = tempfile::tempdir().expect("a temp dir for PostgreSQL");
         let root = Command::new("id")
@@ -487,11 +514,35 @@ impl Postgres {
             .and_then(|l| l.local_addr())
             .expect("a free TCP port")
             .port();
-        let opts = format!(
+        let mut opts = format!(
             "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={} \
              -c fsync=on -c max_connections=50",
             pg.dir.path().display()
         );
+        if let Some((cert, key)) = tls {
+            // The server reads them as its own user; the key must not be readable by others.
+            let (cert_file, key_file) = (
+                pg.dir.path().join("server.crt"),
+                pg.dir.path().join("server.key"),
+            );
+            std::fs::write(&cert_file, cert).expect("writing the server certificate");
+            std::fs::write(&key_file, key).expect("writing the server key");
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))
+                .expect("the key's mode");
+            if pg.user.is_some() {
+                let (code, _, err) = run(Command::new("chown")
+                    .arg("postgres:")
+                    .arg(&cert_file)
+                    .arg(&key_file));
+                assert_eq!(code, 0, "chown of the TLS files failed: {err}");
+            }
+            opts.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert_file.display(),
+                key_file.display()
+            ));
+        }
         let (code, _, err) = run(pg
             .command("pg_ctl")
             .args(["start", "-w", "-t", "60", "-l"])

@@ -12,9 +12,10 @@
 //! lock is held for one group commit (a few milliseconds for hundreds of changes), not per
 //! change.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use postgres::{Client, NoTls, Statement};
+use postgres::{Client, Statement};
 use syncline_core::change::{SignedChange, VerifiedChange};
 use syncline_core::hub::Grant;
 use syncline_core::store::backup;
@@ -75,6 +76,73 @@ const MIGRATIONS: &[&str] = &[
          heads BYTEA NOT NULL
      );",
 ];
+
+/// The TLS words of libpq's URLs that the driver does not take: `sslrootcert=FILE` (the CA
+/// the server's certificate must chain to, PEM), taken out of the URL and returned, and
+/// `sslmode=verify-full` or `verify-ca`, given to the driver as `require` (every TLS
+/// connection here verifies the chain and the host name). `sslmode=disable` turns TLS off;
+/// `prefer` (the default) uses it when the server offers it; `require` refuses a server
+/// without it.
+fn tls_settings(url: &str) -> (String, Option<PathBuf>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None);
+    };
+    let mut root = None;
+    let mut kept = Vec::new();
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("sslrootcert", v)) => root = Some(PathBuf::from(v)),
+            Some(("sslmode", "verify-full" | "verify-ca")) => kept.push("sslmode=require"),
+            _ => kept.push(pair),
+        }
+    }
+    let url = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    (url, root)
+}
+
+/// TLS to PostgreSQL with rustls: the server's certificate must chain to `root_cert` (PEM)
+/// or, without it, to a CA of the system's store, and name the host connected to.
+fn tls_connector(root_cert: Option<&Path>) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match root_cert {
+        Some(path) => {
+            let bad = |reason: String| Error::Database {
+                context: "reading sslrootcert",
+                reason: format!("{}: {reason}", path.display()),
+            };
+            for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
+                roots
+                    .add(cert.map_err(|e| bad(e.to_string()))?)
+                    .map_err(|e| bad(e.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(bad("no PEM certificate in it".into()));
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert); // one unusable system certificate is not fatal
+            }
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| Error::Database {
+        context: "setting up TLS",
+        reason: e.to_string(),
+    })?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
 
 fn db_error(context: &'static str) -> impl FnOnce(postgres::Error) -> Error {
     move |e| Error::Database {
@@ -190,6 +258,7 @@ impl PgHubStore {
     }
 
     fn open(url: &str) -> Result<Client> {
+        let (url, root_cert) = tls_settings(url);
         let mut config: postgres::Config = url.parse().map_err(|e| Error::Database {
             context: "reading the store URL",
             reason: format!("{e}: write it as postgres://USER@HOST:PORT/DATABASE"),
@@ -203,10 +272,30 @@ impl PgHubStore {
         config
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(15));
+        let tls = tls_connector(root_cert.as_deref())?;
         config
             .application_name("syncline-hub")
-            .connect(NoTls)
-            .map_err(db_error("connecting to PostgreSQL"))
+            .connect(tls)
+            .map_err(|e| {
+                let mut reason = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    reason.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                let hint = if reason.contains("certificate") {
+                    "; if the server's certificate is not signed by a CA of this machine's \
+                     store, give its CA as sslrootcert=/path/ca.pem in the store URL"
+                } else if reason.contains("TLS") || reason.contains("ssl") {
+                    "; sslmode=require needs a server with ssl = on"
+                } else {
+                    ""
+                };
+                Error::Database {
+                    context: "connecting to PostgreSQL",
+                    reason: format!("{reason}{hint}"),
+                }
+            })
     }
 
     /// Reconnects if the connection was lost (the server restarted, or a failover): the

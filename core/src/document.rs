@@ -159,10 +159,12 @@ impl Document {
         changes: Vec<automerge::Change>,
     ) -> Result<Self> {
         let mut doc = match snapshot {
-            Some(bytes) => Automerge::load(bytes).map_err(|e| Error::Corrupt {
-                what: format!("snapshot of {id}"),
-                reason: e.to_string(),
-            })?,
+            Some(bytes) => {
+                crate::snapshot::load_guarded(bytes).map_err(|reason| Error::Corrupt {
+                    what: format!("snapshot of {id}"),
+                    reason,
+                })?
+            }
             None => Automerge::new(),
         };
         doc.set_actor(actor);

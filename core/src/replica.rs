@@ -1020,10 +1020,10 @@ impl Replica {
                 self.on_caught_up(c)?;
             }
             Message::Snapshot(m) => {
-                if s.handshake.version().unwrap_or(1) < 2 || !self.subscriptions.covers(&m.doc) {
+                if s.handshake.version().unwrap_or(1) < 2 {
                     return Err(ProtocolError::Unexpected {
                         message: "Snapshot",
-                        state: "for a document not subscribed, or in a version 1 session",
+                        state: "in a version 1 session",
                     }
                     .into());
                 }
@@ -1085,10 +1085,11 @@ impl Replica {
     /// their stored bytes (not their signatures).
     fn on_snapshot(&mut self, m: crate::wire::SnapshotMessage) -> Result<()> {
         let doc = m.doc;
-        if !self.subscriptions.covers(&doc)
-            && self.options.rolling.iter().any(|p| p.split(&doc).is_some())
-        {
-            return Ok(()); // a bucket forgotten during this session: the hub keeps it
+        if !self.subscriptions.covers(&doc) {
+            // A bucket forgotten during this session (the hub keeps it), or a document this
+            // replica does not follow: nothing of it is taken.
+            tracing::debug!(%doc, "a snapshot of a document no subscription covers; ignored");
+            return Ok(());
         }
         let verified = crate::snapshot::verify(&doc, m.snapshot)?;
         let (loaded, snapshot) = verified.into_parts();

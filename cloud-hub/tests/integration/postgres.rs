@@ -181,3 +181,69 @@ fn an_instance_notices_a_restore_made_under_it() {
     let e = store.read_log(&all(), Cursor(0), 10).unwrap_err();
     assert!(e.to_string().contains("restart the hub"), "{e}");
 }
+
+/// Whether the hub's connection (`application_name = 'syncline-hub'`) is encrypted, as the
+/// server sees it, asked over a plain connection of the test's own.
+fn hub_sessions_over_tls(url: &str) -> Vec<bool> {
+    let mut admin = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    admin
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'syncline-hub'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[test]
+fn the_store_connects_over_verified_tls_when_the_url_asks_and_refuses_what_it_cannot_verify() {
+    let (pg, ca) = Postgres::start_tls();
+    let tls = format!("{}?sslmode=require&sslrootcert={}", pg.url, ca.display());
+    let mut store = PgHubStore::connect(&tls).unwrap();
+    let alice = Identity::from_seed([1; 32]);
+    let doc = DocId::new("sites/tls").unwrap();
+    store
+        .append(&contract::changes(&alice, &doc, [1; 8], 3))
+        .unwrap();
+    assert_eq!(store.last_cursor().unwrap(), Cursor(3));
+    assert_eq!(hub_sessions_over_tls(&pg.url), vec![true], "encrypted");
+    drop(store);
+
+    // libpq's verify-full means the same here (the chain and the host name are always
+    // checked); without the CA, the test CA is in no system store: refused, saying what to do.
+    let full = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        pg.url,
+        ca.display()
+    );
+    assert!(PgHubStore::connect(&full).is_ok());
+    let err = PgHubStore::connect(&format!("{}?sslmode=require", pg.url))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sslrootcert"), "{err}");
+    // A CA file that holds no certificate is refused by name.
+    let empty = ca.with_file_name("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let err = PgHubStore::connect(&format!("{}?sslrootcert={}", pg.url, empty.display()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("empty.pem"), "{err}");
+    // sslmode=disable stays in the clear, on purpose.
+    let plain = PgHubStore::connect(&format!("{}?sslmode=disable", pg.url)).unwrap();
+    assert_eq!(hub_sessions_over_tls(&pg.url), vec![false]);
+    drop(plain);
+}
+
+#[test]
+fn sslmode_require_refuses_a_server_without_tls() {
+    let pg = Postgres::start();
+    let err = PgHubStore::connect(&format!("{}?sslmode=require", pg.url))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("connecting to PostgreSQL"), "{err}");
+    // The default (prefer) still connects to it, in the clear.
+    assert!(PgHubStore::connect(&pg.url).is_ok());
+}

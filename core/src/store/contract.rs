@@ -210,11 +210,60 @@ pub fn check(store: &mut dyn HubStore) {
         .unwrap();
     assert_eq!(store.peer_state(&hub).unwrap().recv_cursor, Cursor(43));
 
-    // Retention: a document's changes go oldest first, at most `limit` a call, then the
-    // document; the others stay, and positions are not reused.
+    // Snapshots: stored, replaced, read back whole or as metadata; changes counted by range.
+    assert_eq!(store.snapshot(&a).unwrap(), None);
+    assert_eq!(store.snapshot_meta(&a).unwrap(), None);
     let end = store.last_cursor().unwrap();
+    let all_a = store.count_changes(&a, Cursor(0), end).unwrap();
+    assert_eq!(all_a, 5, "alice's five changes of sites/a");
+    let a_log = store
+        .read_log(&Target::Doc(a.clone()), Cursor(0), 100)
+        .unwrap();
+    assert_eq!(
+        store
+            .count_changes(&a, a_log.entries[1].cursor, a_log.entries[3].cursor)
+            .unwrap(),
+        2,
+        "the range is (after, upto]"
+    );
+    let epoch = store.epoch();
+    let snap = |upto: Cursor, data: Vec<u8>| crate::store::HubSnapshot {
+        epoch,
+        upto,
+        changes: 5,
+        snapshot: crate::snapshot::Snapshot {
+            data,
+            signed: vec![crate::snapshot::SignedHead {
+                hash: ca[4].hash(),
+                signature: ca[4].signed().signature,
+            }],
+        },
+    };
+    let first = snap(a_log.entries[2].cursor, vec![1, 2, 3]);
+    store.put_snapshot(&a, &first).unwrap();
+    let second = snap(a_log.entries[4].cursor, vec![4; 1000]);
+    store.put_snapshot(&a, &second).unwrap();
+    assert_eq!(
+        store.snapshot(&a).unwrap(),
+        Some(second.clone()),
+        "replaced"
+    );
+    assert_eq!(
+        store.snapshot_meta(&a).unwrap(),
+        Some(crate::store::SnapshotMeta {
+            epoch: second.epoch,
+            upto: second.upto,
+            changes: 5,
+            bytes: 1000,
+        })
+    );
+    assert_eq!(store.snapshot(&b).unwrap(), None, "per document");
+
+    // Retention: a document's changes go oldest first, at most `limit` a call, then the
+    // document (and its snapshot); the others stay, and positions are not reused.
     let d = store.drop_doc(&a, 3).unwrap();
     assert_eq!((d.changes, d.gone), (3, false));
+    assert_eq!(store.snapshot(&a).unwrap(), None, "it held dropped changes");
     let left = store
         .read_log(&Target::Doc(a.clone()), Cursor(0), 100)
         .unwrap();
