@@ -155,6 +155,12 @@ pub fn render(s: &Snapshot) -> String {
         &one(m.snapshots_sent),
     );
     family(
+        "syncline_hub_cursor_ahead_total",
+        "counter",
+        "Subscriptions whose cursor was past the end of the log (the store was rolled back), repaired by heads.",
+        &one(m.cursors_ahead),
+    );
+    family(
         "syncline_hub_log_changes",
         "gauge",
         "Changes held in the hub's log.",

@@ -157,6 +157,8 @@ pub struct HubMetrics {
     pub snapshots_built: u64,
     /// Snapshots sent to replicas in place of changes.
     pub snapshots_sent: u64,
+    /// Subscriptions whose cursor was past the log's end (a rolled-back store), repaired.
+    pub cursors_ahead: u64,
 }
 
 /// A fixed-bucket histogram (Prometheus' cumulative buckets are computed when exported).
@@ -1072,14 +1074,31 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                     .into());
                 }
                 let epoch = self.store.epoch();
-                let state = if sub.epoch == epoch {
+                let end = self.store.last_cursor()?;
+                let state = if sub.epoch == epoch && sub.cursor > end {
+                    // A position past the log's end: the store was rolled back under its
+                    // replicas (a copied data directory put back, a disk snapshot restored),
+                    // and new changes may take positions this replica has passed. Compare
+                    // heads instead, as for another log.
+                    self.metrics.cursors_ahead += 1;
+                    tracing::warn!(
+                        peer = %peer,
+                        cursor = sub.cursor.0,
+                        end = end.0,
+                        "a replica's cursor is past the end of the log: the store was rolled back; repairing by heads"
+                    );
+                    SubState::Reset {
+                        after: None,
+                        then: end,
+                    }
+                } else if sub.epoch == epoch {
                     SubState::CatchUp { from: sub.cursor }
                 } else if sub.epoch == Epoch::none() {
                     SubState::CatchUp { from: Cursor(0) }
                 } else {
                     SubState::Reset {
                         after: None,
-                        then: self.store.last_cursor()?,
+                        then: end,
                     }
                 };
                 let s = self

@@ -2,5 +2,7 @@
 
 mod crash;
 mod fuzz_corpus;
+mod rollback;
 mod rolling;
 mod snapshots;
+mod support;

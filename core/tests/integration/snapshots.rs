@@ -11,9 +11,8 @@ use syncline_core::DocId;
 use syncline_core::hub::{AllowAll, Hub, SessionId};
 use syncline_core::identity::Identity;
 use syncline_core::ops::{Op, PathElem, Value};
-use syncline_core::replica::{Replica, ReplicaOptions};
+use syncline_core::replica::Replica;
 use syncline_core::store::{HubStore, SqliteHubStore};
-use syncline_core::wire::Target;
 
 type TestHub = Hub<SqliteHubStore, AllowAll>;
 
@@ -27,14 +26,7 @@ fn hub(dir: &Path) -> TestHub {
 }
 
 fn replica(dir: &Path, name: &str, seed: u8) -> Replica {
-    let mut r = Replica::open(
-        &dir.join(format!("{name}.db")),
-        Identity::from_seed([seed; 32]),
-        ReplicaOptions::default(),
-    )
-    .unwrap();
-    r.subscribe(Target::Doc(doc())).unwrap();
-    r
+    crate::support::replica_of(dir, name, seed, doc())
 }
 
 fn doc() -> DocId {
