@@ -330,6 +330,9 @@ pub struct Hub<S, P> {
     since_snapshot: HashMap<DocId, u64>,
     /// The snapshot being built, a bounded step per [`Hub::compact`] call.
     building: Option<Building>,
+    /// Documents past the snapshot bound (`snapshot::MAX_COVERAGE_STEPS`): not read again
+    /// (at most 65,536 remembered).
+    too_large: std::collections::HashSet<DocId>,
 }
 
 /// Compaction's default: snapshot a document once it gained this many changes.
@@ -352,10 +355,19 @@ struct Building {
     document: crate::document::Document,
     /// Log position read up to.
     at: Cursor,
-    /// Per actor, the highest numbered change read: (seq, hash, signature).
-    newest: HashMap<Vec<u8>, (u64, ChangeHash, [u8; 64])>,
+    /// Per actor, the signatures of its newest change in the document and of its changes
+    /// read but not in it yet.
+    newest: HashMap<Vec<u8>, ActorHeads>,
     /// Changes read that the document does not hold yet (waiting for dependencies).
     waiting: HashMap<ChangeHash, Cursor>,
+}
+
+/// One actor's signatures while a snapshot is built: its highest numbered change in the
+/// document, and those read that wait for their dependencies (by sequence number).
+#[derive(Default)]
+struct ActorHeads {
+    applied: Option<(u64, ChangeHash, [u8; 64])>,
+    waiting: BTreeMap<u64, (ChangeHash, [u8; 64])>,
 }
 
 /// What one [`Hub::compact`] call did.
@@ -411,6 +423,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             compact_after: Some(COMPACT_AFTER),
             since_snapshot: HashMap::new(),
             building: None,
+            too_large: std::collections::HashSet::new(),
         }
     }
 
@@ -447,14 +460,11 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 continue;
             };
             let hash = ChangeHash::from(c.hash());
-            let slot = b.newest.entry(c.actor_id().to_bytes().to_vec()).or_insert((
-                0,
-                hash,
-                e.change.signature,
-            ));
-            if c.seq() > slot.0 {
-                *slot = (c.seq(), hash, e.change.signature);
-            }
+            b.newest
+                .entry(c.actor_id().to_bytes().to_vec())
+                .or_default()
+                .waiting
+                .insert(c.seq(), (hash, e.change.signature));
             b.waiting.insert(hash, e.cursor);
             changes.push(c);
         }
@@ -464,6 +474,23 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         }
         let document = &b.document;
         b.waiting.retain(|h, _| !document.has_change(h));
+        for heads in b.newest.values_mut() {
+            let held: Vec<u64> = heads
+                .waiting
+                .iter()
+                .filter(|(_, (h, _))| document.has_change(h))
+                .map(|(seq, _)| *seq)
+                .collect();
+            for seq in held {
+                if let Some((h, sig)) = heads.waiting.remove(&seq)
+                    && heads.applied.is_none_or(|(s, _, _)| seq > s)
+                {
+                    heads.applied = Some((seq, h, sig));
+                }
+            }
+            // Refused ones never apply: only those still waiting stay.
+            heads.waiting.retain(|_, (h, _)| b.waiting.contains_key(h));
+        }
         b.at = batch.next;
         if !batch.at_end {
             done.more = true;
@@ -478,8 +505,11 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             .values()
             .min()
             .map_or(b.at, |c| Cursor(c.0.saturating_sub(1)));
-        let by_hash: HashMap<ChangeHash, [u8; 64]> =
-            b.newest.values().map(|(_, h, s)| (*h, *s)).collect();
+        let by_hash: HashMap<ChangeHash, [u8; 64]> = b
+            .newest
+            .values()
+            .filter_map(|a| a.applied.map(|(_, h, s)| (h, s)))
+            .collect();
         let am = b.document.automerge();
         match crate::snapshot::make(am, |h| by_hash.get(h).copied()) {
             Ok(snapshot) => {
@@ -494,7 +524,14 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 done.stored = true;
                 tracing::debug!(doc = %b.doc, changes = snap.changes, bytes = snap.snapshot.data.len(), "document compacted");
             }
-            Err(e) => tracing::debug!(doc = %b.doc, "no snapshot: {e}"),
+            Err(e) => {
+                tracing::debug!(doc = %b.doc, "no snapshot: {e}");
+                if matches!(e, crate::snapshot::MakeError::TooLarge { .. })
+                    && self.too_large.len() < 65_536
+                {
+                    self.too_large.insert(b.doc.clone());
+                }
+            }
         }
         done.more = self.due().is_some();
         Ok(done)
@@ -508,6 +545,9 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         };
         if let Some(c) = self.since_snapshot.get_mut(doc) {
             *c += n;
+            return;
+        }
+        if self.too_large.contains(doc) {
             return;
         }
         if self.since_snapshot.len() >= 65_536 {
@@ -548,7 +588,13 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 )?;
                 for h in &s.snapshot.signed {
                     if let Some(m) = d.automerge().get_change_meta_by_hash(&h.hash.into()) {
-                        newest.insert(m.actor.to_bytes().to_vec(), (m.seq, h.hash, h.signature));
+                        newest.insert(
+                            m.actor.to_bytes().to_vec(),
+                            ActorHeads {
+                                applied: Some((m.seq, h.hash, h.signature)),
+                                waiting: BTreeMap::new(),
+                            },
+                        );
                     }
                 }
                 (d, s.upto)
@@ -2643,5 +2689,47 @@ mod tests {
         assert!(reader_lag.is_some_and(|l| l > 0), "{lag:?}");
         pump(&mut hub, &mut [(&mut writer, ws), (&mut reader, rs)]);
         assert!(hub.replica_lags().unwrap().iter().all(|(_, l)| *l == 0));
+    }
+
+    #[test]
+    fn compaction_stops_its_snapshot_before_a_change_still_waiting_for_its_dependencies() {
+        let alice = Identity::from_seed([1; 32]);
+        let doc = DocId::new("sites/waiting").unwrap();
+        let made = crate::store::contract::changes(&alice, &doc, [1; 8], 30);
+        let mut hub = Hub::new(
+            Identity::generate(),
+            SqliteHubStore::open_in_memory().unwrap(),
+            AllowAll,
+            Some(1),
+        );
+        hub.set_compaction(Some(10));
+        // Change 11 is missing: 12 and the rest wait for it.
+        let mut sent: Vec<VerifiedChange> = made[..10].to_vec();
+        sent.extend(made[11..].iter().cloned());
+        let at = hub.store.append(&sent).unwrap();
+        hub.count_for_compaction(&doc, sent.len() as u64);
+        let mut steps = 0;
+        while hub.compact(4).unwrap().more {
+            steps += 1;
+            assert!(steps < 100);
+        }
+        let snap = hub.store.snapshot(&doc).unwrap().expect("built");
+        let Appended::Stored(tenth) = at[9] else {
+            panic!("stored")
+        };
+        assert_eq!(
+            snap.upto, tenth,
+            "up to the last change before the waiting ones"
+        );
+        assert_eq!(snap.changes, 10);
+        assert_eq!(hub.metrics().snapshots_built, 1);
+        // It verifies as a replica checks it: one signed head, every change covered.
+        let v = crate::snapshot::verify(&doc, snap.snapshot).unwrap();
+        assert_eq!(v.changes(), 10);
+
+        // Compaction off: nothing is built.
+        hub.set_compaction(None);
+        hub.count_for_compaction(&doc, 100);
+        assert_eq!(hub.compact(4).unwrap(), Compacted::default());
     }
 }
