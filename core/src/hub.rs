@@ -360,6 +360,11 @@ struct Building {
     newest: HashMap<Vec<u8>, ActorHeads>,
     /// Changes read that the document does not hold yet (waiting for dependencies).
     waiting: HashMap<ChangeHash, Cursor>,
+    /// The first stored change that does not parse: the snapshot stops before it.
+    unreadable: Option<Cursor>,
+    /// The document's first log position when the build started: if retention (of another
+    /// instance, on a shared store) drops changes meanwhile, the snapshot is not stored.
+    first: Option<Cursor>,
 }
 
 /// One actor's signatures while a snapshot is built: its highest numbered change in the
@@ -456,7 +461,8 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         let mut changes = Vec::with_capacity(batch.entries.len());
         for e in batch.entries {
             let Ok(c) = automerge::Change::try_from(&e.change.bytes[..]) else {
-                tracing::warn!(doc = %b.doc, cursor = e.cursor.0, "a stored change does not parse; left out of the snapshot");
+                tracing::warn!(doc = %b.doc, cursor = e.cursor.0, "a stored change does not parse; the snapshot stops before it");
+                b.unreadable = Some(b.unreadable.map_or(e.cursor, |u| u.min(e.cursor)));
                 continue;
             };
             let hash = ChangeHash::from(c.hash());
@@ -503,8 +509,21 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         let upto = b
             .waiting
             .values()
+            .copied()
+            .chain(b.unreadable)
             .min()
             .map_or(b.at, |c| Cursor(c.0.saturating_sub(1)));
+        let first_now = self
+            .store
+            .read_log(&Target::Doc(b.doc.clone()), Cursor(0), 1)?
+            .entries
+            .first()
+            .map(|e| e.cursor);
+        if first_now != b.first {
+            tracing::debug!(doc = %b.doc, "changes were dropped while the snapshot was built; not stored");
+            done.more = self.due().is_some();
+            return Ok(done);
+        }
         let by_hash: HashMap<ChangeHash, [u8; 64]> = b
             .newest
             .values()
@@ -604,12 +623,20 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 Cursor(0),
             ),
         };
+        let first = self
+            .store
+            .read_log(&Target::Doc(doc.clone()), Cursor(0), 1)?
+            .entries
+            .first()
+            .map(|e| e.cursor);
         self.building = Some(Building {
             doc,
             document,
             at,
             newest,
             waiting: HashMap::new(),
+            unreadable: None,
+            first,
         });
         Ok(true)
     }

@@ -23,8 +23,8 @@ use crate::change::author_of;
 use crate::error::ChangeError;
 use crate::ids::{ChangeHash, DocId, PeerId};
 
-/// The most (actors x changes) steps [`verify`] walks to check coverage: about 0.1 s. A
-/// document past it is sent as changes instead.
+/// The most steps (actors x (changes + dependency edges)) [`verify`] walks to check
+/// coverage: about 0.1 s. A document past it is sent as changes instead.
 pub const MAX_COVERAGE_STEPS: u64 = 1 << 25;
 
 /// The first bytes of every Automerge chunk.
@@ -126,8 +126,15 @@ pub enum MakeError {
     },
 }
 
+/// What the coverage walk costs at most: one pass over every change and dependency edge per
+/// actor.
+fn walk_cost(actors: usize, metas: &[automerge::ChangeMetadata<'_>]) -> u64 {
+    let edges: u64 = metas.iter().map(|m| m.deps.len() as u64).sum();
+    (actors as u64).saturating_mul((metas.len() as u64).saturating_add(edges))
+}
+
 /// The newest change of every actor of a document, in the order actors first appear.
-fn newest_per_actor(am: &Automerge) -> (Vec<ChangeHash>, usize) {
+fn newest_per_actor(am: &Automerge) -> (Vec<ChangeHash>, usize, u64) {
     let metas = am.get_changes_meta(&[]);
     let mut at: HashMap<&[u8], usize> = HashMap::new();
     let mut newest: Vec<(u64, ChangeHash)> = Vec::new();
@@ -140,7 +147,12 @@ fn newest_per_actor(am: &Automerge) -> (Vec<ChangeHash>, usize) {
             newest[slot] = (m.seq, m.hash.into());
         }
     }
-    (newest.into_iter().map(|(_, h)| h).collect(), metas.len())
+    let cost = walk_cost(newest.len(), &metas);
+    (
+        newest.into_iter().map(|(_, h)| h).collect(),
+        metas.len(),
+        cost,
+    )
 }
 
 /// A snapshot of `am` for `doc`: its saved bytes and, for every actor, the signature of its
@@ -149,8 +161,8 @@ pub fn make(
     am: &Automerge,
     mut signature_of: impl FnMut(&ChangeHash) -> Option<[u8; 64]>,
 ) -> Result<Snapshot, MakeError> {
-    let (newest, changes) = newest_per_actor(am);
-    if (newest.len() as u64).saturating_mul(changes as u64) > MAX_COVERAGE_STEPS {
+    let (newest, changes, cost) = newest_per_actor(am);
+    if cost > MAX_COVERAGE_STEPS {
         return Err(MakeError::TooLarge {
             actors: newest.len(),
             changes,
@@ -206,7 +218,7 @@ fn one_document_chunk(data: &[u8]) -> bool {
     for (i, b) in data[9..].iter().take(10).enumerate() {
         len |= u64::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
-            return (9 + i + 1) as u64 + len == data.len() as u64;
+            return ((9 + i + 1) as u64).checked_add(len) == Some(data.len() as u64);
         }
     }
     false
@@ -329,7 +341,7 @@ pub fn uncovered(
             sources[a].push(i);
         }
     }
-    if (sources.len() as u64).saturating_mul(metas.len() as u64) > MAX_COVERAGE_STEPS {
+    if walk_cost(sources.len(), &metas) > MAX_COVERAGE_STEPS {
         return Err(ChangeError::Malformed(format!(
             "{} actors x {} changes is over the verification bound",
             sources.len(),
@@ -385,7 +397,7 @@ pub fn check_coverage(
         of_actor.push(a);
     }
     let actors = counts.len();
-    if (actors as u64).saturating_mul(metas.len() as u64) > MAX_COVERAGE_STEPS {
+    if walk_cost(actors, &metas) > MAX_COVERAGE_STEPS {
         return Err(ChangeError::Malformed(format!(
             "snapshot of {actors} actors x {} changes is over the verification bound",
             metas.len()
@@ -398,6 +410,22 @@ pub fn check_coverage(
             "snapshot: actor {a} has {} changes numbered up to {}",
             counts[a].0, counts[a].1
         )));
+    }
+    // Operation numbering per actor, as `Document` checks it for changes one by one (where
+    // Automerge asserts instead of refusing): each change's first operation number above its
+    // actor's previous change's last.
+    let mut numbering: Vec<Vec<(u64, u64, u64)>> = vec![Vec::new(); actors];
+    for (m, &a) in metas.iter().zip(&of_actor) {
+        numbering[a].push((m.seq, m.start_op, m.max_op));
+    }
+    for (a, mut ops) in numbering.into_iter().enumerate() {
+        ops.sort_unstable();
+        if let Some(w) = ops.windows(2).find(|w| w[1].1 <= w[0].2) {
+            return Err(ChangeError::Malformed(format!(
+                "snapshot: actor {a}'s change {} starts at operation {}, not above {}",
+                w[1].0, w[1].1, w[0].2
+            )));
+        }
     }
     if signed.len() != actors {
         return Err(ChangeError::Malformed(format!(
