@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::ids::{ChangeHash, DocId};
 use crate::ops::{MAX_DEPTH, Op, PathElem, Value, path_to_string};
 
-mod objects;
+pub(crate) mod objects;
 
 /// A document held by a replica.
 pub struct Document {

@@ -340,21 +340,25 @@ pub fn session_seeds() -> (Vec<u8>, Vec<u8>) {
     (to_hub, to_replica)
 }
 
+/// Appends `n` as unsigned LEB128, as Automerge's chunks write numbers.
+pub(crate) fn push_uleb(out: &mut Vec<u8>, mut n: u64) {
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
 /// The chunk around a change body, as Automerge encodes it: magic bytes, checksum (the first
 /// 4 bytes of the SHA-256 of the rest), type 1 (change), length, body.
 pub fn change_chunk(body: &[u8]) -> Vec<u8> {
     use sha2::Digest;
     let mut hashed = vec![1u8];
-    let mut n = body.len() as u64;
-    loop {
-        let byte = (n & 0x7f) as u8;
-        n >>= 7;
-        if n == 0 {
-            hashed.push(byte);
-            break;
-        }
-        hashed.push(byte | 0x80);
-    }
+    push_uleb(&mut hashed, body.len() as u64);
     hashed.extend_from_slice(body);
     let digest = sha2::Sha256::digest(&hashed);
     let mut out = vec![0x85, 0x6f, 0x4a, 0x83];

@@ -27,6 +27,11 @@ use crate::ids::{ChangeHash, DocId, PeerId};
 /// coverage: about 0.1 s. A document past it is sent as changes instead.
 pub const MAX_COVERAGE_STEPS: u64 = 1 << 25;
 
+/// The most a snapshot's columns may take once inflated. Automerge inflates a document's
+/// deflated columns with no bound, so a snapshot of a few MB could otherwise ask for gigabytes;
+/// a real one inflates 5 to 10 times (a 6 MiB snapshot to about 60 MiB).
+pub const MAX_INFLATED_BYTES: u64 = 128 * 1024 * 1024;
+
 /// The first bytes of every Automerge chunk.
 const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 
@@ -224,6 +229,54 @@ fn one_document_chunk(data: &[u8]) -> bool {
     false
 }
 
+/// Checks, before Automerge inflates them, that the columns of a document chunk (one, as
+/// [`one_document_chunk`] found) take at most [`MAX_INFLATED_BYTES`] inflated. Each deflated
+/// column is inflated here into nothing, stopping at the bound.
+fn inflated_within_bound(data: &[u8]) -> Result<(), String> {
+    use std::io::Read;
+    // Deflate packs at most 1,032 bytes into one: a snapshot this small cannot pass the bound.
+    if (data.len() as u64).saturating_mul(1032) <= MAX_INFLATED_BYTES {
+        return Ok(());
+    }
+    let mut r = crate::document::objects::Reader {
+        bytes: data.get(9..).unwrap_or_default(),
+    };
+    r.uleb()?; // the chunk's length, checked already
+    let actors = r.uleb()?;
+    for _ in 0..actors {
+        r.skip_prefixed()?;
+    }
+    let heads = r.uleb()?;
+    r.take(heads.saturating_mul(32))?;
+    let mut columns = Vec::new();
+    for _ in 0..2 {
+        // Change columns, then operation columns: (specification, length) each.
+        let n = r.uleb()?;
+        for _ in 0..n {
+            columns.push((r.uleb()?, r.uleb()?));
+        }
+    }
+    let mut total = 0u64;
+    for (spec, len) in columns {
+        let body = r.take(len)?;
+        if spec & 0b1000 != 0 {
+            let left = MAX_INFLATED_BYTES.saturating_sub(total);
+            let mut inflater = flate2::read::DeflateDecoder::new(body).take(left + 1);
+            let n = std::io::copy(&mut inflater, &mut std::io::sink())
+                .map_err(|e| format!("a column does not inflate: {e}"))?;
+            total = total.saturating_add(n);
+        } else {
+            total = total.saturating_add(len);
+        }
+        if total > MAX_INFLATED_BYTES {
+            return Err(format!(
+                "its columns inflate to more than {MAX_INFLATED_BYTES} bytes"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Loads a document from bytes a peer sent. Automerge's loader asserts on some malformed
 /// documents; where panics unwind, such a panic is caught here and the bytes refused, and
 /// nothing else was touched (the document is new). Builds that abort on panic (wasm) never
@@ -265,6 +318,8 @@ pub fn verify(doc: &DocId, snapshot: Snapshot) -> Result<VerifiedSnapshot, Chang
             "a snapshot must be exactly one Automerge document chunk".into(),
         ));
     }
+    inflated_within_bound(&snapshot.data)
+        .map_err(|e| ChangeError::Malformed(format!("snapshot: {e}")))?;
     let am = load_untrusted(&snapshot.data)?;
     let covered = check_coverage(doc, &am, &snapshot.signed)?;
     let heads: Vec<(ChangeHash, PeerId, [u8; 64])> = snapshot
@@ -602,6 +657,45 @@ mod tests {
             matches!(got, Err(ChangeError::NotCovered { hash, .. }) if hash == ChangeHash::from(a1.hash())),
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn a_snapshot_whose_columns_inflate_past_the_bound_is_refused_before_it_is_loaded() {
+        use std::io::Write;
+        let doc = DocId::new("snap/test").expect("an id");
+        // One deflated change column of zeros, twice the bound, in about 260 KB.
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..2 * (MAX_INFLATED_BYTES >> 20) {
+            enc.write_all(&zeros).expect("in memory");
+        }
+        let bomb = enc.finish().expect("in memory");
+        assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+        let uleb = |n: u64, out: &mut Vec<u8>| crate::fuzzing::push_uleb(out, n);
+        // No actors, no heads, one change column (id 1, deflated), no operation columns.
+        let mut body = vec![0, 0, 1];
+        uleb((1 << 4) | 0b1000, &mut body);
+        uleb(bomb.len() as u64, &mut body);
+        body.push(0);
+        body.extend_from_slice(&bomb);
+        let mut data = vec![0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 0];
+        uleb(body.len() as u64, &mut data);
+        data.extend_from_slice(&body);
+        let got = verify(
+            &doc,
+            Snapshot {
+                data,
+                signed: Vec::new(),
+            },
+        );
+        assert!(
+            matches!(&got, Err(ChangeError::Malformed(m)) if m.contains("inflate to more than")),
+            "{got:?}"
+        );
+        // A real snapshot is within it.
+        let (_, am, sigs) = two_writers(30);
+        let snap = make(&am, |h| sigs.get(h).copied()).expect("a snapshot");
+        assert!(inflated_within_bound(&snap.data).is_ok());
     }
 
     #[test]

@@ -110,8 +110,9 @@ fn at(values: &[Option<u64>], i: usize) -> Option<u64> {
     values.get(i).copied().flatten()
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
+/// Reads the LEB128 numbers and byte runs of Automerge's chunks, never past their end.
+pub(crate) struct Reader<'a> {
+    pub(crate) bytes: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
@@ -121,7 +122,7 @@ impl<'a> Reader<'a> {
         Ok(b)
     }
 
-    fn uleb(&mut self) -> Result<u64, String> {
+    pub(crate) fn uleb(&mut self) -> Result<u64, String> {
         let mut value = 0u64;
         for shift in (0..64).step_by(7) {
             let b = self.byte()?;
@@ -152,7 +153,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn take(&mut self, n: u64) -> Result<&'a [u8], String> {
+    pub(crate) fn take(&mut self, n: u64) -> Result<&'a [u8], String> {
         let n = usize::try_from(n).map_err(|_| "a length is too large")?;
         if n > self.bytes.len() {
             return Err("the change ends early".into());
@@ -162,7 +163,7 @@ impl<'a> Reader<'a> {
         Ok(taken)
     }
 
-    fn skip_prefixed(&mut self) -> Result<(), String> {
+    pub(crate) fn skip_prefixed(&mut self) -> Result<(), String> {
         let n = self.uleb()?;
         self.take(n).map(|_| ())
     }
