@@ -372,45 +372,73 @@ async fn tail_store(handle: Handle) -> String {
     }
 }
 
-/// Drops the rolling buckets past their retention, a bounded amount every
-/// [`RETENTION_TICK`] (see `Hub::expire`), until the hub thread stops. While a backlog
-/// lasts (a sweep used its whole budget) it sweeps again after [`RETENTION_BACKLOG_GAP`]:
-/// about a fifth of the hub thread, so drops keep up with the fastest ingest.
-async fn expire_buckets(handle: Handle) {
+/// The hub machine behind a [`Handle`].
+type HubOf = Hub<Box<dyn HubStore + Send>, Grants>;
+
+/// Runs bounded steps of background work on the hub thread until it stops: one made by
+/// `step` every `tick`, or after `gap` while a step reports work left. A failure is logged
+/// once (`what` failed; retrying) until a step succeeds again.
+async fn repeat_steps<F>(
+    handle: Handle,
+    tick: Duration,
+    gap: Duration,
+    what: &'static str,
+    step: impl Fn() -> F,
+) where
+    F: FnOnce(&mut HubOf) -> syncline_core::Result<bool> + Send + 'static,
+{
     let mut failing = false;
-    let mut next = RETENTION_TICK;
+    let mut next = tick;
     loop {
         tokio::time::sleep(next).await;
-        next = RETENTION_TICK;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        match handle
-            .call(move |hub| hub.expire(now, RETENTION_BUDGET))
-            .await
-        {
-            Ok(Ok(done)) => {
+        next = tick;
+        match handle.call(step()).await {
+            Ok(Ok(more)) => {
                 failing = false;
-                if done.changes >= RETENTION_BUDGET as u64 {
-                    next = RETENTION_BACKLOG_GAP;
-                }
-                if done.docs > 0 {
-                    tracing::info!(
-                        buckets = done.docs,
-                        changes = done.changes,
-                        "dropped rolling buckets past their retention"
-                    );
+                if more {
+                    next = gap;
                 }
             }
             Ok(Err(e)) => {
                 if !failing {
-                    tracing::warn!(error = %e, "dropping expired buckets failed; retrying");
+                    tracing::warn!(error = %e, "{what} failed; retrying");
                 }
                 failing = true;
             }
             Err(_) => return,
         }
     }
+}
+
+/// Drops the rolling buckets past their retention, a bounded amount every
+/// [`RETENTION_TICK`] (see `Hub::expire`), until the hub thread stops. While a backlog
+/// lasts (a sweep used its whole budget) it sweeps again after [`RETENTION_BACKLOG_GAP`]:
+/// about a fifth of the hub thread, so drops keep up with the fastest ingest.
+async fn expire_buckets(handle: Handle) {
+    let sweep = || {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        move |hub: &mut HubOf| {
+            let done = hub.expire(now, RETENTION_BUDGET)?;
+            if done.docs > 0 {
+                tracing::info!(
+                    buckets = done.docs,
+                    changes = done.changes,
+                    "dropped rolling buckets past their retention"
+                );
+            }
+            Ok(done.changes >= RETENTION_BUDGET as u64)
+        }
+    };
+    repeat_steps(
+        handle,
+        RETENTION_TICK,
+        RETENTION_BACKLOG_GAP,
+        "dropping expired buckets",
+        sweep,
+    )
+    .await;
 }
 
 /// Changes read into a snapshot per compaction step: about 15 ms of the hub thread.
@@ -423,27 +451,15 @@ const COMPACT_GAP: Duration = Duration::from_millis(15);
 
 /// Compacts documents in bounded steps (see `Hub::compact`), until the hub thread stops.
 async fn compact_docs(handle: Handle) {
-    let mut failing = false;
-    let mut next = COMPACT_TICK;
-    loop {
-        tokio::time::sleep(next).await;
-        next = COMPACT_TICK;
-        match handle.call(|hub| hub.compact(COMPACT_BUDGET)).await {
-            Ok(Ok(done)) => {
-                failing = false;
-                if done.more {
-                    next = COMPACT_GAP;
-                }
-            }
-            Ok(Err(e)) => {
-                if !failing {
-                    tracing::warn!(error = %e, "compacting a document failed; retrying");
-                }
-                failing = true;
-            }
-            Err(_) => return,
-        }
-    }
+    let step = || |hub: &mut HubOf| Ok(hub.compact(COMPACT_BUDGET)?.more);
+    repeat_steps(
+        handle,
+        COMPACT_TICK,
+        COMPACT_GAP,
+        "compacting a document",
+        step,
+    )
+    .await;
 }
 
 /// Reloads the grants when the store's grants version moves (the CLI or another process

@@ -1105,12 +1105,16 @@ impl Replica {
         }
         let verified = crate::snapshot::verify(&doc, m.snapshot)?;
         let (loaded, snapshot) = verified.into_parts();
-        let incremental = self.store.incremental_hashes(&doc)?;
         let state = self.load(&doc, true)?;
-        let new_heads = loaded.get_heads();
-        if new_heads.iter().all(|h| state.doc.has_change(&(*h).into())) {
+        if loaded
+            .get_heads()
+            .iter()
+            .all(|h| state.doc.has_change(&(*h).into()))
+        {
             return Ok(()); // nothing new in it
         }
+        let incremental = self.store.incremental_hashes(&doc)?;
+        let state = self.load(&doc, false)?;
         let before = state.doc.heads();
         let loaded_heads = loaded.get_heads();
         let refused = match state.doc.rebase_on(loaded) {
