@@ -319,18 +319,38 @@ pub async fn many_docs(
     let mut fresh = Node::open(Some(&dir.join("many-fresh.sqlite")), identity, false)?;
     let target = Target::Prefix(DocPrefix::new(&prefix)?);
     let key = target.key();
-    fresh.call(move |r| r.subscribe(target)).await??;
+    {
+        let target = target.clone();
+        fresh.call(move |r| r.subscribe(target)).await??;
+    }
+    // The end is its `Synced` event (sent once every change before the hub's `CaughtUp` is
+    // committed), not a 20 ms poll, which added up to 20 ms to a catch-up of 100-200 ms and
+    // queued store reads on the replica thread while it worked. Polling stays as the
+    // fallback when events lag.
+    let mut events = fresh.handle.events();
     let start = Instant::now();
     fresh.start_sync(hub)?;
-    wait_until("the fresh replica to catch up", within, || async {
-        let key = key.clone();
-        fresh
-            .call(move |r| -> Result<bool> {
-                Ok(r.status()?.synced.contains(&key) && r.doc_ids()?.len() == docs)
-            })
-            .await?
-    })
-    .await?;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(20), events.recv()).await {
+            Ok(Ok(Event::Synced { target: t })) if t == target => {
+                if holds_all(&fresh, &key, docs).await? {
+                    break;
+                }
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
+                anyhow::bail!("the fresh replica stopped while catching up")
+            }
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) | Err(_) => {
+                if holds_all(&fresh, &key, docs).await? {
+                    break;
+                }
+            }
+        }
+        if start.elapsed() > within {
+            anyhow::bail!("timed out after {within:?} waiting for the fresh replica to catch up");
+        }
+    }
     let seconds = start.elapsed().as_secs_f64();
     let (bytes_in, _) = fresh.bytes();
     fresh.close().await?;
@@ -341,6 +361,15 @@ pub async fn many_docs(
         changes_per_sec: (docs * per_doc) as f64 / seconds,
         bytes_in,
     })
+}
+
+/// Whether `node` has caught up subscription `key` and holds `docs` documents.
+async fn holds_all(node: &Node, key: &str, docs: usize) -> Result<bool> {
+    let key = key.to_owned();
+    node.call(move |r| -> Result<bool> {
+        Ok(r.status()?.synced.contains(&key) && r.doc_ids()?.len() == docs)
+    })
+    .await?
 }
 
 /// Reopens the replica store at `path`, connects it, and waits until it holds `last` of `doc`:

@@ -83,6 +83,7 @@ pub mod hub;
 pub mod identity;
 pub mod ids;
 pub mod ops;
+mod parallel;
 pub mod protocol;
 pub mod replica;
 pub mod rolling;

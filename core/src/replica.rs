@@ -198,6 +198,89 @@ struct DocState {
     incremental_bytes: u64,
 }
 
+/// Documents of a commit are applied on several threads once it holds this many changes per
+/// thread (a thread costs tens of microseconds; a small document's apply about as much).
+const MIN_CHANGES_PER_APPLY_THREAD: usize = 64;
+
+/// What applying one document's received changes did.
+struct Applied {
+    /// The changes new to the document, to store (refused ones left out).
+    fresh: Vec<VerifiedChange>,
+    /// How many were refused by the document's checks.
+    refused: u64,
+    /// The heads before, if the heads moved.
+    before: Option<Vec<ChangeHash>>,
+}
+
+/// Applies verified changes received for `doc` to its state: duplicates and changes it holds
+/// are left out, the rest go into one Automerge call; refused ones are logged and counted,
+/// and those waiting for dependencies stay pending (at most `max_pending`).
+fn apply_received(
+    doc: &DocId,
+    state: &mut DocState,
+    changes: Vec<VerifiedChange>,
+    max_pending: usize,
+) -> Result<Applied> {
+    let mut seen = HashSet::new();
+    let fresh: Vec<VerifiedChange> = changes
+        .into_iter()
+        .filter(|c| {
+            seen.insert(c.hash())
+                && !state.pending.contains(&c.hash())
+                && !state.doc.has_change(&c.hash())
+        })
+        .collect();
+    if fresh.is_empty() {
+        return Ok(Applied {
+            fresh,
+            refused: 0,
+            before: None,
+        });
+    }
+    let before = state.doc.heads();
+    let refused = state
+        .doc
+        .apply_changes(fresh.iter().map(|c| c.automerge().clone()).collect())?;
+    let fresh: Vec<VerifiedChange> = if refused.is_empty() {
+        fresh
+    } else {
+        for r in &refused {
+            let author = fresh
+                .iter()
+                .find(|c| c.hash() == r.hash)
+                .map(|c| c.author());
+            tracing::warn!(%doc, ?author, "refused a remote change: {r}");
+        }
+        let out: HashSet<ChangeHash> = refused.iter().map(|r| r.hash).collect();
+        // One that waited since an earlier flush is stored already; it stops counting as
+        // pending (it is left out again if the document is reloaded).
+        state.pending.retain(|h| !out.contains(h));
+        fresh
+            .into_iter()
+            .filter(|c| !out.contains(&c.hash()))
+            .collect()
+    };
+    state.pending.extend(fresh.iter().map(|c| c.hash()));
+    let doc_ref = &state.doc;
+    state.pending.retain(|h| !doc_ref.has_change(h));
+    if state.pending.len() > max_pending {
+        return Err(Error::TooManyPending {
+            doc: doc.clone(),
+            count: state.pending.len(),
+        });
+    }
+    state.incremental_bytes += fresh
+        .iter()
+        .map(|c| c.signed().bytes.len() as u64)
+        .sum::<u64>();
+    let moved = state.doc.heads() != before;
+    Ok(Applied {
+        fresh,
+        refused: refused.len() as u64,
+        before: moved.then_some(before),
+    })
+}
+
 struct InFlight {
     doc: DocId,
     rows: Vec<i64>,
@@ -760,9 +843,9 @@ impl Replica {
             hash,
             signature,
             bytes,
+            checked,
         } in stored
         {
-            signed.entry(doc.clone()).or_default().insert(hash);
             let bytes = match bytes {
                 Some(b) => b,
                 None => self
@@ -776,10 +859,21 @@ impl Replica {
                     .raw_bytes()
                     .to_vec(),
             };
-            change::verify(&doc, SignedChange { bytes, signature })?;
+            match change::verify(&doc, SignedChange { bytes, signature }) {
+                Ok(_) => {
+                    signed.entry(doc.clone()).or_default().insert(hash);
+                }
+                // Accepted on a later change of its actor: the signature beside it is what
+                // the hub relayed. The coverage walk below must find that later change.
+                Err(_) if !checked => {
+                    count -= 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        // Changes that came inside a snapshot from the hub have no signature of their own:
-        // each must be in the history of a verified change of its actor.
+        // Changes that came inside a snapshot from the hub have no signature of their own,
+        // nor do those with a relayed signature that does not verify: each must be in the
+        // history of a verified change of its actor.
         for id in self.store.doc_ids()? {
             let none = HashSet::new();
             let rows = signed.get(&id).unwrap_or(&none);
@@ -1307,29 +1401,27 @@ impl Replica {
     }
 
     fn ingest(&mut self, incoming: Vec<Changes>, touched: &mut Vec<DocId>) -> Result<()> {
-        let mut per_doc: Vec<(DocId, Vec<VerifiedChange>)> = Vec::new();
         let mut cursors: Vec<(Target, Cursor)> = Vec::new();
-        let mut received = Vec::with_capacity(incoming.len());
+        // Messages of one document go together: one coverage walk over all its changes.
+        let mut received: Vec<(DocId, Vec<SignedChange>)> = Vec::with_capacity(incoming.len());
+        let mut at: HashMap<DocId, usize> = HashMap::new();
         for m in incoming {
             cursors.extend(m.cursor);
-            received.push((m.doc, m.changes));
+            match at.get(&m.doc) {
+                Some(&i) => received[i].1.extend(m.changes),
+                None => {
+                    at.insert(m.doc.clone(), received.len());
+                    received.push((m.doc, m.changes));
+                }
+            }
         }
         // One parallel batch for every message of the flush: many small documents verify on
         // every core too.
-        for (doc, verified) in change::verify_docs_parallel(received, self.options.verify_threads)?
-        {
-            match per_doc.last_mut() {
-                Some((d, v)) if *d == doc => v.extend(verified),
-                _ => match per_doc.iter_mut().find(|(d, _)| *d == doc) {
-                    Some((_, v)) => v.extend(verified),
-                    None => per_doc.push((doc, verified)),
-                },
-            }
-        }
-        let max_pending = self.options.max_pending_per_doc;
-        let mut fresh_all: Vec<VerifiedChange> = Vec::new();
-        let mut changed: Vec<(DocId, Vec<ChangeHash>)> = Vec::new();
-        let mut refused_total = 0;
+        let per_doc = change::verify_docs_covered(received, self.options.verify_threads)?;
+        // Documents are independent: each part of them is applied on a thread of its own,
+        // the states taken out of the cache meanwhile (and put back only on success: a failed
+        // flush evicts what it touched, as below).
+        let mut work: Vec<(DocId, DocState, Vec<VerifiedChange>)> = Vec::new();
         for (doc, changes) in per_doc {
             if !self.subscriptions.covers(&doc)
                 && self.options.rolling.iter().any(|p| p.split(&doc).is_some())
@@ -1337,60 +1429,60 @@ impl Replica {
                 continue; // a bucket forgotten during this session: the hub keeps it
             }
             touched.push(doc.clone());
-            let state = self.load(&doc, true)?;
-            let mut seen = HashSet::new();
-            let fresh: Vec<VerifiedChange> = changes
-                .into_iter()
-                .filter(|c| {
-                    seen.insert(c.hash())
-                        && !state.pending.contains(&c.hash())
-                        && !state.doc.has_change(&c.hash())
+            self.load(&doc, true)?;
+            let state = self
+                .docs
+                .remove(&doc)
+                .ok_or_else(|| Error::UnknownDocument(doc.clone()))?;
+            work.push((doc, state, changes));
+        }
+        let max_pending = self.options.max_pending_per_doc;
+        let total: usize = work.iter().map(|w| w.2.len()).sum();
+        let threads = self
+            .options
+            .verify_threads
+            .min(total / MIN_CHANGES_PER_APPLY_THREAD)
+            .min(work.len())
+            .max(1);
+        let parts = crate::parallel::split_by(work, threads, |w| w.2.len());
+        let applied = crate::parallel::run(parts, |part| {
+            part.into_iter()
+                .map(|(doc, mut state, changes)| {
+                    let outcome = apply_received(&doc, &mut state, changes, max_pending);
+                    (doc, state, outcome)
                 })
-                .collect();
-            if fresh.is_empty() {
-                continue;
-            }
-            let before = state.doc.heads();
-            let refused = state
-                .doc
-                .apply_changes(fresh.iter().map(|c| c.automerge().clone()).collect())?;
-            let fresh: Vec<VerifiedChange> = if refused.is_empty() {
-                fresh
-            } else {
-                for r in &refused {
-                    let author = fresh
-                        .iter()
-                        .find(|c| c.hash() == r.hash)
-                        .map(|c| c.author());
-                    tracing::warn!(%doc, ?author, "refused a remote change: {r}");
-                }
-                refused_total += refused.len() as u64;
-                let out: HashSet<ChangeHash> = refused.iter().map(|r| r.hash).collect();
-                // One that waited since an earlier flush is stored already; it stops
-                // counting as pending (it is left out again if the document is reloaded).
-                state.pending.retain(|h| !out.contains(h));
-                fresh
-                    .into_iter()
-                    .filter(|c| !out.contains(&c.hash()))
-                    .collect()
-            };
-            state.pending.extend(fresh.iter().map(|c| c.hash()));
-            let doc_ref = &state.doc;
-            state.pending.retain(|h| !doc_ref.has_change(h));
-            if state.pending.len() > max_pending {
-                return Err(Error::TooManyPending {
-                    doc: doc.clone(),
-                    count: state.pending.len(),
+                .collect::<Vec<_>>()
+        });
+        let mut fresh_all: Vec<VerifiedChange> = Vec::new();
+        let mut changed: Vec<(DocId, Vec<ChangeHash>)> = Vec::new();
+        let mut refused_total = 0;
+        let mut failed = None;
+        for part in applied {
+            let Some(part) = part else {
+                failed.get_or_insert(Error::Corrupt {
+                    what: "a commit of received changes".into(),
+                    reason: "an apply thread failed".into(),
                 });
+                continue;
+            };
+            for (doc, state, outcome) in part {
+                match outcome {
+                    Ok(a) => {
+                        self.docs.insert(doc.clone(), state);
+                        refused_total += a.refused;
+                        if let Some(before) = a.before {
+                            changed.push((doc, before));
+                        }
+                        fresh_all.extend(a.fresh);
+                    }
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
             }
-            state.incremental_bytes += fresh
-                .iter()
-                .map(|c| c.signed().bytes.len() as u64)
-                .sum::<u64>();
-            if state.doc.heads() != before {
-                changed.push((doc, before));
-            }
-            fresh_all.extend(fresh);
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         self.refused += refused_total;
         let mut batch = self.store.batch()?;
@@ -1502,6 +1594,14 @@ impl Replica {
             };
             if !changes.is_empty() && bytes + signed.bytes.len() > MAX_PUSH_BYTES {
                 break;
+            }
+            if !e.checked && change::verify(&doc, signed.clone()).is_err() {
+                // A change accepted on a later change of its actor, whose own signature (as
+                // the hub relayed it) does not verify: a hub takes changes one by one, so
+                // only its author can upload it again. Dropped from the outbox, not the store.
+                tracing::warn!(%doc, hash = %e.hash, "not uploading a change whose relayed signature does not verify");
+                self.store.drop_outbox(e.row)?;
+                continue;
             }
             bytes += signed.bytes.len();
             last_row = e.row;

@@ -50,6 +50,10 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE snapshots (doc TEXT PRIMARY KEY REFERENCES docs(doc), data BLOB NOT NULL);
     INSERT INTO snapshots (doc, data) SELECT doc, snapshot FROM docs WHERE snapshot IS NOT NULL;
     ALTER TABLE docs DROP COLUMN snapshot;",
+    // Version 3: whether a change's own signature was checked. A change the replica accepted
+    // on a later change of its author (`change::verify_docs_covered`) holds the signature the
+    // hub relayed, unchecked: it is checked before the change is uploaded again.
+    "ALTER TABLE changes ADD COLUMN checked INTEGER NOT NULL DEFAULT 1;",
 ];
 
 /// A document as stored: its snapshot (if compacted) and the changes not in it.
@@ -74,6 +78,9 @@ pub struct StoredChange {
     pub signature: [u8; 64],
     /// The change bytes, or `None` once they live only in the document's snapshot.
     pub bytes: Option<Vec<u8>>,
+    /// Whether the signature was checked when the change was stored (see
+    /// [`VerifiedChange::signature_checked`]).
+    pub checked: bool,
 }
 
 /// One outbox row to upload.
@@ -89,6 +96,9 @@ pub struct OutboxEntry {
     pub signed: Option<SignedChange>,
     /// The signature.
     pub signature: [u8; 64],
+    /// Whether the signature was checked when the change was stored: one that was not is
+    /// checked before it is uploaded (see [`VerifiedChange::signature_checked`]).
+    pub checked: bool,
 }
 
 /// A replica's store. One process owns it: it is not shared between writers.
@@ -310,7 +320,7 @@ impl ReplicaStore {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT o.id, o.doc, o.hash, c.signature, c.bytes FROM outbox o
+                "SELECT o.id, o.doc, o.hash, c.signature, c.bytes, c.checked FROM outbox o
                  JOIN changes c ON c.doc = o.doc AND c.hash = o.hash
                  WHERE o.id > ?1 ORDER BY o.id LIMIT ?2",
             )
@@ -323,12 +333,13 @@ impl ReplicaStore {
                     r.get::<_, Vec<u8>>(2)?,
                     r.get::<_, Vec<u8>>(3)?,
                     r.get::<_, Option<Vec<u8>>>(4)?,
+                    r.get::<_, bool>(5)?,
                 ))
             })
             .ctx("reading the outbox")?;
         let mut out = Vec::new();
         for row in rows {
-            let (row, doc, hash, sig, bytes) = row.ctx("reading the outbox")?;
+            let (row, doc, hash, sig, bytes, checked) = row.ctx("reading the outbox")?;
             let signature = signature_from(sig)?;
             out.push(OutboxEntry {
                 row,
@@ -336,6 +347,7 @@ impl ReplicaStore {
                 hash: hash_from(hash)?,
                 signed: bytes.map(|bytes| SignedChange { bytes, signature }),
                 signature,
+                checked,
             });
         }
         Ok(out)
@@ -356,6 +368,16 @@ impl ReplicaStore {
             reason: "length".into(),
         })?;
         Ok(Epoch(bytes))
+    }
+
+    /// Removes one row from the outbox without an acknowledgement: a change this replica
+    /// cannot upload (its signature, as relayed to it, does not verify).
+    pub fn drop_outbox(&mut self, row: i64) -> Result<()> {
+        self.conn
+            .prepare_cached("DELETE FROM outbox WHERE id = ?1")
+            .and_then(|mut st| st.execute([row]))
+            .ctx("dropping an outbox row")?;
+        Ok(())
     }
 
     /// Removes acknowledged rows from the outbox (durably), recording the acknowledging hub's
@@ -536,7 +558,7 @@ impl ReplicaStore {
     pub fn all_changes(&self) -> Result<Vec<StoredChange>> {
         let mut st = self
             .conn
-            .prepare("SELECT doc, hash, signature, bytes FROM changes ORDER BY id")
+            .prepare("SELECT doc, hash, signature, bytes, checked FROM changes ORDER BY id")
             .ctx("reading changes")?;
         let rows = st
             .query_map([], |r| {
@@ -545,17 +567,19 @@ impl ReplicaStore {
                     r.get::<_, Vec<u8>>(1)?,
                     r.get::<_, Vec<u8>>(2)?,
                     r.get::<_, Option<Vec<u8>>>(3)?,
+                    r.get::<_, bool>(4)?,
                 ))
             })
             .ctx("reading changes")?;
         let mut out = Vec::new();
         for row in rows {
-            let (d, h, s, b) = row.ctx("reading changes")?;
+            let (d, h, s, b, checked) = row.ctx("reading changes")?;
             out.push(StoredChange {
                 doc: doc_from(d)?,
                 hash: hash_from(h)?,
                 signature: signature_from(s)?,
                 bytes: b,
+                checked,
             });
         }
         Ok(out)
@@ -577,9 +601,18 @@ impl WriteBatch<'_> {
         let signed = change.signed();
         let n = self
             .tx
-            .prepare_cached("INSERT OR IGNORE INTO changes (doc, hash, signature, bytes) VALUES (?1, ?2, ?3, ?4)")
+            .prepare_cached(
+                "INSERT OR IGNORE INTO changes (doc, hash, signature, bytes, checked)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
             .and_then(|mut st| {
-                st.execute(params![doc.as_str(), &change.hash().0[..], &signed.signature[..], &signed.bytes])
+                st.execute(params![
+                    doc.as_str(),
+                    &change.hash().0[..],
+                    &signed.signature[..],
+                    &signed.bytes,
+                    change.signature_checked()
+                ])
             })
             .ctx("storing a change")?;
         if n == 1

@@ -1,5 +1,6 @@
 //! The crate's one integration-test binary (one binary keeps link times down).
 
+mod covered;
 mod crash;
 mod fuzz_corpus;
 mod rollback;

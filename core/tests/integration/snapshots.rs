@@ -8,22 +8,11 @@
 use std::path::Path;
 
 use syncline_core::DocId;
-use syncline_core::hub::{AllowAll, Hub, SessionId};
-use syncline_core::identity::Identity;
 use syncline_core::ops::{Op, PathElem, Value};
 use syncline_core::replica::Replica;
-use syncline_core::store::{HubStore, SqliteHubStore};
+use syncline_core::store::HubStore;
 
-type TestHub = Hub<SqliteHubStore, AllowAll>;
-
-fn hub(dir: &Path) -> TestHub {
-    Hub::new(
-        Identity::from_seed([9; 32]),
-        SqliteHubStore::open(&dir.join("hub.db")).unwrap(),
-        AllowAll,
-        None,
-    )
-}
+use crate::support::{TestHub, connect, hub, sync};
 
 fn replica(dir: &Path, name: &str, seed: u8) -> Replica {
     crate::support::replica_of(dir, name, seed, doc())
@@ -31,36 +20,6 @@ fn replica(dir: &Path, name: &str, seed: u8) -> Replica {
 
 fn doc() -> DocId {
     DocId::new("plant/line-1").unwrap()
-}
-
-fn connect(hub: &mut TestHub, r: &mut Replica) -> SessionId {
-    let s = hub.accept();
-    r.connect(Some(hub.peer_id()));
-    s
-}
-
-/// Moves messages both ways until nothing moves; the first error a replica meets is
-/// returned (its session has failed).
-fn sync(hub: &mut TestHub, reps: &mut [(&mut Replica, SessionId)]) -> syncline_core::Result<()> {
-    loop {
-        let mut moved = false;
-        for (r, s) in reps.iter_mut() {
-            while let Some(m) = r.poll_transmit()? {
-                hub.handle_message(*s, m).unwrap();
-                moved = true;
-            }
-        }
-        hub.flush().unwrap();
-        for (r, s) in reps.iter_mut() {
-            while let Some(m) = hub.poll_transmit(*s).unwrap() {
-                r.handle_message(m)?;
-                moved = true;
-            }
-        }
-        if !moved {
-            return Ok(());
-        }
-    }
 }
 
 fn put(key: String, n: i64) -> Op {

@@ -4,9 +4,68 @@
 use std::path::Path;
 
 use syncline_core::DocId;
+use syncline_core::hub::{AllowAll, Hub, SessionId};
 use syncline_core::identity::Identity;
 use syncline_core::replica::{Replica, ReplicaOptions};
-use syncline_core::wire::Target;
+use syncline_core::store::SqliteHubStore;
+use syncline_core::wire::{Message, Target};
+
+/// A hub machine on a SQLite file, letting every key read and write.
+pub type TestHub = Hub<SqliteHubStore, AllowAll>;
+
+/// A hub on `dir/hub.db`.
+pub fn hub(dir: &Path) -> TestHub {
+    Hub::new(
+        Identity::from_seed([9; 32]),
+        SqliteHubStore::open(&dir.join("hub.db")).unwrap(),
+        AllowAll,
+        None,
+    )
+}
+
+/// A session of `r` with `hub`.
+pub fn connect(hub: &mut TestHub, r: &mut Replica) -> SessionId {
+    let s = hub.accept();
+    r.connect(Some(hub.peer_id()));
+    s
+}
+
+/// Moves messages both ways until nothing moves; the first error a replica meets is
+/// returned (its session has failed).
+pub fn sync(
+    hub: &mut TestHub,
+    reps: &mut [(&mut Replica, SessionId)],
+) -> syncline_core::Result<()> {
+    sync_through(hub, reps, |_| {})
+}
+
+/// [`sync`], with every message from the hub passed through `relay` first (a hostile hub).
+pub fn sync_through(
+    hub: &mut TestHub,
+    reps: &mut [(&mut Replica, SessionId)],
+    mut relay: impl FnMut(&mut Message),
+) -> syncline_core::Result<()> {
+    loop {
+        let mut moved = false;
+        for (r, s) in reps.iter_mut() {
+            while let Some(m) = r.poll_transmit()? {
+                hub.handle_message(*s, m).unwrap();
+                moved = true;
+            }
+        }
+        hub.flush().unwrap();
+        for (r, s) in reps.iter_mut() {
+            while let Some(mut m) = hub.poll_transmit(*s).unwrap() {
+                relay(&mut m);
+                r.handle_message(m)?;
+                moved = true;
+            }
+        }
+        if !moved {
+            return Ok(());
+        }
+    }
+}
 
 /// A replica on `dir/NAME.db` with the key of `seed`, subscribed to `doc`.
 pub fn replica_of(dir: &Path, name: &str, seed: u8, doc: DocId) -> Replica {
