@@ -2130,6 +2130,70 @@ mod tests {
     }
 
     #[test]
+    fn changes_refused_in_a_commit_applied_on_several_threads_are_not_stored() {
+        let me = Identity::generate();
+        let mut writer = Replica::open_in_memory(me.clone(), ReplicaOptions::default()).unwrap();
+        let options = ReplicaOptions {
+            verify_threads: 2,
+            ..ReplicaOptions::default()
+        };
+        let mut late = Replica::open_in_memory(Identity::generate(), options).unwrap();
+        let mut hub = hub_with(vec![
+            grant(me.peer_id(), "", true, true),
+            grant(late.peer_id(), "", true, false),
+        ]);
+        let (small, big) = (DocId::new("p/small").unwrap(), DocId::new("p/big").unwrap());
+        writer
+            .change(&small, &ops(json!([{"op":"put","path":["a"],"value":1}])))
+            .unwrap();
+        for i in 0..150 {
+            writer
+                .change(&big, &ops(json!([{"op":"put","path":["n"],"value":i}])))
+                .unwrap();
+        }
+        let ws = connect(&mut hub, &mut writer);
+        pump(&mut hub, &mut [(&mut writer, ws)]);
+        // Two renumbered copies of the small document's change, signed by its writer: the
+        // hub stores them (it does not apply), every replica's document refuses them.
+        let first = writer.doc(&small).unwrap().changes().remove(0);
+        let forged: Vec<SignedChange> = [5, 7]
+            .into_iter()
+            .map(|seq| {
+                crate::change::sign(&me, &small, crate::change::renumbered(&first, seq))
+                    .unwrap()
+                    .into_signed()
+            })
+            .collect();
+        hub.handle_message(
+            ws,
+            Message::Push(wire::Push {
+                push_id: 78,
+                doc: small.clone(),
+                changes: forged,
+            }),
+        )
+        .unwrap();
+        pump(&mut hub, &mut [(&mut writer, ws)]);
+        assert_eq!(hub.store().change_count().unwrap(), 153);
+
+        // 153 changes of two documents in one commit: applied on two threads while the
+        // store takes them, the two refused ones taken out again before it commits.
+        late.subscribe(Target::Prefix(crate::ids::DocPrefix::new("p/").unwrap()))
+            .unwrap();
+        let ls = connect(&mut hub, &mut late);
+        let errors = pump(&mut hub, &mut [(&mut late, ls)]);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(late.status().unwrap().refused, 2);
+        assert_eq!(late.json(&small).unwrap(), json!({"a": 1}));
+        assert_eq!(late.json(&big).unwrap(), json!({"n": 149}));
+        assert_eq!(
+            late.verify_stored().unwrap(),
+            151,
+            "nothing refused was stored"
+        );
+    }
+
+    #[test]
     fn a_writer_signing_a_renumbered_change_cannot_crash_or_wedge_its_readers() {
         let me = Identity::generate();
         let mut writer = Replica::open_in_memory(me.clone(), ReplicaOptions::default()).unwrap();

@@ -8,16 +8,34 @@ use std::sync::Mutex;
 /// named `syncline-work`, joined before this returns. A part whose thread could not be
 /// spawned runs on the calling thread. Results in part order; `None` for a part whose thread
 /// panicked (its part is lost with it).
-pub(crate) fn run<T: Send, R: Send>(parts: Vec<T>, work: impl Fn(T) -> R + Sync) -> Vec<Option<R>> {
+pub(crate) fn run<T: Send, R: Send>(
+    mut parts: Vec<T>,
+    work: impl Fn(T) -> R + Sync,
+) -> Vec<Option<R>> {
+    if parts.is_empty() {
+        return Vec::new();
+    }
+    let first = parts.remove(0);
+    let (mut out, first) = run_beside(parts, &work, || work(first));
+    out.insert(0, Some(first));
+    out
+}
+
+/// Runs `work` on each part on a scoped thread of its own while `beside` runs on the calling
+/// thread (work of another kind, such as writing to a store only this thread may use). Parts
+/// whose thread could not be spawned run on the calling thread after `beside`. Results in
+/// part order, `None` for a part whose thread panicked, and what `beside` returned.
+pub(crate) fn run_beside<T: Send, R: Send, B>(
+    parts: Vec<T>,
+    work: impl Fn(T) -> R + Sync,
+    beside: impl FnOnce() -> B,
+) -> (Vec<Option<R>>, B) {
     // One slot per part: a thread takes its part out of its slot; a part left in its slot
     // is done here.
     let slots: Vec<Mutex<Option<T>>> = parts.into_iter().map(|p| Mutex::new(Some(p))).collect();
     let take = |slot: &Mutex<Option<T>>| slot.lock().ok().and_then(|mut p| p.take()).map(&work);
-    let Some((first, rest)) = slots.split_first() else {
-        return Vec::new();
-    };
     std::thread::scope(|scope| {
-        let handles: Vec<_> = rest
+        let handles: Vec<_> = slots
             .iter()
             .map(|slot| {
                 std::thread::Builder::new()
@@ -26,12 +44,16 @@ pub(crate) fn run<T: Send, R: Send>(parts: Vec<T>, work: impl Fn(T) -> R + Sync)
                     .ok()
             })
             .collect();
-        let mut out = vec![take(first)];
-        for (slot, handle) in rest.iter().zip(handles) {
-            let joined = handle.and_then(|h| h.join().ok()).flatten();
-            out.push(joined.or_else(|| take(slot)));
-        }
-        out
+        let b = beside();
+        let out = slots
+            .iter()
+            .zip(handles)
+            .map(|(slot, handle)| {
+                let joined = handle.and_then(|h| h.join().ok()).flatten();
+                joined.or_else(|| take(slot))
+            })
+            .collect();
+        (out, b)
     })
 }
 

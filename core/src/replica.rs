@@ -41,8 +41,12 @@ const MAX_INFLIGHT_PUSHES: usize = 8;
 const MAX_PUSH_CHANGES: usize = 256;
 /// Bytes in one push, about (one oversized change still goes alone).
 const MAX_PUSH_BYTES: usize = 1024 * 1024;
-/// Received messages queued before they must be committed.
-const MAX_INCOMING: usize = 64;
+/// Received messages queued before they must be committed: each commit is one fsync, which a
+/// catch-up of many small documents (one message each) waited on 16 times per 1,000 at 64.
+const MAX_INCOMING: usize = 256;
+/// Bytes of received changes queued before they must be committed (the bound on what a
+/// commit holds in memory, whatever the messages' sizes).
+const MAX_INCOMING_BYTES: usize = 8 * 1024 * 1024;
 /// Events kept for the app before the oldest are dropped.
 const MAX_EVENTS: usize = 10_000;
 
@@ -204,63 +208,37 @@ const MIN_CHANGES_PER_APPLY_THREAD: usize = 64;
 
 /// What applying one document's received changes did.
 struct Applied {
-    /// The changes new to the document, to store (refused ones left out).
-    fresh: Vec<VerifiedChange>,
-    /// How many were refused by the document's checks.
-    refused: u64,
+    /// The changes the document's checks refused (not to be stored).
+    refused: HashSet<ChangeHash>,
     /// The heads before, if the heads moved.
     before: Option<Vec<ChangeHash>>,
 }
 
-/// Applies verified changes received for `doc` to its state: duplicates and changes it holds
-/// are left out, the rest go into one Automerge call; refused ones are logged and counted,
-/// and those waiting for dependencies stay pending (at most `max_pending`).
+/// Applies changes received for `doc`, new to it, to its state in one Automerge call; refused
+/// ones are logged, and those waiting for dependencies stay pending (at most `max_pending`).
 fn apply_received(
     doc: &DocId,
     state: &mut DocState,
-    changes: Vec<VerifiedChange>,
+    fresh: &[VerifiedChange],
     max_pending: usize,
 ) -> Result<Applied> {
-    let mut seen = HashSet::new();
-    let fresh: Vec<VerifiedChange> = changes
-        .into_iter()
-        .filter(|c| {
-            seen.insert(c.hash())
-                && !state.pending.contains(&c.hash())
-                && !state.doc.has_change(&c.hash())
-        })
-        .collect();
-    if fresh.is_empty() {
-        return Ok(Applied {
-            fresh,
-            refused: 0,
-            before: None,
-        });
-    }
     let before = state.doc.heads();
     let refused = state
         .doc
         .apply_changes(fresh.iter().map(|c| c.automerge().clone()).collect())?;
-    let fresh: Vec<VerifiedChange> = if refused.is_empty() {
-        fresh
-    } else {
-        for r in &refused {
-            let author = fresh
-                .iter()
-                .find(|c| c.hash() == r.hash)
-                .map(|c| c.author());
-            tracing::warn!(%doc, ?author, "refused a remote change: {r}");
-        }
-        let out: HashSet<ChangeHash> = refused.iter().map(|r| r.hash).collect();
-        // One that waited since an earlier flush is stored already; it stops counting as
-        // pending (it is left out again if the document is reloaded).
-        state.pending.retain(|h| !out.contains(h));
-        fresh
-            .into_iter()
-            .filter(|c| !out.contains(&c.hash()))
-            .collect()
-    };
-    state.pending.extend(fresh.iter().map(|c| c.hash()));
+    for r in &refused {
+        let author = fresh
+            .iter()
+            .find(|c| c.hash() == r.hash)
+            .map(|c| c.author());
+        tracing::warn!(%doc, ?author, "refused a remote change: {r}");
+    }
+    let refused: HashSet<ChangeHash> = refused.iter().map(|r| r.hash).collect();
+    // One that waited since an earlier flush is stored already; it stops counting as pending
+    // (it is left out again if the document is reloaded).
+    state.pending.retain(|h| !refused.contains(h));
+    let kept = fresh.iter().filter(|c| !refused.contains(&c.hash()));
+    state.pending.extend(kept.clone().map(|c| c.hash()));
     let doc_ref = &state.doc;
     state.pending.retain(|h| !doc_ref.has_change(h));
     if state.pending.len() > max_pending {
@@ -269,14 +247,10 @@ fn apply_received(
             count: state.pending.len(),
         });
     }
-    state.incremental_bytes += fresh
-        .iter()
-        .map(|c| c.signed().bytes.len() as u64)
-        .sum::<u64>();
+    state.incremental_bytes += kept.map(|c| c.signed().bytes.len() as u64).sum::<u64>();
     let moved = state.doc.heads() != before;
     Ok(Applied {
-        fresh,
-        refused: refused.len() as u64,
+        refused,
         before: moved.then_some(before),
     })
 }
@@ -362,6 +336,8 @@ pub struct Replica {
     subscriptions: Subscriptions,
     session: Option<Session>,
     incoming: Vec<Changes>,
+    /// Bytes of the changes in `incoming`.
+    incoming_bytes: usize,
     events: VecDeque<Event>,
     dropped_events: u64,
     compactions: u64,
@@ -421,6 +397,7 @@ impl Replica {
             subscriptions,
             session: None,
             incoming: Vec::new(),
+            incoming_bytes: 0,
             events: VecDeque::new(),
             dropped_events: 0,
             compactions: 0,
@@ -972,6 +949,7 @@ impl Replica {
             binding,
         );
         self.incoming.clear();
+        self.incoming_bytes = 0;
         self.session = Some(Session {
             handshake,
             hub: None,
@@ -993,6 +971,7 @@ impl Replica {
     pub fn disconnect(&mut self) {
         self.session = None;
         self.incoming.clear();
+        self.incoming_bytes = 0;
     }
 
     /// Whether the session failed (its last message, an error for the hub, may still be
@@ -1041,6 +1020,7 @@ impl Replica {
                 .push_back(Message::Error(wire::ErrorMessage { code, message }));
         }
         self.incoming.clear();
+        self.incoming_bytes = 0;
     }
 
     fn handle_message_inner(&mut self, msg: Message) -> Result<()> {
@@ -1116,8 +1096,10 @@ impl Replica {
                     }
                     .into());
                 }
+                self.incoming_bytes += c.changes.iter().map(|c| c.bytes.len()).sum::<usize>();
                 self.incoming.push(c);
-                if self.incoming.len() >= MAX_INCOMING {
+                if self.incoming.len() >= MAX_INCOMING || self.incoming_bytes >= MAX_INCOMING_BYTES
+                {
                     self.flush()?;
                 }
             }
@@ -1389,6 +1371,7 @@ impl Replica {
             return Ok(());
         }
         let incoming = std::mem::take(&mut self.incoming);
+        self.incoming_bytes = 0;
         let mut touched: Vec<DocId> = Vec::new();
         let result = self.ingest(incoming, &mut touched);
         if let Err(e) = &result {
@@ -1418,9 +1401,7 @@ impl Replica {
         // One parallel batch for every message of the flush: many small documents verify on
         // every core too.
         let per_doc = change::verify_docs_covered(received, self.options.verify_threads)?;
-        // Documents are independent: each part of them is applied on a thread of its own,
-        // the states taken out of the cache meanwhile (and put back only on success: a failed
-        // flush evicts what it touched, as below).
+        // What is new to each document (dropping what it holds or waits for already).
         let mut work: Vec<(DocId, DocState, Vec<VerifiedChange>)> = Vec::new();
         for (doc, changes) in per_doc {
             if !self.subscriptions.covers(&doc)
@@ -1429,73 +1410,104 @@ impl Replica {
                 continue; // a bucket forgotten during this session: the hub keeps it
             }
             touched.push(doc.clone());
-            self.load(&doc, true)?;
+            let state = self.load(&doc, true)?;
+            let mut seen = HashSet::new();
+            let fresh: Vec<VerifiedChange> = changes
+                .into_iter()
+                .filter(|c| {
+                    seen.insert(c.hash())
+                        && !state.pending.contains(&c.hash())
+                        && !state.doc.has_change(&c.hash())
+                })
+                .collect();
+            if fresh.is_empty() {
+                continue;
+            }
+            // Out of the cache while it is applied; put back only on success (a failed flush
+            // evicts what it touched).
             let state = self
                 .docs
                 .remove(&doc)
                 .ok_or_else(|| Error::UnknownDocument(doc.clone()))?;
-            work.push((doc, state, changes));
+            work.push((doc, state, fresh));
         }
+        // Documents are independent: with enough changes, parts of them are applied on
+        // threads of their own while this thread stores the changes, in a transaction that
+        // commits only if every apply succeeds (changes a document refuses are taken out of
+        // it again). A small commit (a live change) is applied here, then stored.
         let max_pending = self.options.max_pending_per_doc;
         let total: usize = work.iter().map(|w| w.2.len()).sum();
         let threads = self
             .options
             .verify_threads
             .min(total / MIN_CHANGES_PER_APPLY_THREAD)
-            .min(work.len())
-            .max(1);
-        let parts = crate::parallel::split_by(work, threads, |w| w.2.len());
-        let applied = crate::parallel::run(parts, |part| {
+            .min(work.len());
+        let epoch = self.session.as_ref().map(|s| s.hub_epoch);
+        let mut items: Vec<(&DocId, &mut DocState, &[VerifiedChange])> =
+            Vec::with_capacity(work.len());
+        let mut to_store: Vec<&VerifiedChange> = Vec::with_capacity(total);
+        for (doc, state, fresh) in work.iter_mut() {
+            let fresh: &[VerifiedChange] = fresh;
+            to_store.extend(fresh.iter());
+            items.push((doc, state, fresh));
+        }
+        let apply = |part: Vec<(&DocId, &mut DocState, &[VerifiedChange])>| {
             part.into_iter()
-                .map(|(doc, mut state, changes)| {
-                    let outcome = apply_received(&doc, &mut state, changes, max_pending);
-                    (doc, state, outcome)
-                })
+                .map(|(doc, state, fresh)| apply_received(doc, state, fresh, max_pending))
                 .collect::<Vec<_>>()
-        });
-        let mut fresh_all: Vec<VerifiedChange> = Vec::new();
+        };
+        let store = &mut self.store;
+        let write = move || -> Result<(crate::store::WriteBatch<'_>, Vec<bool>)> {
+            let store = store; // moved in whole: the batch borrows the store past this call
+            let mut batch = store.batch()?;
+            let mut new = Vec::with_capacity(to_store.len());
+            for c in &to_store {
+                new.push(batch.insert_change(c)?);
+            }
+            for (t, c) in &cursors {
+                batch.advance_cursor(t, *c)?;
+            }
+            if let Some(epoch) = epoch {
+                batch.set_last_epoch(epoch)?;
+            }
+            Ok((batch, new))
+        };
+        let (applied, written) = if threads <= 1 {
+            let applied = vec![Some(apply(items))];
+            (applied, write())
+        } else {
+            let parts = crate::parallel::split_by(items, threads, |i| i.2.len());
+            crate::parallel::run_beside(parts, apply, write)
+        };
+        let (mut batch, new) = written?;
+        let mut outcomes = Vec::with_capacity(work.len());
+        for part in applied {
+            outcomes.extend(part.ok_or_else(|| Error::Corrupt {
+                what: "a commit of received changes".into(),
+                reason: "an apply thread failed".into(),
+            })?);
+        }
         let mut changed: Vec<(DocId, Vec<ChangeHash>)> = Vec::new();
         let mut refused_total = 0;
-        let mut failed = None;
-        for part in applied {
-            let Some(part) = part else {
-                failed.get_or_insert(Error::Corrupt {
-                    what: "a commit of received changes".into(),
-                    reason: "an apply thread failed".into(),
-                });
-                continue;
-            };
-            for (doc, state, outcome) in part {
-                match outcome {
-                    Ok(a) => {
-                        self.docs.insert(doc.clone(), state);
-                        refused_total += a.refused;
-                        if let Some(before) = a.before {
-                            changed.push((doc, before));
-                        }
-                        fresh_all.extend(a.fresh);
-                    }
-                    Err(e) => {
-                        failed.get_or_insert(e);
-                    }
+        let mut at = 0;
+        let mut done = Vec::with_capacity(work.len());
+        for ((doc, state, fresh), outcome) in work.into_iter().zip(outcomes) {
+            let a = outcome?;
+            for (i, c) in fresh.iter().enumerate() {
+                if a.refused.contains(&c.hash()) && new[at + i] {
+                    batch.remove_new_change(c)?;
                 }
             }
-        }
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        self.refused += refused_total;
-        let mut batch = self.store.batch()?;
-        for c in &fresh_all {
-            batch.insert_change(c)?;
-        }
-        for (t, c) in &cursors {
-            batch.advance_cursor(t, *c)?;
-        }
-        if let Some(epoch) = self.session.as_ref().map(|s| s.hub_epoch) {
-            batch.set_last_epoch(epoch)?;
+            at += fresh.len();
+            refused_total += a.refused.len() as u64;
+            if let Some(before) = a.before {
+                changed.push((doc.clone(), before));
+            }
+            done.push((doc, state));
         }
         batch.commit()?;
+        self.refused += refused_total;
+        self.docs.extend(done);
         for (doc, before) in changed {
             self.after_commit(&doc, &before, Origin::Remote);
         }

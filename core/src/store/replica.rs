@@ -623,6 +623,22 @@ impl WriteBatch<'_> {
         Ok(n == 1)
     }
 
+    /// Takes out a change [`insert_change`](Self::insert_change) stored in this batch (one the
+    /// document then refused).
+    pub fn remove_new_change(&mut self, change: &VerifiedChange) -> Result<()> {
+        let n = self
+            .tx
+            .prepare_cached("DELETE FROM changes WHERE doc = ?1 AND hash = ?2")
+            .and_then(|mut st| st.execute(params![change.doc().as_str(), &change.hash().0[..]]))
+            .ctx("taking out a refused change")?;
+        if n == 1
+            && let Some(bytes) = self.added.get_mut(change.doc())
+        {
+            *bytes -= change.signed().bytes.len() as i64;
+        }
+        Ok(())
+    }
+
     /// Queues a stored change for upload. If its bytes were compacted away, `bytes` puts them
     /// back so the outbox can be read without the document.
     pub fn enqueue_upload(
