@@ -1459,7 +1459,7 @@ impl Replica {
         let store = &mut self.store;
         let write = move || -> Result<(crate::store::WriteBatch<'_>, Vec<bool>)> {
             let store = store; // moved in whole: the batch borrows the store past this call
-            let mut batch = store.batch()?;
+            let mut batch = store.received_batch()?;
             let mut new = Vec::with_capacity(to_store.len());
             for c in &to_store {
                 new.push(batch.insert_change(c)?);

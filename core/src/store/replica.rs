@@ -104,6 +104,9 @@ pub struct OutboxEntry {
 /// A replica's store. One process owns it: it is not shared between writers.
 pub struct ReplicaStore {
     conn: Connection,
+    /// Whether the connection is at `synchronous=FULL` (as opened), or NORMAL after a
+    /// [`received_batch`](Self::received_batch).
+    synced: bool,
 }
 
 impl std::fmt::Debug for ReplicaStore {
@@ -154,6 +157,7 @@ impl ReplicaStore {
     pub fn open_keyed(path: &Path, key: Option<&crate::store::StoreKey>) -> Result<Self> {
         Ok(ReplicaStore {
             conn: sqlite::open_keyed(path, "replica", MIGRATIONS, 16, key)?,
+            synced: true,
         })
     }
 
@@ -178,15 +182,45 @@ impl ReplicaStore {
     pub fn open_in_memory() -> Result<Self> {
         Ok(ReplicaStore {
             conn: sqlite::open_in_memory("replica", MIGRATIONS)?,
+            synced: true,
         })
     }
 
-    /// Starts a group of writes.
+    /// Starts a group of writes that is durable once committed (`synchronous=FULL`: the WAL
+    /// is synced at the commit): local writes, subscriptions, anything acknowledged to an app.
     pub fn batch(&mut self) -> Result<WriteBatch<'_>> {
+        self.set_synced(true)?;
         Ok(WriteBatch {
             tx: self.conn.transaction().ctx("starting a write")?,
             added: std::collections::HashMap::new(),
         })
+    }
+
+    /// Starts a group of writes of changes received from the hub, with the cursors they
+    /// advance: atomic, but not synced at its commit (`synchronous=NORMAL`). A power cut may
+    /// roll back the last such commits, cursors with their changes, which the hub (holding
+    /// them durably since before it relayed them) sends again; the next durable commit syncs
+    /// the WAL, these with it, so a local write never outlives a received change it builds
+    /// on. A process crash loses nothing (the WAL is in the OS's page cache). This takes the
+    /// third fsync off a remote change's way to visible (writer, hub, reader).
+    pub fn received_batch(&mut self) -> Result<WriteBatch<'_>> {
+        self.set_synced(false)?;
+        Ok(WriteBatch {
+            tx: self.conn.transaction().ctx("starting a write")?,
+            added: std::collections::HashMap::new(),
+        })
+    }
+
+    /// Sets `synchronous` to FULL or NORMAL, if it is not that already.
+    fn set_synced(&mut self, full: bool) -> Result<()> {
+        if self.synced != full {
+            let mode = if full { "FULL" } else { "NORMAL" };
+            self.conn
+                .pragma_update(None, "synchronous", mode)
+                .ctx("setting synchronous")?;
+            self.synced = full;
+        }
+        Ok(())
     }
 
     /// The documents held, in id order.
@@ -729,6 +763,26 @@ impl WriteBatch<'_> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn received_changes_commit_unsynced_and_every_other_batch_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = super::ReplicaStore::open(&dir.path().join("r.db")).unwrap();
+        let mode = |s: &super::ReplicaStore| -> i64 {
+            s.conn
+                .pragma_query_value(None, "synchronous", |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(mode(&store), 2, "FULL as opened");
+        store.received_batch().unwrap().commit().unwrap();
+        assert_eq!(mode(&store), 1, "NORMAL for received changes");
+        store.batch().unwrap().commit().unwrap();
+        assert_eq!(
+            mode(&store),
+            2,
+            "FULL again for what an app is told is durable"
+        );
+    }
+
     #[test]
     fn a_data_directory_has_one_owner_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
