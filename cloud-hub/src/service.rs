@@ -29,6 +29,35 @@ use crate::{GRANTS_POLL, usage};
 /// How long shutdown waits for open connections to end before it drops them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The UDP receive buffer the hub asks for. Every edge sends to this one socket: 100 edges
+/// uploading at once (a hub restart, a network back) overflowed Linux's default (208 KiB),
+/// and the dropped packets' QUIC loss recovery held those edges back for seconds
+/// (`syncline-bench --only ingest`, 100 writers: 3-6 s instead of 1 s, hundreds of
+/// `UdpRcvbufErrors`).
+const UDP_RECEIVE_BUFFER: usize = 8 * 1024 * 1024;
+
+/// Below this the hub warns: what the kernel granted is too small for bursts from many
+/// edges.
+const UDP_RECEIVE_BUFFER_LOW: usize = 2 * 1024 * 1024;
+
+/// Asks for [`UDP_RECEIVE_BUFFER`]; the kernel caps it at `net.core.rmem_max`, and the hub
+/// says so when that leaves it small.
+fn widen_receive_buffer(socket: &std::net::UdpSocket) {
+    let sock = socket2::SockRef::from(socket);
+    if let Err(e) = sock.set_recv_buffer_size(UDP_RECEIVE_BUFFER) {
+        tracing::warn!(error = %e, "could not set the UDP receive buffer size");
+    }
+    match sock.recv_buffer_size() {
+        Ok(got) if got < UDP_RECEIVE_BUFFER_LOW => tracing::warn!(
+            bytes = got,
+            "the UDP receive buffer is small: bursts from many edges will drop packets and \
+             stall them; raise it with `sysctl -w net.core.rmem_max={UDP_RECEIVE_BUFFER}`"
+        ),
+        Ok(got) => tracing::info!(bytes = got, "UDP receive buffer"),
+        Err(e) => tracing::warn!(error = %e, "could not read the UDP receive buffer size"),
+    }
+}
+
 /// Runs the hub until SIGTERM or SIGINT (then returns `Ok`) or until the hub thread fails.
 pub fn run(settings: Settings) -> anyhow::Result<()> {
     let dir = DataDir::new(&settings.data);
@@ -144,6 +173,7 @@ async fn serve(
         ))
     };
     let socket = std::net::UdpSocket::bind(listen).map_err(cannot_listen)?;
+    widen_receive_buffer(&socket);
     let endpoint = quinn::Endpoint::new(
         endpoint_config,
         Some(server_config),
