@@ -52,9 +52,13 @@ pub enum ChangeError {
         /// The change.
         hash: ChangeHash,
     },
-    /// A change in a snapshot is in the history of no signed change of its actor, so no
+    /// A change held without a verified signature of its own (from a snapshot, or whose
+    /// relayed signature fails) is in the history of no signed change of its actor, so no
     /// signature of its author covers it.
-    #[error("change {hash} in a snapshot of {doc} is covered by no signature of its author")]
+    #[error(
+        "change {hash} of {doc} is covered by no signature of its author (neither its own nor \
+         a later change's of its actor)"
+    )]
     NotCovered {
         /// The document.
         doc: DocId,

@@ -2130,6 +2130,80 @@ mod tests {
     }
 
     #[test]
+    fn a_change_covered_only_by_one_the_document_refuses_is_checked_on_its_own() {
+        let me = Identity::generate();
+        let mut writer = Replica::open_in_memory(me.clone(), ReplicaOptions::default()).unwrap();
+        let mut reader = replica();
+        let mut hub = hub_with(vec![
+            grant(me.peer_id(), "", true, true),
+            grant(reader.peer_id(), "", true, false),
+        ]);
+        let doc = DocId::new("p/covered").unwrap();
+        writer
+            .change(&doc, &ops(json!([{"op":"put","path":["a"],"value":1}])))
+            .unwrap();
+        writer
+            .change(&doc, &ops(json!([{"op":"put","path":["a"],"value":2}])))
+            .unwrap();
+        let ws = connect(&mut hub, &mut writer);
+        pump(&mut hub, &mut [(&mut writer, ws)]);
+        // The writer's key signs its second change again under number 5 (on top of the
+        // first): the hub stores it, every document refuses it.
+        let second = writer.doc(&doc).unwrap().changes().remove(1);
+        let forged = crate::change::sign(&me, &doc, crate::change::renumbered(&second, 5))
+            .unwrap()
+            .into_signed();
+        hub.handle_message(
+            ws,
+            Message::Push(wire::Push {
+                push_id: 79,
+                doc: doc.clone(),
+                changes: vec![forged.clone()],
+            }),
+        )
+        .unwrap();
+        pump(&mut hub, &mut [(&mut writer, ws)]);
+
+        // The reader gets all three in one message, the first with its signature damaged:
+        // it is in the history of the renumbered change (same actor), whose signature
+        // verifies, but that change is refused, so the first is checked on its own.
+        reader.subscribe(Target::Doc(doc.clone())).unwrap();
+        let rs = connect(&mut hub, &mut reader);
+        let mut failed = None;
+        for _ in 0..100 {
+            while let Some(m) = reader.poll_transmit().unwrap() {
+                hub.handle_message(rs, m).unwrap();
+            }
+            hub.flush().unwrap();
+            let mut moved = false;
+            while let Some(mut m) = hub.poll_transmit(rs).unwrap() {
+                moved = true;
+                if let Message::Changes(c) = &mut m
+                    && c.changes.len() == 3
+                {
+                    assert_eq!(c.changes[2], forged, "in log order");
+                    c.changes[0].signature[1] ^= 4;
+                }
+                if let Err(e) = reader.handle_message(m) {
+                    failed.get_or_insert(e);
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        let e = failed.expect("the damaged signature is found");
+        assert!(
+            matches!(e, Error::Change(ChangeError::BadSignature { .. })),
+            "{e}"
+        );
+        assert!(
+            !reader.store().has_doc(&doc).unwrap(),
+            "nothing of it stored"
+        );
+    }
+
+    #[test]
     fn changes_refused_in_a_commit_applied_on_several_threads_are_not_stored() {
         let me = Identity::generate();
         let mut writer = Replica::open_in_memory(me.clone(), ReplicaOptions::default()).unwrap();

@@ -57,25 +57,55 @@ pub(crate) fn run_beside<T: Send, R: Send, B>(
     })
 }
 
-/// Splits `items` into at most `parts` contiguous runs of about equal `weight`.
+/// Splits `items` into at most `parts` contiguous runs of about equal `weight`: a run ends
+/// once it holds its share, or before an item that would take it past its share.
 pub(crate) fn split_by<T>(
     items: Vec<T>,
     parts: usize,
     weight: impl Fn(&T) -> usize,
 ) -> Vec<Vec<T>> {
+    let parts = parts.max(1);
     let total: usize = items.iter().map(&weight).sum();
-    let per = total.div_ceil(parts.max(1)).max(1);
+    let per = total.div_ceil(parts).max(1);
     let mut out: Vec<Vec<T>> = vec![Vec::new()];
     let mut in_part = 0;
     for item in items {
-        if in_part >= per {
+        let w = weight(&item);
+        if w > 0 && in_part > 0 && in_part + w > per && out.len() < parts {
             out.push(Vec::new());
             in_part = 0;
         }
-        in_part += weight(&item);
+        in_part += w;
         if let Some(p) = out.last_mut() {
             p.push(item);
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_are_contiguous_balanced_and_never_more_than_asked() {
+        let split = |w: Vec<usize>, n| split_by(w, n, |x| *x);
+        assert_eq!(split(vec![3, 150], 2), vec![vec![3], vec![150]]);
+        assert_eq!(split(vec![150, 3], 2), vec![vec![150], vec![3]]);
+        assert_eq!(split(vec![1; 10], 2), vec![vec![1; 5], vec![1; 5]]);
+        assert_eq!(split(vec![0, 0, 5, 0], 3).len(), 1);
+        assert_eq!(split(vec![4, 4, 4, 4, 4], 2).len(), 2);
+        assert!(split(Vec::new(), 2).iter().all(Vec::is_empty));
+        let order: Vec<usize> = split((0..20).collect(), 3).concat();
+        assert_eq!(order, (0..20).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn every_part_runs_once_and_results_keep_their_order() {
+        let out = run((0..5).collect(), |i: i32| i * 10);
+        assert_eq!(out, vec![Some(0), Some(10), Some(20), Some(30), Some(40)]);
+        let (out, beside) = run_beside(vec![1, 2], |i: i32| i + 1, || "store");
+        assert_eq!(out, vec![Some(2), Some(3)]);
+        assert_eq!(beside, "store");
+    }
 }

@@ -815,6 +815,8 @@ impl Replica {
         let stored = self.store.all_changes()?;
         let mut count = stored.len();
         let mut signed: HashMap<DocId, HashSet<ChangeHash>> = HashMap::new();
+        let mut rows_of: HashMap<DocId, Vec<SignedChange>> = HashMap::new();
+        let mut relayed_bad: HashMap<DocId, Vec<ChangeHash>> = HashMap::new();
         for crate::store::StoredChange {
             doc,
             hash,
@@ -836,17 +838,34 @@ impl Replica {
                     .raw_bytes()
                     .to_vec(),
             };
-            match change::verify(&doc, SignedChange { bytes, signature }) {
+            let signed_change = SignedChange { bytes, signature };
+            rows_of
+                .entry(doc.clone())
+                .or_default()
+                .push(signed_change.clone());
+            match change::verify(&doc, signed_change) {
                 Ok(_) => {
                     signed.entry(doc.clone()).or_default().insert(hash);
                 }
                 // Accepted on a later change of its actor: the signature beside it is what
-                // the hub relayed. The coverage walk below must find that later change.
-                Err(_) if !checked => {
-                    count -= 1;
+                // the hub relayed. Proven below, by the same rule, over the stored rows.
+                Err(crate::error::ChangeError::BadSignature { .. }) if !checked => {
+                    relayed_bad.entry(doc.clone()).or_default().push(hash);
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+        // Each row whose relayed signature fails must be covered, through the stored rows'
+        // own hash links (pending ones too), by a verified change of its actor.
+        for (doc, bad) in relayed_bad {
+            let rows = rows_of.remove(&doc).unwrap_or_default();
+            change::verify_docs_covered(vec![(doc.clone(), rows)], 1).map_err(|e| match e {
+                crate::error::ChangeError::BadSignature { doc, hash } => {
+                    crate::error::ChangeError::NotCovered { doc, hash }
+                }
+                other => other,
+            })?;
+            signed.entry(doc).or_default().extend(bad);
         }
         // Changes that came inside a snapshot from the hub have no signature of their own,
         // nor do those with a relayed signature that does not verify: each must be in the
@@ -1493,6 +1512,16 @@ impl Replica {
         let mut done = Vec::with_capacity(work.len());
         for ((doc, state, fresh), outcome) in work.into_iter().zip(outcomes) {
             let a = outcome?;
+            if !a.refused.is_empty() {
+                // A change taken in on the signature of one the document then refused is
+                // checked on its own: the store keeps no proof of it otherwise.
+                for c in fresh
+                    .iter()
+                    .filter(|c| !c.signature_checked() && !a.refused.contains(&c.hash()))
+                {
+                    change::verify(&doc, c.signed().clone())?;
+                }
+            }
             for (i, c) in fresh.iter().enumerate() {
                 if a.refused.contains(&c.hash()) && new[at + i] {
                     batch.remove_new_change(c)?;
@@ -1572,6 +1601,27 @@ impl Replica {
         if s.failed || s.hub.is_none() || s.inflight.len() >= MAX_INFLIGHT_PUSHES {
             return Ok(None);
         }
+        // Rows whose relayed signature fails are dropped on the way: a push of none of them
+        // is not sent, the next rows are read instead (each turn drops at least one).
+        loop {
+            if let Some(push) = self.next_push()? {
+                return Ok(Some(push));
+            }
+            let Some(s) = self.session.as_ref() else {
+                return Ok(None);
+            };
+            if self.store.outbox_after(s.sent_upto, 1)?.is_empty() {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// The next `Push` of outbox rows after the session's mark, all of one document; `None`
+    /// when there are none, or when every row read was dropped (not uploadable).
+    fn next_push(&mut self) -> Result<Option<Message>> {
+        let Some(s) = self.session.as_ref() else {
+            return Ok(None);
+        };
         let entries = self.store.outbox_after(s.sent_upto, MAX_PUSH_CHANGES)?;
         let Some(first) = entries.first() else {
             return Ok(None);
@@ -1625,6 +1675,9 @@ impl Replica {
             state: "closed",
         })?;
         s.sent_upto = last_row;
+        if changes.is_empty() {
+            return Ok(None);
+        }
         let push_id = s.next_push;
         s.next_push += 1;
         s.inflight.insert(

@@ -211,7 +211,8 @@ impl ReplicaStore {
         })
     }
 
-    /// Sets `synchronous` to FULL or NORMAL, if it is not that already.
+    /// Sets `synchronous` to FULL or NORMAL, if it is not that already. Every write but a
+    /// [`received_batch`](Self::received_batch) sets FULL first.
     fn set_synced(&mut self, full: bool) -> Result<()> {
         if self.synced != full {
             let mode = if full { "FULL" } else { "NORMAL" };
@@ -264,6 +265,7 @@ impl ReplicaStore {
     /// Forgets a document locally, in one transaction: its changes, snapshot, refused outbox
     /// entries and subscription. The caller checks that nothing of it awaits the hub.
     pub fn forget_doc(&mut self, doc: &DocId) -> Result<()> {
+        self.set_synced(true)?;
         let tx = self.conn.transaction().ctx("forgetting a document")?;
         for sql in [
             "DELETE FROM outbox WHERE doc = ?1",
@@ -407,6 +409,7 @@ impl ReplicaStore {
     /// Removes one row from the outbox without an acknowledgement: a change this replica
     /// cannot upload (its signature, as relayed to it, does not verify).
     pub fn drop_outbox(&mut self, row: i64) -> Result<()> {
+        self.set_synced(true)?;
         self.conn
             .prepare_cached("DELETE FROM outbox WHERE id = ?1")
             .and_then(|mut st| st.execute([row]))
@@ -417,6 +420,7 @@ impl ReplicaStore {
     /// Removes acknowledged rows from the outbox (durably), recording the acknowledging hub's
     /// epoch in the same transaction.
     pub fn ack_outbox(&mut self, rows: &[i64], epoch: Epoch) -> Result<()> {
+        self.set_synced(true)?;
         let tx = self.conn.transaction().ctx("acknowledging uploads")?;
         tx.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_epoch', ?1)",
@@ -436,6 +440,7 @@ impl ReplicaStore {
 
     /// Marks rows as refused by the hub (they stay, and are offered again next session).
     pub fn reject_outbox(&mut self, rows: &[i64], reason: &str) -> Result<()> {
+        self.set_synced(true)?;
         let tx = self.conn.transaction().ctx("recording a refusal")?;
         {
             let mut st = tx
@@ -506,6 +511,7 @@ impl ReplicaStore {
     /// Replaces a document's snapshot: `snapshot` holds every change in `covered`, whose bytes
     /// are dropped (their signatures stay). Changes still in the outbox keep their bytes.
     pub fn compact(&mut self, doc: &DocId, snapshot: &[u8], covered: &[ChangeHash]) -> Result<()> {
+        self.set_synced(true)?;
         self.replace_snapshot(doc, snapshot, &[], covered)
     }
 
@@ -518,6 +524,7 @@ impl ReplicaStore {
         snapshot: &crate::snapshot::Snapshot,
         covered: &[ChangeHash],
     ) -> Result<()> {
+        self.set_synced(true)?;
         self.replace_snapshot(doc, &snapshot.data, &snapshot.signed, covered)
     }
 
@@ -670,6 +677,15 @@ impl WriteBatch<'_> {
         {
             *bytes -= change.signed().bytes.len() as i64;
         }
+        // A document this batch created for changes all refused is not held after all.
+        self.tx
+            .prepare_cached(
+                "DELETE FROM docs WHERE doc = ?1
+                 AND NOT EXISTS (SELECT 1 FROM changes WHERE doc = ?1)
+                 AND NOT EXISTS (SELECT 1 FROM snapshots WHERE doc = ?1)",
+            )
+            .and_then(|mut st| st.execute([change.doc().as_str()]))
+            .ctx("taking out a refused change")?;
         Ok(())
     }
 
