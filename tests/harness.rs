@@ -437,6 +437,14 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
+/// A test server's TLS files: its certificate and key, and the CA its clients' certificates
+/// must chain to (if it asks for them).
+struct ServerTls {
+    cert: String,
+    key: String,
+    client_ca: Option<String>,
+}
+
 /// A real PostgreSQL server of its own, in a temp dir, on a free port of 127.0.0.1, stopped
 /// when dropped. Debian's `postgresql` package provides the binaries (`.ci/run` installs it);
 /// as root, the server runs as the `postgres` user, which PostgreSQL requires.
@@ -458,6 +466,20 @@ impl Postgres {
     /// signed by a CA made for the test; returns the CA's PEM file. Plain connections are
     /// still accepted (`host` lines of the default `pg_hba.conf`).
     pub fn start_tls() -> (Postgres, PathBuf) {
+        let (pg, ca, _) = Postgres::start_tls_with(false);
+        (pg, ca)
+    }
+
+    /// [`start_tls`](Self::start_tls) where TCP connections must be TLS and show a client
+    /// certificate of the test CA naming the database user (`hostssl ... cert` in
+    /// `pg_hba.conf`, `ssl_ca_file`); returns the CA and the client's certificate and key
+    /// files, for user `syncline`.
+    pub fn start_mutual_tls() -> (Postgres, PathBuf, (PathBuf, PathBuf)) {
+        let (pg, ca, client) = Postgres::start_tls_with(true);
+        (pg, ca, client.expect("a client certificate"))
+    }
+
+    fn start_tls_with(clients: bool) -> (Postgres, PathBuf, Option<(PathBuf, PathBuf)>) {
         let ca_key = rcgen::KeyPair::generate().expect("a CA key");
         let mut ca_params =
             rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
@@ -466,18 +488,41 @@ impl Postgres {
             .distinguished_name
             .push(rcgen::DnType::CommonName, "syncline test CA");
         let ca = ca_params.self_signed(&ca_key).expect("a CA certificate");
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
         let key = rcgen::KeyPair::generate().expect("a server key");
         let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
             .expect("server parameters")
-            .signed_by(&key, &rcgen::Issuer::new(ca_params, ca_key))
+            .signed_by(&key, &issuer)
             .expect("a server certificate");
-        let pg = Postgres::start_with(Some((cert.pem(), key.serialize_pem())));
+        let pg = Postgres::start_with(Some(ServerTls {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+            client_ca: clients.then(|| ca.pem()),
+        }));
         let ca_file = pg.dir.path().join("ca.pem");
         std::fs::write(&ca_file, ca.pem()).expect("writing the CA");
-        (pg, ca_file)
+        let client = clients.then(|| {
+            let key = rcgen::KeyPair::generate().expect("a client key");
+            let mut params =
+                rcgen::CertificateParams::new(Vec::<String>::new()).expect("client parameters");
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "syncline");
+            let cert = params
+                .signed_by(&key, &issuer)
+                .expect("a client certificate");
+            let (cert_file, key_file) = (
+                pg.dir.path().join("client.crt"),
+                pg.dir.path().join("client.key"),
+            );
+            std::fs::write(&cert_file, cert.pem()).expect("writing the client certificate");
+            std::fs::write(&key_file, key.serialize_pem()).expect("writing the client key");
+            (cert_file, key_file)
+        });
+        (pg, ca_file, client)
     }
 
-    fn start_with(tls: Option<(String, String)>) -> Postgres {
+    fn start_with(tls: Option<ServerTls>) -> Postgres {
         let bin = postgres_bin();
         let dir = tempfile::tempdir().expect("a temp dir for PostgreSQL");
         let root = Command::new("id")
@@ -519,29 +564,45 @@ impl Postgres {
              -c fsync=on -c max_connections=50",
             pg.dir.path().display()
         );
-        if let Some((cert, key)) = tls {
+        let mut mutual = false;
+        if let Some(tls) = tls {
             // The server reads them as its own user; the key must not be readable by others.
-            let (cert_file, key_file) = (
+            let (cert_file, key_file, ca_file) = (
                 pg.dir.path().join("server.crt"),
                 pg.dir.path().join("server.key"),
+                pg.dir.path().join("client-ca.pem"),
             );
-            std::fs::write(&cert_file, cert).expect("writing the server certificate");
-            std::fs::write(&key_file, key).expect("writing the server key");
+            std::fs::write(&cert_file, tls.cert).expect("writing the server certificate");
+            std::fs::write(&key_file, tls.key).expect("writing the server key");
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))
                 .expect("the key's mode");
-            if pg.user.is_some() {
-                let (code, _, err) = run(Command::new("chown")
-                    .arg("postgres:")
-                    .arg(&cert_file)
-                    .arg(&key_file));
-                assert_eq!(code, 0, "chown of the TLS files failed: {err}");
-            }
             opts.push_str(&format!(
                 " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
                 cert_file.display(),
                 key_file.display()
             ));
+            if let Some(ca) = tls.client_ca {
+                std::fs::write(&ca_file, ca).expect("writing the client CA");
+                opts.push_str(&format!(" -c ssl_ca_file={}", ca_file.display()));
+                // TCP only over TLS with a certificate naming the user; the socket for the
+                // harness's own createdb.
+                std::fs::write(
+                    data.join("pg_hba.conf"),
+                    "local all all trust\nhostssl all all 127.0.0.1/32 cert\n",
+                )
+                .expect("writing pg_hba.conf");
+                mutual = true;
+            }
+            if pg.user.is_some() {
+                let (code, _, err) = run(Command::new("chown")
+                    .arg("postgres:")
+                    .arg(&cert_file)
+                    .arg(&key_file)
+                    .arg(data.join("pg_hba.conf"))
+                    .args(mutual.then_some(&ca_file)));
+                assert_eq!(code, 0, "chown of the TLS files failed: {err}");
+            }
         }
         let (code, _, err) = run(pg
             .command("pg_ctl")
@@ -551,9 +612,14 @@ impl Postgres {
             .arg(&data)
             .args(["-o", &opts]));
         assert_eq!(code, 0, "pg_ctl start failed: {err} (log: {})", pg.log());
+        // Over the socket when TCP asks for a client certificate.
+        let host = match mutual {
+            true => pg.dir.path().display().to_string(),
+            false => "127.0.0.1".to_owned(),
+        };
         let (code, _, err) = run(pg.command("createdb").args([
             "-h",
-            "127.0.0.1",
+            &host,
             "-p",
             &port.to_string(),
             "-U",
@@ -575,6 +641,21 @@ impl Postgres {
             }
             None => Command::new(path),
         }
+    }
+
+    /// Connection parameters over the server's Unix socket (user `syncline`, database
+    /// `syncline`): an admin session that needs no certificate.
+    pub fn socket_params(&self) -> String {
+        let port = self
+            .url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.split('/').next());
+        format!(
+            "host={} port={} user=syncline dbname=syncline",
+            self.dir.path().display(),
+            port.unwrap_or("5432")
+        )
     }
 
     /// The server's log, for failure messages.

@@ -77,21 +77,31 @@ const MIGRATIONS: &[&str] = &[
      );",
 ];
 
-/// The TLS words of libpq's URLs that the driver does not take: `sslrootcert=FILE` (the CA
-/// the server's certificate must chain to, PEM), taken out of the URL and returned, and
-/// `sslmode=verify-full` or `verify-ca`, given to the driver as `require` (every TLS
-/// connection here verifies the chain and the host name). `sslmode=disable` turns TLS off;
-/// `prefer` (the default) uses it when the server offers it; `require` refuses a server
-/// without it.
-fn tls_settings(url: &str) -> (String, Option<PathBuf>) {
+/// The TLS words of libpq's URLs that the driver does not take, taken out of the URL:
+/// `sslrootcert=FILE` (the CA the server's certificate must chain to, PEM), `sslcert=FILE` and
+/// `sslkey=FILE` (the hub's client certificate chain and its private key, PEM, for servers
+/// that ask for one), and `sslmode=verify-full` or `verify-ca`, given to the driver as
+/// `require` (every TLS connection here verifies the chain and the host name).
+/// `sslmode=disable` turns TLS off; `prefer` (the default) uses it when the server offers it;
+/// `require` refuses a server without it.
+#[derive(Debug, Default, PartialEq)]
+struct TlsFiles {
+    root_cert: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+}
+
+fn tls_settings(url: &str) -> (String, TlsFiles) {
+    let mut files = TlsFiles::default();
     let Some((base, query)) = url.split_once('?') else {
-        return (url.to_owned(), None);
+        return (url.to_owned(), files);
     };
-    let mut root = None;
     let mut kept = Vec::new();
     for pair in query.split('&') {
         match pair.split_once('=') {
-            Some(("sslrootcert", v)) => root = Some(PathBuf::from(v)),
+            Some(("sslrootcert", v)) => files.root_cert = Some(PathBuf::from(v)),
+            Some(("sslcert", v)) => files.client_cert = Some(PathBuf::from(v)),
+            Some(("sslkey", v)) => files.client_key = Some(PathBuf::from(v)),
             Some(("sslmode", "verify-full" | "verify-ca")) => kept.push("sslmode=require"),
             _ => kept.push(pair),
         }
@@ -101,28 +111,36 @@ fn tls_settings(url: &str) -> (String, Option<PathBuf>) {
     } else {
         format!("{base}?{}", kept.join("&"))
     };
-    (url, root)
+    (url, files)
 }
 
-/// TLS to PostgreSQL with rustls: the server's certificate must chain to `root_cert` (PEM)
-/// or, without it, to a CA of the system's store, and name the host connected to.
-fn tls_connector(root_cert: Option<&Path>) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
-    use rustls_pki_types::CertificateDer;
+/// TLS to PostgreSQL with rustls: the server's certificate must chain to `sslrootcert` (PEM)
+/// or, without it, to a CA of the system's store, and name the host connected to; with
+/// `sslcert` and `sslkey`, the hub shows that certificate when the server asks for one.
+fn tls_connector(files: &TlsFiles) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
     use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &'static str, path: &Path, reason: String| Error::Database {
+        context: what,
+        reason: format!("{}: {reason}", path.display()),
+    };
+    let certs = |what: &'static str, path: &Path| -> Result<Vec<CertificateDer<'static>>> {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| bad(what, path, e.to_string()))?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| bad(what, path, e.to_string()))?;
+        if certs.is_empty() {
+            return Err(bad(what, path, "no PEM certificate in it".into()));
+        }
+        Ok(certs)
+    };
     let mut roots = rustls::RootCertStore::empty();
-    match root_cert {
+    match &files.root_cert {
         Some(path) => {
-            let bad = |reason: String| Error::Database {
-                context: "reading sslrootcert",
-                reason: format!("{}: {reason}", path.display()),
-            };
-            for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
+            for cert in certs("reading sslrootcert", path)? {
                 roots
-                    .add(cert.map_err(|e| bad(e.to_string()))?)
-                    .map_err(|e| bad(e.to_string()))?;
-            }
-            if roots.is_empty() {
-                return Err(bad("no PEM certificate in it".into()));
+                    .add(cert)
+                    .map_err(|e| bad("reading sslrootcert", path, e.to_string()))?;
             }
         }
         None => {
@@ -131,7 +149,7 @@ fn tls_connector(root_cert: Option<&Path>) -> Result<tokio_postgres_rustls::Make
             }
         }
     }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
@@ -139,8 +157,32 @@ fn tls_connector(root_cert: Option<&Path>) -> Result<tokio_postgres_rustls::Make
         context: "setting up TLS",
         reason: e.to_string(),
     })?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let config = match (&files.client_cert, &files.client_key) {
+        (None, None) => builder.with_no_client_auth(),
+        (Some(cert), Some(key)) => {
+            let chain = certs("reading sslcert", cert)?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                bad(
+                    "reading sslkey",
+                    key,
+                    format!("{e} (a PEM private key: PKCS#8, PKCS#1 or SEC1)"),
+                )
+            })?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| Error::Database {
+                    context: "using sslcert and sslkey",
+                    reason: format!("{e}: the key must be the certificate's"),
+                })?
+        }
+        _ => {
+            return Err(Error::Database {
+                context: "reading the store URL",
+                reason: "sslcert and sslkey go together: give both files, or neither".into(),
+            });
+        }
+    };
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
@@ -258,7 +300,7 @@ impl PgHubStore {
     }
 
     fn open(url: &str) -> Result<Client> {
-        let (url, root_cert) = tls_settings(url);
+        let (url, tls_files) = tls_settings(url);
         let mut config: postgres::Config = url.parse().map_err(|e| Error::Database {
             context: "reading the store URL",
             reason: format!("{e}: write it as postgres://USER@HOST:PORT/DATABASE"),
@@ -272,7 +314,7 @@ impl PgHubStore {
         config
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(15));
-        let tls = tls_connector(root_cert.as_deref())?;
+        let tls = tls_connector(&tls_files)?;
         config
             .application_name("syncline-hub")
             .connect(tls)
@@ -984,4 +1026,32 @@ fn bump_grants_version(tx: &mut postgres::Transaction<'_>) -> Result<()> {
     )
     .map_err(db_error("bumping the grants version"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tls_words_the_driver_does_not_take_are_taken_out_of_the_url() {
+        let (url, files) = tls_settings(
+            "postgres://hub@db:5432/s?sslmode=verify-full&sslrootcert=/ca.pem\
+             &sslcert=/c.crt&sslkey=/c.key&application_name=x",
+        );
+        assert_eq!(
+            url,
+            "postgres://hub@db:5432/s?sslmode=require&application_name=x"
+        );
+        assert_eq!(
+            files,
+            TlsFiles {
+                root_cert: Some("/ca.pem".into()),
+                client_cert: Some("/c.crt".into()),
+                client_key: Some("/c.key".into()),
+            }
+        );
+        let (url, files) = tls_settings("postgres://hub@db/s");
+        assert_eq!(url, "postgres://hub@db/s");
+        assert_eq!(files, TlsFiles::default());
+    }
 }

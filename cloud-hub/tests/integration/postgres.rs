@@ -238,6 +238,57 @@ fn the_store_connects_over_verified_tls_when_the_url_asks_and_refuses_what_it_ca
 }
 
 #[test]
+fn a_server_that_asks_for_a_client_certificate_takes_the_hubs_and_refuses_a_hub_without() {
+    let (pg, ca, (cert, key)) = Postgres::start_mutual_tls();
+    let base = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        pg.url,
+        ca.display()
+    );
+    // No certificate: the server refuses the session.
+    let err = PgHubStore::connect(&base).unwrap_err().to_string();
+    assert!(err.contains("connecting to PostgreSQL"), "{err}");
+    // With the hub's certificate and key: connected, encrypted, known by its certificate.
+    let url = format!("{base}&sslcert={}&sslkey={}", cert.display(), key.display());
+    let mut store = PgHubStore::connect(&url).unwrap();
+    let alice = Identity::from_seed([1; 32]);
+    let doc = DocId::new("sites/mtls").unwrap();
+    store
+        .append(&contract::changes(&alice, &doc, [1; 8], 2))
+        .unwrap();
+    assert_eq!(store.last_cursor().unwrap(), Cursor(2));
+    let mut admin = postgres::Client::connect(&pg.socket_params(), postgres::NoTls).unwrap();
+    let sessions: Vec<(bool, Option<String>)> = admin
+        .query(
+            "SELECT s.ssl, s.client_dn FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'syncline-hub'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(sessions, vec![(true, Some("/CN=syncline".to_owned()))]);
+    drop(store);
+    // Half a pair, or a key file that holds no key, is refused saying which.
+    let err = PgHubStore::connect(&format!("{base}&sslcert={}", cert.display()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sslcert and sslkey go together"), "{err}");
+    let err = PgHubStore::connect(&format!(
+        "{base}&sslcert={}&sslkey={}",
+        cert.display(),
+        cert.display()
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("sslkey") && err.contains("client.crt"),
+        "{err}"
+    );
+}
+
+#[test]
 fn sslmode_require_refuses_a_server_without_tls() {
     let pg = Postgres::start();
     let err = PgHubStore::connect(&format!("{}?sslmode=require", pg.url))
