@@ -83,6 +83,10 @@ pub struct ReplicaOptions {
     /// Rolling policies: logical documents under these prefixes are kept as one bucket
     /// document per period, so their history stays bounded ([`crate::rolling`]).
     pub rolling: Vec<Rolling>,
+    /// Documents held in memory at most (between operations): past it the least recently
+    /// used are dropped and loaded again from the store when next used. A gateway following
+    /// thousands of documents keeps its memory bounded by this, not by what it stores.
+    pub max_cached_docs: usize,
 }
 
 /// Milliseconds since the Unix epoch by the system clock; 0 before 1970, and on wasm, where
@@ -113,6 +117,7 @@ impl Default for ReplicaOptions {
             store_key: None,
             max_store_bytes: None,
             rolling: Vec::new(),
+            max_cached_docs: 1024,
         }
     }
 }
@@ -200,6 +205,9 @@ struct DocState {
     /// Stored changes Automerge holds back until their dependencies arrive.
     pending: HashSet<ChangeHash>,
     incremental_bytes: u64,
+    /// When it was last used (the replica's use counter): the least recently used go first
+    /// when the cache is over [`ReplicaOptions::max_cached_docs`].
+    used: u64,
 }
 
 /// Documents of a commit are applied on several threads once it holds this many changes per
@@ -333,6 +341,8 @@ pub struct Replica {
     actor: automerge::ActorId,
     store: ReplicaStore,
     docs: HashMap<DocId, DocState>,
+    /// Uses of documents so far (see `DocState::used`).
+    uses: u64,
     subscriptions: Subscriptions,
     session: Option<Session>,
     incoming: Vec<Changes>,
@@ -394,6 +404,7 @@ impl Replica {
             actor,
             store,
             docs: HashMap::new(),
+            uses: 0,
             subscriptions,
             session: None,
             incoming: Vec::new(),
@@ -452,20 +463,57 @@ impl Replica {
                         doc,
                         pending,
                         incremental_bytes: stored.incremental_bytes,
+                        used: 0,
                     }
                 }
                 None if create => DocState {
                     doc: Document::new(id.clone(), self.actor.clone()),
                     pending: HashSet::new(),
                     incremental_bytes: 0,
+                    used: 0,
                 },
                 None => return Err(Error::UnknownDocument(id.clone())),
             };
             self.docs.insert(id.clone(), state);
         }
-        self.docs
+        self.uses += 1;
+        let uses = self.uses;
+        let state = self
+            .docs
             .get_mut(id)
-            .ok_or_else(|| Error::UnknownDocument(id.clone()))
+            .ok_or_else(|| Error::UnknownDocument(id.clone()))?;
+        state.used = uses;
+        Ok(state)
+    }
+
+    /// Drops the least recently used documents from memory while more than
+    /// [`ReplicaOptions::max_cached_docs`] are held, down to seven eighths of it (one sort per
+    /// eighth of the bound). The store holds everything a document's state is rebuilt from
+    /// (its snapshot, its changes, the ones still waiting), so dropping one loses nothing:
+    /// the next use loads it again. Called where no document is borrowed and every event of
+    /// the operation has been made (after a commit of received changes, after local writes).
+    fn trim_cache(&mut self) {
+        let max = self.options.max_cached_docs.max(1);
+        if self.docs.len() <= max {
+            return;
+        }
+        let keep = max - max / 8;
+        let mut by_use: Vec<(u64, DocId)> = self
+            .docs
+            .iter()
+            .map(|(id, state)| (state.used, id.clone()))
+            .collect();
+        by_use.sort_unstable();
+        let drop = by_use.len() - keep;
+        for (_, id) in by_use.into_iter().take(drop) {
+            self.docs.remove(&id);
+        }
+    }
+
+    /// How many documents are held in memory (at most about
+    /// [`ReplicaOptions::max_cached_docs`] between operations).
+    pub fn cached_docs(&self) -> usize {
+        self.docs.len()
     }
 
     /// A document held by this replica.
@@ -586,6 +634,7 @@ impl Replica {
             }
             self.after_commit(&doc, &before, Origin::Local);
         }
+        self.trim_cache();
         Ok(())
     }
 
@@ -871,6 +920,7 @@ impl Replica {
         // nor do those with a relayed signature that does not verify: each must be in the
         // history of a verified change of its actor.
         for id in self.store.doc_ids()? {
+            self.trim_cache();
             let none = HashSet::new();
             let rows = signed.get(&id).unwrap_or(&none);
             let am = self.load(&id, false)?.doc.automerge();
@@ -892,6 +942,7 @@ impl Replica {
                 }
             }
         }
+        self.trim_cache();
         Ok(count)
     }
 
@@ -1351,6 +1402,7 @@ impl Replica {
             for d in docs {
                 let all = self.load(&d, false)?.doc.changes_since(&[]);
                 self.enqueue_uploads(&d, all)?;
+                self.trim_cache();
             }
         }
         let s = self.session.as_mut().ok_or(ProtocolError::Unexpected {
@@ -1399,6 +1451,7 @@ impl Replica {
             }
             self.fail_session(e);
         }
+        self.trim_cache();
         result
     }
 

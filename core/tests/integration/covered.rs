@@ -192,3 +192,72 @@ fn a_commit_of_many_documents_is_applied_on_several_threads_and_matches_the_writ
         assert_eq!(reopened.json(d).unwrap(), writer.json(d).unwrap(), "{d}");
     }
 }
+
+#[test]
+fn a_replica_holds_at_most_its_bound_of_documents_in_memory_and_loses_none() {
+    use syncline_core::replica::ReplicaOptions;
+    use syncline_core::wire::Target;
+    let dir = tempfile::tempdir().unwrap();
+    let mut hub = hub(dir.path());
+    let docs: Vec<DocId> = (0..40)
+        .map(|d| DocId::new(format!("cache/d{d}")).unwrap())
+        .collect();
+    let mut writer = replica_of(dir.path(), "writer", 1, doc());
+    for (n, d) in docs.iter().enumerate() {
+        let ops = [Op::Put {
+            path: vec![PathElem::Key("v".into())],
+            value: Value::Int(n as i64),
+        }];
+        writer.change(d, &ops).unwrap();
+    }
+    let ws = connect(&mut hub, &mut writer);
+    sync(&mut hub, &mut [(&mut writer, ws)]).unwrap();
+
+    let options = ReplicaOptions {
+        max_cached_docs: 8,
+        ..ReplicaOptions::default()
+    };
+    let identity = syncline_core::identity::Identity::from_seed([2; 32]);
+    let mut reader = Replica::open(&dir.path().join("reader.db"), identity, options).unwrap();
+    let prefix = syncline_core::ids::DocPrefix::new("cache/").unwrap();
+    reader.subscribe(Target::Prefix(prefix)).unwrap();
+    let rs = connect(&mut hub, &mut reader);
+    sync(&mut hub, &mut [(&mut reader, rs), (&mut writer, ws)]).unwrap();
+    assert!(
+        reader.cached_docs() <= 8,
+        "{} in memory",
+        reader.cached_docs()
+    );
+    // Every document, dropped from memory or not, reads back whole from the store.
+    for (n, d) in docs.iter().enumerate() {
+        assert_eq!(
+            reader.json(d).unwrap(),
+            serde_json::json!({ "v": n }),
+            "{d}"
+        );
+    }
+    // A write to a document dropped long ago, and one more from the writer to another: both
+    // arrive, and the bound holds again after the writes.
+    let ops = [Op::Put {
+        path: vec![PathElem::Key("r".into())],
+        value: Value::Int(1),
+    }];
+    reader.change(&docs[0], &ops).unwrap();
+    writer.change(&docs[1], &ops).unwrap();
+    sync(&mut hub, &mut [(&mut reader, rs), (&mut writer, ws)]).unwrap();
+    assert!(
+        reader.cached_docs() <= 8,
+        "{} in memory",
+        reader.cached_docs()
+    );
+    assert_eq!(
+        reader.json(&docs[0]).unwrap(),
+        writer.json(&docs[0]).unwrap()
+    );
+    assert_eq!(
+        reader.json(&docs[1]).unwrap(),
+        writer.json(&docs[1]).unwrap()
+    );
+    assert_eq!(reader.status().unwrap().outbox, 0);
+    assert_eq!(reader.verify_stored().unwrap(), 42);
+}
