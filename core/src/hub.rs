@@ -2129,6 +2129,34 @@ mod tests {
         assert_eq!(r.status().unwrap().rejected, 1);
     }
 
+    /// `change` signed again by `me` under each sequence number of `seqs` (renumbered: the
+    /// hub stores such changes, it does not apply documents; every replica's document refuses
+    /// them), pushed through session `ws` as push `id`; returns them.
+    fn push_renumbered<P: Policy>(
+        hub: &mut Hub<SqliteHubStore, P>,
+        ws: SessionId,
+        (me, doc): (&Identity, &DocId),
+        change: &automerge::Change,
+        seqs: &[u64],
+        id: u64,
+    ) -> Vec<SignedChange> {
+        let forged: Vec<SignedChange> = seqs
+            .iter()
+            .map(|seq| {
+                crate::change::sign(me, doc, crate::change::renumbered(change, *seq))
+                    .unwrap()
+                    .into_signed()
+            })
+            .collect();
+        let push = wire::Push {
+            push_id: id,
+            doc: doc.clone(),
+            changes: forged.clone(),
+        };
+        hub.handle_message(ws, Message::Push(push)).unwrap();
+        forged
+    }
+
     #[test]
     fn a_change_covered_only_by_one_the_document_refuses_is_checked_on_its_own() {
         let me = Identity::generate();
@@ -2150,18 +2178,7 @@ mod tests {
         // The writer's key signs its second change again under number 5 (on top of the
         // first): the hub stores it, every document refuses it.
         let second = writer.doc(&doc).unwrap().changes().remove(1);
-        let forged = crate::change::sign(&me, &doc, crate::change::renumbered(&second, 5))
-            .unwrap()
-            .into_signed();
-        hub.handle_message(
-            ws,
-            Message::Push(wire::Push {
-                push_id: 79,
-                doc: doc.clone(),
-                changes: vec![forged.clone()],
-            }),
-        )
-        .unwrap();
+        let forged = push_renumbered(&mut hub, ws, (&me, &doc), &second, &[5], 79).remove(0);
         pump(&mut hub, &mut [(&mut writer, ws)]);
 
         // The reader gets all three in one message, the first with its signature damaged:
@@ -2230,23 +2247,7 @@ mod tests {
         // Two renumbered copies of the small document's change, signed by its writer: the
         // hub stores them (it does not apply), every replica's document refuses them.
         let first = writer.doc(&small).unwrap().changes().remove(0);
-        let forged: Vec<SignedChange> = [5, 7]
-            .into_iter()
-            .map(|seq| {
-                crate::change::sign(&me, &small, crate::change::renumbered(&first, seq))
-                    .unwrap()
-                    .into_signed()
-            })
-            .collect();
-        hub.handle_message(
-            ws,
-            Message::Push(wire::Push {
-                push_id: 78,
-                doc: small.clone(),
-                changes: forged,
-            }),
-        )
-        .unwrap();
+        push_renumbered(&mut hub, ws, (&me, &small), &first, &[5, 7], 78);
         pump(&mut hub, &mut [(&mut writer, ws)]);
         assert_eq!(hub.store().change_count().unwrap(), 153);
 
@@ -2289,23 +2290,7 @@ mod tests {
         // The writer's key signs its first change again under numbers 5 and 7: gaps, on
         // which Automerge would panic. (The hub stores them: it does not apply documents.)
         let first = writer.doc(&doc).unwrap().changes().remove(0);
-        let forged: Vec<SignedChange> = [5, 7]
-            .into_iter()
-            .map(|seq| {
-                crate::change::sign(&me, &doc, crate::change::renumbered(&first, seq))
-                    .unwrap()
-                    .into_signed()
-            })
-            .collect();
-        hub.handle_message(
-            ws,
-            Message::Push(wire::Push {
-                push_id: 77,
-                doc: doc.clone(),
-                changes: forged,
-            }),
-        )
-        .unwrap();
+        push_renumbered(&mut hub, ws, (&me, &doc), &first, &[5, 7], 77);
         let errors = pump(&mut hub, &mut [(&mut writer, ws), (&mut reader, rs)]);
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(reader.status().unwrap().refused, 2);
