@@ -33,6 +33,8 @@ pub struct Snapshot {
     pub lags: Vec<(String, u64)>,
     /// Bytes read from and written to peers.
     pub bytes: (u64, u64),
+    /// The store's grants version this instance last applied.
+    pub grants_version: u64,
 }
 
 /// Reads a snapshot on the hub thread. `log_base` is the log's size when the hub started:
@@ -40,7 +42,8 @@ pub struct Snapshot {
 /// this process writes the log, so the size is `log_base` plus what it stored since, minus
 /// what its retention dropped (positions are never reused, so after a restart that dropped
 /// buckets before, `log_base`, the last position, counts them still: an upper bound).
-pub async fn snapshot(handle: &Handle, log_base: u64) -> Option<Snapshot> {
+pub async fn snapshot(handle: &Handle, log_base: u64, grants: &GrantsApplied) -> Option<Snapshot> {
+    let grants_version = grants.load(std::sync::atomic::Ordering::Relaxed);
     let traffic = handle.traffic();
     let bytes = (
         traffic.bytes_in.load(std::sync::atomic::Ordering::Relaxed),
@@ -58,6 +61,7 @@ pub async fn snapshot(handle: &Handle, log_base: u64) -> Option<Snapshot> {
             .map(|(peer, lag)| (peer.to_string(), lag))
             .collect(),
         bytes,
+        grants_version,
     });
     match tokio::time::timeout(HUB_ANSWER_TIMEOUT, read).await {
         Ok(Ok(s)) => Some(s),
@@ -161,6 +165,12 @@ pub fn render(s: &Snapshot) -> String {
         &one(m.cursors_ahead),
     );
     family(
+        "syncline_hub_grants_version",
+        "gauge",
+        "The store's grants version this instance applies: equal on every instance of a shared store once a grant or revocation holds on all of them.",
+        &one(s.grants_version),
+    );
+    family(
         "syncline_hub_log_changes",
         "gauge",
         "Changes held in the hub's log.",
@@ -223,18 +233,26 @@ fn escape_label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The grants version the hub applies, set by the grants poller: shared with the metrics.
+pub type GrantsApplied = std::sync::Arc<std::sync::atomic::AtomicU64>;
+
 #[derive(Clone)]
 struct AppState {
     handle: Handle,
     log_base: u64,
+    grants: GrantsApplied,
 }
 
 /// The HTTP routes: `/healthz` and `/metrics`.
-pub fn router(handle: Handle, log_base: u64) -> Router {
+pub fn router(handle: Handle, log_base: u64, grants: GrantsApplied) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .with_state(AppState { handle, log_base })
+        .with_state(AppState {
+            handle,
+            log_base,
+            grants,
+        })
 }
 
 async fn healthz(State(st): State<AppState>) -> Response {
@@ -254,7 +272,7 @@ async fn healthz(State(st): State<AppState>) -> Response {
 }
 
 async fn metrics(State(st): State<AppState>) -> Response {
-    match snapshot(&st.handle, st.log_base).await {
+    match snapshot(&st.handle, st.log_base, &st.grants).await {
         Some(s) => (
             StatusCode::OK,
             [(

@@ -207,7 +207,13 @@ async fn serve(
             handle.start_peer(endpoint.clone(), p)
         })
         .collect();
-    let mut poller = tokio::spawn(poll_grants(handle.clone(), grants_version));
+    let grants_applied: metrics::GrantsApplied =
+        std::sync::Arc::new(std::sync::atomic::AtomicU64::new(grants_version));
+    let mut poller = tokio::spawn(poll_grants(
+        handle.clone(),
+        grants_version,
+        grants_applied.clone(),
+    ));
     let mut tail = shared.then(|| tokio::spawn(tail_store(handle.clone())));
     let sweeper = retains.then(|| tokio::spawn(expire_buckets(handle.clone())));
     let compactor = tokio::spawn(compact_docs(handle.clone()));
@@ -223,7 +229,7 @@ async fn serve(
         let addr = listener
             .local_addr()
             .context("reading the metrics address")?;
-        let app = metrics::router(handle.clone(), log_base);
+        let app = metrics::router(handle.clone(), log_base, grants_applied.clone());
         metrics_task = Some(tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async {
@@ -496,7 +502,11 @@ async fn compact_docs(handle: Handle) {
 /// changed them): a grant or a revoke holds within [`GRANTS_POLL`] on live sessions, since
 /// the hub checks its policy on every push and every relay. Returns when the hub thread has
 /// stopped.
-async fn poll_grants(handle: Handle, mut version: u64) -> NetError {
+async fn poll_grants(
+    handle: Handle,
+    mut version: u64,
+    applied: metrics::GrantsApplied,
+) -> NetError {
     let mut tick = tokio::time::interval(GRANTS_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -515,6 +525,7 @@ async fn poll_grants(handle: Handle, mut version: u64) -> NetError {
         match reload.await {
             Ok(Ok(Some((v, n)))) => {
                 version = v;
+                applied.store(v, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(grants = n, version = v, "grants reloaded");
             }
             Ok(Ok(None)) => {}

@@ -18,6 +18,7 @@ fn two_instances_on_one_database_serve_one_data_set_and_edges_fail_over_when_one
     let b = Hub::start_with(&dir.path().join("hub-b"), "127.0.0.1:0", &store);
     // Two edges prefer A, two prefer B; each knows both. Grants are in the shared database:
     // granted once, they hold on both instances.
+    let mut keys = Vec::new();
     let edges: Vec<Edge> = (0..4)
         .map(|i| {
             let data = dir.path().join(format!("edge{i}"));
@@ -28,6 +29,7 @@ fn two_instances_on_one_database_serve_one_data_set_and_edges_fail_over_when_one
             };
             let key = Edge::init(&data, &hubs);
             a.grant(&key, "", "rw");
+            keys.push(key);
             let e = Edge::start(&data);
             e.subscribe("").unwrap();
             e
@@ -89,8 +91,35 @@ fn two_instances_on_one_database_serve_one_data_set_and_edges_fail_over_when_one
         });
     }
 
-    // An online backup of the database while B serves; it verifies offline.
     let hub = |args: &[&str]| run(Command::new(bin("syncline-hub")).args(args));
+    // A revocation written to the shared database holds on B (which did not make it) within
+    // its grants poll, as its grants-version gauge shows: edge 3's next write is refused
+    // there and reaches no other edge.
+    let version = |h: &Hub| h.metric("syncline_hub_grants_version");
+    let granted = version(&b).expect("the grants version gauge");
+    let (code, _, err) = hub(&["revoke", "--store", &pg.url, &keys[3]]);
+    assert_eq!(code, 0, "{err}");
+    until("B to apply the revocation", 10, || {
+        (version(&b)? > granted).then_some(())
+    });
+    let (code, body) = edges[3]
+        .change(doc, json!([{"op":"put","path":["revoked"],"value":1}]))
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    until("the hub to refuse the revoked edge's write", 10, || {
+        (edges[3].status().ok()?["rejected"].as_i64()? >= 1).then_some(())
+    });
+    let (code, body) = edges[0]
+        .change(doc, json!([{"op":"put","path":["after"],"value":1}]))
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    until("a granted edge's later write to arrive", 30, || {
+        (edges[1].get(doc).ok()??["doc"]["after"] == json!(1)).then_some(())
+    });
+    let state = edges[1].get(doc).unwrap().unwrap();
+    assert_eq!(state["doc"].get("revoked"), None, "{state}");
+
+    // An online backup of the database while B serves; it verifies offline.
     let file = dir.path().join("pg.bak");
     let file = file.to_str().unwrap();
     let (code, out, err) = hub(&["backup", "--store", &pg.url, "--to", file, "--json"]);
