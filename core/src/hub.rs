@@ -2129,6 +2129,19 @@ mod tests {
         assert_eq!(r.status().unwrap().rejected, 1);
     }
 
+    /// A writer (its key, its replica) granted rw on everything, a reader granted read, and a
+    /// hub of those grants.
+    fn writer_and_reader() -> (Identity, Replica, Replica, Hub<SqliteHubStore, Grants>) {
+        let me = Identity::generate();
+        let writer = Replica::open_in_memory(me.clone(), ReplicaOptions::default()).unwrap();
+        let reader = replica();
+        let hub = hub_with(vec![
+            grant(me.peer_id(), "", true, true),
+            grant(reader.peer_id(), "", true, false),
+        ]);
+        (me, writer, reader, hub)
+    }
+
     /// `change` signed again by `me` under each sequence number of `seqs` (renumbered: the
     /// hub stores such changes, it does not apply documents; every replica's document refuses
     /// them), pushed through session `ws` as push `id`; returns them.
@@ -2159,13 +2172,7 @@ mod tests {
 
     #[test]
     fn a_change_covered_only_by_one_the_document_refuses_is_checked_on_its_own() {
-        let me = Identity::generate();
-        let mut writer = Replica::open_in_memory(me.clone(), ReplicaOptions::default()).unwrap();
-        let mut reader = replica();
-        let mut hub = hub_with(vec![
-            grant(me.peer_id(), "", true, true),
-            grant(reader.peer_id(), "", true, false),
-        ]);
+        let (me, mut writer, mut reader, mut hub) = writer_and_reader();
         let doc = DocId::new("p/covered").unwrap();
         writer
             .change(&doc, &ops(json!([{"op":"put","path":["a"],"value":1}])))
@@ -2270,13 +2277,7 @@ mod tests {
 
     #[test]
     fn a_writer_signing_a_renumbered_change_cannot_crash_or_wedge_its_readers() {
-        let me = Identity::generate();
-        let mut writer = Replica::open_in_memory(me.clone(), ReplicaOptions::default()).unwrap();
-        let mut reader = replica();
-        let mut hub = hub_with(vec![
-            grant(me.peer_id(), "", true, true),
-            grant(reader.peer_id(), "", true, false),
-        ]);
+        let (me, mut writer, mut reader, mut hub) = writer_and_reader();
         let doc = DocId::new("plant/line1").unwrap();
         writer
             .change(&doc, &ops(json!([{"op":"put","path":["a"],"value":1}])))

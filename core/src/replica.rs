@@ -263,6 +263,16 @@ fn apply_received(
     })
 }
 
+/// What the outbox gives for the next push.
+enum NextPush {
+    /// A push to send.
+    Send(Message),
+    /// Every row read was dropped (not uploadable): read on.
+    Dropped,
+    /// No rows after the session's mark.
+    Empty,
+}
+
 struct InFlight {
     doc: DocId,
     rows: Vec<i64>,
@@ -864,57 +874,43 @@ impl Replica {
         let stored = self.store.all_changes()?;
         let mut count = stored.len();
         let mut signed: HashMap<DocId, HashSet<ChangeHash>> = HashMap::new();
-        let mut rows_of: HashMap<DocId, Vec<SignedChange>> = HashMap::new();
         let mut relayed_bad: HashMap<DocId, Vec<ChangeHash>> = HashMap::new();
-        for crate::store::StoredChange {
-            doc,
-            hash,
-            signature,
-            bytes,
-            checked,
-        } in stored
-        {
-            let bytes = match bytes {
-                Some(b) => b,
-                None => self
-                    .doc(&doc)?
-                    .automerge()
-                    .get_change_by_hash(&hash.into())
-                    .ok_or_else(|| Error::Corrupt {
-                        what: format!("document {doc}"),
-                        reason: format!("compacted change {hash} is missing from its snapshot"),
-                    })?
-                    .raw_bytes()
-                    .to_vec(),
-            };
-            let signed_change = SignedChange { bytes, signature };
-            rows_of
-                .entry(doc.clone())
-                .or_default()
-                .push(signed_change.clone());
-            match change::verify(&doc, signed_change) {
+        for row in stored {
+            let (doc, hash, checked) = (row.doc.clone(), row.hash, row.checked);
+            match change::verify(&doc, self.stored_signed(row)?) {
                 Ok(_) => {
-                    signed.entry(doc.clone()).or_default().insert(hash);
+                    signed.entry(doc).or_default().insert(hash);
                 }
                 // Accepted on a later change of its actor: the signature beside it is what
                 // the hub relayed. Proven below, by the same rule, over the stored rows.
                 Err(crate::error::ChangeError::BadSignature { .. }) if !checked => {
-                    relayed_bad.entry(doc.clone()).or_default().push(hash);
+                    relayed_bad.entry(doc).or_default().push(hash);
                 }
                 Err(e) => return Err(e.into()),
             }
         }
         // Each row whose relayed signature fails must be covered, through the stored rows'
-        // own hash links (pending ones too), by a verified change of its actor.
-        for (doc, bad) in relayed_bad {
-            let rows = rows_of.remove(&doc).unwrap_or_default();
-            change::verify_docs_covered(vec![(doc.clone(), rows)], 1).map_err(|e| match e {
-                crate::error::ChangeError::BadSignature { doc, hash } => {
-                    crate::error::ChangeError::NotCovered { doc, hash }
+        // own hash links (pending ones too), by a verified change of its actor. (Only a hub
+        // that altered signatures makes such rows: their documents' rows are read again.)
+        if !relayed_bad.is_empty() {
+            let mut rows_of: HashMap<DocId, Vec<SignedChange>> = HashMap::new();
+            for row in self.store.all_changes()? {
+                if relayed_bad.contains_key(&row.doc) {
+                    let doc = row.doc.clone();
+                    let signed_change = self.stored_signed(row)?;
+                    rows_of.entry(doc).or_default().push(signed_change);
                 }
-                other => other,
-            })?;
-            signed.entry(doc).or_default().extend(bad);
+            }
+            for (doc, bad) in relayed_bad {
+                let rows = rows_of.remove(&doc).unwrap_or_default();
+                change::verify_docs_covered(vec![(doc.clone(), rows)], 1).map_err(|e| match e {
+                    crate::error::ChangeError::BadSignature { doc, hash } => {
+                        crate::error::ChangeError::NotCovered { doc, hash }
+                    }
+                    other => other,
+                })?;
+                signed.entry(doc).or_default().extend(bad);
+            }
         }
         // Changes that came inside a snapshot from the hub have no signature of their own,
         // nor do those with a relayed signature that does not verify: each must be in the
@@ -944,6 +940,28 @@ impl Replica {
         }
         self.trim_cache();
         Ok(count)
+    }
+
+    /// A stored change as its author signed it: the bytes of a compacted one come from its
+    /// document's snapshot (same hash, same signature).
+    fn stored_signed(&mut self, row: crate::store::StoredChange) -> Result<SignedChange> {
+        let bytes = match row.bytes {
+            Some(b) => b,
+            None => self
+                .doc(&row.doc)?
+                .automerge()
+                .get_change_by_hash(&row.hash.into())
+                .ok_or_else(|| Error::Corrupt {
+                    what: format!("document {}", row.doc),
+                    reason: format!("compacted change {} is missing from its snapshot", row.hash),
+                })?
+                .raw_bytes()
+                .to_vec(),
+        };
+        Ok(SignedChange {
+            bytes,
+            signature: row.signature,
+        })
     }
 
     /// How many times this replica compacted a document since it was opened.
@@ -1657,27 +1675,22 @@ impl Replica {
         // Rows whose relayed signature fails are dropped on the way: a push of none of them
         // is not sent, the next rows are read instead (each turn drops at least one).
         loop {
-            if let Some(push) = self.next_push()? {
-                return Ok(Some(push));
-            }
-            let Some(s) = self.session.as_ref() else {
-                return Ok(None);
-            };
-            if self.store.outbox_after(s.sent_upto, 1)?.is_empty() {
-                return Ok(None);
+            match self.next_push()? {
+                NextPush::Send(push) => return Ok(Some(push)),
+                NextPush::Dropped => continue,
+                NextPush::Empty => return Ok(None),
             }
         }
     }
 
-    /// The next `Push` of outbox rows after the session's mark, all of one document; `None`
-    /// when there are none, or when every row read was dropped (not uploadable).
-    fn next_push(&mut self) -> Result<Option<Message>> {
+    /// The next `Push` of outbox rows after the session's mark, all of one document.
+    fn next_push(&mut self) -> Result<NextPush> {
         let Some(s) = self.session.as_ref() else {
-            return Ok(None);
+            return Ok(NextPush::Empty);
         };
         let entries = self.store.outbox_after(s.sent_upto, MAX_PUSH_CHANGES)?;
         let Some(first) = entries.first() else {
-            return Ok(None);
+            return Ok(NextPush::Empty);
         };
         let doc = first.doc.clone();
         let mut rows = Vec::new();
@@ -1729,7 +1742,7 @@ impl Replica {
         })?;
         s.sent_upto = last_row;
         if changes.is_empty() {
-            return Ok(None);
+            return Ok(NextPush::Dropped);
         }
         let push_id = s.next_push;
         s.next_push += 1;
@@ -1740,7 +1753,7 @@ impl Replica {
                 rows,
             },
         );
-        Ok(Some(Message::Push(Push {
+        Ok(NextPush::Send(Message::Push(Push {
             push_id,
             doc,
             changes,

@@ -189,11 +189,7 @@ impl ReplicaStore {
     /// Starts a group of writes that is durable once committed (`synchronous=FULL`: the WAL
     /// is synced at the commit): local writes, subscriptions, anything acknowledged to an app.
     pub fn batch(&mut self) -> Result<WriteBatch<'_>> {
-        self.set_synced(true)?;
-        Ok(WriteBatch {
-            tx: self.conn.transaction().ctx("starting a write")?,
-            added: std::collections::HashMap::new(),
-        })
+        self.begin(true)
     }
 
     /// Starts a group of writes of changes received from the hub, with the cursors they
@@ -204,7 +200,11 @@ impl ReplicaStore {
     /// on. A process crash loses nothing (the WAL is in the OS's page cache). This takes the
     /// third fsync off a remote change's way to visible (writer, hub, reader).
     pub fn received_batch(&mut self) -> Result<WriteBatch<'_>> {
-        self.set_synced(false)?;
+        self.begin(false)
+    }
+
+    fn begin(&mut self, synced: bool) -> Result<WriteBatch<'_>> {
+        self.set_synced(synced)?;
         Ok(WriteBatch {
             tx: self.conn.transaction().ctx("starting a write")?,
             added: std::collections::HashMap::new(),

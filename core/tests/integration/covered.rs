@@ -10,7 +10,7 @@ use syncline_core::ops::{Op, PathElem, Value};
 use syncline_core::replica::Replica;
 use syncline_core::wire::Message;
 
-use crate::support::{connect, hub, replica_of, sync, sync_through};
+use crate::support::{connect, hub, replica_of, sync, sync_through, sync_with_empty_hub};
 
 fn doc() -> DocId {
     DocId::new("plant/covered").unwrap()
@@ -61,10 +61,7 @@ fn a_reader_checks_one_signature_per_run_and_a_repair_uploads_every_change_it_ho
 
     // The hub is replaced by an empty one (another log): the reader uploads all 50, each
     // checked on the way (the new hub verifies every signature too), and its outbox empties.
-    let other = tempfile::tempdir().unwrap();
-    let mut hub2 = hub(other.path());
-    let s = connect(&mut hub2, &mut reader);
-    sync(&mut hub2, &mut [(&mut reader, s)]).unwrap();
+    let (_other, mut hub2) = sync_with_empty_hub(&mut reader);
     assert_eq!(reader.status().unwrap().outbox, 0);
     assert_eq!(hub2.store().change_count().unwrap(), 50);
 }
@@ -103,10 +100,7 @@ fn a_relayed_signature_a_hub_damaged_is_covered_kept_out_of_uploads_and_its_auth
 
     // A repair to an empty hub uploads the 19 others; the damaged one is not sent (a hub
     // would refuse the whole push), and nothing stays stuck in the outbox.
-    let other = tempfile::tempdir().unwrap();
-    let mut hub2 = hub(other.path());
-    let s = connect(&mut hub2, &mut reader);
-    sync(&mut hub2, &mut [(&mut reader, s)]).unwrap();
+    let (_other, mut hub2) = sync_with_empty_hub(&mut reader);
     assert_eq!(reader.status().unwrap().outbox, 0);
     assert_eq!(hub2.store().change_count().unwrap(), 19);
     // Its author holds it signed and uploads it in its own repair.

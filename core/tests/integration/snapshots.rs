@@ -12,7 +12,7 @@ use syncline_core::ops::{Op, PathElem, Value};
 use syncline_core::replica::Replica;
 use syncline_core::store::HubStore;
 
-use crate::support::{TestHub, connect, hub, sync};
+use crate::support::{TestHub, connect, hub, sync, sync_with_empty_hub};
 
 fn replica(dir: &Path, name: &str, seed: u8) -> Replica {
     crate::support::replica_of(dir, name, seed, doc())
@@ -215,10 +215,7 @@ fn after_a_snapshot_a_repair_uploads_what_the_replica_holds_signed_and_its_outbo
     // The hub is replaced by an empty one (another log): the reader repairs it with what it
     // holds signed one by one (its own change, the snapshot's signed heads), and nothing
     // stays stuck in its outbox.
-    let other = tempfile::tempdir().unwrap();
-    let mut hub2 = hub(other.path());
-    let s = connect(&mut hub2, &mut reader);
-    sync(&mut hub2, &mut [(&mut reader, s)]).unwrap();
+    let (_other, mut hub2) = sync_with_empty_hub(&mut reader);
     assert_eq!(reader.status().unwrap().outbox, 0);
     assert_eq!(
         hub2.store().change_count().unwrap(),

@@ -39,6 +39,16 @@ pub fn sync(
     sync_through(hub, reps, |_| {})
 }
 
+/// `r` syncs with a new, empty hub (another log, as after a hub lost its data: `r` repairs
+/// it with what it holds) until nothing moves; returns the hub's folder and the hub.
+pub fn sync_with_empty_hub(r: &mut Replica) -> (tempfile::TempDir, TestHub) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut hub = hub(dir.path());
+    let s = connect(&mut hub, r);
+    sync(&mut hub, &mut [(r, s)]).unwrap();
+    (dir, hub)
+}
+
 /// [`sync`], with every message from the hub passed through `relay` first (a hostile hub).
 pub fn sync_through(
     hub: &mut TestHub,
