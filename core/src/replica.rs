@@ -367,6 +367,9 @@ pub struct Replica {
     retired: u64,
     /// Remote changes refused since the replica was opened ([`Status::refused`]).
     refused: u64,
+    /// The hub epoch this session's commits have recorded as the last one: each commit of
+    /// received changes writes it only once (a page less per live change).
+    epoch_recorded: Option<Epoch>,
     /// When [`Replica::roll`] next looks at the clock's bucket (ms, by `options.clock`).
     next_roll_ms: i64,
     options: ReplicaOptions,
@@ -425,6 +428,7 @@ impl Replica {
             snapshots: 0,
             retired: 0,
             refused: 0,
+            epoch_recorded: None,
             next_roll_ms: i64::MIN,
             options,
             rng,
@@ -1019,6 +1023,7 @@ impl Replica {
     /// Like [`Replica::connect`], over a transport that gives a channel binding (a TLS
     /// exporter value); the hub must see the same value.
     pub fn connect_bound(&mut self, expected_hub: Option<PeerId>, binding: [u8; 32]) {
+        self.epoch_recorded = None;
         let nonce: [u8; 32] = self.rng.r#gen();
         // Version 2 adds snapshots, which only a build that unwinds on panic loads.
         let max_version = if crate::snapshot::supported() {
@@ -1532,7 +1537,11 @@ impl Replica {
             .verify_threads
             .min(total / MIN_CHANGES_PER_APPLY_THREAD)
             .min(work.len());
-        let epoch = self.session.as_ref().map(|s| s.hub_epoch);
+        let epoch = self
+            .session
+            .as_ref()
+            .map(|s| s.hub_epoch)
+            .filter(|e| self.epoch_recorded != Some(*e));
         let mut items: Vec<(&DocId, &mut DocState, &[VerifiedChange])> =
             Vec::with_capacity(work.len());
         let mut to_store: Vec<&VerifiedChange> = Vec::with_capacity(total);
@@ -1606,6 +1615,9 @@ impl Replica {
             done.push((doc, state));
         }
         batch.commit()?;
+        if epoch.is_some() {
+            self.epoch_recorded = epoch;
+        }
         self.refused += refused_total;
         self.docs.extend(done);
         for (doc, before) in changed {
