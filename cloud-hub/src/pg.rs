@@ -30,6 +30,9 @@ use syncline_core::{ChangeHash, Cursor, DocId, DocPrefix, Epoch, Error, PeerId, 
 const APPEND_LOCK: i64 = 0x5359_4E43_4C49_4E45;
 /// The advisory lock held while the schema is migrated (two instances starting at once).
 const MIGRATE_LOCK: i64 = APPEND_LOCK + 1;
+/// The channel every append notifies in its transaction (PostgreSQL delivers it at commit):
+/// the other instances read the log as soon as it grew instead of at their next poll.
+const COMMITS_CHANNEL: &str = "syncline_commits";
 
 /// The schema, one entry per version; `syncline_schema` holds how many are applied.
 const MIGRATIONS: &[&str] = &[
@@ -300,44 +303,10 @@ impl PgHubStore {
     }
 
     fn open(url: &str) -> Result<Client> {
-        let (url, tls_files) = tls_settings(url);
-        let mut config: postgres::Config = url.parse().map_err(|e| Error::Database {
-            context: "reading the store URL",
-            reason: format!("{e}: write it as postgres://USER@HOST:PORT/DATABASE"),
-        })?;
-        config.connect_timeout(Duration::from_secs(10));
-        // An instance that dies holding the append lock must not stall the others for the
-        // OS's TCP keepalive (two hours): the server ends a session idle in a transaction, a
-        // wait for the lock gives up (the commit fails, its pushes are refused and resent),
-        // and a dead peer is noticed within a minute.
-        config.options("-c idle_in_transaction_session_timeout=10s -c lock_timeout=20s");
-        config
-            .keepalives(true)
-            .keepalives_idle(Duration::from_secs(15));
-        let tls = tls_connector(&tls_files)?;
-        config
-            .application_name("syncline-hub")
+        let (config, tls) = connect_config(url)?;
+        postgres::Config::from(config)
             .connect(tls)
-            .map_err(|e| {
-                let mut reason = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    reason.push_str(&format!(": {s}"));
-                    source = s.source();
-                }
-                let hint = if reason.contains("certificate") {
-                    "; if the server's certificate is not signed by a CA of this machine's \
-                     store, give its CA as sslrootcert=/path/ca.pem in the store URL"
-                } else if reason.contains("TLS") || reason.contains("ssl") {
-                    "; sslmode=require needs a server with ssl = on"
-                } else {
-                    ""
-                };
-                Error::Database {
-                    context: "connecting to PostgreSQL",
-                    reason: format!("{reason}{hint}"),
-                }
-            })
+            .map_err(connect_error)
     }
 
     /// Reconnects if the connection was lost (the server restarted, or a failover): the
@@ -351,7 +320,93 @@ impl PgHubStore {
         }
         Ok(())
     }
+}
 
+/// The connection settings of a store URL, and its TLS connector.
+fn connect_config(
+    url: &str,
+) -> Result<(
+    tokio_postgres::Config,
+    tokio_postgres_rustls::MakeRustlsConnect,
+)> {
+    let (url, tls_files) = tls_settings(url);
+    let mut config: tokio_postgres::Config = url.parse().map_err(|e| Error::Database {
+        context: "reading the store URL",
+        reason: format!("{e}: write it as postgres://USER@HOST:PORT/DATABASE"),
+    })?;
+    config.connect_timeout(Duration::from_secs(10));
+    // An instance that dies holding the append lock must not stall the others for the
+    // OS's TCP keepalive (two hours): the server ends a session idle in a transaction, a
+    // wait for the lock gives up (the commit fails, its pushes are refused and resent),
+    // and a dead peer is noticed within a minute.
+    config.options("-c idle_in_transaction_session_timeout=10s -c lock_timeout=20s");
+    config
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(15));
+    config.application_name("syncline-hub");
+    Ok((config, tls_connector(&tls_files)?))
+}
+
+/// A failed connection attempt, with its causes and what to do about the usual ones.
+fn connect_error(e: tokio_postgres::Error) -> Error {
+    let mut reason = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        reason.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    let hint = if reason.contains("certificate") {
+        "; if the server's certificate is not signed by a CA of this machine's \
+         store, give its CA as sslrootcert=/path/ca.pem in the store URL"
+    } else if reason.contains("TLS") || reason.contains("ssl") {
+        "; sslmode=require needs a server with ssl = on"
+    } else {
+        ""
+    };
+    Error::Database {
+        context: "connecting to PostgreSQL",
+        reason: format!("{reason}{hint}"),
+    }
+}
+
+/// Listens on a connection of its own for the commits of every instance sharing the store
+/// at `url` (their appends notify [`COMMITS_CHANNEL`]), and calls `committed` for each. Runs
+/// until that connection fails, and returns why: the caller retries, and polls the log
+/// meanwhile.
+pub async fn follow_commits(url: &str, committed: impl Fn()) -> Result<std::convert::Infallible> {
+    let (config, tls) = connect_config(url)?;
+    let (client, mut connection) = config.connect(tls).await.map_err(connect_error)?;
+    let notifications = async {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => committed(),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            }
+        }
+    };
+    let listen = async {
+        client
+            .batch_execute(&format!("LISTEN {COMMITS_CHANNEL}"))
+            .await?;
+        tracing::debug!("following the commits of other instances");
+        std::future::pending::<std::result::Result<(), tokio_postgres::Error>>().await
+    };
+    let ended = tokio::select! {
+        r = notifications => r,
+        r = listen => r,
+    };
+    Err(Error::Database {
+        context: "listening for the commits of other instances",
+        reason: match ended {
+            Ok(()) => "the server closed the connection".into(),
+            Err(e) => e.to_string(),
+        },
+    })
+}
+
+impl PgHubStore {
     /// The last position of the log, checking that the log is still the one this store
     /// opened (a restore gives it a new epoch: [`Error::StoreReplaced`]).
     fn log_end(&mut self) -> Result<i64> {
@@ -640,6 +695,8 @@ impl HubStore for PgHubStore {
             .map_err(db_error("starting a commit"))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
             .map_err(db_error("ordering the commit"))?;
+        tx.batch_execute(&format!("NOTIFY {COMMITS_CHANNEL}"))
+            .map_err(db_error("appending to the log"))?;
         tx.execute(&st.docs, &[&docs])
             .map_err(db_error("appending to the log"))?;
         let rows = tx

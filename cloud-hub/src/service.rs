@@ -23,7 +23,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::config::{Settings, StoreLocation, TlsSource};
 use crate::data::{self, DataDir};
 use crate::metrics::{self, Handle};
-use crate::pg::PgHubStore;
+use crate::pg::{self, PgHubStore};
 use crate::{GRANTS_POLL, usage};
 
 /// How long shutdown waits for open connections to end before it drops them.
@@ -133,7 +133,10 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         version,
         log_base,
         settings.peers.clone(),
-        shared,
+        match &settings.store {
+            StoreLocation::Postgres(url) => Some(url.clone()),
+            StoreLocation::Sqlite => None,
+        },
         retains,
     ));
     // Drops whatever connection task is still alive, and with it its hub handle.
@@ -160,7 +163,8 @@ async fn serve(
     grants_version: u64,
     log_base: u64,
     peers: Vec<syncline_net::client::HubAddress>,
-    shared: bool,
+    // The URL of a store shared with other instances, whose commits this one relays.
+    shared: Option<String>,
     retains: bool,
 ) -> anyhow::Result<()> {
     // Signals first: a SIGTERM during startup still shuts down cleanly.
@@ -214,7 +218,7 @@ async fn serve(
         grants_version,
         grants_applied.clone(),
     ));
-    let mut tail = shared.then(|| tokio::spawn(tail_store(handle.clone())));
+    let mut tail = shared.map(|url| tokio::spawn(tail_store(handle.clone(), url)));
     let sweeper = retains.then(|| tokio::spawn(expire_buckets(handle.clone())));
     let compactor = tokio::spawn(compact_docs(handle.clone()));
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -380,20 +384,29 @@ pub fn redact(url: &str) -> String {
 /// The pause between two sweeps while expired buckets are left to drop.
 const RETENTION_BACKLOG_GAP: Duration = Duration::from_millis(25);
 
-/// How often an instance on a shared store looks for what the others committed: the bound
-/// on cross-instance write-to-visible latency, beside the commit itself. One indexed
-/// `max(seq)` query per tick when nothing is new.
+/// How often an instance on a shared store looks for what the others committed when no
+/// notification came (the listening connection is down, or a notification was lost): the
+/// bound on cross-instance write-to-visible latency then. One indexed `max(seq)` query per
+/// tick when nothing is new.
 pub const TAIL_POLL: Duration = Duration::from_millis(20);
 
-/// Relays what other hub instances commit to the shared store (see `Hub::poll_store`).
-/// Returns why it stopped: the hub thread stopped, or the store was restored under this
-/// instance (which must restart with the new epoch).
-async fn tail_store(handle: Handle) -> String {
+/// Relays what other hub instances commit to the shared store (see `Hub::poll_store`): at
+/// once when PostgreSQL notifies a commit ([`pg::follow_commits`]), and every
+/// [`TAIL_POLL`] in any case. Returns why it stopped: the hub thread stopped, or the store
+/// was restored under this instance (which must restart with the new epoch).
+async fn tail_store(handle: Handle, url: String) -> String {
     let mut tick = tokio::time::interval(TAIL_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let committed = tokio::sync::Notify::new();
+    let follow = follow_commits(&url, &committed);
+    tokio::pin!(follow);
     let mut failing = false;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = committed.notified() => {}
+            () = &mut follow => {}
+        }
         match handle.call(|hub| hub.poll_store()).await {
             Ok(Ok(_)) => failing = false,
             Ok(Err(e @ syncline_core::Error::StoreReplaced)) => return e.to_string(),
@@ -405,6 +418,33 @@ async fn tail_store(handle: Handle) -> String {
             }
             Err(e) => return format!("the hub thread stopped: {e}"),
         }
+    }
+}
+
+/// The first pause before listening again for commits after the connection failed; it
+/// doubles up to [`FOLLOW_RETRY_MAX`]. The log is polled meanwhile.
+const FOLLOW_RETRY: Duration = Duration::from_secs(1);
+const FOLLOW_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Listens for the commits of other instances ([`pg::follow_commits`]) and wakes `committed`
+/// for each, reconnecting after a failure (logged once until it works again). Never ends.
+async fn follow_commits(url: &str, committed: &tokio::sync::Notify) {
+    let mut pause = FOLLOW_RETRY;
+    let mut failing = false;
+    loop {
+        let started = tokio::time::Instant::now();
+        let Err(e) = pg::follow_commits(url, || committed.notify_one()).await;
+        if !failing {
+            tracing::warn!(error = %e, "not notified of other instances' commits; polling every {} ms meanwhile, retrying", TAIL_POLL.as_millis());
+        }
+        failing = true;
+        if started.elapsed() > FOLLOW_RETRY_MAX {
+            pause = FOLLOW_RETRY; // it ran for a while: a fresh failure
+        }
+        // Whatever was committed while it was down is read now.
+        committed.notify_one();
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(FOLLOW_RETRY_MAX);
     }
 }
 

@@ -182,6 +182,48 @@ fn an_instance_notices_a_restore_made_under_it() {
     assert!(e.to_string().contains("restart the hub"), "{e}");
 }
 
+#[test]
+fn an_append_through_one_instance_notifies_the_others_at_commit() {
+    let pg = Postgres::start();
+    let mut writer = PgHubStore::connect(&pg.url).unwrap();
+    let who = Identity::generate();
+    let doc = DocId::new("notified/1").unwrap();
+    let change = contract::changes(&who, &doc, [7; 8], 1);
+    // The listener on a runtime of its own (the store's client blocks: it runs outside one).
+    let (notified, notifications) = std::sync::mpsc::channel::<()>();
+    let url = pg.url.clone();
+    let listener = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(syncline_hub::pg::follow_commits(&url, || {
+                let _ = notified.send(());
+            }))
+    });
+    // It listens once its connection is up: commit until a commit is notified. Only an
+    // append notifies this channel.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        writer.append(&change).unwrap();
+        if notifications
+            .recv_timeout(std::time::Duration::from_millis(200))
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no commit was notified within 30 s"
+        );
+    }
+    // A lost connection ends it with an error, for the hub to retry (and poll meanwhile).
+    drop(writer);
+    drop(pg);
+    let Err(e) = listener.join().unwrap();
+    assert!(e.to_string().contains("listening for the commits"), "{e}");
+}
+
 /// Whether the hub's connection (`application_name = 'syncline-hub'`) is encrypted, as the
 /// server sees it, asked over a plain connection of the test's own.
 fn hub_sessions_over_tls(url: &str) -> Vec<bool> {
