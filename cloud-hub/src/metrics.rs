@@ -165,6 +165,12 @@ pub fn render(s: &Snapshot) -> String {
         &one(m.cursors_ahead),
     );
     family(
+        "syncline_hub_cursor_rewritten_total",
+        "counter",
+        "Subscriptions whose cursor's change was not the one the replica received there (the store was rolled back and has grown again), repaired by heads.",
+        &one(m.cursors_rewritten),
+    );
+    family(
         "syncline_hub_grants_version",
         "gauge",
         "The store's grants version this instance applies: equal on every instance of a shared store once a grant or revocation holds on all of them.",

@@ -18,13 +18,14 @@ use rand::{Rng, SeedableRng};
 use crate::change::{self, SignedChange, VerifiedChange};
 use crate::error::{ChangeError, Error, ProtocolError, Result};
 use crate::identity::Identity;
-use crate::ids::{ChangeHash, Cursor, DocId, Epoch, PeerId};
+use crate::ids::{ChangeHash, Cursor, DocId, DocPrefix, Epoch, PeerId};
 use crate::protocol::Handshake;
 use crate::rolling::Retention;
 use crate::store::{Appended, HubSnapshot, HubStore};
 use crate::wire::{
-    self, Ack, CaughtUp, Changes, ErrorCode, ErrorMessage, Heads, MAX_SNAPSHOT_BYTES,
-    MAX_SNAPSHOT_HEADS, Message, Reconciled, Reject, Role, SnapshotMessage, Target,
+    self, Ack, CaughtUp, CaughtUpAt, Changes, ErrorCode, ErrorMessage, Heads, MAX_SNAPSHOT_BYTES,
+    MAX_SNAPSHOT_HEADS, Mark, Message, Reconciled, Reject, Role, SnapshotMessage, Subscribe,
+    Target,
 };
 
 /// Identifies a connection to the hub.
@@ -159,6 +160,9 @@ pub struct HubMetrics {
     pub snapshots_sent: u64,
     /// Subscriptions whose cursor was past the log's end (a rolled-back store), repaired.
     pub cursors_ahead: u64,
+    /// Subscriptions whose cursor's change is not the one the replica got there (a store
+    /// rolled back that has grown again), repaired.
+    pub cursors_rewritten: u64,
 }
 
 /// A fixed-bucket histogram (Prometheus' cumulative buckets are computed when exported).
@@ -245,6 +249,10 @@ struct HubSession {
     peer: Option<PeerId>,
     out: VecDeque<Message>,
     subs: BTreeMap<Target, SubState>,
+    /// Subscriptions repaired by heads in this session although their epoch is this log's
+    /// (it was rolled back under them): their `CaughtUpAt` says so, and the replica uploads
+    /// the documents under them that no `Heads` named (the hub lost them whole).
+    rolled_back: BTreeSet<Target>,
     reconciles: VecDeque<(DocId, Vec<ChangeHash>)>,
     failed: bool,
     /// Set when this hub opened the session to a peer hub (it acts as a replica there).
@@ -284,6 +292,7 @@ pub struct VerifiedPush {
 impl VerifiedPush {
     /// Verifies the changes of a `Push` within the wire limits; any other message (or a push
     /// over the limits, which the hub refuses the usual way) is given back untouched.
+    #[allow(clippy::result_large_err)] // The message itself, moved back: nothing is copied.
     pub fn verify(msg: Message) -> std::result::Result<VerifiedPush, Message> {
         if msg.check_limits().is_err() {
             return Err(msg);
@@ -318,6 +327,9 @@ pub struct Hub<S, P> {
     rng: StdRng,
     /// Set when other hub instances write to the same store ([`Hub::share_store`]).
     shared: Option<SharedTail>,
+    /// The last position whose mark was read, with it: subscriptions caught up together
+    /// share the log's end, and a fleet reconnecting resumes at it.
+    last_mark: Option<(Cursor, Option<Mark>)>,
     /// Retention of rolling buckets ([`Hub::set_retention`]), each with where its sweep goes
     /// on (the last document looked at; `None`: from the start).
     retention: Vec<(Retention, Option<DocId>)>,
@@ -417,6 +429,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             store,
             policy,
             sessions: HashMap::new(),
+            last_mark: None,
             next_session: 1,
             queued: Vec::new(),
             ready: BTreeSet::new(),
@@ -953,6 +966,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             peer: None,
             out: VecDeque::from([hello]),
             subs: BTreeMap::new(),
+            rolled_back: BTreeSet::new(),
             reconciles: VecDeque::new(),
             failed: false,
             link,
@@ -1139,50 +1153,21 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             return Ok(());
         };
         match msg {
-            Message::Subscribe(sub) => {
-                if !s.subs.contains_key(&sub.target) && s.subs.len() >= MAX_SUBSCRIPTIONS {
-                    return Err(ProtocolError::Limit(format!(
-                        "over {MAX_SUBSCRIPTIONS} subscriptions"
-                    ))
+            Message::Subscribe(sub) => self.subscribe(id, peer, sub, None)?,
+            Message::Resume(r) => {
+                if s.handshake.version().unwrap_or(1) < 3 {
+                    return Err(ProtocolError::Unexpected {
+                        message: "Resume",
+                        state: "in a session before version 3",
+                    }
                     .into());
                 }
-                let epoch = self.store.epoch();
-                let end = self.store.last_cursor()?;
-                let state = if sub.epoch == epoch && sub.cursor > end {
-                    // A position past the log's end: the store was rolled back under its
-                    // replicas (a copied data directory put back, a disk snapshot restored),
-                    // and new changes may take positions this replica has passed. Compare
-                    // heads instead, as for another log.
-                    self.metrics.cursors_ahead += 1;
-                    tracing::warn!(
-                        peer = %peer,
-                        cursor = sub.cursor.0,
-                        end = end.0,
-                        "a replica's cursor is past the end of the log: the store was rolled back; repairing by heads"
-                    );
-                    SubState::Reset {
-                        after: None,
-                        then: end,
-                    }
-                } else if sub.epoch == epoch {
-                    SubState::CatchUp { from: sub.cursor }
-                } else if sub.epoch == Epoch::none() {
-                    SubState::CatchUp { from: Cursor(0) }
-                } else {
-                    SubState::Reset {
-                        after: None,
-                        then: end,
-                    }
+                let sub = Subscribe {
+                    target: r.target,
+                    epoch: r.epoch,
+                    cursor: r.cursor,
                 };
-                let s = self
-                    .sessions
-                    .get_mut(&id)
-                    .ok_or(ProtocolError::Unexpected {
-                        message: "Subscribe",
-                        state: "closed",
-                    })?;
-                s.subs.insert(sub.target, state);
-                self.ready.insert(id);
+                self.subscribe(id, peer, sub, Some(r.mark))?;
             }
             Message::Push(push) => {
                 let result = change::verify_batch(&push.doc, push.changes);
@@ -1209,6 +1194,107 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 .into());
             }
         }
+        Ok(())
+    }
+
+    /// The mark of the change at `cursor` of the log, if one is there (none in an empty log,
+    /// or where retention dropped it).
+    fn mark_at(&mut self, cursor: Cursor) -> Result<Option<Mark>> {
+        if cursor == Cursor(0) {
+            return Ok(None);
+        }
+        if let Some((at, mark)) = self.last_mark
+            && at == cursor
+        {
+            return Ok(mark);
+        }
+        let batch =
+            self.store
+                .read_log(&Target::Prefix(DocPrefix::all()), Cursor(cursor.0 - 1), 1)?;
+        let mark = batch
+            .entries
+            .first()
+            .filter(|e| e.cursor == cursor)
+            .map(|e| Mark(e.change.signature));
+        self.last_mark = Some((cursor, mark));
+        Ok(mark)
+    }
+
+    /// Starts (or restarts) a subscription of session `id`: from the replica's cursor when it
+    /// is a position of this log that the replica's `mark` (if it sent one) still names, by
+    /// heads otherwise.
+    fn subscribe(
+        &mut self,
+        id: SessionId,
+        peer: PeerId,
+        sub: Subscribe,
+        mark: Option<Mark>,
+    ) -> Result<()> {
+        {
+            let s = self.sessions.get(&id).ok_or(ProtocolError::Unexpected {
+                message: "Subscribe",
+                state: "closed",
+            })?;
+            if !s.subs.contains_key(&sub.target) && s.subs.len() >= MAX_SUBSCRIPTIONS {
+                return Err(ProtocolError::Limit(format!(
+                    "over {MAX_SUBSCRIPTIONS} subscriptions"
+                ))
+                .into());
+            }
+        }
+        let epoch = self.store.epoch();
+        let end = self.store.last_cursor()?;
+        // The store was rolled back under the replica (a copied data directory put back, a
+        // disk snapshot restored), and new changes may take positions it has passed: its
+        // cursor is past the log's end, or (once the log has grown again) the change at its
+        // cursor is not the one it got there. Compare heads instead, as for another log.
+        // Where retention dropped the change at the cursor, nothing is known.
+        let ahead = sub.epoch == epoch && sub.cursor > end;
+        let rewritten = match mark {
+            Some(m) if sub.epoch == epoch && !ahead => {
+                self.mark_at(sub.cursor)?.is_some_and(|here| here != m)
+            }
+            _ => false,
+        };
+        let rolled_back = ahead || rewritten;
+        if rolled_back {
+            let what = if ahead {
+                self.metrics.cursors_ahead += 1;
+                "a replica's cursor is past the end of the log: the store was rolled back"
+            } else {
+                self.metrics.cursors_rewritten += 1;
+                "the change at a replica's cursor is not the one it received there: the store \
+                 was rolled back and has grown again"
+            };
+            tracing::warn!(
+                peer = %peer,
+                cursor = sub.cursor.0,
+                end = end.0,
+                "{what}; repairing by heads"
+            );
+        }
+        let state = if rolled_back || (sub.epoch != epoch && sub.epoch != Epoch::none()) {
+            SubState::Reset {
+                after: None,
+                then: end,
+            }
+        } else if sub.epoch == epoch {
+            SubState::CatchUp { from: sub.cursor }
+        } else {
+            SubState::CatchUp { from: Cursor(0) }
+        };
+        let s = self
+            .sessions
+            .get_mut(&id)
+            .ok_or(ProtocolError::Unexpected {
+                message: "Subscribe",
+                state: "closed",
+            })?;
+        if rolled_back {
+            s.rolled_back.insert(sub.target.clone());
+        }
+        s.subs.insert(sub.target, state);
+        self.ready.insert(id);
         Ok(())
     }
 
@@ -1817,6 +1903,12 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                     .unwrap_or_default();
                 let mut group: Option<(DocId, Vec<SignedChange>, Cursor, usize)> = None;
                 let mut sent = 0u64;
+                // The change at the read's end, when the read holds it (a CaughtUpAt's mark).
+                let last_mark = batch
+                    .entries
+                    .last()
+                    .filter(|e| e.cursor == batch.next)
+                    .map(|e| Mark(e.change.signature));
                 for e in batch.entries {
                     if !self.policy.may_read(&peer, &e.doc)
                         || covered.get(&e.doc).is_some_and(|upto| e.cursor <= *upto)
@@ -1856,11 +1948,32 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 }
                 self.metrics.changes_sent += sent;
                 let next = if batch.at_end {
-                    out.push(Message::CaughtUp(CaughtUp {
-                        target: target.clone(),
-                        epoch,
-                        cursor: batch.next,
-                    }));
+                    let (marks, rolled_back) = match self.sessions.get_mut(&id) {
+                        Some(s) => (
+                            s.handshake.version().unwrap_or(1) >= 3,
+                            s.rolled_back.remove(&target),
+                        ),
+                        None => (false, false),
+                    };
+                    out.push(if marks {
+                        let mark = match last_mark {
+                            Some(m) => Some(m),
+                            None => self.mark_at(batch.next)?,
+                        };
+                        Message::CaughtUpAt(CaughtUpAt {
+                            target: target.clone(),
+                            epoch,
+                            cursor: batch.next,
+                            mark,
+                            rolled_back,
+                        })
+                    } else {
+                        Message::CaughtUp(CaughtUp {
+                            target: target.clone(),
+                            epoch,
+                            cursor: batch.next,
+                        })
+                    });
                     SubState::Live
                 } else {
                     // A subscription to the one document a snapshot covers reads on from the
@@ -2882,5 +2995,72 @@ mod tests {
         hub.set_compaction(None);
         hub.count_for_compaction(&doc, 100);
         assert_eq!(hub.compact(4).unwrap(), Compacted::default());
+    }
+
+    /// A replica of protocol version 2 (an older build), its handshake by hand: it is caught
+    /// up with `CaughtUp`, which it knows, and a `Resume`, which its version lacks, is refused.
+    #[test]
+    fn a_version_2_replica_is_caught_up_without_marks_and_may_not_resume() {
+        let mut hub = Hub::new(
+            Identity::generate(),
+            SqliteHubStore::open_in_memory().unwrap(),
+            AllowAll,
+            None,
+        );
+        let all = Target::Prefix(DocPrefix::all());
+        let doc = DocId::new("v2/doc").unwrap();
+        let mut w = replica();
+        let ws = connect(&mut hub, &mut w);
+        w.change(&doc, &ops(json!([{"op":"put","path":["k"],"value":1}])))
+            .unwrap();
+        pump(&mut hub, &mut [(&mut w, ws)]);
+
+        let sid = hub.accept();
+        let (mut hs, hello) = Handshake::start(
+            2,
+            Identity::generate(),
+            Role::Replica,
+            Role::Hub,
+            Some(hub.peer_id()),
+            [7; 32],
+            Epoch::none(),
+            [0; 32],
+        );
+        let mut to_hub = vec![hello];
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            for m in to_hub.drain(..) {
+                hub.handle_message(sid, m).unwrap();
+            }
+            hub.flush().unwrap();
+            while let Some(m) = hub.poll_transmit(sid).unwrap() {
+                match m {
+                    Message::Hello(h) => to_hub.push(hs.on_hello(h).unwrap()),
+                    Message::Auth(a) => {
+                        hs.on_auth(a).unwrap();
+                        to_hub.push(Message::Subscribe(Subscribe {
+                            target: all.clone(),
+                            epoch: Epoch::none(),
+                            cursor: Cursor(0),
+                        }));
+                    }
+                    other => got.push(other),
+                }
+            }
+        }
+        assert_eq!(hs.version(), Some(2));
+        let kinds: Vec<&str> = got.iter().map(|m| m.kind()).collect();
+        assert_eq!(kinds, ["Changes", "CaughtUp"], "{got:?}");
+        let Some(Message::Changes(c)) = got.first() else {
+            unreachable!()
+        };
+        let resume = Message::Resume(wire::Resume {
+            target: all,
+            epoch: hub.store().epoch(),
+            cursor: Cursor(1),
+            mark: Mark(c.changes[0].signature),
+        });
+        let e = hub.handle_message(sid, resume).unwrap_err();
+        assert!(e.to_string().contains("before version 3"), "{e}");
     }
 }

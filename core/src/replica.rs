@@ -31,8 +31,8 @@ use crate::protocol::Handshake;
 use crate::rolling::Rolling;
 use crate::store::ReplicaStore;
 use crate::wire::{
-    self, CaughtUp, Changes, ErrorCode, Heads, Message, Push, Reconcile, Reject, Role, Subscribe,
-    Target,
+    self, CaughtUpAt, Changes, ErrorCode, Heads, Mark, Message, Push, Reconcile, Reject, Resume,
+    Role, Subscribe, Target,
 };
 
 /// Pushes sent and not yet answered, at most.
@@ -293,7 +293,7 @@ struct Session {
     /// Documents whose Reconcile the hub has not finished answering.
     reconciling: HashSet<DocId>,
     /// Repairs that caught up but wait for reconciles before their new epoch is recorded.
-    deferred: Vec<CaughtUp>,
+    deferred: Vec<CaughtUpAt>,
     synced: HashSet<Target>,
     failed: bool,
 }
@@ -409,8 +409,8 @@ impl Replica {
         let instance = options.instance.unwrap_or_else(|| rng.r#gen());
         let actor = change::actor_for(&identity.peer_id(), instance);
         let mut subscriptions = Subscriptions::default();
-        for (t, _, _) in store.subscriptions()? {
-            subscriptions.push(t);
+        for s in store.subscriptions()? {
+            subscriptions.push(s.target);
         }
         Ok(Replica {
             identity,
@@ -1150,18 +1150,33 @@ impl Replica {
                         message: "Auth",
                         state: "closed",
                     })?;
-                    for (target, epoch, cursor) in subs {
-                        let (epoch, cursor) = if epoch == Epoch::none() {
-                            (last, Cursor(0))
-                        } else {
-                            (epoch, cursor)
-                        };
-                        s.requested.insert(target.clone(), epoch);
-                        s.out.push_back(Message::Subscribe(Subscribe {
-                            target,
-                            epoch,
-                            cursor,
-                        }));
+                    let marks = s.handshake.version().unwrap_or(1) >= 3;
+                    for sub in subs {
+                        let target = sub.target;
+                        if sub.epoch == Epoch::none() {
+                            s.requested.insert(target.clone(), last);
+                            s.out.push_back(Message::Subscribe(Subscribe {
+                                target,
+                                epoch: last,
+                                cursor: Cursor(0),
+                            }));
+                            continue;
+                        }
+                        s.requested.insert(target.clone(), sub.epoch);
+                        s.out.push_back(match sub.mark {
+                            // The hub checks the change at our cursor is still the one we got.
+                            Some(mark) if marks => Message::Resume(Resume {
+                                target,
+                                epoch: sub.epoch,
+                                cursor: sub.cursor,
+                                mark,
+                            }),
+                            _ => Message::Subscribe(Subscribe {
+                                target,
+                                epoch: sub.epoch,
+                                cursor: sub.cursor,
+                            }),
+                        });
                     }
                     self.push_event(Event::Connected { hub });
                 }
@@ -1197,6 +1212,23 @@ impl Replica {
                 }
             }
             Message::CaughtUp(c) => {
+                self.flush()?;
+                self.on_caught_up(CaughtUpAt {
+                    target: c.target,
+                    epoch: c.epoch,
+                    cursor: c.cursor,
+                    mark: None,
+                    rolled_back: false,
+                })?;
+            }
+            Message::CaughtUpAt(c) => {
+                if s.handshake.version().unwrap_or(1) < 3 {
+                    return Err(ProtocolError::Unexpected {
+                        message: "CaughtUpAt",
+                        state: "in a session before version 3",
+                    }
+                    .into());
+                }
                 self.flush()?;
                 self.on_caught_up(c)?;
             }
@@ -1235,14 +1267,15 @@ impl Replica {
                     state: "closed",
                 })?;
                 s.reconciling.remove(&r.doc);
-                let ready: Vec<CaughtUp> = {
-                    let reconciling = &s.reconciling;
-                    let (ready, wait) = std::mem::take(&mut s.deferred)
-                        .into_iter()
-                        .partition(|c: &CaughtUp| !reconciling.iter().any(|d| c.target.covers(d)));
-                    s.deferred = wait;
-                    ready
-                };
+                let ready: Vec<CaughtUpAt> =
+                    {
+                        let reconciling = &s.reconciling;
+                        let (ready, wait) = std::mem::take(&mut s.deferred).into_iter().partition(
+                            |c: &CaughtUpAt| !reconciling.iter().any(|d| c.target.covers(d)),
+                        );
+                        s.deferred = wait;
+                        ready
+                    };
                 for c in ready {
                     self.record_caught_up(c)?;
                 }
@@ -1400,7 +1433,7 @@ impl Replica {
         batch.commit()
     }
 
-    fn on_caught_up(&mut self, c: CaughtUp) -> Result<()> {
+    fn on_caught_up(&mut self, c: CaughtUpAt) -> Result<()> {
         let s = self.session.as_mut().ok_or(ProtocolError::Unexpected {
             message: "CaughtUp",
             state: "closed",
@@ -1412,9 +1445,10 @@ impl Replica {
             }
             .into());
         };
-        if requested != c.epoch && requested != Epoch::none() {
-            // The hub's log is not the one our cursor came from (restored or another hub):
-            // upload every document under the target the hub did not list.
+        if (requested != c.epoch && requested != Epoch::none()) || c.rolled_back {
+            // The hub's log is not the one our cursor came from (restored or another hub), or
+            // is that log rolled back under our cursor: upload every document under the
+            // target the hub did not list.
             let seen = std::mem::take(&mut s.heads_seen);
             let docs: Vec<DocId> = self
                 .store
@@ -1441,11 +1475,11 @@ impl Replica {
         self.record_caught_up(c)
     }
 
-    fn record_caught_up(&mut self, c: CaughtUp) -> Result<()> {
+    fn record_caught_up(&mut self, c: CaughtUpAt) -> Result<()> {
         // A bucket forgotten during the session is not followed again.
         if self.subscriptions.contains(&c.target) {
             let mut batch = self.store.batch()?;
-            batch.set_cursor(&c.target, c.epoch, c.cursor)?;
+            batch.set_cursor(&c.target, c.epoch, c.cursor, c.mark)?;
             batch.commit()?;
         }
         let s = self.session.as_mut().ok_or(ProtocolError::Unexpected {
@@ -1479,12 +1513,16 @@ impl Replica {
     }
 
     fn ingest(&mut self, incoming: Vec<Changes>, touched: &mut Vec<DocId>) -> Result<()> {
-        let mut cursors: Vec<(Target, Cursor)> = Vec::new();
+        // Each cursor with the signature of its message's last change: the change at that
+        // position of the log (the hub sends a position's change last).
+        let mut cursors: Vec<(Target, Cursor, Option<Mark>)> = Vec::new();
         // Messages of one document go together: one coverage walk over all its changes.
         let mut received: Vec<(DocId, Vec<SignedChange>)> = Vec::with_capacity(incoming.len());
         let mut at: HashMap<DocId, usize> = HashMap::new();
         for m in incoming {
-            cursors.extend(m.cursor);
+            if let Some((t, c)) = m.cursor {
+                cursors.push((t, c, m.changes.last().map(|c| Mark(c.signature))));
+            }
             match at.get(&m.doc) {
                 Some(&i) => received[i].1.extend(m.changes),
                 None => {
@@ -1563,8 +1601,8 @@ impl Replica {
             for c in &to_store {
                 new.push(batch.insert_change(c)?);
             }
-            for (t, c) in &cursors {
-                batch.advance_cursor(t, *c)?;
+            for (t, c, mark) in &cursors {
+                batch.advance_cursor(t, *c, *mark)?;
             }
             if let Some(epoch) = epoch {
                 batch.set_last_epoch(epoch)?;

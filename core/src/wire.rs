@@ -12,8 +12,9 @@ use crate::change::SignedChange;
 use crate::error::WireError;
 use crate::ids::{ChangeHash, Cursor, DocId, DocPrefix, Epoch, PeerId};
 
-/// The protocol version this build speaks (and the only one so far).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// The newest protocol version this build speaks: 2 added snapshots, 3 the log marks that
+/// let a hub notice its log was rolled back and has grown again ([`Resume`]).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest frame payload accepted, in bytes.
 pub const MAX_FRAME: usize = 8 * 1024 * 1024;
 /// Largest number of changes in one [`Changes`] or [`Push`] message.
@@ -149,6 +150,53 @@ pub struct CaughtUp {
     pub cursor: Cursor,
 }
 
+/// The signature of the change at a position of the hub's log, as the replica received it:
+/// what a replica keeps beside a cursor to tell that position's change from another
+/// (version 3). A signature names its change (it is made over the change's hash); the
+/// replica has it without parsing the change.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mark(#[serde(with = "serde_bytes")] pub [u8; 64]);
+
+impl std::fmt::Debug for Mark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Mark({})", hex::encode(&self.0[..8]))
+    }
+}
+
+/// Hub to replica (version 3, in place of [`CaughtUp`]): the same, with the mark of the
+/// change at `cursor` (`None` when no change is there: an empty log, or retention dropped it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaughtUpAt {
+    /// The subscription.
+    pub target: Target,
+    /// The hub's log epoch.
+    pub epoch: Epoch,
+    /// Position reached.
+    pub cursor: Cursor,
+    /// The signature of the change at `cursor`.
+    pub mark: Option<Mark>,
+    /// The hub compared heads for this subscription in this session, its log having been
+    /// rolled back under the replica's cursor: the replica uploads every document under
+    /// `target` that no `Heads` named, as for a log of another epoch.
+    pub rolled_back: bool,
+}
+
+/// Replica to hub (version 3, in place of [`Subscribe`] when the replica holds the mark of
+/// its cursor): the same, and the change at `cursor` of `epoch` was the one signed `mark`.
+/// A hub whose change there is another one was rolled back and has grown again: it repairs
+/// the subscription by heads instead of reading on from `cursor`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// What to follow.
+    pub target: Target,
+    /// The hub log the cursor belongs to.
+    pub epoch: Epoch,
+    /// The last position already received.
+    pub cursor: Cursor,
+    /// The signature of the change the replica received at `cursor`.
+    pub mark: Mark,
+}
+
 /// Replica to hub: store these changes; answered by [`Ack`] once committed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Push {
@@ -276,6 +324,10 @@ pub enum Message {
     Reconciled(Reconciled),
     /// Tag 12 (version 2).
     Snapshot(SnapshotMessage),
+    /// Tag 13 (version 3).
+    CaughtUpAt(CaughtUpAt),
+    /// Tag 14 (version 3).
+    Resume(Resume),
 }
 
 impl Message {
@@ -295,6 +347,8 @@ impl Message {
             Message::Error(_) => "Error",
             Message::Reconciled(_) => "Reconciled",
             Message::Snapshot(_) => "Snapshot",
+            Message::CaughtUpAt(_) => "CaughtUpAt",
+            Message::Resume(_) => "Resume",
         }
     }
 
@@ -683,6 +737,30 @@ mod tests {
                             .collect(),
                     },
                 })),
+            (
+                target(),
+                epoch(),
+                cursor(),
+                prop::option::of(signature()),
+                any::<bool>()
+            )
+                .prop_map(|(target, epoch, cursor, mark, rolled_back)| {
+                    Message::CaughtUpAt(CaughtUpAt {
+                        target,
+                        epoch,
+                        cursor,
+                        mark: mark.map(Mark),
+                        rolled_back,
+                    })
+                }),
+            (target(), epoch(), cursor(), signature()).prop_map(|(target, epoch, cursor, mark)| {
+                Message::Resume(Resume {
+                    target,
+                    epoch,
+                    cursor,
+                    mark: Mark(mark),
+                })
+            }),
         ]
     }
 
@@ -1412,7 +1490,7 @@ mod tests {
             (
                 "caught_up",
                 Message::CaughtUp(CaughtUp {
-                    target: prefix,
+                    target: prefix.clone(),
                     epoch: golden_epoch(),
                     cursor: Cursor(301),
                 }),
@@ -1475,6 +1553,26 @@ mod tests {
                             signature: signed.signed().signature,
                         }],
                     },
+                }),
+            ),
+            (
+                "caught_up_at",
+                // Caught up at the golden change's position, marked with its signature.
+                Message::CaughtUpAt(CaughtUpAt {
+                    target: prefix.clone(),
+                    epoch: golden_epoch(),
+                    cursor: Cursor(301),
+                    mark: Some(Mark(signed.signed().signature)),
+                    rolled_back: false,
+                }),
+            ),
+            (
+                "resume",
+                Message::Resume(Resume {
+                    target: prefix,
+                    epoch: golden_epoch(),
+                    cursor: Cursor(301),
+                    mark: Mark(signed.signed().signature),
                 }),
             ),
         ]

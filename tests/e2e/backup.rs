@@ -231,3 +231,65 @@ fn history_and_an_offline_checked_export_say_who_changed_a_document() {
         "{v}"
     );
 }
+
+/// A hub's data directory put back by hand (copied with the hub stopped, as a disk snapshot
+/// would be): same epoch, a shorter log, and a new edge's writes grow it past where the
+/// other edges had read before they reconnect. Those edges notice (the change at their
+/// cursor is another one) and repair by heads: they get the new writes and give back the
+/// one the hub lost.
+#[test]
+fn edges_notice_a_data_directory_put_back_by_hand_after_the_log_grew_past_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, mut edges) = cluster(dir.path(), 2);
+    let doc = "rollback/by-hand";
+    edges[0]
+        .change(doc, json!([{"op":"put","path":["before"],"value":1}]))
+        .unwrap();
+    acknowledged(&edges[0]);
+    converged(&[&edges[0], &edges[1]], doc, 60);
+
+    let (addr, data) = (hub.addr.clone(), hub.data.clone());
+    let copy = dir.path().join("hub-copy");
+    assert_eq!(hub.proc.terminate(30), 0);
+    let (code, _, err) = run(Command::new("cp").arg("-a").arg(&data).arg(&copy));
+    assert_eq!(code, 0, "{err}");
+    let hub = Hub::start(&data, &addr);
+
+    // A write the hub acknowledges and both edges hold, then lost with the directory.
+    edges[0]
+        .change(doc, json!([{"op":"put","path":["lost"],"value":2}]))
+        .unwrap();
+    acknowledged(&edges[0]);
+    converged(&[&edges[0], &edges[1]], doc, 60);
+    for e in &mut edges {
+        e.kill9();
+    }
+    assert_eq!(hub.proc.terminate(30), 0);
+    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::rename(&copy, &data).unwrap();
+    let hub = Hub::start(&data, &addr);
+
+    // A new edge writes while the others are away: the log grows past their cursors.
+    let third = hub.follower(&dir.path().join("edge2"));
+    for i in 0..5 {
+        third
+            .change(
+                doc,
+                json!([{"op":"put","path":[format!("after{i}")],"value":i}]),
+            )
+            .unwrap();
+    }
+    acknowledged(&third);
+    for e in &mut edges {
+        e.restart();
+    }
+    let state = converged(&[&edges[0], &edges[1], &third], doc, 60);
+    assert_eq!(
+        state,
+        json!({"before": 1, "lost": 2, "after0": 0, "after1": 1, "after2": 2, "after3": 3, "after4": 4})
+    );
+    let rewritten = hub
+        .metric("syncline_hub_cursor_rewritten_total")
+        .unwrap_or(0);
+    assert!(rewritten >= 1, "{rewritten}");
+}

@@ -138,13 +138,13 @@ impl Peer {
                     let _ = r.handle_message(m);
                 }
             }
-            // Probe: a key the hub accepts gets CaughtUp for a subscription, an unknown one
-            // Error(UnknownPeer) right after its Auth.
+            // Probe: a key the hub accepts gets CaughtUp (CaughtUpAt since version 3) for a
+            // subscription, an unknown one Error(UnknownPeer) right after its Auth.
             let probe = Target::Doc(DocId::new("probe/accepted").unwrap());
             p.send(&subscribe(probe)).await;
             loop {
                 match p.next(5).await {
-                    Some(Message::CaughtUp(_)) => return (p, r),
+                    Some(Message::CaughtUp(_) | Message::CaughtUpAt(_)) => return (p, r),
                     Some(Message::Error(_)) | None => break,
                     Some(_) => {}
                 }

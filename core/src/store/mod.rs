@@ -18,7 +18,7 @@ pub use hub::{
     uncovered_positions,
 };
 pub use key::StoreKey;
-pub use replica::{OutboxEntry, ReplicaStore, StoredChange, StoredDoc, WriteBatch};
+pub use replica::{OutboxEntry, ReplicaStore, StoredChange, StoredDoc, Subscription, WriteBatch};
 
 /// An exclusive lock on a data directory, held for as long as this value lives (the OS
 /// releases it if the process dies, so a crash never leaves it stuck).

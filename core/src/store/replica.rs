@@ -9,7 +9,7 @@ use crate::change::{SignedChange, VerifiedChange};
 use crate::error::{Error, Result, SqlContext};
 use crate::ids::{ChangeHash, Cursor, DocId, Epoch};
 use crate::store::sqlite;
-use crate::wire::Target;
+use crate::wire::{Mark, Target};
 
 const MIGRATIONS: &[&str] = &[
     // Version 1.
@@ -54,7 +54,23 @@ const MIGRATIONS: &[&str] = &[
     // on a later change of its author (`change::verify_docs_covered`) holds the signature the
     // hub relayed, unchecked: it is checked before the change is uploaded again.
     "ALTER TABLE changes ADD COLUMN checked INTEGER NOT NULL DEFAULT 1;",
+    // Version 4: the signature of the change at each subscription's cursor (protocol version
+    // 3), NULL where unknown: the hub checks it to notice a log rolled back and grown again.
+    "ALTER TABLE subscriptions ADD COLUMN mark BLOB;",
 ];
+
+/// A subscription as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// What it follows.
+    pub target: Target,
+    /// The hub log its cursor belongs to ([`Epoch::none`] before the first catch-up).
+    pub epoch: Epoch,
+    /// The last position received.
+    pub cursor: Cursor,
+    /// The signature of the change at `cursor`, when the replica knows it.
+    pub mark: Option<Mark>,
+}
 
 /// A document as stored: its snapshot (if compacted) and the changes not in it.
 #[derive(Debug, Default)]
@@ -462,11 +478,11 @@ impl ReplicaStore {
             .ctx("counting the outbox")
     }
 
-    /// Subscriptions with their hub epoch and cursor.
-    pub fn subscriptions(&self) -> Result<Vec<(Target, Epoch, Cursor)>> {
+    /// Subscriptions with their hub epoch, cursor and mark.
+    pub fn subscriptions(&self) -> Result<Vec<Subscription>> {
         let mut st = self
             .conn
-            .prepare_cached("SELECT target, epoch, cursor FROM subscriptions ORDER BY target")
+            .prepare_cached("SELECT target, epoch, cursor, mark FROM subscriptions ORDER BY target")
             .ctx("reading subscriptions")?;
         let rows = st
             .query_map([], |r| {
@@ -474,21 +490,34 @@ impl ReplicaStore {
                     r.get::<_, String>(0)?,
                     r.get::<_, Vec<u8>>(1)?,
                     r.get::<_, i64>(2)?,
+                    r.get::<_, Option<Vec<u8>>>(3)?,
                 ))
             })
             .ctx("reading subscriptions")?;
         let mut out = Vec::new();
         for row in rows {
-            let (t, e, c) = row.ctx("reading subscriptions")?;
+            let (t, e, c, m) = row.ctx("reading subscriptions")?;
             let target = Target::from_key(&t).ok_or_else(|| Error::Corrupt {
                 what: "subscription".into(),
                 reason: t.clone(),
             })?;
             let epoch = Epoch(e.try_into().map_err(|_| Error::Corrupt {
                 what: "epoch".into(),
-                reason: t,
+                reason: t.clone(),
             })?);
-            out.push((target, epoch, Cursor(c.max(0) as u64)));
+            let mark = match m {
+                None => None,
+                Some(m) => Some(Mark(m.try_into().map_err(|_| Error::Corrupt {
+                    what: "subscription mark".into(),
+                    reason: t,
+                })?)),
+            };
+            out.push(Subscription {
+                target,
+                epoch,
+                cursor: Cursor(c.max(0) as u64),
+                mark,
+            });
         }
         Ok(out)
     }
@@ -729,23 +758,52 @@ impl WriteBatch<'_> {
         Ok(())
     }
 
-    /// Records how far a subscription has received, with the changes that got it there.
-    pub fn set_cursor(&mut self, target: &Target, epoch: Epoch, cursor: Cursor) -> Result<()> {
+    /// Records how far a subscription has received, with the changes that got it there, and
+    /// the mark of the change at `cursor` if known.
+    pub fn set_cursor(
+        &mut self,
+        target: &Target,
+        epoch: Epoch,
+        cursor: Cursor,
+        mark: Option<Mark>,
+    ) -> Result<()> {
         self.tx
             .prepare_cached(
-                "INSERT INTO subscriptions (target, epoch, cursor) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (target) DO UPDATE SET epoch = excluded.epoch, cursor = excluded.cursor",
+                "INSERT INTO subscriptions (target, epoch, cursor, mark) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (target) DO UPDATE SET epoch = excluded.epoch,
+                     cursor = excluded.cursor, mark = excluded.mark",
             )
-            .and_then(|mut st| st.execute(params![target.key(), &epoch.0[..], cursor.0 as i64]))
+            .and_then(|mut st| {
+                st.execute(params![
+                    target.key(),
+                    &epoch.0[..],
+                    cursor.0 as i64,
+                    mark.as_ref().map(|m| &m.0[..])
+                ])
+            })
             .ctx("recording a cursor")?;
         Ok(())
     }
 
-    /// Advances a subscription's cursor within its current epoch (never backwards).
-    pub fn advance_cursor(&mut self, target: &Target, cursor: Cursor) -> Result<()> {
+    /// Advances a subscription's cursor within its current epoch (never backwards), with the
+    /// mark of the change at the new position (`None`: unknown).
+    pub fn advance_cursor(
+        &mut self,
+        target: &Target,
+        cursor: Cursor,
+        mark: Option<Mark>,
+    ) -> Result<()> {
         self.tx
-            .prepare_cached("UPDATE subscriptions SET cursor = max(cursor, ?2) WHERE target = ?1")
-            .and_then(|mut st| st.execute(params![target.key(), cursor.0 as i64]))
+            .prepare_cached(
+                "UPDATE subscriptions SET cursor = ?2, mark = ?3 WHERE target = ?1 AND cursor < ?2",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    target.key(),
+                    cursor.0 as i64,
+                    mark.as_ref().map(|m| &m.0[..])
+                ])
+            })
             .ctx("recording a cursor")?;
         Ok(())
     }

@@ -3,14 +3,15 @@
 //! back, a disk snapshot restored): same epoch, an older log, and new changes numbered again
 //! from the old end. A replica whose cursor is past the log's end must not skip them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use syncline_core::DocId;
 use syncline_core::hub::{AllowAll, Hub, SessionId};
 use syncline_core::identity::Identity;
 use syncline_core::ops::{Op, PathElem, Value};
 use syncline_core::replica::Replica;
-use syncline_core::store::SqliteHubStore;
+use syncline_core::store::{HubStore, SqliteHubStore};
+use syncline_core::wire::Target;
+use syncline_core::{DocId, DocPrefix};
 
 type TestHub = Hub<SqliteHubStore, AllowAll>;
 
@@ -64,12 +65,12 @@ fn write(r: &mut Replica, key: &str, n: i64) {
     .unwrap();
 }
 
-#[test]
-fn a_replica_whose_cursor_is_past_a_rolled_back_log_repairs_instead_of_skipping() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("hub.db");
-    let copy = dir.path().join("hub-copy.db");
-    let (mut a, mut b) = (replica(dir.path(), "a", 1), replica(dir.path(), "b", 2));
+/// A hub file holding five changes of the writer `a` (`early0`...), and a whole copy of it
+/// taken with the hub closed; `b` is a reader that has not synced yet.
+fn five_changes_and_a_copy(dir: &Path) -> (PathBuf, PathBuf, Replica, Replica) {
+    let file = dir.join("hub.db");
+    let copy = dir.join("hub-copy.db");
+    let (mut a, b) = (replica(dir, "a", 1), replica(dir, "b", 2));
     let mut h = hub(&file);
     for i in 0..5 {
         write(&mut a, &format!("early{i}"), i);
@@ -77,6 +78,27 @@ fn a_replica_whose_cursor_is_past_a_rolled_back_log_repairs_instead_of_skipping(
     sync(&mut h, &mut a);
     drop(h); // closes the file (its WAL is checkpointed): a whole copy
     std::fs::copy(&file, &copy).unwrap();
+    (file, copy, a, b)
+}
+
+/// Puts the hub file back to `copy` and opens the hub on it; a new replica `c` writes `n`
+/// changes (`after0`...), which take the positions after the copy's end.
+fn put_back_and_write(dir: &Path, copy: &Path, file: &Path, n: i64) -> (TestHub, Replica) {
+    std::fs::rename(copy, file).unwrap();
+    let mut h = hub(file);
+    let mut c = replica(dir, "c", 3);
+    sync(&mut h, &mut c);
+    for i in 0..n {
+        write(&mut c, &format!("after{i}"), i);
+    }
+    sync(&mut h, &mut c);
+    (h, c)
+}
+
+#[test]
+fn a_replica_whose_cursor_is_past_a_rolled_back_log_repairs_instead_of_skipping() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, copy, mut a, mut b) = five_changes_and_a_copy(dir.path());
 
     // Five more changes; the reader b follows to the end of the log.
     let mut h = hub(&file);
@@ -90,14 +112,7 @@ fn a_replica_whose_cursor_is_past_a_rolled_back_log_repairs_instead_of_skipping(
 
     // The directory is rolled back to the copy: same epoch, five changes. A third writer's
     // changes take the positions b has already passed.
-    std::fs::rename(&copy, &file).unwrap();
-    let mut h = hub(&file);
-    let mut c = replica(dir.path(), "c", 3);
-    sync(&mut h, &mut c);
-    for i in 0..3 {
-        write(&mut c, &format!("after{i}"), i);
-    }
-    sync(&mut h, &mut c);
+    let (mut h, mut c) = put_back_and_write(dir.path(), &copy, &file, 3);
 
     sync(&mut h, &mut b);
     let json = b.json(&doc()).unwrap();
@@ -111,4 +126,64 @@ fn a_replica_whose_cursor_is_past_a_rolled_back_log_repairs_instead_of_skipping(
         b.doc(&doc()).unwrap().heads()
     );
     assert_eq!(c.json(&doc()).unwrap()["late4"], serde_json::json!(4));
+}
+
+#[test]
+fn a_replica_notices_a_rolled_back_log_that_has_grown_past_its_cursor_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, copy, mut a, mut b) = five_changes_and_a_copy(dir.path());
+
+    // Five more changes (positions 6 to 10), and a document of its own (11); b follows
+    // everything under `plant/` to position 11.
+    let mut h = hub(&file);
+    for i in 0..5 {
+        write(&mut a, &format!("late{i}"), i);
+    }
+    let lost = DocId::new("plant/lost").unwrap();
+    a.change(
+        &lost,
+        &[Op::Put {
+            path: vec![PathElem::Key("only".into())],
+            value: Value::Int(1),
+        }],
+    )
+    .unwrap();
+    sync(&mut h, &mut a);
+    b.subscribe(Target::Prefix(DocPrefix::new("plant/").unwrap()))
+        .unwrap();
+    sync(&mut h, &mut b);
+    assert_eq!(b.json(&doc()).unwrap()["late4"], serde_json::json!(4));
+    assert_eq!(b.json(&lost).unwrap()["only"], serde_json::json!(1));
+    drop(h);
+
+    // Rolled back to five changes, then eight new ones: the log is at 13 again, past b's
+    // cursors (10 and 11), and positions 6 to 11 hold changes b never got.
+    let (mut h, mut c) = put_back_and_write(dir.path(), &copy, &file, 8);
+    assert!(h.store().last_cursor().unwrap().0 > 11);
+    assert!(h.store().heads(&lost).unwrap().heads.is_empty());
+
+    sync(&mut h, &mut b);
+    let json = b.json(&doc()).unwrap();
+    for i in 0..8 {
+        assert_eq!(
+            json[format!("after{i}").as_str()],
+            serde_json::json!(i),
+            "after{i} skipped: {json}"
+        );
+    }
+    // Both subscriptions of b noticed it.
+    assert_eq!(h.metrics().cursors_rewritten, 2);
+    assert_eq!(h.metrics().cursors_ahead, 0);
+    // The document the hub lost whole comes back from b too.
+    assert!(!h.store().heads(&lost).unwrap().heads.is_empty());
+    // What the rolled-back hub lost comes back from b, and reaches c.
+    sync(&mut h, &mut c);
+    assert_eq!(c.json(&doc()).unwrap()["late4"], serde_json::json!(4));
+    assert_eq!(
+        c.doc(&doc()).unwrap().heads(),
+        b.doc(&doc()).unwrap().heads()
+    );
+    // A replica whose cursor was not rewritten reads on from it: no second repair.
+    sync(&mut h, &mut b);
+    assert_eq!(h.metrics().cursors_rewritten, 2);
 }
