@@ -357,7 +357,7 @@ impl DiskHub {
         self.hub.flush().expect("the hub commits");
         while let Some(m) = self.hub.poll_transmit(self.session).expect("the hub polls") {
             assert!(
-                matches!(m, Message::Ack(_)),
+                matches!(m, Message::Ack(_) | Message::AckAt(_)),
                 "an acknowledgement, not {m:?}"
             );
         }

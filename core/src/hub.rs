@@ -24,8 +24,8 @@ use crate::rolling::Retention;
 use crate::store::{Appended, HubSnapshot, HubStore};
 use crate::wire::{
     self, Ack, CaughtUp, CaughtUpAt, Changes, ErrorCode, ErrorMessage, Heads, MAX_SNAPSHOT_BYTES,
-    MAX_SNAPSHOT_HEADS, Mark, Message, Reconciled, Reject, Role, SnapshotMessage, Subscribe,
-    Target,
+    MAX_SNAPSHOT_HEADS, Mark, Message, Position, Reconciled, Reject, Role, SnapshotMessage,
+    Subscribe, Target,
 };
 
 /// Identifies a connection to the hub.
@@ -292,7 +292,6 @@ pub struct VerifiedPush {
 impl VerifiedPush {
     /// Verifies the changes of a `Push` within the wire limits; any other message (or a push
     /// over the limits, which the hub refuses the usual way) is given back untouched.
-    #[allow(clippy::result_large_err)] // The message itself, moved back: nothing is copied.
     pub fn verify(msg: Message) -> std::result::Result<VerifiedPush, Message> {
         if msg.check_limits().is_err() {
             return Err(msg);
@@ -327,9 +326,6 @@ pub struct Hub<S, P> {
     rng: StdRng,
     /// Set when other hub instances write to the same store ([`Hub::share_store`]).
     shared: Option<SharedTail>,
-    /// The last position whose mark was read, with it: subscriptions caught up together
-    /// share the log's end, and a fleet reconnecting resumes at it.
-    last_mark: Option<(Cursor, Option<Mark>)>,
     /// Retention of rolling buckets ([`Hub::set_retention`]), each with where its sweep goes
     /// on (the last document looked at; `None`: from the start).
     retention: Vec<(Retention, Option<DocId>)>,
@@ -429,7 +425,6 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             store,
             policy,
             sessions: HashMap::new(),
-            last_mark: None,
             next_session: 1,
             queued: Vec::new(),
             ready: BTreeSet::new(),
@@ -1153,7 +1148,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             return Ok(());
         };
         match msg {
-            Message::Subscribe(sub) => self.subscribe(id, peer, sub, None)?,
+            Message::Subscribe(sub) => self.subscribe(id, peer, sub, None, None)?,
             Message::Resume(r) => {
                 if s.handshake.version().unwrap_or(1) < 3 {
                     return Err(ProtocolError::Unexpected {
@@ -1167,7 +1162,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                     epoch: r.epoch,
                     cursor: r.cursor,
                 };
-                self.subscribe(id, peer, sub, Some(r.mark))?;
+                self.subscribe(id, peer, sub, r.mark, r.written)?;
             }
             Message::Push(push) => {
                 let result = change::verify_batch(&push.doc, push.changes);
@@ -1203,32 +1198,26 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         if cursor == Cursor(0) {
             return Ok(None);
         }
-        if let Some((at, mark)) = self.last_mark
-            && at == cursor
-        {
-            return Ok(mark);
-        }
         let batch =
             self.store
                 .read_log(&Target::Prefix(DocPrefix::all()), Cursor(cursor.0 - 1), 1)?;
-        let mark = batch
+        Ok(batch
             .entries
             .first()
             .filter(|e| e.cursor == cursor)
-            .map(|e| Mark(e.change.signature));
-        self.last_mark = Some((cursor, mark));
-        Ok(mark)
+            .map(|e| Mark(e.change.signature)))
     }
 
     /// Starts (or restarts) a subscription of session `id`: from the replica's cursor when it
-    /// is a position of this log that the replica's `mark` (if it sent one) still names, by
-    /// heads otherwise.
+    /// is a position of this log that the replica's marks (if it sent any: of its cursor, of
+    /// its newest acknowledged write) still name, by heads otherwise.
     fn subscribe(
         &mut self,
         id: SessionId,
         peer: PeerId,
         sub: Subscribe,
         mark: Option<Mark>,
+        written: Option<Position>,
     ) -> Result<()> {
         {
             let s = self.sessions.get(&id).ok_or(ProtocolError::Unexpected {
@@ -1246,16 +1235,28 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         let end = self.store.last_cursor()?;
         // The store was rolled back under the replica (a copied data directory put back, a
         // disk snapshot restored), and new changes may take positions it has passed: its
-        // cursor is past the log's end, or (once the log has grown again) the change at its
-        // cursor is not the one it got there. Compare heads instead, as for another log.
-        // Where retention dropped the change at the cursor, nothing is known.
-        let ahead = sub.epoch == epoch && sub.cursor > end;
-        let rewritten = match mark {
-            Some(m) if sub.epoch == epoch && !ahead => {
-                self.mark_at(sub.cursor)?.is_some_and(|here| here != m)
+        // cursor or its newest acknowledged write is past the log's end, or (once the log has
+        // grown again) the change at either is not the one it got there. Compare heads
+        // instead, as for another log. Where retention dropped a marked change, nothing is
+        // known.
+        let same = sub.epoch == epoch;
+        let ahead = same && (sub.cursor > end || written.is_some_and(|w| w.cursor > end));
+        let mut rewritten = false;
+        if same && !ahead {
+            let marked = mark
+                .map(|m| Position {
+                    cursor: sub.cursor,
+                    mark: m,
+                })
+                .into_iter()
+                .chain(written);
+            for p in marked {
+                if self.mark_at(p.cursor)?.is_some_and(|here| here != p.mark) {
+                    rewritten = true;
+                    break;
+                }
             }
-            _ => false,
-        };
+        }
         let rolled_back = ahead || rewritten;
         if rolled_back {
             let what = if ahead {
@@ -1273,12 +1274,12 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 "{what}; repairing by heads"
             );
         }
-        let state = if rolled_back || (sub.epoch != epoch && sub.epoch != Epoch::none()) {
+        let state = if rolled_back || (!same && sub.epoch != Epoch::none()) {
             SubState::Reset {
                 after: None,
                 then: end,
             }
-        } else if sub.epoch == epoch {
+        } else if same {
             SubState::CatchUp { from: sub.cursor }
         } else {
             SubState::CatchUp { from: Cursor(0) }
@@ -1292,6 +1293,8 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             })?;
         if rolled_back {
             s.rolled_back.insert(sub.target.clone());
+        } else {
+            s.rolled_back.remove(&sub.target);
         }
         s.subs.insert(sub.target, state);
         self.ready.insert(id);
@@ -1477,7 +1480,17 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             match reply {
                 Some(Reply::Ack(push_id)) => {
                     if let Some(s) = self.sessions.get_mut(&session) {
-                        s.out.push_back(Message::Ack(Ack { push_id }));
+                        // Version 3: where the push's last new change is, for the writer to
+                        // tell a rolled-back log by (it is not sent its own changes).
+                        s.out.push_back(if s.handshake.version().unwrap_or(1) >= 3 {
+                            let at = last.zip(fresh.last()).map(|(cursor, c)| Position {
+                                cursor,
+                                mark: Mark(c.signature),
+                            });
+                            Message::AckAt(wire::AckAt { push_id, at })
+                        } else {
+                            Message::Ack(Ack { push_id })
+                        });
                         self.ready.insert(session);
                     }
                 }
@@ -1903,6 +1916,13 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                     .unwrap_or_default();
                 let mut group: Option<(DocId, Vec<SignedChange>, Cursor, usize)> = None;
                 let mut sent = 0u64;
+                // A subscription repaired after a rollback moves no cursor until its CaughtUpAt:
+                // a session cut before it must repair again, not resume from a mark of the
+                // new log past the positions it was repairing.
+                let repairing = self
+                    .sessions
+                    .get(&id)
+                    .is_some_and(|s| s.rolled_back.contains(&target));
                 // The change at the read's end, when the read holds it (a CaughtUpAt's mark).
                 let last_mark = batch
                     .entries
@@ -1932,7 +1952,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                                 out.push(Message::Changes(Changes {
                                     doc: d,
                                     changes: v,
-                                    cursor: Some((target.clone(), c)),
+                                    cursor: (!repairing).then(|| (target.clone(), c)),
                                 }));
                             }
                             group = Some((e.doc, vec![e.change], e.cursor, size));
@@ -1943,7 +1963,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                     out.push(Message::Changes(Changes {
                         doc: d,
                         changes: v,
-                        cursor: Some((target.clone(), c)),
+                        cursor: (!repairing).then(|| (target.clone(), c)),
                     }));
                 }
                 self.metrics.changes_sent += sent;
@@ -1960,13 +1980,13 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                             Some(m) => Some(m),
                             None => self.mark_at(batch.next)?,
                         };
-                        Message::CaughtUpAt(CaughtUpAt {
+                        Message::CaughtUpAt(Box::new(CaughtUpAt {
                             target: target.clone(),
                             epoch,
                             cursor: batch.next,
                             mark,
                             rolled_back,
-                        })
+                        }))
                     } else {
                         Message::CaughtUp(CaughtUp {
                             target: target.clone(),
@@ -3054,13 +3074,88 @@ mod tests {
         let Some(Message::Changes(c)) = got.first() else {
             unreachable!()
         };
-        let resume = Message::Resume(wire::Resume {
+        let resume = Message::Resume(Box::new(wire::Resume {
             target: all,
             epoch: hub.store().epoch(),
             cursor: Cursor(1),
-            mark: Mark(c.changes[0].signature),
-        });
+            mark: Some(Mark(c.changes[0].signature)),
+            written: None,
+        }));
         let e = hub.handle_message(sid, resume).unwrap_err();
         assert!(e.to_string().contains("before version 3"), "{e}");
+    }
+
+    /// A replica of this version and a hub of version 2 (an older build), its handshake by
+    /// hand: the replica subscribes with `Subscribe` though it holds a mark, and refuses the
+    /// version 3 messages its session lacks.
+    #[test]
+    fn a_version_3_replica_resumes_a_version_2_hub_without_marks() {
+        let mut hub = Hub::new(
+            Identity::generate(),
+            SqliteHubStore::open_in_memory().unwrap(),
+            AllowAll,
+            None,
+        );
+        let doc = DocId::new("v3/doc").unwrap();
+        let mut r = replica();
+        r.subscribe(Target::Doc(doc.clone())).unwrap();
+        let rs = connect(&mut hub, &mut r);
+        r.change(&doc, &ops(json!([{"op":"put","path":["k"],"value":1}])))
+            .unwrap();
+        pump(&mut hub, &mut [(&mut r, rs)]);
+        r.disconnect();
+        hub.close(rs);
+        // Now marked (its own write, acknowledged with AckAt, and its caught-up cursor).
+        assert!(r.store().written().unwrap().is_some());
+
+        let old = Identity::generate();
+        let v3_only = [
+            Message::CaughtUpAt(Box::new(wire::CaughtUpAt {
+                target: Target::Doc(doc.clone()),
+                epoch: hub.store().epoch(),
+                cursor: Cursor(1),
+                mark: None,
+                rolled_back: false,
+            })),
+            Message::AckAt(wire::AckAt {
+                push_id: 1,
+                at: None,
+            }),
+        ];
+        for m in v3_only {
+            let (mut hs, hello) = Handshake::start(
+                2,
+                old.clone(),
+                Role::Hub,
+                Role::Replica,
+                None,
+                [5; 32],
+                hub.store().epoch(),
+                [0; 32],
+            );
+            r.connect(Some(old.peer_id()));
+            let mut to_replica = vec![hello];
+            let mut sent = Vec::new();
+            for _ in 0..4 {
+                for m in to_replica.drain(..) {
+                    r.handle_message(m).unwrap();
+                }
+                while let Some(m) = r.poll_transmit().unwrap() {
+                    match m {
+                        Message::Hello(h) => to_replica.push(hs.on_hello(h).unwrap()),
+                        Message::Auth(a) => {
+                            hs.on_auth(a).unwrap();
+                        }
+                        other => sent.push(other),
+                    }
+                }
+            }
+            assert_eq!(hs.version(), Some(2));
+            let kinds: Vec<&str> = sent.iter().map(|m| m.kind()).collect();
+            assert_eq!(kinds, ["Subscribe"], "{sent:?}");
+            let e = r.handle_message(m).unwrap_err();
+            assert!(e.to_string().contains("before version 3"), "{e}");
+            r.disconnect();
+        }
     }
 }

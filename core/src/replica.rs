@@ -507,7 +507,11 @@ impl Replica {
     /// the next use loads it again. Called where no document is borrowed and every event of
     /// the operation has been made (after a commit of received changes, after local writes).
     fn trim_cache(&mut self) {
-        let max = self.options.max_cached_docs.max(1);
+        self.trim_cache_to(self.options.max_cached_docs.max(1));
+    }
+
+    /// [`Replica::trim_cache`] down from `max` documents.
+    fn trim_cache_to(&mut self, max: usize) {
         if self.docs.len() <= max {
             return;
         }
@@ -532,6 +536,12 @@ impl Replica {
 
     /// A document held by this replica.
     pub fn doc(&mut self, id: &DocId) -> Result<&Document> {
+        // A read may bring one more document into memory: make room first (nothing is
+        // borrowed yet), or an app that only reads would fill the cache past its bound.
+        let max = self.options.max_cached_docs.max(1);
+        if self.docs.len() >= max && !self.docs.contains_key(id) {
+            self.trim_cache_to(max - 1);
+        }
         match self.rolling_for(id).cloned() {
             None => Ok(&self.load(id, false)?.doc),
             Some(policy) => {
@@ -1146,6 +1156,7 @@ impl Replica {
                     // A subscription that never caught up must still be repaired if the hub
                     // we last exchanged changes with had another log (it may have lost them).
                     let last = self.store.last_epoch()?;
+                    let written = self.store.written()?;
                     let s = self.session.as_mut().ok_or(ProtocolError::Unexpected {
                         message: "Auth",
                         state: "closed",
@@ -1163,20 +1174,27 @@ impl Replica {
                             continue;
                         }
                         s.requested.insert(target.clone(), sub.epoch);
-                        s.out.push_back(match sub.mark {
-                            // The hub checks the change at our cursor is still the one we got.
-                            Some(mark) if marks => Message::Resume(Resume {
-                                target,
-                                epoch: sub.epoch,
-                                cursor: sub.cursor,
-                                mark,
-                            }),
-                            _ => Message::Subscribe(Subscribe {
-                                target,
-                                epoch: sub.epoch,
-                                cursor: sub.cursor,
-                            }),
-                        });
+                        // The hub checks the changes at our cursor and at our newest
+                        // acknowledged write are still the ones we got there.
+                        let written = written
+                            .filter(|(e, _)| *e == sub.epoch)
+                            .map(|(_, position)| position);
+                        s.out
+                            .push_back(if marks && (sub.mark.is_some() || written.is_some()) {
+                                Message::Resume(Box::new(Resume {
+                                    target,
+                                    epoch: sub.epoch,
+                                    cursor: sub.cursor,
+                                    mark: sub.mark,
+                                    written,
+                                }))
+                            } else {
+                                Message::Subscribe(Subscribe {
+                                    target,
+                                    epoch: sub.epoch,
+                                    cursor: sub.cursor,
+                                })
+                            });
                     }
                     self.push_event(Event::Connected { hub });
                 }
@@ -1230,7 +1248,7 @@ impl Replica {
                     .into());
                 }
                 self.flush()?;
-                self.on_caught_up(c)?;
+                self.on_caught_up(*c)?;
             }
             Message::Snapshot(m) => {
                 if s.handshake.version().unwrap_or(1) < 2 {
@@ -1244,10 +1262,24 @@ impl Replica {
                 self.flush()?;
                 self.on_snapshot(m)?;
             }
-            Message::Ack(a) => {
+            Message::Ack(_) | Message::AckAt(_) => {
+                let (push_id, at) = match msg {
+                    Message::AckAt(a) => {
+                        if s.handshake.version().unwrap_or(1) < 3 {
+                            return Err(ProtocolError::Unexpected {
+                                message: "AckAt",
+                                state: "in a session before version 3",
+                            }
+                            .into());
+                        }
+                        (a.push_id, a.at)
+                    }
+                    Message::Ack(a) => (a.push_id, None),
+                    _ => return Ok(()),
+                };
                 // A duplicate acknowledgement is harmless: the rows are gone already.
-                if let Some(f) = s.inflight.remove(&a.push_id) {
-                    self.store.ack_outbox(&f.rows, s.hub_epoch)?;
+                if let Some(f) = s.inflight.remove(&push_id) {
+                    self.store.ack_outbox(&f.rows, s.hub_epoch, at)?;
                     self.push_event(Event::Acknowledged {
                         doc: f.doc,
                         changes: f.rows.len() as u64,
@@ -1516,11 +1548,18 @@ impl Replica {
         // Each cursor with the signature of its message's last change: the change at that
         // position of the log (the hub sends a position's change last).
         let mut cursors: Vec<(Target, Cursor, Option<Mark>)> = Vec::new();
+        // A subscription whose CaughtUp waits for its repair's answers moves no cursor before
+        // it: a session cut in between must repair again.
+        let deferred: Vec<Target> = self
+            .session
+            .as_ref()
+            .map(|s| s.deferred.iter().map(|c| c.target.clone()).collect())
+            .unwrap_or_default();
         // Messages of one document go together: one coverage walk over all its changes.
         let mut received: Vec<(DocId, Vec<SignedChange>)> = Vec::with_capacity(incoming.len());
         let mut at: HashMap<DocId, usize> = HashMap::new();
         for m in incoming {
-            if let Some((t, c)) = m.cursor {
+            if let Some((t, c)) = m.cursor.filter(|(t, _)| !deferred.contains(t)) {
                 cursors.push((t, c, m.changes.last().map(|c| Mark(c.signature))));
             }
             match at.get(&m.doc) {

@@ -181,10 +181,19 @@ pub struct CaughtUpAt {
     pub rolled_back: bool,
 }
 
-/// Replica to hub (version 3, in place of [`Subscribe`] when the replica holds the mark of
-/// its cursor): the same, and the change at `cursor` of `epoch` was the one signed `mark`.
-/// A hub whose change there is another one was rolled back and has grown again: it repairs
-/// the subscription by heads instead of reading on from `cursor`.
+/// A position of the hub's log and the mark of the change there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    /// The position.
+    pub cursor: Cursor,
+    /// The signature of the change at it.
+    pub mark: Mark,
+}
+
+/// Replica to hub (version 3, in place of [`Subscribe`] when the replica holds a mark of
+/// the log `epoch`): the same, and the changes at these positions were the ones marked.
+/// A hub that holds another change at either (or whose log ends before `written`) was rolled
+/// back: it repairs the subscription by heads instead of reading on from `cursor`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resume {
     /// What to follow.
@@ -193,8 +202,22 @@ pub struct Resume {
     pub epoch: Epoch,
     /// The last position already received.
     pub cursor: Cursor,
-    /// The signature of the change the replica received at `cursor`.
-    pub mark: Mark,
+    /// The signature of the change the replica received at `cursor`, if it knows it.
+    pub mark: Option<Mark>,
+    /// The newest position of the replica's own changes that the hub acknowledged (an
+    /// [`AckAt`]) in `epoch`: a writer is not sent its own changes, so its cursor says
+    /// nothing of them.
+    pub written: Option<Position>,
+}
+
+/// Hub to replica (version 3, in place of [`Ack`]): the same, with the position and mark of
+/// the last change of the push this commit stored (`None`: all were stored before).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckAt {
+    /// The push.
+    pub push_id: u64,
+    /// Where its last newly stored change is.
+    pub at: Option<Position>,
 }
 
 /// Replica to hub: store these changes; answered by [`Ack`] once committed.
@@ -324,10 +347,12 @@ pub enum Message {
     Reconciled(Reconciled),
     /// Tag 12 (version 2).
     Snapshot(SnapshotMessage),
-    /// Tag 13 (version 3).
-    CaughtUpAt(CaughtUpAt),
+    /// Tag 13 (version 3). Boxed, as `Resume`: their marks would double every message's size.
+    CaughtUpAt(Box<CaughtUpAt>),
     /// Tag 14 (version 3).
-    Resume(Resume),
+    Resume(Box<Resume>),
+    /// Tag 15 (version 3).
+    AckAt(AckAt),
 }
 
 impl Message {
@@ -349,6 +374,7 @@ impl Message {
             Message::Snapshot(_) => "Snapshot",
             Message::CaughtUpAt(_) => "CaughtUpAt",
             Message::Resume(_) => "Resume",
+            Message::AckAt(_) => "AckAt",
         }
     }
 
@@ -745,20 +771,40 @@ mod tests {
                 any::<bool>()
             )
                 .prop_map(|(target, epoch, cursor, mark, rolled_back)| {
-                    Message::CaughtUpAt(CaughtUpAt {
+                    Message::CaughtUpAt(Box::new(CaughtUpAt {
                         target,
                         epoch,
                         cursor,
                         mark: mark.map(Mark),
                         rolled_back,
-                    })
+                    }))
                 }),
-            (target(), epoch(), cursor(), signature()).prop_map(|(target, epoch, cursor, mark)| {
-                Message::Resume(Resume {
-                    target,
-                    epoch,
-                    cursor,
-                    mark: Mark(mark),
+            (
+                target(),
+                epoch(),
+                cursor(),
+                prop::option::of(signature()),
+                prop::option::of((cursor(), signature()))
+            )
+                .prop_map(|(target, epoch, cursor, mark, written)| {
+                    Message::Resume(Box::new(Resume {
+                        target,
+                        epoch,
+                        cursor,
+                        mark: mark.map(Mark),
+                        written: written.map(|(cursor, m)| Position {
+                            cursor,
+                            mark: Mark(m),
+                        }),
+                    }))
+                }),
+            (any::<u64>(), prop::option::of((cursor(), signature()))).prop_map(|(push_id, at)| {
+                Message::AckAt(AckAt {
+                    push_id,
+                    at: at.map(|(cursor, m)| Position {
+                        cursor,
+                        mark: Mark(m),
+                    }),
                 })
             }),
         ]
@@ -1558,21 +1604,36 @@ mod tests {
             (
                 "caught_up_at",
                 // Caught up at the golden change's position, marked with its signature.
-                Message::CaughtUpAt(CaughtUpAt {
+                Message::CaughtUpAt(Box::new(CaughtUpAt {
                     target: prefix.clone(),
                     epoch: golden_epoch(),
                     cursor: Cursor(301),
                     mark: Some(Mark(signed.signed().signature)),
                     rolled_back: false,
-                }),
+                })),
             ),
             (
                 "resume",
-                Message::Resume(Resume {
+                // Received up to 301, and its own change acknowledged at 300.
+                Message::Resume(Box::new(Resume {
                     target: prefix,
                     epoch: golden_epoch(),
                     cursor: Cursor(301),
-                    mark: Mark(signed.signed().signature),
+                    mark: Some(Mark(signed.signed().signature)),
+                    written: Some(Position {
+                        cursor: Cursor(300),
+                        mark: Mark(signed.signed().signature),
+                    }),
+                })),
+            ),
+            (
+                "ack_at",
+                Message::AckAt(AckAt {
+                    push_id: 1,
+                    at: Some(Position {
+                        cursor: Cursor(301),
+                        mark: Mark(signed.signed().signature),
+                    }),
                 }),
             ),
         ]

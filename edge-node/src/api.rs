@@ -416,7 +416,9 @@ async fn subscribe(
 }
 
 async fn status(State(s): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    let st = s.call(|r| r.status()).await??;
+    let (st, cached) = s
+        .call(|r| r.status().map(|st| (st, r.cached_docs())))
+        .await??;
     let link = s.replica.link();
     let connected = link.connected && st.hub.is_some();
     Ok(Json(json!({
@@ -432,6 +434,7 @@ async fn status(State(s): State<ApiState>) -> Result<Json<Value>, ApiError> {
         "refused": st.refused,
         "subscriptions": st.subscriptions,
         "synced": st.synced,
+        "cached_docs": cached,
     })))
 }
 

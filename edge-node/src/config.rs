@@ -85,6 +85,13 @@ impl DataDir {
             r.to_policy()
                 .with_context(|| format!("in {}", path.display()))?;
         }
+        if config.max_cached_docs == Some(0) {
+            bail!(
+                "in {}: max_cached_docs = 0 would hold no document in memory; give at least 1, \
+                 or leave it out for 1,024",
+                path.display()
+            );
+        }
         Ok(config)
     }
 
@@ -130,6 +137,10 @@ pub struct EdgeConfig {
     /// `507 storage_full` and nothing stored is lost. Absent: the disk is the limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_store_mb: Option<u64>,
+    /// The most documents held in memory at once (at least 1; 1,024 when absent): past it,
+    /// the least recently used are dropped and read from the store again when next used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cached_docs: Option<usize>,
     /// Rolling documents: each logical document under a prefix is kept as one bucket document
     /// per period, so its history stays bounded (`docs/API.md`, "Rolling documents").
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -233,6 +244,7 @@ mod tests {
             ],
             db_key_file: Some("/run/keys/edge.key".into()),
             max_store_mb: Some(512),
+            max_cached_docs: Some(64),
             rolling: vec![RollingConfig {
                 prefix: "sensors/".into(),
                 period_secs: 3600,
@@ -257,5 +269,19 @@ mod tests {
         std::fs::write(data.config(), "[[rolling]]\nprefix = \"sensors/\"\n").unwrap();
         let e = format!("{:#}", data.load_config().unwrap_err());
         assert!(e.contains("period_secs"), "{e}");
+    }
+
+    #[test]
+    fn a_document_cache_of_none_is_refused_with_what_to_give() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path().to_path_buf());
+        std::fs::write(data.config(), "max_cached_docs = 0\n").unwrap();
+        let e = format!("{:#}", data.load_config().unwrap_err());
+        assert!(
+            e.contains("max_cached_docs") && e.contains("at least 1"),
+            "{e}"
+        );
+        std::fs::write(data.config(), "max_cached_docs = 3\n").unwrap();
+        assert_eq!(data.load_config().unwrap().max_cached_docs, Some(3));
     }
 }

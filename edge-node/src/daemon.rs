@@ -42,6 +42,9 @@ pub async fn run(data: &DataDir, api: Option<String>) -> anyhow::Result<()> {
     let options = ReplicaOptions {
         store_key,
         max_store_bytes: config.max_store_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
+        max_cached_docs: config
+            .max_cached_docs
+            .unwrap_or(ReplicaOptions::default().max_cached_docs),
         rolling: config
             .rolling
             .iter()

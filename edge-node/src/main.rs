@@ -261,6 +261,7 @@ fn init(
         hub,
         db_key_file,
         max_store_mb,
+        max_cached_docs: old.max_cached_docs,
         rolling: old.rolling,
     })?;
     let key = identity.peer_id().to_string();

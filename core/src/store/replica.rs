@@ -9,7 +9,7 @@ use crate::change::{SignedChange, VerifiedChange};
 use crate::error::{Error, Result, SqlContext};
 use crate::ids::{ChangeHash, Cursor, DocId, Epoch};
 use crate::store::sqlite;
-use crate::wire::{Mark, Target};
+use crate::wire::{Mark, Position, Target};
 
 const MIGRATIONS: &[&str] = &[
     // Version 1.
@@ -58,6 +58,9 @@ const MIGRATIONS: &[&str] = &[
     // 3), NULL where unknown: the hub checks it to notice a log rolled back and grown again.
     "ALTER TABLE subscriptions ADD COLUMN mark BLOB;",
 ];
+
+/// Bytes of the `written` meta value: an epoch, a position (big-endian), a mark.
+const WRITTEN_LEN: usize = 16 + 8 + 64;
 
 /// A subscription as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -435,7 +438,14 @@ impl ReplicaStore {
 
     /// Removes acknowledged rows from the outbox (durably), recording the acknowledging hub's
     /// epoch in the same transaction.
-    pub fn ack_outbox(&mut self, rows: &[i64], epoch: Epoch) -> Result<()> {
+    /// With `at` (protocol version 3), the position of the push's last newly stored change
+    /// becomes the replica's written position in `epoch` if it is past the one recorded.
+    pub fn ack_outbox(&mut self, rows: &[i64], epoch: Epoch, at: Option<Position>) -> Result<()> {
+        let newer = match (at, self.written()?) {
+            (None, _) => None,
+            (Some(at), Some((e, w))) if e == epoch && w.cursor >= at.cursor => None,
+            (Some(at), _) => Some(at),
+        };
         self.set_synced(true)?;
         let tx = self.conn.transaction().ctx("acknowledging uploads")?;
         tx.execute(
@@ -443,6 +453,17 @@ impl ReplicaStore {
             [&epoch.0[..]],
         )
         .ctx("acknowledging uploads")?;
+        if let Some(at) = newer {
+            let mut value = Vec::with_capacity(WRITTEN_LEN);
+            value.extend_from_slice(&epoch.0);
+            value.extend_from_slice(&at.cursor.0.to_be_bytes());
+            value.extend_from_slice(&at.mark.0);
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('written', ?1)",
+                [&value],
+            )
+            .ctx("acknowledging uploads")?;
+        }
         {
             let mut st = tx
                 .prepare_cached("DELETE FROM outbox WHERE id = ?1")
@@ -452,6 +473,37 @@ impl ReplicaStore {
             }
         }
         tx.commit().ctx("acknowledging uploads")
+    }
+
+    /// The newest acknowledged position of this replica's own changes, with its log's epoch
+    /// (protocol version 3; `None` before the first such acknowledgement).
+    pub fn written(&self) -> Result<Option<(Epoch, Position)>> {
+        let v: Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'written'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .ctx("reading the written position")?;
+        let Some(v) = v else { return Ok(None) };
+        let corrupt = || Error::Corrupt {
+            what: "written position".into(),
+            reason: format!("{} bytes, not {WRITTEN_LEN}", v.len()),
+        };
+        if v.len() != WRITTEN_LEN {
+            return Err(corrupt());
+        }
+        let (epoch, rest) = v.split_at(16);
+        let (cursor, mark) = rest.split_at(8);
+        Ok(Some((
+            Epoch(epoch.try_into().map_err(|_| corrupt())?),
+            Position {
+                cursor: Cursor(u64::from_be_bytes(
+                    cursor.try_into().map_err(|_| corrupt())?,
+                )),
+                mark: Mark(mark.try_into().map_err(|_| corrupt())?),
+            },
+        )))
     }
 
     /// Marks rows as refused by the hub (they stay, and are offered again next session).

@@ -222,12 +222,18 @@ fn a_replica_holds_at_most_its_bound_of_documents_in_memory_and_loses_none() {
         "{} in memory",
         reader.cached_docs()
     );
-    // Every document, dropped from memory or not, reads back whole from the store.
+    // Every document, dropped from memory or not, reads back whole from the store, and
+    // reads alone keep the bound too.
     for (n, d) in docs.iter().enumerate() {
         assert_eq!(
             reader.json(d).unwrap(),
             serde_json::json!({ "v": n }),
             "{d}"
+        );
+        assert!(
+            reader.cached_docs() <= 8,
+            "{} in memory",
+            reader.cached_docs()
         );
     }
     // A write to a document dropped long ago, and one more from the writer to another: both

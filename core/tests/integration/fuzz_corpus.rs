@@ -121,7 +121,7 @@ fn the_seed_sessions_hold_a_whole_honest_sync() {
         assert!(up.contains(&want), "{want} missing from {up:?}");
     }
     let down = kinds(&to_replica[1..]);
-    for want in ["Hello", "Auth", "Ack"] {
+    for want in ["Hello", "Auth", "AckAt"] {
         assert!(down.contains(&want), "{want} missing from {down:?}");
     }
     // The replica's side of the recording is exact: the same bytes every time (identities,

@@ -10,7 +10,7 @@ use syncline_core::identity::Identity;
 use syncline_core::ops::{Op, PathElem, Value};
 use syncline_core::replica::Replica;
 use syncline_core::store::{HubStore, SqliteHubStore};
-use syncline_core::wire::Target;
+use syncline_core::wire::{Message, Target};
 use syncline_core::{DocId, DocPrefix};
 
 type TestHub = Hub<SqliteHubStore, AllowAll>;
@@ -33,8 +33,15 @@ fn replica(dir: &Path, name: &str, seed: u8) -> Replica {
 }
 
 fn sync(hub: &mut TestHub, r: &mut Replica) {
+    sync_with(hub, r, |_| {});
+}
+
+/// A session to the end, in which `live` runs once the replica is caught up (its writes then
+/// go up as live pushes: the hub does not send them back).
+fn sync_with(hub: &mut TestHub, r: &mut Replica, live: impl FnOnce(&mut Replica)) {
     let s: SessionId = hub.accept();
     r.connect(Some(hub.peer_id()));
+    let mut live = Some(live);
     loop {
         let mut moved = false;
         while let Some(m) = r.poll_transmit().unwrap() {
@@ -47,7 +54,10 @@ fn sync(hub: &mut TestHub, r: &mut Replica) {
             moved = true;
         }
         if !moved {
-            break;
+            match live.take() {
+                Some(f) => f(r),
+                None => break,
+            }
         }
     }
     r.disconnect();
@@ -79,6 +89,33 @@ fn five_changes_and_a_copy(dir: &Path) -> (PathBuf, PathBuf, Replica, Replica) {
     drop(h); // closes the file (its WAL is checkpointed): a whole copy
     std::fs::copy(&file, &copy).unwrap();
     (file, copy, a, b)
+}
+
+/// a writes five more changes (`late0`...) and a document of their own (`plant/lost`); b
+/// follows everything under `plant/` too, and syncs to the end. Returns that document and
+/// that subscription.
+fn late_writes_and_a_lost_doc(
+    h: &mut TestHub,
+    a: &mut Replica,
+    b: &mut Replica,
+) -> (DocId, Target) {
+    for i in 0..5 {
+        write(a, &format!("late{i}"), i);
+    }
+    let lost = DocId::new("plant/lost").unwrap();
+    a.change(
+        &lost,
+        &[Op::Put {
+            path: vec![PathElem::Key("only".into())],
+            value: Value::Int(1),
+        }],
+    )
+    .unwrap();
+    sync(h, a);
+    let everything = Target::Prefix(DocPrefix::new("plant/").unwrap());
+    b.subscribe(everything.clone()).unwrap();
+    sync(h, b);
+    (lost, everything)
 }
 
 /// Puts the hub file back to `copy` and opens the hub on it; a new replica `c` writes `n`
@@ -136,22 +173,7 @@ fn a_replica_notices_a_rolled_back_log_that_has_grown_past_its_cursor_again() {
     // Five more changes (positions 6 to 10), and a document of its own (11); b follows
     // everything under `plant/` to position 11.
     let mut h = hub(&file);
-    for i in 0..5 {
-        write(&mut a, &format!("late{i}"), i);
-    }
-    let lost = DocId::new("plant/lost").unwrap();
-    a.change(
-        &lost,
-        &[Op::Put {
-            path: vec![PathElem::Key("only".into())],
-            value: Value::Int(1),
-        }],
-    )
-    .unwrap();
-    sync(&mut h, &mut a);
-    b.subscribe(Target::Prefix(DocPrefix::new("plant/").unwrap()))
-        .unwrap();
-    sync(&mut h, &mut b);
+    let (lost, _) = late_writes_and_a_lost_doc(&mut h, &mut a, &mut b);
     assert_eq!(b.json(&doc()).unwrap()["late4"], serde_json::json!(4));
     assert_eq!(b.json(&lost).unwrap()["only"], serde_json::json!(1));
     drop(h);
@@ -186,4 +208,101 @@ fn a_replica_notices_a_rolled_back_log_that_has_grown_past_its_cursor_again() {
     // A replica whose cursor was not rewritten reads on from it: no second repair.
     sync(&mut h, &mut b);
     assert_eq!(h.metrics().cursors_rewritten, 2);
+}
+
+#[test]
+fn a_writer_notices_that_its_acknowledged_writes_were_rolled_back() {
+    let dir = tempfile::tempdir().unwrap();
+    // a writes alone: the hub never sends a writer its own changes, so its cursor stays
+    // where its last received change was.
+    let (file, copy, mut a, _) = five_changes_and_a_copy(dir.path());
+    let mut h = hub(&file);
+    sync_with(&mut h, &mut a, |a| {
+        for i in 0..5 {
+            write(a, &format!("late{i}"), i);
+        }
+    });
+    assert_eq!(a.status().unwrap().outbox, 0, "acknowledged");
+    drop(h);
+
+    // Put back: the five acknowledged writes are gone, and c's take their positions.
+    let (mut h, mut c) = put_back_and_write(dir.path(), &copy, &file, 8);
+    assert_eq!(c.json(&doc()).unwrap().get("late4"), None);
+    sync(&mut h, &mut a);
+    assert_eq!(h.metrics().cursors_rewritten, 1);
+    // a took c's writes and gave its lost ones back.
+    assert_eq!(a.json(&doc()).unwrap()["after7"], serde_json::json!(7));
+    sync(&mut h, &mut c);
+    assert_eq!(c.json(&doc()).unwrap()["late4"], serde_json::json!(4));
+    assert_eq!(
+        c.doc(&doc()).unwrap().heads(),
+        a.doc(&doc()).unwrap().heads()
+    );
+}
+
+#[test]
+fn a_repair_cut_off_before_its_end_is_made_again_at_the_next_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, copy, mut a, mut b) = five_changes_and_a_copy(dir.path());
+    let mut h = hub(&file);
+    let (lost, everything) = late_writes_and_a_lost_doc(&mut h, &mut a, &mut b);
+    drop(h);
+    let (mut h, mut c) = put_back_and_write(dir.path(), &copy, &file, 8);
+
+    // b's session repairs both subscriptions; c writes while it does (the repair's catch-up
+    // reads it), and the link breaks just before the CaughtUpAt of `plant/`, after which b
+    // would have uploaded the document the hub lost whole.
+    let s = h.accept();
+    b.connect(Some(h.peer_id()));
+    let mut c_wrote = false;
+    let mut cut = false;
+    while !cut {
+        let mut moved = false;
+        while let Some(m) = b.poll_transmit().unwrap() {
+            h.handle_message(s, m).unwrap();
+            moved = true;
+        }
+        h.flush().unwrap();
+        while let Some(m) = h.poll_transmit(s).unwrap() {
+            if matches!(m, Message::Heads(_)) && !c_wrote {
+                c_wrote = true;
+                write(&mut c, "during", 1);
+                sync(&mut h, &mut c);
+            }
+            if matches!(&m, Message::CaughtUpAt(u) if u.target == everything) {
+                cut = true;
+                break;
+            }
+            b.handle_message(m).unwrap();
+            moved = true;
+        }
+        assert!(moved || cut, "the repair stalled");
+    }
+    assert!(c_wrote);
+    // b commits what it got before the link broke (its sends go nowhere).
+    while b.poll_transmit().unwrap().is_some() {}
+    b.disconnect();
+    h.close(s);
+    assert_eq!(h.metrics().cursors_rewritten, 2);
+    assert!(h.store().heads(&lost).unwrap().heads.is_empty());
+
+    // The next session repairs `plant/` again (and the other too, if its CaughtUpAt was
+    // still waiting for its answers), and the lost document comes back.
+    sync(&mut h, &mut b);
+    assert!(h.metrics().cursors_rewritten >= 3);
+    assert!(!h.store().heads(&lost).unwrap().heads.is_empty());
+    let json = b.json(&doc()).unwrap();
+    for i in 0..8 {
+        assert_eq!(
+            json[format!("after{i}").as_str()],
+            serde_json::json!(i),
+            "{json}"
+        );
+    }
+    assert_eq!(json["during"], serde_json::json!(1), "{json}");
+    sync(&mut h, &mut c);
+    assert_eq!(
+        c.doc(&doc()).unwrap().heads(),
+        b.doc(&doc()).unwrap().heads()
+    );
 }

@@ -165,3 +165,41 @@ fn a_bounded_store_refuses_writes_when_full_keeps_what_it_has_and_resumes_when_r
     );
     assert_eq!(status, 200, "{v}");
 }
+
+#[test]
+fn the_document_cache_holds_at_most_max_cached_docs_and_every_document_reads_back_whole() {
+    let (_tmp, dir) = offline_dir();
+    let config = dir.join("edge.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("max_cached_docs = 3\n{text}")).unwrap();
+    let d = Daemon::start(&dir);
+    for i in 0..8 {
+        let (status, v) = d.post(
+            &format!("/v1/docs/cache{i}/changes"),
+            &format!(r#"{{"ops":[{{"op":"put","path":["n"],"value":{i}}}]}}"#),
+        );
+        assert_eq!(status, 200, "{v}");
+        let (_, st) = d.get("/v1/status");
+        assert!(st["cached_docs"].as_u64().unwrap() <= 3, "{st}");
+    }
+    // Dropped documents load again from the store, whole; a write to one goes on from it.
+    for i in 0..8 {
+        let (status, v) = d.get(&format!("/v1/docs/cache{i}"));
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["doc"]["n"], serde_json::json!(i), "{v}");
+        let (_, st) = d.get("/v1/status");
+        assert!(
+            st["cached_docs"].as_u64().unwrap() <= 3,
+            "reads alone: {st}"
+        );
+    }
+    let (status, v) = d.post(
+        "/v1/docs/cache0/changes",
+        r#"{"ops":[{"op":"put","path":["m"],"value":1}]}"#,
+    );
+    assert_eq!(status, 200, "{v}");
+    let (_, v) = d.get("/v1/docs/cache0");
+    assert_eq!(v["doc"], serde_json::json!({"n": 0, "m": 1}));
+    let (_, st) = d.get("/v1/status");
+    assert!(st["cached_docs"].as_u64().unwrap() <= 3, "{st}");
+}
