@@ -781,6 +781,20 @@ impl HubStore for PgHubStore {
         Ok(Cursor(self.log_end()?.max(0) as u64))
     }
 
+    fn high_water(&mut self) -> Result<Cursor> {
+        // The positions' sequence only moves forward (a restore sets it to what it restores).
+        let end = self.last_cursor()?;
+        let row = self
+            .client
+            .query_one(
+                "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM log_seq_seq",
+                &[],
+            )
+            .map_err(db_error("reading the log's highest position"))?;
+        let given: i64 = col(&row, 0)?;
+        Ok(Cursor(given.max(0) as u64).max(end))
+    }
+
     fn docs_page(
         &mut self,
         target: &Target,

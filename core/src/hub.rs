@@ -1233,6 +1233,8 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         }
         let epoch = self.store.epoch();
         let end = self.store.last_cursor()?;
+        // Positions retention dropped from the end of the log were given all the same.
+        let high = self.store.high_water()?;
         // The store was rolled back under the replica (a copied data directory put back, a
         // disk snapshot restored), and new changes may take positions it has passed: its
         // cursor or its newest acknowledged write is past the log's end, or (once the log has
@@ -1240,9 +1242,11 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         // instead, as for another log. Where retention dropped a marked change, nothing is
         // known.
         let same = sub.epoch == epoch;
-        let ahead = same && (sub.cursor > end || written.is_some_and(|w| w.cursor > end));
+        let ahead = same && (sub.cursor > high || written.is_some_and(|w| w.cursor > high));
         let mut rewritten = false;
         if same && !ahead {
+            // (At or below the highest position: a position past the end was dropped by
+            // retention, and `mark_at` knows nothing of it.)
             let marked = mark
                 .map(|m| Position {
                     cursor: sub.cursor,

@@ -536,23 +536,22 @@ impl Replica {
 
     /// A document held by this replica.
     pub fn doc(&mut self, id: &DocId) -> Result<&Document> {
-        // A read may bring one more document into memory: make room first (nothing is
-        // borrowed yet), or an app that only reads would fill the cache past its bound.
-        let max = self.options.max_cached_docs.max(1);
-        if self.docs.len() >= max && !self.docs.contains_key(id) {
-            self.trim_cache_to(max - 1);
-        }
-        match self.rolling_for(id).cloned() {
-            None => Ok(&self.load(id, false)?.doc),
+        let id = match self.rolling_for(id).cloned() {
+            None => id.clone(),
             Some(policy) => {
                 let clock = policy.bucket_at((self.options.clock)());
                 let newest = self.held_buckets(&policy, id, clock)?.pop();
-                let bucket = newest
+                newest
                     .and_then(|b| policy.bucket_id(id, b))
-                    .ok_or_else(|| Error::UnknownDocument(id.clone()))?;
-                Ok(&self.load(&bucket, false)?.doc)
+                    .ok_or_else(|| Error::UnknownDocument(id.clone()))?
             }
-        }
+        };
+        // A read may bring one more document into memory: the bound is kept after it (the
+        // one just read is the most recently used, and stays), or an app that only reads
+        // would fill the cache past it.
+        self.load(&id, false)?;
+        self.trim_cache();
+        Ok(&self.load(&id, false)?.doc)
     }
 
     /// A document as plain JSON.
@@ -1164,35 +1163,33 @@ impl Replica {
                     let marks = s.handshake.version().unwrap_or(1) >= 3;
                     for sub in subs {
                         let target = sub.target;
-                        if sub.epoch == Epoch::none() {
-                            s.requested.insert(target.clone(), last);
-                            s.out.push_back(Message::Subscribe(Subscribe {
-                                target,
-                                epoch: last,
-                                cursor: Cursor(0),
-                            }));
-                            continue;
-                        }
-                        s.requested.insert(target.clone(), sub.epoch);
+                        // A subscription that never caught up reads from the start, in the log
+                        // we last exchanged changes with.
+                        let (epoch, cursor, mark) = if sub.epoch == Epoch::none() {
+                            (last, Cursor(0), None)
+                        } else {
+                            (sub.epoch, sub.cursor, sub.mark)
+                        };
+                        s.requested.insert(target.clone(), epoch);
                         // The hub checks the changes at our cursor and at our newest
                         // acknowledged write are still the ones we got there.
                         let written = written
-                            .filter(|(e, _)| *e == sub.epoch)
+                            .filter(|(e, _)| *e == epoch && epoch != Epoch::none())
                             .map(|(_, position)| position);
                         s.out
-                            .push_back(if marks && (sub.mark.is_some() || written.is_some()) {
+                            .push_back(if marks && (mark.is_some() || written.is_some()) {
                                 Message::Resume(Box::new(Resume {
                                     target,
-                                    epoch: sub.epoch,
-                                    cursor: sub.cursor,
-                                    mark: sub.mark,
+                                    epoch,
+                                    cursor,
+                                    mark,
                                     written,
                                 }))
                             } else {
                                 Message::Subscribe(Subscribe {
                                     target,
-                                    epoch: sub.epoch,
-                                    cursor: sub.cursor,
+                                    epoch,
+                                    cursor,
                                 })
                             });
                     }

@@ -302,7 +302,17 @@ pub fn check(store: &mut dyn HubStore) {
             gone: true
         }
     );
+    // Dropping the newest changes of the log lowers its end, not its highest position: a
+    // replica whose cursor is there was not rolled back.
+    let newest = store.last_cursor().unwrap();
+    assert!(store.drop_doc(&other, 100).unwrap().gone);
+    assert!(
+        store.last_cursor().unwrap() < newest,
+        "`other` held the newest"
+    );
+    assert_eq!(store.high_water().unwrap(), newest);
     let again = changes(&Identity::from_seed([3; 32]), &a, [4; 8], 1);
     let at = stored(&store.append(&again).unwrap());
     assert!(at[0] > end.0, "positions are not reused");
+    assert_eq!(store.high_water().unwrap(), store.last_cursor().unwrap());
 }

@@ -196,6 +196,13 @@ pub trait HubStore {
     /// The last position in the log.
     fn last_cursor(&mut self) -> Result<Cursor>;
 
+    /// The highest position this log ever gave a change, even if retention dropped it since:
+    /// a replica's position past it means the store was rolled back under the replica. At
+    /// least [`HubStore::last_cursor`].
+    fn high_water(&mut self) -> Result<Cursor> {
+        self.last_cursor()
+    }
+
     /// Documents under `target`, in id order, after `after`, at most `limit`.
     fn docs_page(
         &mut self,
@@ -264,6 +271,9 @@ impl<T: HubStore + ?Sized> HubStore for Box<T> {
     }
     fn last_cursor(&mut self) -> Result<Cursor> {
         (**self).last_cursor()
+    }
+    fn high_water(&mut self) -> Result<Cursor> {
+        (**self).high_water()
     }
     fn docs_page(
         &mut self,
@@ -761,6 +771,20 @@ impl HubStore for SqliteHubStore {
             })
             .map(|n| Cursor(n as u64))
             .ctx("reading the log end")
+    }
+
+    fn high_water(&mut self) -> Result<Cursor> {
+        // AUTOINCREMENT: SQLite keeps the highest position it gave in `sqlite_sequence`, and
+        // never gives one again.
+        let given: i64 = self
+            .conn
+            .query_row(
+                "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'log'), 0)",
+                [],
+                |r| r.get(0),
+            )
+            .ctx("reading the log's highest position")?;
+        Ok(Cursor(given.max(0) as u64).max(self.last_cursor()?))
     }
 
     fn docs_page(

@@ -439,13 +439,10 @@ impl ReplicaStore {
     /// Removes acknowledged rows from the outbox (durably), recording the acknowledging hub's
     /// epoch in the same transaction.
     /// With `at` (protocol version 3), the position of the push's last newly stored change
-    /// becomes the replica's written position in `epoch` if it is past the one recorded.
+    /// becomes the replica's written position in `epoch`. Acknowledgements come in commit
+    /// order, so it replaces the one recorded even when lower: a lower one means the log was
+    /// rolled back and the write stored again, and the old position names nothing now.
     pub fn ack_outbox(&mut self, rows: &[i64], epoch: Epoch, at: Option<Position>) -> Result<()> {
-        let newer = match (at, self.written()?) {
-            (None, _) => None,
-            (Some(at), Some((e, w))) if e == epoch && w.cursor >= at.cursor => None,
-            (Some(at), _) => Some(at),
-        };
         self.set_synced(true)?;
         let tx = self.conn.transaction().ctx("acknowledging uploads")?;
         tx.execute(
@@ -453,7 +450,7 @@ impl ReplicaStore {
             [&epoch.0[..]],
         )
         .ctx("acknowledging uploads")?;
-        if let Some(at) = newer {
+        if let Some(at) = at {
             let mut value = Vec::with_capacity(WRITTEN_LEN);
             value.extend_from_slice(&epoch.0);
             value.extend_from_slice(&at.cursor.0.to_be_bytes());

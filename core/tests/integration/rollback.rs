@@ -238,6 +238,9 @@ fn a_writer_notices_that_its_acknowledged_writes_were_rolled_back() {
         c.doc(&doc()).unwrap().heads(),
         a.doc(&doc()).unwrap().heads()
     );
+    // Repaired once: the next session reads on.
+    sync(&mut h, &mut a);
+    assert_eq!(h.metrics().cursors_rewritten, 1);
 }
 
 #[test]
@@ -305,4 +308,45 @@ fn a_repair_cut_off_before_its_end_is_made_again_at_the_next_session() {
         c.doc(&doc()).unwrap().heads(),
         b.doc(&doc()).unwrap().heads()
     );
+}
+
+#[test]
+fn a_writer_whose_lost_write_is_stored_again_lower_is_repaired_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, copy, mut a, _) = five_changes_and_a_copy(dir.path());
+    // Another writer's changes of another document (6 to 9), then a's write (10).
+    let mut h = hub(&file);
+    let other = DocId::new("plant/other").unwrap();
+    let mut d = crate::support::replica_of(dir.path(), "d", 4, other.clone());
+    for i in 0..4 {
+        d.change(
+            &other,
+            &[Op::Put {
+                path: vec![PathElem::Key(format!("o{i}"))],
+                value: Value::Int(i),
+            }],
+        )
+        .unwrap();
+    }
+    sync(&mut h, &mut d);
+    sync_with(&mut h, &mut a, |a| write(a, "x", 1));
+    drop(h);
+
+    // Put back without new writes: a's written position (10) is past the end (5).
+    std::fs::rename(&copy, &file).unwrap();
+    let mut h = hub(&file);
+    sync(&mut h, &mut a);
+    assert_eq!(h.metrics().cursors_ahead, 1);
+    let mut c = replica(dir.path(), "c", 3);
+    sync(&mut h, &mut c);
+    assert_eq!(
+        c.json(&doc()).unwrap()["x"],
+        serde_json::json!(1),
+        "given back"
+    );
+    // Stored again at 6: the next sessions read on, no repair again.
+    sync(&mut h, &mut a);
+    sync(&mut h, &mut a);
+    assert_eq!(h.metrics().cursors_ahead, 1);
+    assert_eq!(h.metrics().cursors_rewritten, 0);
 }
