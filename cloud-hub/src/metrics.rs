@@ -161,7 +161,7 @@ pub fn render(s: &Snapshot) -> String {
     family(
         "syncline_hub_cursor_ahead_total",
         "counter",
-        "Subscriptions whose cursor was past the end of the log (the store was rolled back), repaired by heads.",
+        "Subscriptions whose cursor (or newest acknowledged write) was past the highest position the log ever gave (the store was rolled back), repaired by heads.",
         &one(m.cursors_ahead),
     );
     family(
