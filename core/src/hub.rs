@@ -1265,15 +1265,17 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         if rolled_back {
             let what = if ahead {
                 self.metrics.cursors_ahead += 1;
-                "a replica's cursor is past the end of the log: the store was rolled back"
+                "a replica's cursor or newest write is past the highest position of the log: \
+                 the store was rolled back"
             } else {
                 self.metrics.cursors_rewritten += 1;
-                "the change at a replica's cursor is not the one it received there: the store \
-                 was rolled back and has grown again"
+                "the change at a replica's cursor or newest write is not the one it got there: \
+                 the store was rolled back and has grown again"
             };
             tracing::warn!(
                 peer = %peer,
                 cursor = sub.cursor.0,
+                written = ?written.map(|w| w.cursor.0),
                 end = end.0,
                 "{what}; repairing by heads"
             );
