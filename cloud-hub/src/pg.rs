@@ -783,7 +783,7 @@ impl HubStore for PgHubStore {
 
     fn high_water(&mut self) -> Result<Cursor> {
         // The positions' sequence only moves forward (a restore sets it to what it restores).
-        let end = self.last_cursor()?;
+        self.live()?;
         let row = self
             .client
             .query_one(
@@ -792,7 +792,7 @@ impl HubStore for PgHubStore {
             )
             .map_err(db_error("reading the log's highest position"))?;
         let given: i64 = col(&row, 0)?;
-        Ok(Cursor(given.max(0) as u64).max(end))
+        Ok(Cursor(given.max(0) as u64))
     }
 
     fn docs_page(

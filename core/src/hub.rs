@@ -1150,13 +1150,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         match msg {
             Message::Subscribe(sub) => self.subscribe(id, peer, sub, None, None)?,
             Message::Resume(r) => {
-                if s.handshake.version().unwrap_or(1) < 3 {
-                    return Err(ProtocolError::Unexpected {
-                        message: "Resume",
-                        state: "in a session before version 3",
-                    }
-                    .into());
-                }
+                s.handshake.require_v3("Resume")?;
                 let sub = Subscribe {
                     target: r.target,
                     epoch: r.epoch,
@@ -1234,7 +1228,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         let epoch = self.store.epoch();
         let end = self.store.last_cursor()?;
         // Positions retention dropped from the end of the log were given all the same.
-        let high = self.store.high_water()?;
+        let high = self.store.high_water()?.max(end);
         // The store was rolled back under the replica (a copied data directory put back, a
         // disk snapshot restored), and new changes may take positions it has passed: its
         // cursor or its newest acknowledged write is past the log's end, or (once the log has
@@ -1488,7 +1482,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                     if let Some(s) = self.sessions.get_mut(&session) {
                         // Version 3: where the push's last new change is, for the writer to
                         // tell a rolled-back log by (it is not sent its own changes).
-                        s.out.push_back(if s.handshake.version().unwrap_or(1) >= 3 {
+                        s.out.push_back(if s.handshake.speaks(3) {
                             let at = last.zip(fresh.last()).map(|(cursor, c)| Position {
                                 cursor,
                                 mark: Mark(c.signature),
@@ -1770,7 +1764,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         let Some(s) = self.sessions.get(&id) else {
             return Ok(Vec::new());
         };
-        if s.handshake.version().unwrap_or(1) < 2 || s.covered.len() >= MAX_SNAPSHOTS_PER_SESSION {
+        if !s.handshake.speaks(2) || s.covered.len() >= MAX_SNAPSHOTS_PER_SESSION {
             return Ok(Vec::new());
         }
         let mut runs: HashMap<&DocId, usize> = HashMap::new();
@@ -1975,10 +1969,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 self.metrics.changes_sent += sent;
                 let next = if batch.at_end {
                     let (marks, rolled_back) = match self.sessions.get_mut(&id) {
-                        Some(s) => (
-                            s.handshake.version().unwrap_or(1) >= 3,
-                            s.rolled_back.remove(&target),
-                        ),
+                        Some(s) => (s.handshake.speaks(3), s.rolled_back.remove(&target)),
                         None => (false, false),
                     };
                     out.push(if marks {

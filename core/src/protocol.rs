@@ -98,6 +98,22 @@ impl Handshake {
         self.their.as_ref().map(|(_, v)| *v)
     }
 
+    /// Whether the session speaks version `v` or later (version 1 before the peer's Hello).
+    pub(crate) fn speaks(&self, v: u16) -> bool {
+        self.version().unwrap_or(1) >= v
+    }
+
+    /// Refuses `message`, one of version 3's, in a session of an older version.
+    pub(crate) fn require_v3(&self, message: &'static str) -> Result<(), ProtocolError> {
+        if self.speaks(3) {
+            return Ok(());
+        }
+        Err(ProtocolError::Unexpected {
+            message,
+            state: "in a session before version 3",
+        })
+    }
+
     /// The epoch the peer announced in its Hello.
     pub(crate) fn their_epoch(&self) -> Option<crate::ids::Epoch> {
         self.their.as_ref().map(|(h, _)| h.epoch)

@@ -507,11 +507,7 @@ impl Replica {
     /// the next use loads it again. Called where no document is borrowed and every event of
     /// the operation has been made (after a commit of received changes, after local writes).
     fn trim_cache(&mut self) {
-        self.trim_cache_to(self.options.max_cached_docs.max(1));
-    }
-
-    /// [`Replica::trim_cache`] down from `max` documents.
-    fn trim_cache_to(&mut self, max: usize) {
+        let max = self.options.max_cached_docs.max(1);
         if self.docs.len() <= max {
             return;
         }
@@ -1160,7 +1156,7 @@ impl Replica {
                         message: "Auth",
                         state: "closed",
                     })?;
-                    let marks = s.handshake.version().unwrap_or(1) >= 3;
+                    let marks = s.handshake.speaks(3);
                     for sub in subs {
                         let target = sub.target;
                         // A subscription that never caught up reads from the start, in the log
@@ -1237,18 +1233,12 @@ impl Replica {
                 })?;
             }
             Message::CaughtUpAt(c) => {
-                if s.handshake.version().unwrap_or(1) < 3 {
-                    return Err(ProtocolError::Unexpected {
-                        message: "CaughtUpAt",
-                        state: "in a session before version 3",
-                    }
-                    .into());
-                }
+                s.handshake.require_v3("CaughtUpAt")?;
                 self.flush()?;
                 self.on_caught_up(*c)?;
             }
             Message::Snapshot(m) => {
-                if s.handshake.version().unwrap_or(1) < 2 {
+                if !s.handshake.speaks(2) {
                     return Err(ProtocolError::Unexpected {
                         message: "Snapshot",
                         state: "in a version 1 session",
@@ -1262,13 +1252,7 @@ impl Replica {
             Message::Ack(_) | Message::AckAt(_) => {
                 let (push_id, at) = match msg {
                     Message::AckAt(a) => {
-                        if s.handshake.version().unwrap_or(1) < 3 {
-                            return Err(ProtocolError::Unexpected {
-                                message: "AckAt",
-                                state: "in a session before version 3",
-                            }
-                            .into());
-                        }
+                        s.handshake.require_v3("AckAt")?;
                         (a.push_id, a.at)
                     }
                     Message::Ack(a) => (a.push_id, None),
@@ -1547,16 +1531,15 @@ impl Replica {
         let mut cursors: Vec<(Target, Cursor, Option<Mark>)> = Vec::new();
         // A subscription whose CaughtUp waits for its repair's answers moves no cursor before
         // it: a session cut in between must repair again.
-        let deferred: Vec<Target> = self
-            .session
-            .as_ref()
-            .map(|s| s.deferred.iter().map(|c| c.target.clone()).collect())
-            .unwrap_or_default();
+        let deferred: &[CaughtUpAt] = self.session.as_ref().map_or(&[], |s| &s.deferred);
         // Messages of one document go together: one coverage walk over all its changes.
         let mut received: Vec<(DocId, Vec<SignedChange>)> = Vec::with_capacity(incoming.len());
         let mut at: HashMap<DocId, usize> = HashMap::new();
         for m in incoming {
-            if let Some((t, c)) = m.cursor.filter(|(t, _)| !deferred.contains(t)) {
+            if let Some((t, c)) = m
+                .cursor
+                .filter(|(t, _)| !deferred.iter().any(|d| &d.target == t))
+            {
                 cursors.push((t, c, m.changes.last().map(|c| Mark(c.signature))));
             }
             match at.get(&m.doc) {

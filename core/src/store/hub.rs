@@ -197,8 +197,9 @@ pub trait HubStore {
     fn last_cursor(&mut self) -> Result<Cursor>;
 
     /// The highest position this log ever gave a change, even if retention dropped it since:
-    /// a replica's position past it means the store was rolled back under the replica. At
-    /// least [`HubStore::last_cursor`].
+    /// a replica's position past it means the store was rolled back under the replica. The
+    /// hub takes the greater of it and [`HubStore::last_cursor`] (a restored store's record of
+    /// the positions it gave may start below its log's end).
     fn high_water(&mut self) -> Result<Cursor> {
         self.last_cursor()
     }
@@ -784,7 +785,7 @@ impl HubStore for SqliteHubStore {
                 |r| r.get(0),
             )
             .ctx("reading the log's highest position")?;
-        Ok(Cursor(given.max(0) as u64).max(self.last_cursor()?))
+        Ok(Cursor(given.max(0) as u64))
     }
 
     fn docs_page(
