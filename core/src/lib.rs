@@ -92,8 +92,11 @@ pub mod store;
 
 pub mod wire;
 
-#[cfg(test)]
-mod sim;
+/// The deterministic simulation, for this crate's tests and, with the `testing` feature,
+/// for running the same seeds on other hub stores.
+#[cfg(any(test, feature = "testing"))]
+#[doc(hidden)]
+pub mod sim;
 
 pub use error::{Error, Result};
 pub use ids::{ChangeHash, Cursor, DocId, DocPrefix, Epoch, PeerId};
