@@ -298,6 +298,23 @@ struct Session {
     failed: bool,
 }
 
+impl Session {
+    /// The hub's epoch, to record as the log this replica last exchanged changes with;
+    /// `None` while a subscription of the session asked for another log and has not caught
+    /// up in this one. Until then a subscription that never caught up must go on asking
+    /// for the old log (`last_epoch`) at the next session, for the hub to repair it: what
+    /// the old log acknowledged and the new one lacks is in no outbox any more, and only a
+    /// repair's `CaughtUpAt` uploads it. (Recording the new epoch on the first change or
+    /// acknowledgement of a repair cut short lost such writes: the 2-instance simulation.)
+    fn exchanged_epoch(&self) -> Option<Epoch> {
+        let repairing = self
+            .requested
+            .values()
+            .any(|e| *e != Epoch::none() && *e != self.hub_epoch);
+        (!repairing).then_some(self.hub_epoch)
+    }
+}
+
 /// The replica's subscriptions, with a set of the documents followed one by one: a gateway
 /// that writes to thousands of documents follows each, and every write asks whether its
 /// document is followed already.
@@ -1001,6 +1018,12 @@ impl Replica {
         })
     }
 
+    /// Whether changes received from the hub wait to be applied and stored (at the next
+    /// [`flush`](Self::flush), which [`poll_transmit`](Self::poll_transmit) does first).
+    pub fn has_unapplied(&self) -> bool {
+        !self.incoming.is_empty()
+    }
+
     fn push_event(&mut self, e: Event) {
         if self.events.len() >= MAX_EVENTS {
             self.events.pop_front();
@@ -1260,7 +1283,12 @@ impl Replica {
                 };
                 // A duplicate acknowledgement is harmless: the rows are gone already.
                 if let Some(f) = s.inflight.remove(&push_id) {
-                    self.store.ack_outbox(&f.rows, s.hub_epoch, at)?;
+                    self.store.ack_outbox(
+                        &f.rows,
+                        s.hub_epoch,
+                        s.exchanged_epoch().is_some(),
+                        at,
+                    )?;
                     self.push_event(Event::Acknowledged {
                         doc: f.doc,
                         changes: f.rows.len() as u64,
@@ -1597,7 +1625,7 @@ impl Replica {
         let epoch = self
             .session
             .as_ref()
-            .map(|s| s.hub_epoch)
+            .and_then(Session::exchanged_epoch)
             .filter(|e| self.epoch_recorded != Some(*e));
         let mut items: Vec<(&DocId, &mut DocState, &[VerifiedChange])> =
             Vec::with_capacity(work.len());

@@ -41,6 +41,9 @@ pub struct SimConfig {
     pub steps: usize,
     /// Steps allowed to converge after healing.
     pub heal_steps: usize,
+    /// Hub instances sharing the one store; each replica connects to one of them at random,
+    /// a crash takes one down, a restore all of them.
+    pub hubs: usize,
 }
 
 impl Default for SimConfig {
@@ -50,6 +53,7 @@ impl Default for SimConfig {
             docs: 3,
             steps: 300,
             heal_steps: 20_000,
+            hubs: 1,
         }
     }
 }
@@ -70,6 +74,7 @@ struct InFlight {
 
 struct Conn {
     replica: usize,
+    hub: usize,
     session: SessionId,
     last_at: [u64; 2],
 }
@@ -145,6 +150,12 @@ impl SimStore for SqliteSim {
     }
 }
 
+/// One hub instance: its key, and its state machine unless it is down.
+struct Instance<S: HubStore> {
+    identity: Identity,
+    hub: Option<Hub<S, AllowAll>>,
+}
+
 /// One simulated world.
 pub struct Sim<B: SimStore = SqliteSim> {
     rng: StdRng,
@@ -153,8 +164,7 @@ pub struct Sim<B: SimStore = SqliteSim> {
     _dir: tempfile::TempDir,
     now: u64,
     order: u64,
-    hub_identity: Identity,
-    hub: Option<Hub<B::Store, AllowAll>>,
+    hubs: Vec<Instance<B::Store>>,
     hub_store: B,
     replicas: Vec<SimReplica>,
     conns: HashMap<u64, Conn>,
@@ -209,6 +219,10 @@ impl<B: SimStore> Sim<B> {
             AllowAll,
             Some(rng.r#gen()),
         );
+        let first = Instance {
+            identity: hub_identity,
+            hub: Some(hub),
+        };
         let replicas = (0..cfg.replicas)
             .map(|i| {
                 let options = ReplicaOptions {
@@ -245,8 +259,7 @@ impl<B: SimStore> Sim<B> {
             _dir: dir,
             now: 0,
             order: 0,
-            hub_identity,
-            hub: Some(hub),
+            hubs: vec![first],
             hub_store,
             replicas,
             conns: HashMap::new(),
@@ -270,7 +283,33 @@ impl<B: SimStore> Sim<B> {
                 r.subscribe(target).expect("subscribe");
             }
         }
+        // Further instances draw last, so that a world of one hub replays as it always did.
+        for _ in 1..sim.cfg.hubs {
+            let identity = Identity::from_seed(sim.rng.r#gen());
+            sim.hubs.push(Instance {
+                identity,
+                hub: None,
+            });
+            let h = sim.hubs.len() - 1;
+            sim.start_instance(h, None);
+        }
+        if sim.hubs.len() > 1
+            && let Some(hub) = sim.hubs[0].hub.as_mut()
+        {
+            hub.share_store().expect("reading the log end");
+        }
         sim
+    }
+
+    /// Starts instance `h` on `store`, or on the store reopened.
+    fn start_instance(&mut self, h: usize, store: Option<B::Store>) {
+        let store = store.unwrap_or_else(|| self.hub_store.open());
+        let seed = self.rng.r#gen();
+        let mut hub = Hub::new(self.hubs[h].identity.clone(), store, AllowAll, Some(seed));
+        if self.hubs.len() > 1 {
+            hub.share_store().expect("reading the log end");
+        }
+        self.hubs[h].hub = Some(hub);
     }
 
     fn fault(&mut self, kind: &'static str) {
@@ -278,8 +317,8 @@ impl<B: SimStore> Sim<B> {
         self.trace.push(format!("t={} fault {kind}", self.now));
     }
 
-    fn hub_key(&self) -> PeerId {
-        self.hub_identity.peer_id()
+    fn hub_key(&self, h: usize) -> PeerId {
+        self.hubs[h].identity.peer_id()
     }
 
     fn send(&mut self, conn: u64, dir: Dir, msg: Message, latency: u64) {
@@ -343,16 +382,28 @@ impl<B: SimStore> Sim<B> {
 
     /// Sends everything the hub has to say to every session that has something.
     fn pump_hub(&mut self, faulty: bool) {
-        let Some(hub) = self.hub.as_mut() else { return };
-        if let Err(e) = hub.flush() {
-            self.trace.push(format!("hub flush error: {e}"));
+        for (h, inst) in self.hubs.iter_mut().enumerate() {
+            let Some(hub) = inst.hub.as_mut() else {
+                continue;
+            };
+            if let Err(e) = hub.flush() {
+                self.trace.push(format!("hub {h} flush error: {e}"));
+            }
+            // What the other instances committed.
+            if let Err(e) = hub.poll_store() {
+                self.trace.push(format!("hub {h} poll_store error: {e}"));
+            }
         }
-        let conns: Vec<(u64, SessionId)> = {
-            let mut v: Vec<_> = self.conns.iter().map(|(k, c)| (*k, c.session)).collect();
+        let conns: Vec<(u64, usize, SessionId)> = {
+            let mut v: Vec<_> = self
+                .conns
+                .iter()
+                .map(|(k, c)| (*k, c.hub, c.session))
+                .collect();
             v.sort();
             v
         };
-        for (conn, session) in conns {
+        for (conn, h, session) in conns {
             // A slow reader: sometimes a connection takes only a few messages this round.
             let budget = if faulty && self.rng.gen_bool(0.2) {
                 self.rng.gen_range(0..4)
@@ -361,7 +412,9 @@ impl<B: SimStore> Sim<B> {
             };
             let mut sent = 0;
             while sent < budget {
-                let Some(hub) = self.hub.as_mut() else { return };
+                let Some(hub) = self.hubs[h].hub.as_mut() else {
+                    break;
+                };
                 match hub.poll_transmit(session) {
                     Ok(Some(m)) => {
                         let l = self.latency(faulty);
@@ -376,7 +429,7 @@ impl<B: SimStore> Sim<B> {
                     }
                 }
             }
-            if let Some(hub) = self.hub.as_ref()
+            if let Some(hub) = self.hubs[h].hub.as_ref()
                 && hub.is_failed(session)
                 && hub.is_idle(session)
             {
@@ -389,7 +442,15 @@ impl<B: SimStore> Sim<B> {
         if self.replicas[i].conn.is_some() || self.replicas[i].replica.is_none() {
             return;
         }
-        let Some(hub) = self.hub.as_mut() else { return };
+        // Any instance that is up (the draw only where there is a choice).
+        let h = if self.hubs.len() > 1 {
+            self.rng.gen_range(0..self.hubs.len())
+        } else {
+            0
+        };
+        let Some(hub) = self.hubs[h].hub.as_mut() else {
+            return;
+        };
         let session = hub.accept();
         let conn = self.next_conn;
         self.next_conn += 1;
@@ -397,17 +458,18 @@ impl<B: SimStore> Sim<B> {
             conn,
             Conn {
                 replica: i,
+                hub: h,
                 session,
                 last_at: [self.now; 2],
             },
         );
         self.replicas[i].conn = Some(conn);
-        let key = self.hub_key();
+        let key = self.hub_key(h);
         if let Some(r) = self.replicas[i].replica.as_mut() {
             r.connect(Some(key));
         }
         self.trace.push(format!(
-            "t={} connect replica {i} conn {conn} session {session}",
+            "t={} connect replica {i} conn {conn} hub {h} session {session}",
             self.now
         ));
     }
@@ -417,7 +479,7 @@ impl<B: SimStore> Sim<B> {
             return;
         };
         self.net.retain(|m| m.conn != conn);
-        if let Some(hub) = self.hub.as_mut() {
+        if let Some(hub) = self.hubs[c.hub].hub.as_mut() {
             hub.close(c.session);
         }
         let r = &mut self.replicas[c.replica];
@@ -539,12 +601,26 @@ impl<B: SimStore> Sim<B> {
     }
 
     fn restart_hub(&mut self, from_backup: bool) {
-        let conns: Vec<u64> = self.conns.keys().copied().collect();
+        // A restore stops every instance; a crash takes one down (and it restarts at once).
+        let down: Vec<usize> = if from_backup || self.hubs.len() == 1 {
+            (0..self.hubs.len()).collect()
+        } else {
+            vec![self.rng.gen_range(0..self.hubs.len())]
+        };
+        let mut conns: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| down.contains(&c.hub))
+            .map(|(k, _)| *k)
+            .collect();
+        conns.sort();
         for c in conns {
             self.drop_conn(c);
         }
-        self.hub = None;
-        let restored = if from_backup {
+        for &h in &down {
+            self.hubs[h].hub = None;
+        }
+        let mut restored = if from_backup {
             self.hub_store.restore()
         } else {
             None
@@ -556,18 +632,14 @@ impl<B: SimStore> Sim<B> {
                 "hub_crash"
             });
         }
-        let store = restored.unwrap_or_else(|| self.hub_store.open());
-        let seed = self.rng.r#gen();
-        self.hub = Some(Hub::new(
-            self.hub_identity.clone(),
-            store,
-            AllowAll,
-            Some(seed),
-        ));
+        for h in down {
+            let store = restored.take();
+            self.start_instance(h, store);
+        }
     }
 
     fn take_backup(&mut self) {
-        if let Some(hub) = self.hub.as_mut() {
+        if let Some(hub) = self.hubs[0].hub.as_mut() {
             self.hub_store.backup(hub.store());
         }
     }
@@ -581,7 +653,7 @@ impl<B: SimStore> Sim<B> {
         let Some(c) = self.conns.get(&m.conn) else {
             return true;
         };
-        let (replica, session) = (c.replica, c.session);
+        let (replica, h, session) = (c.replica, c.hub, c.session);
         if matches!(m.msg, Message::Push(_) | Message::Changes(_)) {
             self.recent.push_back((m.conn, m.dir, m.msg.clone()));
             if self.recent.len() > 16 {
@@ -591,13 +663,20 @@ impl<B: SimStore> Sim<B> {
         if std::env::var_os("SYNCLINE_SIM_TRACE").is_some() {
             let what = match &m.msg {
                 Message::Changes(c) => format!(
-                    "Changes {} n={} cursor={:?}",
+                    "Changes {} n={} cursor={:?} {}",
                     c.doc,
                     c.changes.len(),
-                    c.cursor
+                    c.cursor,
+                    short_hashes(&c.changes)
                 ),
                 Message::Push(p) => {
-                    format!("Push {} id={} n={}", p.doc, p.push_id, p.changes.len())
+                    format!(
+                        "Push {} id={} n={} {}",
+                        p.doc,
+                        p.push_id,
+                        p.changes.len(),
+                        short_hashes(&p.changes)
+                    )
                 }
                 Message::Subscribe(s) => {
                     format!("Subscribe {:?} {:?} {:?}", s.target, s.epoch, s.cursor)
@@ -610,6 +689,23 @@ impl<B: SimStore> Sim<B> {
                 }
                 Message::Reconcile(h) => format!("Reconcile {} {:?}", h.doc, h.heads),
                 Message::Reconciled(h) => format!("Reconciled {}", h.doc),
+                Message::Resume(r) => format!(
+                    "Resume {:?} {:?} {:?} mark={} written={:?}",
+                    r.target,
+                    r.epoch,
+                    r.cursor,
+                    r.mark.is_some(),
+                    r.written.as_ref().map(|w| w.cursor)
+                ),
+                Message::CaughtUpAt(c) => format!(
+                    "CaughtUpAt {:?} {:?} {:?} rolled_back={}",
+                    c.target, c.epoch, c.cursor, c.rolled_back
+                ),
+                Message::AckAt(a) => format!(
+                    "AckAt {} at={:?}",
+                    a.push_id,
+                    a.at.as_ref().map(|p| p.cursor)
+                ),
                 other => other.kind().to_string(),
             };
             eprintln!(
@@ -619,7 +715,7 @@ impl<B: SimStore> Sim<B> {
         }
         match m.dir {
             Dir::ToHub => {
-                let Some(hub) = self.hub.as_mut() else {
+                let Some(hub) = self.hubs[h].hub.as_mut() else {
                     return true;
                 };
                 if let Err(e) = hub.handle_message(session, m.msg) {
@@ -713,11 +809,14 @@ impl<B: SimStore> Sim<B> {
         if !self.net.is_empty() {
             return false;
         }
-        let Some(hub) = self.hub.as_ref() else {
-            return false;
-        };
-        if hub.has_queued() {
-            return false;
+        for inst in &mut self.hubs {
+            let Some(hub) = inst.hub.as_mut() else {
+                return false;
+            };
+            // Nothing left to commit, nor to relay of the other instances' commits.
+            if hub.has_queued() || !matches!(hub.poll_store(), Ok(0)) {
+                return false;
+            }
         }
         for r in &self.replicas {
             let Some(rep) = r.replica.as_ref() else {
@@ -727,7 +826,10 @@ impl<B: SimStore> Sim<B> {
             let Some(c) = self.conns.get(&conn) else {
                 return false;
             };
-            if !rep.is_synced() || !hub.is_idle(c.session) {
+            let Some(hub) = self.hubs[c.hub].hub.as_ref() else {
+                return false;
+            };
+            if !rep.is_synced() || rep.has_unapplied() || !hub.is_idle(c.session) {
                 return false;
             }
             match rep.status() {
@@ -793,7 +895,7 @@ impl<B: SimStore> Sim<B> {
                 out.push(format!("replica {i}: doc {in_doc} store {in_store}"));
             }
         }
-        if let Some(hub) = self.hub.as_mut() {
+        if let Some(hub) = self.hubs[0].hub.as_mut() {
             let all = hub
                 .store()
                 .changes_not_covered(doc, &[])
@@ -891,6 +993,18 @@ impl<B: SimStore> Sim<B> {
     }
 }
 
+/// The first bytes of each change's hash, for traces.
+fn short_hashes(changes: &[crate::change::SignedChange]) -> String {
+    changes
+        .iter()
+        .map(|c| match automerge::Change::try_from(&c.bytes[..]) {
+            Ok(c) => c.hash().to_string()[..8].to_owned(),
+            Err(_) => "?".to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Runs `seeds` worlds from seed `first` on (each built by `world`), panicking at the first
 /// that fails with the seed and `replay` (its `{seed}` replaced) to replay it, and checks that
 /// the run exercised every kind of fault. Returns the totals.
@@ -965,5 +1079,23 @@ fn simulated_faults_never_lose_an_acknowledged_write() {
         env_number("SYNCLINE_SIM_SEEDS", 500),
         REPLAY,
         |seed| Sim::new(seed, SimConfig::default()),
+    );
+}
+
+#[test]
+fn two_hub_instances_on_one_store_lose_no_acknowledged_write() {
+    // Replicas connect to either instance, one instance crashes while the other serves, a
+    // restore stops both; each relays what the other commits (`Hub::poll_store`).
+    const REPLAY: &str = "SYNCLINE_SIM_HUBS_FIRST={seed} SYNCLINE_SIM_HUBS_SEEDS=1 \
+                          cargo test -p syncline-core --lib sim::two";
+    let cfg = SimConfig {
+        hubs: 2,
+        ..SimConfig::default()
+    };
+    run_seeds(
+        env_number("SYNCLINE_SIM_HUBS_FIRST", 0),
+        env_number("SYNCLINE_SIM_HUBS_SEEDS", 200),
+        REPLAY,
+        |seed| Sim::new(seed, cfg.clone()),
     );
 }

@@ -385,6 +385,8 @@ impl syncline_core::sim::SimStore for PgSim {
     }
 }
 
+/// The fault simulation's seeds with the hub's log on PostgreSQL, a database each: one hub
+/// instance on even seeds, two on odd ones.
 #[test]
 fn the_simulated_faults_lose_no_acknowledged_write_on_postgres_either() {
     use syncline_core::sim::{Sim, SimConfig, env_number, run_seeds, temp_root};
@@ -407,7 +409,12 @@ fn the_simulated_faults_lose_no_acknowledged_write_on_postgres_either() {
                 backup: files.path().join(format!("{db}.bak")),
                 has_backup: false,
             };
-            Sim::with_store(seed, SimConfig::default(), temp_root(), store)
+            // Odd seeds: two hub instances on the database (a crash takes one down).
+            let cfg = SimConfig {
+                hubs: 1 + (seed % 2) as usize,
+                ..SimConfig::default()
+            };
+            Sim::with_store(seed, cfg, temp_root(), store)
         },
     );
 }

@@ -437,19 +437,27 @@ impl ReplicaStore {
     }
 
     /// Removes acknowledged rows from the outbox (durably), recording the acknowledging hub's
-    /// epoch in the same transaction.
+    /// epoch as the last exchanged with in the same transaction if `last`.
     /// With `at` (protocol version 3), the position of the push's last newly stored change
     /// becomes the replica's written position in `epoch`. Acknowledgements come in commit
     /// order, so it replaces the one recorded even when lower: a lower one means the log was
     /// rolled back and the write stored again, and the old position names nothing now.
-    pub fn ack_outbox(&mut self, rows: &[i64], epoch: Epoch, at: Option<Position>) -> Result<()> {
+    pub fn ack_outbox(
+        &mut self,
+        rows: &[i64],
+        epoch: Epoch,
+        last: bool,
+        at: Option<Position>,
+    ) -> Result<()> {
         self.set_synced(true)?;
         let tx = self.conn.transaction().ctx("acknowledging uploads")?;
-        tx.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_epoch', ?1)",
-            [&epoch.0[..]],
-        )
-        .ctx("acknowledging uploads")?;
+        if last {
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_epoch', ?1)",
+                [&epoch.0[..]],
+            )
+            .ctx("acknowledging uploads")?;
+        }
         if let Some(at) = at {
             let mut value = Vec::with_capacity(WRITTEN_LEN);
             value.extend_from_slice(&epoch.0);

@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests: a panic is a failed test.
 //! A hub whose data directory is rolled back under its replicas (a raw copy of `hub.db` put
 //! back, a disk snapshot restored): same epoch, an older log, and new changes numbered again
-//! from the old end. A replica whose cursor is past the log's end must not skip them.
+//! from the old end. A replica whose cursor is past the log's end must not skip them. And a
+//! log restored under a new epoch, with a repair cut short.
 
 use std::path::{Path, PathBuf};
 
@@ -349,4 +350,117 @@ fn a_writer_whose_lost_write_is_stored_again_lower_is_repaired_once() {
     sync(&mut h, &mut a);
     assert_eq!(h.metrics().cursors_ahead, 1);
     assert_eq!(h.metrics().cursors_rewritten, 0);
+}
+
+/// A session that breaks when the hub sends a message `breaks` picks: it and whatever would
+/// follow are lost. Returns whether it came.
+fn sync_until(hub: &mut TestHub, r: &mut Replica, breaks: impl Fn(&Message) -> bool) -> bool {
+    let s: SessionId = hub.accept();
+    r.connect(Some(hub.peer_id()));
+    let mut broke = false;
+    while !broke {
+        let mut moved = false;
+        while let Some(m) = r.poll_transmit().unwrap() {
+            hub.handle_message(s, m).unwrap();
+            moved = true;
+        }
+        hub.flush().unwrap();
+        while let Some(m) = hub.poll_transmit(s).unwrap() {
+            if breaks(&m) {
+                broke = true;
+                break;
+            }
+            r.handle_message(m).unwrap();
+            moved = true;
+        }
+        if !moved {
+            break;
+        }
+    }
+    r.disconnect();
+    hub.close(s);
+    broke
+}
+
+/// The hub on `file` put back from `copy` as `syncline-hub restore` does: a new epoch.
+fn restore(copy: &Path, file: &Path) -> TestHub {
+    std::fs::copy(copy, file).unwrap();
+    for ext in ["db-wal", "db-shm"] {
+        let _ = std::fs::remove_file(file.with_extension(ext));
+    }
+    let mut store = SqliteHubStore::open(file).unwrap();
+    store.new_epoch().unwrap();
+    Hub::new(Identity::from_seed([9; 32]), store, AllowAll, None)
+}
+
+fn put_in(r: &mut Replica, doc: &DocId, key: &str, n: i64) {
+    r.change(
+        doc,
+        &[Op::Put {
+            path: vec![PathElem::Key(key.into())],
+            value: Value::Int(n),
+        }],
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_write_acknowledged_before_a_restore_comes_back_though_the_repair_was_cut_short() {
+    // A subscription that never caught up names, at the next session, the log its replica
+    // last exchanged changes with; a repair of it cut short must not change which that is.
+    let dir = tempfile::tempdir().unwrap();
+    let (file, copy) = (dir.path().join("hub.db"), dir.path().join("hub-copy.db"));
+    let lost = DocId::new("plant/lost").unwrap();
+    let everything = Target::Prefix(DocPrefix::new("plant/").unwrap());
+    // The backup: a log holding one change of `doc()`, by c.
+    let mut h = hub(&file);
+    let mut c = replica(dir.path(), "c", 3);
+    write(&mut c, "before", 0);
+    sync(&mut h, &mut c);
+    drop(h);
+    std::fs::copy(&file, &copy).unwrap();
+
+    // a follows everything, writes to a document of its own, and is acknowledged; its
+    // session breaks before its subscription catches up.
+    let mut h = hub(&file);
+    let mut a = Replica::open(
+        &dir.path().join("a.db"),
+        Identity::from_seed([1; 32]),
+        syncline_core::replica::ReplicaOptions::default(),
+    )
+    .unwrap();
+    a.subscribe(everything).unwrap();
+    put_in(&mut a, &lost, "first", 1);
+    assert!(sync_until(&mut h, &mut a, |m| matches!(
+        m,
+        Message::CaughtUpAt(_)
+    )));
+    let status = a.status().unwrap();
+    assert_eq!(status.outbox, 0, "the write is acknowledged");
+    assert!(status.synced.is_empty(), "and no subscription caught up");
+    drop(h);
+
+    // The backup is restored: a new log, without the write or its document. a's repair is
+    // cut short after the new log acknowledged a's next write (to the other document), before
+    // the end of the repair, which is what uploads the documents the new log does not have.
+    let mut h = restore(&copy, &file);
+    write(&mut a, "second", 2);
+    assert!(sync_until(&mut h, &mut a, |m| matches!(
+        m,
+        Message::CaughtUpAt(_)
+    )));
+    assert_eq!(
+        a.status().unwrap().outbox,
+        0,
+        "the second write is acknowledged"
+    );
+
+    sync(&mut h, &mut a);
+    let mut b = crate::support::replica_of(dir.path(), "b", 2, lost.clone());
+    sync(&mut h, &mut b);
+    assert_eq!(
+        b.json(&lost).unwrap(),
+        serde_json::json!({"first": 1}),
+        "the hub got back the write its restore lost"
+    );
 }
