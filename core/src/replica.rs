@@ -166,7 +166,8 @@ pub enum Event {
         /// The hub's key.
         hub: PeerId,
     },
-    /// The hub stored local changes of a document: they left the outbox.
+    /// The hub stored local changes of a document (durably). They leave the outbox then, or,
+    /// in a session that repairs the hub's log or checks it for a rollback, at its end.
     Acknowledged {
         /// The document.
         doc: DocId,
@@ -294,24 +295,36 @@ struct Session {
     reconciling: HashSet<DocId>,
     /// Repairs that caught up but wait for reconciles before their new epoch is recorded.
     deferred: Vec<CaughtUpAt>,
+    /// Subscriptions sent with our written position that have not caught up yet: until
+    /// they have, the hub may still find that position rolled back.
+    checking_written: HashSet<Target>,
+    /// Acknowledgements taken before the session was reconciled: the outbox rows they
+    /// acknowledged, and the newest position.
+    held_rows: Vec<i64>,
+    held_at: Option<crate::wire::Position>,
+    /// A subscription of the session was repaired from a rolled-back log: once reconciled,
+    /// the written position names nothing the log needs to be checked for.
+    repaired_rollback: bool,
     synced: HashSet<Target>,
     failed: bool,
 }
 
 impl Session {
-    /// The hub's epoch, to record as the log this replica last exchanged changes with;
-    /// `None` while a subscription of the session asked for another log and has not caught
-    /// up in this one. Until then a subscription that never caught up must go on asking
-    /// for the old log (`last_epoch`) at the next session, for the hub to repair it: what
-    /// the old log acknowledged and the new one lacks is in no outbox any more, and only a
-    /// repair's `CaughtUpAt` uploads it. (Recording the new epoch on the first change or
-    /// acknowledgement of a repair cut short lost such writes: the 2-instance simulation.)
-    fn exchanged_epoch(&self) -> Option<Epoch> {
-        let repairing = self
-            .requested
-            .values()
-            .any(|e| *e != Epoch::none() && *e != self.hub_epoch);
-        (!repairing).then_some(self.hub_epoch)
+    /// Whether the hub's log is known to hold what this replica's state says a log holds:
+    /// no subscription of the session asked for another log, nor had the hub check our
+    /// written position, without having caught up since. Until then the session records
+    /// nothing that would let the next one skip the repair or the check: not the hub's
+    /// epoch as the log last exchanged with (a subscription that never caught up would ask
+    /// for the new log, and not be repaired), not a newer written position (the check would
+    /// pass), and no acknowledged outbox row is deleted (this log may yet be replaced by
+    /// one without it, and nothing would upload it again). The fault simulation lost
+    /// acknowledged writes in each of these three ways.
+    fn reconciled(&self) -> bool {
+        self.checking_written.is_empty()
+            && self
+                .requested
+                .values()
+                .all(|e| *e == Epoch::none() || *e == self.hub_epoch)
     }
 }
 
@@ -1081,6 +1094,10 @@ impl Replica {
             sent_upto: 0,
             requested: HashMap::new(),
             heads_seen: HashSet::new(),
+            checking_written: HashSet::new(),
+            held_rows: Vec::new(),
+            held_at: None,
+            repaired_rollback: false,
             reconciling: HashSet::new(),
             deferred: Vec::new(),
             synced: HashSet::new(),
@@ -1195,6 +1212,9 @@ impl Replica {
                         let written = written
                             .filter(|(e, _)| *e == epoch && epoch != Epoch::none())
                             .map(|(_, position)| position);
+                        if marks && written.is_some() {
+                            s.checking_written.insert(target.clone());
+                        }
                         s.out
                             .push_back(if marks && (mark.is_some() || written.is_some()) {
                                 Message::Resume(Box::new(Resume {
@@ -1283,12 +1303,14 @@ impl Replica {
                 };
                 // A duplicate acknowledgement is harmless: the rows are gone already.
                 if let Some(f) = s.inflight.remove(&push_id) {
-                    self.store.ack_outbox(
-                        &f.rows,
-                        s.hub_epoch,
-                        s.exchanged_epoch().is_some(),
-                        at,
-                    )?;
+                    if s.reconciled() {
+                        self.store.ack_outbox(&f.rows, s.hub_epoch, at)?;
+                    } else {
+                        // Kept in the outbox (sent again if the session breaks first) until
+                        // the session is reconciled: see `Session::reconciled`.
+                        s.held_rows.extend_from_slice(&f.rows);
+                        s.held_at = at.or(s.held_at.take());
+                    }
                     self.push_event(Event::Acknowledged {
                         doc: f.doc,
                         changes: f.rows.len() as u64,
@@ -1486,6 +1508,7 @@ impl Replica {
             }
             .into());
         };
+        s.repaired_rollback |= c.rolled_back;
         if (requested != c.epoch && requested != Epoch::none()) || c.rolled_back {
             // The hub's log is not the one our cursor came from (restored or another hub), or
             // is that log rolled back under our cursor: upload every document under the
@@ -1529,6 +1552,24 @@ impl Replica {
         })?;
         s.requested.insert(c.target.clone(), c.epoch);
         s.synced.insert(c.target.clone());
+        s.checking_written.remove(&c.target);
+        if s.reconciled() {
+            // Every repair and check is over: what this log acknowledged counts now.
+            let (rows, at, epoch) = (
+                std::mem::take(&mut s.held_rows),
+                s.held_at.take(),
+                s.hub_epoch,
+            );
+            let cleared = std::mem::take(&mut s.repaired_rollback) && at.is_none();
+            if !rows.is_empty() || at.is_some() {
+                self.store.ack_outbox(&rows, epoch, at)?;
+            }
+            if cleared {
+                // The repair uploaded what the rolled-back log lacked: the old position
+                // would only make every later session repair again.
+                self.store.clear_written()?;
+            }
+        }
         self.push_event(Event::Synced { target: c.target });
         Ok(())
     }
@@ -1625,7 +1666,8 @@ impl Replica {
         let epoch = self
             .session
             .as_ref()
-            .and_then(Session::exchanged_epoch)
+            .filter(|s| s.reconciled())
+            .map(|s| s.hub_epoch)
             .filter(|e| self.epoch_recorded != Some(*e));
         let mut items: Vec<(&DocId, &mut DocState, &[VerifiedChange])> =
             Vec::with_capacity(work.len());

@@ -6,7 +6,8 @@
 //! On top of that the simulation injects faults the protocol must absorb: broken connections
 //! at random moments, duplicated pushes and change messages, replicas and the hub crashing
 //! (their in-memory state dropped, their files reopened), the hub restored from an older
-//! backup (a new epoch: the repair path), pushes from many replicas interleaved in random
+//! backup (a new epoch: the repair path) or put back under its old epoch (a raw copy: the
+//! replicas' marks find it), pushes from many replicas interleaved in random
 //! order, and group commits of random size. After the faults stop and every link heals, every
 //! replica must reach the same heads and JSON, hold every acknowledged write, and the counters
 //! must equal the sum of acknowledged increments.
@@ -44,6 +45,12 @@ pub struct SimConfig {
     /// Hub instances sharing the one store; each replica connects to one of them at random,
     /// a crash takes one down, a restore all of them.
     pub hubs: usize,
+    /// Half the restores put the backup back under its own epoch (a raw copy of the data
+    /// directory), for the replicas' marks to find. Off by default: the marks cannot see a
+    /// log whose changes at the marked positions are the same changes again with others
+    /// before them (see `docs/PROTOCOL.md`, "Rolled-back logs"), and the simulation makes
+    /// that happen (a writer uploading its lost changes again in the same order).
+    pub rollbacks: bool,
 }
 
 impl Default for SimConfig {
@@ -54,6 +61,7 @@ impl Default for SimConfig {
             steps: 300,
             heal_steps: 20_000,
             hubs: 1,
+            rollbacks: false,
         }
     }
 }
@@ -102,7 +110,8 @@ pub struct SimStats {
 }
 
 /// Where a simulated hub keeps its log: opened at the start and after every crash, copied
-/// aside by an online backup, and replaced by the last backup under a new epoch.
+/// aside by an online backup, and replaced by the last backup: restored under a new epoch,
+/// or put back as it was (a raw copy of the data directory, a disk snapshot).
 pub trait SimStore {
     /// The hub store.
     type Store: HubStore;
@@ -110,9 +119,10 @@ pub trait SimStore {
     fn open(&mut self) -> Self::Store;
     /// Takes an online backup of `store` (replacing the previous one).
     fn backup(&mut self, store: &mut Self::Store);
-    /// The store put back from the last backup, with a new epoch, as an operator restores it;
-    /// `None` if no backup was taken yet. The previous store is dropped before this is called.
-    fn restore(&mut self) -> Option<Self::Store>;
+    /// The store put back from the last backup, with a new epoch as `syncline-hub restore`
+    /// gives it, or else with the backup's own; `None` if no backup was taken yet. The
+    /// previous store is dropped before this is called.
+    fn restore(&mut self, new_epoch: bool) -> Option<Self::Store>;
 }
 
 /// A SQLite file in the world's temp dir; a backup is SQLite's online backup, a restore a copy
@@ -136,7 +146,7 @@ impl SimStore for SqliteSim {
         self.has_backup = true;
     }
 
-    fn restore(&mut self) -> Option<SqliteHubStore> {
+    fn restore(&mut self, new_epoch: bool) -> Option<SqliteHubStore> {
         if !self.has_backup {
             return None;
         }
@@ -145,7 +155,9 @@ impl SimStore for SqliteSim {
             let _ = std::fs::remove_file(self.path.with_extension(ext));
         }
         let mut s = SqliteHubStore::open(&self.path).expect("restored hub store");
-        s.new_epoch().expect("new epoch");
+        if new_epoch {
+            s.new_epoch().expect("new epoch");
+        }
         Some(s)
     }
 }
@@ -600,7 +612,9 @@ impl<B: SimStore> Sim<B> {
             Some(Replica::open(&r.path, r.identity.clone(), options).expect("replica reopens"));
     }
 
-    fn restart_hub(&mut self, from_backup: bool) {
+    /// A crash (`put_back` `None`), or the last backup put back, under a new epoch or not.
+    fn restart_hub(&mut self, put_back: Option<bool>) {
+        let from_backup = put_back.is_some();
         // A restore stops every instance; a crash takes one down (and it restarts at once).
         let down: Vec<usize> = if from_backup || self.hubs.len() == 1 {
             (0..self.hubs.len()).collect()
@@ -620,27 +634,34 @@ impl<B: SimStore> Sim<B> {
         for &h in &down {
             self.hubs[h].hub = None;
         }
-        let mut restored = if from_backup {
-            self.hub_store.restore()
-        } else {
-            None
-        };
-        if from_backup {
-            self.fault(if restored.is_some() {
-                "hub_restored_from_backup"
-            } else {
-                "hub_crash"
+        let mut restored = put_back.and_then(|new_epoch| self.hub_store.restore(new_epoch));
+        if let Some(new_epoch) = put_back {
+            self.fault(match (restored.is_some(), new_epoch) {
+                (false, _) => "hub_crash",
+                (true, true) => "hub_restored_from_backup",
+                (true, false) => "hub_rolled_back",
             });
         }
         for h in down {
             let store = restored.take();
             self.start_instance(h, store);
         }
+        if let Some(hub) = self.hubs[0].hub.as_mut() {
+            let end = hub.store().last_cursor().map(|c| c.0).unwrap_or(0);
+            let epoch = hub.store().epoch();
+            self.trace.push(format!(
+                "t={} hub log ends at {end}, epoch {epoch:?}",
+                self.now
+            ));
+        }
     }
 
     fn take_backup(&mut self) {
         if let Some(hub) = self.hubs[0].hub.as_mut() {
             self.hub_store.backup(hub.store());
+            let end = hub.store().last_cursor().map(|c| c.0).unwrap_or(0);
+            self.trace
+                .push(format!("t={} backup up to position {end}", self.now));
         }
     }
 
@@ -765,10 +786,14 @@ impl<B: SimStore> Sim<B> {
             }
             290..=293 if faulty => {
                 self.fault("hub_crash");
-                self.restart_hub(false);
+                self.restart_hub(None);
             }
-            // Counted as a restore only if a backup was there to restore.
-            294..=295 if faulty => self.restart_hub(true),
+            // Counted as a restore only if a backup was there to restore. With `rollbacks`,
+            // half the time under the backup's own epoch: found by the replicas' marks.
+            294..=295 if faulty => {
+                let new_epoch = !self.cfg.rollbacks || self.rng.gen_bool(0.5);
+                self.restart_hub(Some(new_epoch));
+            }
             296..=305 if faulty => self.take_backup(),
             306..=329 if faulty => {
                 // Re-deliver a recent push or change message on its connection, if still open.
@@ -1014,9 +1039,12 @@ pub fn run_seeds<B: SimStore>(
     replay: &str,
     mut world: impl FnMut(u64) -> Sim<B>,
 ) -> SimStats {
+    let mut rollbacks = false;
     let mut totals = SimStats::default();
     for seed in first..first + seeds {
-        let stats = world(seed).run().unwrap_or_else(|e| {
+        let sim = world(seed);
+        rollbacks |= sim.cfg.rollbacks;
+        let stats = sim.run().unwrap_or_else(|e| {
             let replay = replay.replace("{seed}", &seed.to_string());
             panic!("seed {seed} failed: {e}\nreplay: {replay}")
         });
@@ -1039,7 +1067,10 @@ pub fn run_seeds<B: SimStore>(
             "hub_crash",
             "hub_restored_from_backup",
             "duplicate_message",
-        ] {
+        ]
+        .into_iter()
+        .chain(rollbacks.then_some("hub_rolled_back"))
+        {
             assert!(
                 totals.faults.get(kind).copied().unwrap_or(0) > 0,
                 "no {kind} fault was injected"
@@ -1062,12 +1093,22 @@ pub fn env_number(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The default world with `hubs` instances, and raw rollbacks if `SYNCLINE_SIM_ROLLBACKS` is
+/// set.
+pub fn sim_config(hubs: usize) -> SimConfig {
+    SimConfig {
+        hubs,
+        rollbacks: std::env::var_os("SYNCLINE_SIM_ROLLBACKS").is_some(),
+        ..SimConfig::default()
+    }
+}
+
 #[test]
 fn simulated_faults_never_lose_an_acknowledged_write() {
     const REPLAY: &str = "SYNCLINE_SIM_SEED={seed} cargo test -p syncline-core --lib sim::";
     if let Ok(seed) = std::env::var("SYNCLINE_SIM_SEED") {
         let seed: u64 = seed.parse().expect("SYNCLINE_SIM_SEED is a number");
-        let stats = Sim::new(seed, SimConfig::default())
+        let stats = Sim::new(seed, sim_config(1))
             .run()
             .unwrap_or_else(|e| panic!("{e}"));
         eprintln!("seed {seed}: {stats:?}");
@@ -1078,7 +1119,7 @@ fn simulated_faults_never_lose_an_acknowledged_write() {
         env_number("SYNCLINE_SIM_FIRST", 0),
         env_number("SYNCLINE_SIM_SEEDS", 500),
         REPLAY,
-        |seed| Sim::new(seed, SimConfig::default()),
+        |seed| Sim::new(seed, sim_config(1)),
     );
 }
 
@@ -1088,10 +1129,7 @@ fn two_hub_instances_on_one_store_lose_no_acknowledged_write() {
     // restore stops both; each relays what the other commits (`Hub::poll_store`).
     const REPLAY: &str = "SYNCLINE_SIM_HUBS_FIRST={seed} SYNCLINE_SIM_HUBS_SEEDS=1 \
                           cargo test -p syncline-core --lib sim::two";
-    let cfg = SimConfig {
-        hubs: 2,
-        ..SimConfig::default()
-    };
+    let cfg = sim_config(2);
     run_seeds(
         env_number("SYNCLINE_SIM_HUBS_FIRST", 0),
         env_number("SYNCLINE_SIM_HUBS_SEEDS", 200),

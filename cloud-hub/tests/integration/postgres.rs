@@ -342,11 +342,13 @@ fn sslmode_require_refuses_a_server_without_tls() {
 }
 
 /// The hub's log in a PostgreSQL database of its own: a crashed hub reconnects; a backup is
-/// `syncline-hub backup`'s logical one, a restore `PgHubStore::restore` (a new epoch).
+/// `syncline-hub backup`'s logical one, a restore `PgHubStore::restore` (a new epoch; the
+/// backup's own one set again for a rollback).
 struct PgSim {
     url: String,
     backup: std::path::PathBuf,
-    has_backup: bool,
+    /// The epoch of the log when the backup was taken, once one was.
+    backup_epoch: Option<syncline_core::Epoch>,
 }
 
 impl syncline_core::sim::SimStore for PgSim {
@@ -359,20 +361,30 @@ impl syncline_core::sim::SimStore for PgSim {
     fn backup(&mut self, store: &mut PgHubStore) {
         let _ = std::fs::remove_file(&self.backup);
         syncline_core::store::backup::backup_store(store, &self.backup, None, &mut |_| {}).unwrap();
-        self.has_backup = true;
+        self.backup_epoch = Some(store.epoch());
     }
 
-    fn restore(&mut self) -> Option<PgHubStore> {
-        if !self.has_backup {
-            return None;
-        }
+    fn restore(&mut self, new_epoch: bool) -> Option<PgHubStore> {
+        let old_epoch = self.backup_epoch?;
         let mut store = self.open();
         // The crashed instance's connection leaves the server's list of sessions a moment
         // after it closes, and a restore waits for every instance to be gone.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             match store.restore(std::slice::from_ref(&self.backup), true, &mut |_| {}) {
-                Ok(_) => return Some(store),
+                Ok(_) if new_epoch => return Some(store),
+                Ok(_) => {
+                    // Put back as it was (a disk snapshot of the database): its own epoch.
+                    drop(store);
+                    let mut admin = postgres::Client::connect(&self.url, postgres::NoTls).unwrap();
+                    admin
+                        .execute(
+                            "UPDATE meta SET value = $1 WHERE key = 'epoch'",
+                            &[&&old_epoch.0[..]],
+                        )
+                        .unwrap();
+                    return Some(self.open());
+                }
                 Err(e)
                     if e.to_string().contains("stop every hub instance")
                         && std::time::Instant::now() < deadline =>
@@ -389,7 +401,7 @@ impl syncline_core::sim::SimStore for PgSim {
 /// instance on even seeds, two on odd ones.
 #[test]
 fn the_simulated_faults_lose_no_acknowledged_write_on_postgres_either() {
-    use syncline_core::sim::{Sim, SimConfig, env_number, run_seeds, temp_root};
+    use syncline_core::sim::{Sim, env_number, run_seeds, sim_config, temp_root};
     let pg = Postgres::start();
     let mut admin = postgres::Client::connect(&pg.url, postgres::NoTls).unwrap();
     let base = pg.url.rsplit_once('/').unwrap().0.to_owned();
@@ -407,13 +419,10 @@ fn the_simulated_faults_lose_no_acknowledged_write_on_postgres_either() {
             let store = PgSim {
                 url: format!("{base}/{db}"),
                 backup: files.path().join(format!("{db}.bak")),
-                has_backup: false,
+                backup_epoch: None,
             };
             // Odd seeds: two hub instances on the database (a crash takes one down).
-            let cfg = SimConfig {
-                hubs: 1 + (seed % 2) as usize,
-                ..SimConfig::default()
-            };
+            let cfg = sim_config(1 + (seed % 2) as usize);
             Sim::with_store(seed, cfg, temp_root(), store)
         },
     );

@@ -437,27 +437,19 @@ impl ReplicaStore {
     }
 
     /// Removes acknowledged rows from the outbox (durably), recording the acknowledging hub's
-    /// epoch as the last exchanged with in the same transaction if `last`.
+    /// epoch in the same transaction.
     /// With `at` (protocol version 3), the position of the push's last newly stored change
     /// becomes the replica's written position in `epoch`. Acknowledgements come in commit
     /// order, so it replaces the one recorded even when lower: a lower one means the log was
     /// rolled back and the write stored again, and the old position names nothing now.
-    pub fn ack_outbox(
-        &mut self,
-        rows: &[i64],
-        epoch: Epoch,
-        last: bool,
-        at: Option<Position>,
-    ) -> Result<()> {
+    pub fn ack_outbox(&mut self, rows: &[i64], epoch: Epoch, at: Option<Position>) -> Result<()> {
         self.set_synced(true)?;
         let tx = self.conn.transaction().ctx("acknowledging uploads")?;
-        if last {
-            tx.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_epoch', ?1)",
-                [&epoch.0[..]],
-            )
-            .ctx("acknowledging uploads")?;
-        }
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_epoch', ?1)",
+            [&epoch.0[..]],
+        )
+        .ctx("acknowledging uploads")?;
         if let Some(at) = at {
             let mut value = Vec::with_capacity(WRITTEN_LEN);
             value.extend_from_slice(&epoch.0);
@@ -478,6 +470,16 @@ impl ReplicaStore {
             }
         }
         tx.commit().ctx("acknowledging uploads")
+    }
+
+    /// Forgets the written position (after a repair from a rolled-back log uploaded what it
+    /// named).
+    pub fn clear_written(&mut self) -> Result<()> {
+        self.set_synced(true)?;
+        self.conn
+            .execute("DELETE FROM meta WHERE key = 'written'", [])
+            .ctx("clearing the written position")?;
+        Ok(())
     }
 
     /// The newest acknowledged position of this replica's own changes, with its log's epoch

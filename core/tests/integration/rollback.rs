@@ -382,12 +382,28 @@ fn sync_until(hub: &mut TestHub, r: &mut Replica, breaks: impl Fn(&Message) -> b
     broke
 }
 
-/// The hub on `file` put back from `copy` as `syncline-hub restore` does: a new epoch.
-fn restore(copy: &Path, file: &Path) -> TestHub {
+/// How many of its changes the hub acknowledged to `r` since the last call (its events).
+fn acknowledged(r: &mut Replica) -> u64 {
+    let mut n = 0;
+    while let Some(e) = r.poll_event() {
+        if let syncline_core::replica::Event::Acknowledged { changes, .. } = e {
+            n += changes;
+        }
+    }
+    n
+}
+
+/// Puts the hub file back from `copy`, as a raw copy does (its WAL gone with the old file).
+fn copy_back(copy: &Path, file: &Path) {
     std::fs::copy(copy, file).unwrap();
     for ext in ["db-wal", "db-shm"] {
         let _ = std::fs::remove_file(file.with_extension(ext));
     }
+}
+
+/// The hub on `file` put back from `copy` as `syncline-hub restore` does: a new epoch.
+fn restore(copy: &Path, file: &Path) -> TestHub {
+    copy_back(copy, file);
     let mut store = SqliteHubStore::open(file).unwrap();
     store.new_epoch().unwrap();
     Hub::new(Identity::from_seed([9; 32]), store, AllowAll, None)
@@ -404,32 +420,28 @@ fn put_in(r: &mut Replica, doc: &DocId, key: &str, n: i64) {
     .unwrap();
 }
 
-#[test]
-fn a_write_acknowledged_before_a_restore_comes_back_though_the_repair_was_cut_short() {
-    // A subscription that never caught up names, at the next session, the log its replica
-    // last exchanged changes with; a repair of it cut short must not change which that is.
-    let dir = tempfile::tempdir().unwrap();
-    let (file, copy) = (dir.path().join("hub.db"), dir.path().join("hub-copy.db"));
+/// A hub file on which c wrote one change of `doc()`, and a copy of it (the backup); then a,
+/// following all of `plant/`, writes to `plant/lost` and is acknowledged, in a session that
+/// breaks before its subscription catches up. Returns the two files, c, a and that document.
+fn acknowledged_but_never_caught_up(dir: &Path) -> (PathBuf, PathBuf, Replica, Replica, DocId) {
+    let (file, copy) = (dir.join("hub.db"), dir.join("hub-copy.db"));
     let lost = DocId::new("plant/lost").unwrap();
-    let everything = Target::Prefix(DocPrefix::new("plant/").unwrap());
-    // The backup: a log holding one change of `doc()`, by c.
     let mut h = hub(&file);
-    let mut c = replica(dir.path(), "c", 3);
+    let mut c = replica(dir, "c", 3);
     write(&mut c, "before", 0);
     sync(&mut h, &mut c);
     drop(h);
     std::fs::copy(&file, &copy).unwrap();
 
-    // a follows everything, writes to a document of its own, and is acknowledged; its
-    // session breaks before its subscription catches up.
     let mut h = hub(&file);
     let mut a = Replica::open(
-        &dir.path().join("a.db"),
+        &dir.join("a.db"),
         Identity::from_seed([1; 32]),
         syncline_core::replica::ReplicaOptions::default(),
     )
     .unwrap();
-    a.subscribe(everything).unwrap();
+    a.subscribe(Target::Prefix(DocPrefix::new("plant/").unwrap()))
+        .unwrap();
     put_in(&mut a, &lost, "first", 1);
     assert!(sync_until(&mut h, &mut a, |m| matches!(
         m,
@@ -438,29 +450,81 @@ fn a_write_acknowledged_before_a_restore_comes_back_though_the_repair_was_cut_sh
     let status = a.status().unwrap();
     assert_eq!(status.outbox, 0, "the write is acknowledged");
     assert!(status.synced.is_empty(), "and no subscription caught up");
-    drop(h);
+    acknowledged(&mut a);
+    (file, copy, c, a, lost)
+}
+
+/// a writes `second` to `doc()` in a session that breaks at the hub's `CaughtUpAt`: the write
+/// is acknowledged, and stays in a's outbox (the session's repair or check is not over).
+fn second_write_cut_short(h: &mut TestHub, a: &mut Replica) {
+    write(a, "second", 2);
+    assert!(sync_until(h, a, |m| matches!(m, Message::CaughtUpAt(_))));
+    assert_eq!(acknowledged(a), 1, "the second write is acknowledged");
+    assert_eq!(
+        a.status().unwrap().outbox,
+        1,
+        "and stays in the outbox until the repair or check is over"
+    );
+}
+
+/// A new replica finds the first write of `acknowledged_but_never_caught_up` at the hub.
+fn hub_got_back(h: &mut TestHub, dir: &Path, lost: &DocId) {
+    let mut b = crate::support::replica_of(dir, "b", 2, lost.clone());
+    sync(h, &mut b);
+    assert_eq!(
+        b.json(lost).unwrap(),
+        serde_json::json!({"first": 1}),
+        "the hub got back the write it lost"
+    );
+}
+
+#[test]
+fn a_write_acknowledged_before_a_restore_comes_back_though_the_repair_was_cut_short() {
+    // A subscription that never caught up names, at the next session, the log its replica
+    // last exchanged changes with; a repair of it cut short must not change which that is.
+    let dir = tempfile::tempdir().unwrap();
+    let (file, copy, _c, mut a, lost) = acknowledged_but_never_caught_up(dir.path());
 
     // The backup is restored: a new log, without the write or its document. a's repair is
     // cut short after the new log acknowledged a's next write (to the other document), before
     // the end of the repair, which is what uploads the documents the new log does not have.
     let mut h = restore(&copy, &file);
-    write(&mut a, "second", 2);
-    assert!(sync_until(&mut h, &mut a, |m| matches!(
-        m,
-        Message::CaughtUpAt(_)
-    )));
+    second_write_cut_short(&mut h, &mut a);
+
+    sync(&mut h, &mut a);
+    hub_got_back(&mut h, dir.path(), &lost);
+}
+
+#[test]
+fn a_write_lost_by_a_rollback_comes_back_though_the_check_was_cut_short() {
+    // The same with the log put back under the same epoch: the hub finds the rollback at
+    // the replica's written position. A newer acknowledgement in a session that breaks
+    // before that check's end must not replace it: at the next session the newer position
+    // would hold the same change, and the check would pass.
+    let dir = tempfile::tempdir().unwrap();
+    let (file, copy, mut c, mut a, lost) = acknowledged_but_never_caught_up(dir.path());
+    let (epoch, first_at) = a.store().written().unwrap().unwrap();
+
+    // Put back as it was, with the same epoch; others' writes take the positions again.
+    copy_back(&copy, &file);
+    let mut h = hub(&file);
+    assert_eq!(h.store().epoch(), epoch);
+    for i in 0..3 {
+        write(&mut c, &format!("again{i}"), i);
+    }
+    sync(&mut h, &mut c);
+    second_write_cut_short(&mut h, &mut a);
     assert_eq!(
-        a.status().unwrap().outbox,
-        0,
-        "the second write is acknowledged"
+        a.store().written().unwrap().unwrap().1,
+        first_at,
+        "the position being checked is kept"
     );
 
     sync(&mut h, &mut a);
-    let mut b = crate::support::replica_of(dir.path(), "b", 2, lost.clone());
-    sync(&mut h, &mut b);
-    assert_eq!(
-        b.json(&lost).unwrap(),
-        serde_json::json!({"first": 1}),
-        "the hub got back the write its restore lost"
+    assert_ne!(
+        a.store().written().unwrap().unwrap().1,
+        first_at,
+        "once checked, the newest acknowledged position replaces it"
     );
+    hub_got_back(&mut h, dir.path(), &lost);
 }
