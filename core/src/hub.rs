@@ -1239,11 +1239,12 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         let ahead = same && (sub.cursor > high || written.is_some_and(|w| w.cursor > high));
         let mut rewritten = false;
         if same && !ahead {
-            // No change at a marked position counts as another one: the new log may have left
-            // it unused (positions have gaps: a refused insert uses one up), and the replica's
-            // write there is then in neither log (the simulation lost one so). Where
-            // retention dropped the change, the repair is needless but bounded: it ends with
-            // the cursor and the marks moved to changes the log holds.
+            // No change at a marked position counts as another one (the new log may have left
+            // it unused: positions have gaps, a refused insert uses one up; the simulation
+            // lost a write so), unless retention runs here: it drops changes, and every
+            // writer and reader of an expired bucket would be repaired whole at its next
+            // session. With retention a gap at a marked position goes unseen.
+            let unknown_is_other = self.retention.is_empty();
             let marked = mark
                 .map(|m| Position {
                     cursor: sub.cursor,
@@ -1252,7 +1253,11 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 .into_iter()
                 .chain(written);
             for p in marked {
-                if self.mark_at(p.cursor)? != Some(p.mark) {
+                let other = match self.mark_at(p.cursor)? {
+                    Some(here) => here != p.mark,
+                    None => unknown_is_other,
+                };
+                if other {
                     rewritten = true;
                     break;
                 }

@@ -295,9 +295,11 @@ struct Session {
     reconciling: HashSet<DocId>,
     /// Repairs that caught up but wait for reconciles before their new epoch is recorded.
     deferred: Vec<CaughtUpAt>,
-    /// Subscriptions sent with our written position that have not caught up yet: until
-    /// they have, the hub may still find that position rolled back.
-    checking_written: HashSet<Target>,
+    /// Subscriptions resumed with marks (of the cursor, of our written position) that have
+    /// not caught up yet: until they have, the hub may still find the log rolled back.
+    checking: HashSet<Target>,
+    /// The session was not reconciled when it started, and has not been since.
+    unsettled: bool,
     /// Acknowledgements taken before the session was reconciled: the outbox rows they
     /// acknowledged, and the newest position.
     held_rows: Vec<i64>,
@@ -311,8 +313,8 @@ struct Session {
 
 impl Session {
     /// Whether the hub's log is known to hold what this replica's state says a log holds:
-    /// no subscription of the session asked for another log, nor had the hub check our
-    /// written position, without having caught up since. Until then the session records
+    /// no subscription of the session asked for another log, nor had the hub check its
+    /// marks (a rollback), without having caught up since. Until then the session records
     /// nothing that would let the next one skip the repair or the check: not the hub's
     /// epoch as the log last exchanged with (a subscription that never caught up would ask
     /// for the new log, and not be repaired), not a newer written position (the check would
@@ -320,7 +322,7 @@ impl Session {
     /// one without it, and nothing would upload it again). The fault simulation lost
     /// acknowledged writes in each of these three ways.
     fn reconciled(&self) -> bool {
-        self.checking_written.is_empty()
+        self.checking.is_empty()
             && self
                 .requested
                 .values()
@@ -1094,7 +1096,8 @@ impl Replica {
             sent_upto: 0,
             requested: HashMap::new(),
             heads_seen: HashSet::new(),
-            checking_written: HashSet::new(),
+            checking: HashSet::new(),
+            unsettled: false,
             held_rows: Vec::new(),
             held_at: None,
             repaired_rollback: false,
@@ -1212,8 +1215,8 @@ impl Replica {
                         let written = written
                             .filter(|(e, _)| *e == epoch && epoch != Epoch::none())
                             .map(|(_, position)| position);
-                        if marks && written.is_some() {
-                            s.checking_written.insert(target.clone());
+                        if marks && (mark.is_some() || written.is_some()) {
+                            s.checking.insert(target.clone());
                         }
                         s.out
                             .push_back(if marks && (mark.is_some() || written.is_some()) {
@@ -1232,6 +1235,7 @@ impl Replica {
                                 })
                             });
                     }
+                    s.unsettled = !s.reconciled();
                     self.push_event(Event::Connected { hub });
                 }
                 Message::Error(e) => {
@@ -1552,18 +1556,18 @@ impl Replica {
         })?;
         s.requested.insert(c.target.clone(), c.epoch);
         s.synced.insert(c.target.clone());
-        s.checking_written.remove(&c.target);
-        if s.reconciled() {
-            // Every repair and check is over: what this log acknowledged counts now.
+        s.checking.remove(&c.target);
+        if s.unsettled && s.reconciled() {
+            // Every repair and check is over: this is the log last exchanged with, and what
+            // it acknowledged counts now.
+            s.unsettled = false;
             let (rows, at, epoch) = (
                 std::mem::take(&mut s.held_rows),
                 s.held_at.take(),
                 s.hub_epoch,
             );
             let cleared = std::mem::take(&mut s.repaired_rollback) && at.is_none();
-            if !rows.is_empty() || at.is_some() {
-                self.store.ack_outbox(&rows, epoch, at)?;
-            }
+            self.store.ack_outbox(&rows, epoch, at)?;
             if cleared {
                 // The repair uploaded what the rolled-back log lacked: the old position
                 // would only make every later session repair again.
