@@ -1314,6 +1314,7 @@ impl Replica {
                         // the session is reconciled: see `Session::reconciled`.
                         s.held_rows.extend_from_slice(&f.rows);
                         s.held_at = at.or(s.held_at.take());
+                        s.unsettled = true;
                     }
                     self.push_event(Event::Acknowledged {
                         doc: f.doc,
