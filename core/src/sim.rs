@@ -1105,7 +1105,8 @@ pub fn sim_config(hubs: usize) -> SimConfig {
 
 #[test]
 fn simulated_faults_never_lose_an_acknowledged_write() {
-    const REPLAY: &str = "SYNCLINE_SIM_SEED={seed} cargo test -p syncline-core --lib sim::";
+    const REPLAY: &str =
+        "SYNCLINE_SIM_SEED={seed} cargo test -p syncline-core --lib sim::simulated";
     if let Ok(seed) = std::env::var("SYNCLINE_SIM_SEED") {
         let seed: u64 = seed.parse().expect("SYNCLINE_SIM_SEED is a number");
         let stats = Sim::new(seed, sim_config(1))
