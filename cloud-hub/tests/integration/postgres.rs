@@ -23,6 +23,31 @@ fn all() -> Target {
     Target::Prefix(DocPrefix::all())
 }
 
+/// Waits until `n` hub connections use the database: a closed one leaves the server's list of
+/// sessions a moment after it closes, and a restore refuses while another is listed.
+fn wait_for_hub_connections(url: &str, n: i64) {
+    let mut admin = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let listed: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                 AND application_name = 'syncline-hub'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if listed == n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{listed} hub connections still listed after 10 s, waiting for {n}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn positions_become_visible_in_order_while_instances_append_at_once() {
     let pg = Postgres::start();
@@ -124,6 +149,7 @@ fn a_postgres_store_backs_up_online_restores_under_a_new_epoch_and_into_sqlite()
         .unwrap_err();
     assert!(e.to_string().contains("stop every hub instance"), "{e}");
     drop(store);
+    wait_for_hub_connections(&pg.url, 1);
     let e = other
         .restore(std::slice::from_ref(&full), false, &mut |_| {})
         .unwrap_err();
@@ -367,33 +393,24 @@ impl syncline_core::sim::SimStore for PgSim {
     fn restore(&mut self, new_epoch: bool) -> Option<PgHubStore> {
         let old_epoch = self.backup_epoch?;
         let mut store = self.open();
-        // The crashed instance's connection leaves the server's list of sessions a moment
-        // after it closes, and a restore waits for every instance to be gone.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match store.restore(std::slice::from_ref(&self.backup), true, &mut |_| {}) {
-                Ok(_) if new_epoch => return Some(store),
-                Ok(_) => {
-                    // Put back as it was (a disk snapshot of the database): its own epoch.
-                    drop(store);
-                    let mut admin = postgres::Client::connect(&self.url, postgres::NoTls).unwrap();
-                    admin
-                        .execute(
-                            "UPDATE meta SET value = $1 WHERE key = 'epoch'",
-                            &[&&old_epoch.0[..]],
-                        )
-                        .unwrap();
-                    return Some(self.open());
-                }
-                Err(e)
-                    if e.to_string().contains("stop every hub instance")
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                Err(e) => panic!("restore: {e}"),
-            }
+        // The crashed instances' connections may still be listed.
+        wait_for_hub_connections(&self.url, 1);
+        store
+            .restore(std::slice::from_ref(&self.backup), true, &mut |_| {})
+            .unwrap();
+        if new_epoch {
+            return Some(store);
         }
+        // Put back as it was (a disk snapshot of the database): its own epoch.
+        drop(store);
+        let mut admin = postgres::Client::connect(&self.url, postgres::NoTls).unwrap();
+        admin
+            .execute(
+                "UPDATE meta SET value = $1 WHERE key = 'epoch'",
+                &[&&old_epoch.0[..]],
+            )
+            .unwrap();
+        Some(self.open())
     }
 }
 
