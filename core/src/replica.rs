@@ -1215,25 +1215,25 @@ impl Replica {
                         let written = written
                             .filter(|(e, _)| *e == epoch && epoch != Epoch::none())
                             .map(|(_, position)| position);
-                        if marks && (mark.is_some() || written.is_some()) {
+                        let resume = marks && (mark.is_some() || written.is_some());
+                        if resume {
                             s.checking.insert(target.clone());
                         }
-                        s.out
-                            .push_back(if marks && (mark.is_some() || written.is_some()) {
-                                Message::Resume(Box::new(Resume {
-                                    target,
-                                    epoch,
-                                    cursor,
-                                    mark,
-                                    written,
-                                }))
-                            } else {
-                                Message::Subscribe(Subscribe {
-                                    target,
-                                    epoch,
-                                    cursor,
-                                })
-                            });
+                        s.out.push_back(if resume {
+                            Message::Resume(Box::new(Resume {
+                                target,
+                                epoch,
+                                cursor,
+                                mark,
+                                written,
+                            }))
+                        } else {
+                            Message::Subscribe(Subscribe {
+                                target,
+                                epoch,
+                                cursor,
+                            })
+                        });
                     }
                     s.unsettled = !s.reconciled();
                     self.push_event(Event::Connected { hub });

@@ -256,37 +256,17 @@ fn a_repair_cut_off_before_its_end_is_made_again_at_the_next_session() {
     // b's session repairs both subscriptions; c writes while it does (the repair's catch-up
     // reads it), and the link breaks just before the CaughtUpAt of `plant/`, after which b
     // would have uploaded the document the hub lost whole.
-    let s = h.accept();
-    b.connect(Some(h.peer_id()));
     let mut c_wrote = false;
-    let mut cut = false;
-    while !cut {
-        let mut moved = false;
-        while let Some(m) = b.poll_transmit().unwrap() {
-            h.handle_message(s, m).unwrap();
-            moved = true;
+    let cut = sync_until(&mut h, &mut b, |h, m| {
+        if matches!(m, Message::Heads(_)) && !c_wrote {
+            c_wrote = true;
+            write(&mut c, "during", 1);
+            sync(h, &mut c);
         }
-        h.flush().unwrap();
-        while let Some(m) = h.poll_transmit(s).unwrap() {
-            if matches!(m, Message::Heads(_)) && !c_wrote {
-                c_wrote = true;
-                write(&mut c, "during", 1);
-                sync(&mut h, &mut c);
-            }
-            if matches!(&m, Message::CaughtUpAt(u) if u.target == everything) {
-                cut = true;
-                break;
-            }
-            b.handle_message(m).unwrap();
-            moved = true;
-        }
-        assert!(moved || cut, "the repair stalled");
-    }
+        matches!(m, Message::CaughtUpAt(u) if u.target == everything)
+    });
+    assert!(cut, "the repair stalled");
     assert!(c_wrote);
-    // b commits what it got before the link broke (its sends go nowhere).
-    while b.poll_transmit().unwrap().is_some() {}
-    b.disconnect();
-    h.close(s);
     assert_eq!(h.metrics().cursors_rewritten, 2);
     assert!(h.store().heads(&lost).unwrap().heads.is_empty());
 
@@ -352,9 +332,14 @@ fn a_writer_whose_lost_write_is_stored_again_lower_is_repaired_once() {
     assert_eq!(h.metrics().cursors_rewritten, 0);
 }
 
-/// A session that breaks when the hub sends a message `breaks` picks: it and whatever would
-/// follow are lost. Returns whether it came.
-fn sync_until(hub: &mut TestHub, r: &mut Replica, breaks: impl Fn(&Message) -> bool) -> bool {
+/// A session that breaks when the hub sends a message `breaks` picks (it may act on the hub
+/// first): that message and whatever would follow are lost; the replica commits what it got
+/// before (its sends go nowhere). Returns whether it came.
+fn sync_until(
+    hub: &mut TestHub,
+    r: &mut Replica,
+    mut breaks: impl FnMut(&mut TestHub, &Message) -> bool,
+) -> bool {
     let s: SessionId = hub.accept();
     r.connect(Some(hub.peer_id()));
     let mut broke = false;
@@ -366,7 +351,7 @@ fn sync_until(hub: &mut TestHub, r: &mut Replica, breaks: impl Fn(&Message) -> b
         }
         hub.flush().unwrap();
         while let Some(m) = hub.poll_transmit(s).unwrap() {
-            if breaks(&m) {
+            if breaks(hub, &m) {
                 broke = true;
                 break;
             }
@@ -377,6 +362,7 @@ fn sync_until(hub: &mut TestHub, r: &mut Replica, breaks: impl Fn(&Message) -> b
             break;
         }
     }
+    while r.poll_transmit().unwrap().is_some() {}
     r.disconnect();
     hub.close(s);
     broke
@@ -443,7 +429,7 @@ fn acknowledged_but_never_caught_up(dir: &Path) -> (PathBuf, PathBuf, Replica, R
     a.subscribe(Target::Prefix(DocPrefix::new("plant/").unwrap()))
         .unwrap();
     put_in(&mut a, &lost, "first", 1);
-    assert!(sync_until(&mut h, &mut a, |m| matches!(
+    assert!(sync_until(&mut h, &mut a, |_, m| matches!(
         m,
         Message::CaughtUpAt(_)
     )));
@@ -466,7 +452,7 @@ fn second_write_cut_short(h: &mut TestHub, a: &mut Replica) {
             }],
         )
         .unwrap()[0];
-    assert!(sync_until(h, a, |m| matches!(m, Message::CaughtUpAt(_))));
+    assert!(sync_until(h, a, |_, m| matches!(m, Message::CaughtUpAt(_))));
     assert!(acknowledged(a) >= 1, "the second write is acknowledged");
     let outbox = a.store().outbox_after(0, 1000).unwrap();
     assert!(
