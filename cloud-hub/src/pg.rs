@@ -21,9 +21,10 @@ use syncline_core::hub::Grant;
 use syncline_core::store::backup;
 use syncline_core::store::{
     Appended, DocHeads, Dropped, HubSnapshot, HubStore, LogBatch, LogEntry, PeerState,
-    SnapshotMeta, actor_key, complete_heads, snapshot_epoch, stored_snapshot, uncovered_positions,
+    SnapshotMeta, actor_key, chain, chain_from, complete_heads, snapshot_epoch, stored_snapshot,
+    unchained, uncovered_positions,
 };
-use syncline_core::wire::Target;
+use syncline_core::wire::{Mark, Position, Target};
 use syncline_core::{ChangeHash, Cursor, DocId, DocPrefix, Epoch, Error, PeerId, Result};
 
 /// The advisory lock every append takes (an arbitrary constant: "SYNCLINE" in ASCII).
@@ -78,6 +79,10 @@ const MIGRATIONS: &[&str] = &[
          data BYTEA NOT NULL,
          heads BYTEA NOT NULL
      );",
+    // Version 3: each change's place in the hash chain over the log
+    // (`syncline_core::store::chain`); older rows are chained by `chain_log` in the same
+    // transaction.
+    "ALTER TABLE log ADD COLUMN chain BYTEA;",
 ];
 
 /// The TLS words of libpq's URLs that the driver does not take, taken out of the URL:
@@ -205,6 +210,7 @@ fn corrupt(what: &str, reason: impl Into<String>) -> Error {
 
 /// The statements every call uses, prepared once per connection.
 struct Statements {
+    head: Statement,
     insert: Statement,
     existing: Statement,
     docs: Statement,
@@ -219,13 +225,16 @@ impl Statements {
         Ok(Statements {
             // One round trip for a whole group commit; the arrays are in the batch's order,
             // and positions are drawn in that order.
+            head: c.prepare("SELECT seq, chain FROM log ORDER BY seq DESC LIMIT 1")?,
             insert: c.prepare(
-                "INSERT INTO log (doc, hash, deps, author, signature, bytes, instance, actor_seq)
-                 SELECT doc, hash, deps, author, signature, bytes, instance, actor_seq
+                "INSERT INTO log (doc, hash, deps, author, signature, bytes, instance, actor_seq,
+                     chain)
+                 SELECT doc, hash, deps, author, signature, bytes, instance, actor_seq, chain
                  FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::bytea[], $5::bytea[],
-                             $6::bytea[], $7::bytea[], $8::bigint[])
+                             $6::bytea[], $7::bytea[], $8::bigint[], $9::bytea[])
                       WITH ORDINALITY
-                      AS t (doc, hash, deps, author, signature, bytes, instance, actor_seq, n)
+                      AS t (doc, hash, deps, author, signature, bytes, instance, actor_seq,
+                            chain, n)
                  ORDER BY n
                  ON CONFLICT DO NOTHING
                  RETURNING seq, doc, hash",
@@ -244,11 +253,11 @@ impl Statements {
                         (SELECT value FROM meta WHERE key = 'epoch') FROM log",
             )?,
             log_doc: c.prepare(
-                "SELECT seq, doc, bytes, signature FROM log
+                "SELECT seq, doc, bytes, signature, chain FROM log
                  WHERE seq > $1 AND seq <= $2 AND doc = $3 ORDER BY seq LIMIT $4",
             )?,
             log_prefix: c.prepare(
-                "SELECT seq, doc, bytes, signature FROM log
+                "SELECT seq, doc, bytes, signature, chain FROM log
                  WHERE seq > $1 AND seq <= $2 AND substr(doc, 1, length($3)) = $3
                  ORDER BY seq LIMIT $4",
             )?,
@@ -497,9 +506,13 @@ impl PgHubStore {
             });
         }
         let epoch = Epoch::random();
+        // Read committed whatever the server's default: reads after the lock see the commits
+        // made before it was taken.
         let mut tx = self
             .client
-            .transaction()
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::ReadCommitted)
+            .start()
             .map_err(db_error("starting the restore"))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
             .map_err(db_error("ordering the restore"))?;
@@ -508,12 +521,16 @@ impl PgHubStore {
         let insert = tx
             .prepare(
                 "INSERT INTO log (seq, doc, hash, deps, author, signature, bytes, instance,
-                     actor_seq)
+                     actor_seq, chain)
                  SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::bytea[],
-                     $5::bytea[], $6::bytea[], $7::bytea[], $8::bytea[], $9::bigint[])",
+                     $5::bytea[], $6::bytea[], $7::bytea[], $8::bytea[], $9::bigint[],
+                     $10::bytea[])",
             )
             .map_err(db_error("restoring"))?;
         let mut done = 0u64;
+        // The restored log is chained anew, in order (its epoch is new: no mark of the old
+        // one is compared with it).
+        let mut head: Option<Mark> = None;
         let mut grants = Vec::new();
         progress(backup::Progress { done, total });
         for file in files {
@@ -523,7 +540,11 @@ impl PgHubStore {
                 let mut doc = Vec::with_capacity(rows.len());
                 let mut blobs: [Vec<Vec<u8>>; 6] = Default::default();
                 let mut actor_seq = Vec::with_capacity(rows.len());
+                let mut chains = Vec::with_capacity(rows.len());
                 for r in rows {
+                    let m = chain(head.as_ref(), &r.signature);
+                    head = Some(m);
+                    chains.push(m.0.to_vec());
                     seq.push(r.seq);
                     doc.push(r.doc);
                     for (col, v) in blobs.iter_mut().zip([
@@ -543,6 +564,7 @@ impl PgHubStore {
                     &insert,
                     &[
                         &seq, &doc, hash, deps, author, signature, bytes, instance, &actor_seq,
+                        &chains,
                     ],
                 )
                 .map_err(db_error("restoring changes"))?;
@@ -610,6 +632,44 @@ fn signature_of(bytes: Vec<u8>, seq: i64) -> Result<[u8; 64]> {
         .map_err(|_| corrupt("signature in the hub log", format!("seq {seq}")))
 }
 
+/// Chains the changes stored before schema version 3, in order, a page at a time, with
+/// progress in the log.
+fn chain_log(tx: &mut postgres::Transaction<'_>) -> std::result::Result<(), postgres::Error> {
+    const PAGE: i64 = 10_000;
+    let todo: i64 = tx.query_one("SELECT count(*) FROM log", &[])?.try_get(0)?;
+    if todo == 0 {
+        return Ok(());
+    }
+    tracing::info!(changes = todo, "chaining stored changes");
+    let read = tx.prepare("SELECT seq, signature FROM log WHERE seq > $1 ORDER BY seq LIMIT $2")?;
+    let write = tx.prepare(
+        "UPDATE log SET chain = t.chain FROM unnest($1::bigint[], $2::bytea[]) AS t (seq, chain)
+         WHERE log.seq = t.seq",
+    )?;
+    let mut head: Option<Mark> = None;
+    let (mut after, mut done) = (0i64, 0i64);
+    loop {
+        let rows = tx.query(&read, &[&after, &PAGE])?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut seqs = Vec::with_capacity(rows.len());
+        let mut chains = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let seq: i64 = r.try_get(0)?;
+            let sig: Vec<u8> = r.try_get(1)?;
+            let m = chain(head.as_ref(), &sig);
+            head = Some(m);
+            seqs.push(seq);
+            chains.push(m.0.to_vec());
+            after = seq;
+        }
+        tx.execute(&write, &[&seqs, &chains])?;
+        done += rows.len() as i64;
+        tracing::info!(done, of = todo, "chaining stored changes");
+    }
+}
+
 fn migrate(client: &mut Client) -> Result<()> {
     let e = db_error("migrating the schema");
     client
@@ -632,6 +692,12 @@ fn migrate(client: &mut Client) -> Result<()> {
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
             tx.batch_execute(sql)?;
             tracing::info!(version = i + 1, "migrated the PostgreSQL schema");
+        }
+        if current < 3 {
+            chain_log(&mut tx)?;
+            // An instance of an older version still running on the database fails to insert
+            // (loudly, its pushes refused and sent elsewhere) rather than break the chain.
+            tx.batch_execute("ALTER TABLE log ALTER COLUMN chain SET NOT NULL")?;
         }
         tx.execute("UPDATE syncline_schema SET version = $1", &[&target])?;
         tx.commit()
@@ -698,9 +764,13 @@ impl HubStore for PgHubStore {
             seqs.push(actor_seq);
         }
         let st = &self.statements;
+        // Read committed whatever the server's default: the chain's head is read after the
+        // lock, and must be the last commit's (a snapshot taken before the lock would not).
         let mut tx = self
             .client
-            .transaction()
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::ReadCommitted)
+            .start()
             .map_err(db_error("starting a commit"))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
             .map_err(db_error("ordering the commit"))?;
@@ -708,11 +778,32 @@ impl HubStore for PgHubStore {
             .map_err(db_error("appending to the log"))?;
         tx.execute(&st.docs, &[&docs])
             .map_err(db_error("appending to the log"))?;
+        // The chain goes on from the last change stored, under the append lock; every change
+        // of the commit is chained in order, also those the insert passes over.
+        let mut head = match tx
+            .query_opt(&st.head, &[])
+            .map_err(db_error("appending to the log"))?
+        {
+            Some(r) => {
+                let seq: i64 = col(&r, 0)?;
+                Some(chain_from(col(&r, 1)?, seq)?.ok_or_else(|| unchained(seq))?)
+            }
+            None => None,
+        };
+        let marks: Vec<Mark> = changes
+            .iter()
+            .map(|c| {
+                let m = chain(head.as_ref(), &c.signed().signature);
+                head = Some(m);
+                m
+            })
+            .collect();
+        let chains: Vec<&[u8]> = marks.iter().map(|m| &m.0[..]).collect();
         let rows = tx
             .query(
                 &st.insert,
                 &[
-                    &docs, &hashes, &deps, &authors, &sigs, &bytes, &instances, &seqs,
+                    &docs, &hashes, &deps, &authors, &sigs, &bytes, &instances, &seqs, &chains,
                 ],
             )
             .map_err(db_error("appending to the log"))?;
@@ -725,7 +816,10 @@ impl HubStore for PgHubStore {
         let mut out = Vec::with_capacity(n);
         for (i, c) in changes.iter().enumerate() {
             if let Some(seq) = stored.remove(&(docs[i].clone(), hashes[i].clone())) {
-                out.push(Appended::Stored(Cursor(seq as u64)));
+                out.push(Appended::Stored(Position {
+                    cursor: Cursor(seq as u64),
+                    mark: marks[i],
+                }));
                 continue;
             }
             let row = tx
@@ -770,6 +864,7 @@ impl HubStore for PgHubStore {
                     bytes: col(r, 2)?,
                     signature: signature_of(col(r, 3)?, seq)?,
                 },
+                chain: chain_from(col(r, 4)?, seq)?,
             });
         }
         let full = entries.len() >= limit;

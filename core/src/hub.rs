@@ -744,7 +744,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 )?;
                 // Runs of one document pushed by one session (0: another instance), within the
                 // bounds of one message.
-                let mut run: Option<(SessionId, DocId, Vec<SignedChange>, Cursor, Cursor)> = None;
+                let mut run: Option<(SessionId, DocId, Vec<SignedChange>, Cursor, Position)> = None;
                 let mut run_bytes = 0usize;
                 for e in batch.entries {
                     let before = tail.at;
@@ -752,6 +752,10 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                     let author = tail.own.remove(&e.cursor.0).unwrap_or(0);
                     relayed += 1;
                     let size = e.change.bytes.len();
+                    let at = Position {
+                        cursor: e.cursor,
+                        mark: mark_of(&e),
+                    };
                     match &mut run {
                         Some((session, doc, changes, _, last))
                             if *session == author
@@ -760,14 +764,14 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                                 && run_bytes + size <= MAX_MESSAGE_BYTES =>
                         {
                             changes.push(e.change);
-                            *last = e.cursor;
+                            *last = at;
                             run_bytes += size;
                         }
                         _ => {
                             if let Some((session, doc, changes, from, last)) = run.take() {
                                 self.broadcast(session, &doc, changes, from, last);
                             }
-                            run = Some((author, e.doc, vec![e.change], before, e.cursor));
+                            run = Some((author, e.doc, vec![e.change], before, at));
                             run_bytes = size;
                         }
                     }
@@ -856,10 +860,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 let queued: u64 = s
                     .out
                     .iter()
-                    .map(|m| match m {
-                        Message::Changes(c) => c.changes.len() as u64,
-                        _ => 0,
-                    })
+                    .map(|m| m.as_changes().map_or(0, |c| c.changes.len() as u64))
                     .sum();
                 Some((peer, catching_up + queued))
             })
@@ -1186,9 +1187,9 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         Ok(())
     }
 
-    /// The mark of the change at `cursor` of the log, if one is there (none in an empty log,
-    /// or where retention dropped it).
-    fn mark_at(&mut self, cursor: Cursor) -> Result<Option<Mark>> {
+    /// The change at `cursor` of the log, if one is there (none in an empty log, or where
+    /// retention dropped it).
+    fn entry_at(&mut self, cursor: Cursor) -> Result<Option<crate::store::LogEntry>> {
         if cursor == Cursor(0) {
             return Ok(None);
         }
@@ -1197,9 +1198,9 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 .read_log(&Target::Prefix(DocPrefix::all()), Cursor(cursor.0 - 1), 1)?;
         Ok(batch
             .entries
-            .first()
-            .filter(|e| e.cursor == cursor)
-            .map(|e| Mark(e.change.signature)))
+            .into_iter()
+            .next()
+            .filter(|e| e.cursor == cursor))
     }
 
     /// Starts (or restarts) a subscription of session `id`: from the replica's cursor when it
@@ -1253,8 +1254,12 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 .into_iter()
                 .chain(written);
             for p in marked {
-                let other = match self.mark_at(p.cursor)? {
-                    Some(here) => here != p.mark,
+                // The chain at the position (this build's marks), or the signature of the
+                // change there (version 3's, still held by replicas that resumed with them).
+                let other = match self.entry_at(p.cursor)? {
+                    Some(here) => {
+                        here.chain != Some(p.mark) && Mark(here.change.signature) != p.mark
+                    }
                     None => unknown_is_other,
                 };
                 if other {
@@ -1442,11 +1447,11 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             let mut conflict = None;
             for (c, appended) in stored.by_ref().take(n) {
                 match appended {
-                    Appended::Stored(cursor) => {
+                    Appended::Stored(at) => {
                         fresh.push(c.into_signed());
-                        positions.push(cursor.0);
-                        first.get_or_insert(cursor);
-                        last = Some(cursor);
+                        positions.push(at.cursor.0);
+                        first.get_or_insert(at.cursor);
+                        last = Some(at);
                     }
                     Appended::Duplicate => self.metrics.changes_duplicate += 1,
                     Appended::Conflict { existing } => {
@@ -1491,11 +1496,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                         // Version 3: where the push's last new change is, for the writer to
                         // tell a rolled-back log by (it is not sent its own changes).
                         s.out.push_back(if s.handshake.speaks(3) {
-                            let at = last.zip(fresh.last()).map(|(cursor, c)| Position {
-                                cursor,
-                                mark: Mark(c.signature),
-                            });
-                            Message::AckAt(wire::AckAt { push_id, at })
+                            Message::AckAt(wire::AckAt { push_id, at: last })
                         } else {
                             Message::Ack(Ack { push_id })
                         });
@@ -1580,6 +1581,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 }
                 .into());
             }
+            // (Links speak version 1: a ChangesAt is refused below, as any message out of place.)
             Message::Changes(c) => {
                 let mut verified = change::verify_batch(&c.doc, c.changes)?;
                 if self.expired_under(&c.doc).is_some() {
@@ -1711,7 +1713,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         })))
     }
 
-    /// Relays `changes` of `doc`, stored at positions after `from` up to `cursor`, to every
+    /// Relays `changes` of `doc`, stored at positions after `from` up to `at`, to every
     /// live subscriber allowed to read it but `author` (0: none).
     fn broadcast(
         &mut self,
@@ -1719,7 +1721,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         doc: &DocId,
         changes: Vec<SignedChange>,
         from: Cursor,
-        cursor: Cursor,
+        at: Position,
     ) {
         for (&id, s) in self.sessions.iter_mut() {
             let Some(peer) = s.peer else { continue };
@@ -1747,11 +1749,12 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             }
             if let Some(target) = target_used {
                 self.metrics.changes_sent += changes.len() as u64;
-                s.out.push_back(Message::Changes(Changes {
-                    doc: doc.clone(),
-                    changes: changes.clone(),
-                    cursor: Some((target, cursor)),
-                }));
+                s.out.push_back(changes_message(
+                    s.handshake.speaks(4),
+                    doc.clone(),
+                    changes.clone(),
+                    Some((target, at)),
+                ));
                 self.ready.insert(id);
             }
         }
@@ -1922,7 +1925,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                     .get(&id)
                     .map(|s| s.covered.clone())
                     .unwrap_or_default();
-                let mut group: Option<(DocId, Vec<SignedChange>, Cursor, usize)> = None;
+                let mut group: Option<(DocId, Vec<SignedChange>, Position, usize)> = None;
                 let mut sent = 0u64;
                 // A subscription repaired after a rollback moves no cursor until its CaughtUpAt:
                 // a session cut before it must repair again, not resume from a mark of the
@@ -1936,7 +1939,19 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                     .entries
                     .last()
                     .filter(|e| e.cursor == batch.next)
-                    .map(|e| Mark(e.change.signature));
+                    .map(mark_of);
+                let at_marks = self
+                    .sessions
+                    .get(&id)
+                    .is_some_and(|s| s.handshake.speaks(4));
+                let message = |doc, changes, at: Position| {
+                    changes_message(
+                        at_marks,
+                        doc,
+                        changes,
+                        (!repairing).then(|| (target.clone(), at)),
+                    )
+                };
                 for e in batch.entries {
                     if !self.policy.may_read(&peer, &e.doc)
                         || covered.get(&e.doc).is_some_and(|upto| e.cursor <= *upto)
@@ -1945,6 +1960,10 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                     }
                     sent += 1;
                     let size = e.change.bytes.len();
+                    let at = Position {
+                        cursor: e.cursor,
+                        mark: mark_of(&e),
+                    };
                     match &mut group {
                         Some((d, v, c, bytes))
                             if *d == e.doc
@@ -1952,27 +1971,19 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                                 && *bytes + size <= MAX_MESSAGE_BYTES =>
                         {
                             v.push(e.change);
-                            *c = e.cursor;
+                            *c = at;
                             *bytes += size;
                         }
                         _ => {
                             if let Some((d, v, c, _)) = group.take() {
-                                out.push(Message::Changes(Changes {
-                                    doc: d,
-                                    changes: v,
-                                    cursor: (!repairing).then(|| (target.clone(), c)),
-                                }));
+                                out.push(message(d, v, c));
                             }
-                            group = Some((e.doc, vec![e.change], e.cursor, size));
+                            group = Some((e.doc, vec![e.change], at, size));
                         }
                     }
                 }
                 if let Some((d, v, c, _)) = group.take() {
-                    out.push(Message::Changes(Changes {
-                        doc: d,
-                        changes: v,
-                        cursor: (!repairing).then(|| (target.clone(), c)),
-                    }));
+                    out.push(message(d, v, c));
                 }
                 self.metrics.changes_sent += sent;
                 let next = if batch.at_end {
@@ -1983,7 +1994,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                     out.push(if marks {
                         let mark = match last_mark {
                             Some(m) => Some(m),
-                            None => self.mark_at(batch.next)?,
+                            None => self.entry_at(batch.next)?.as_ref().map(mark_of),
                         };
                         Message::CaughtUpAt(Box::new(CaughtUpAt {
                             target: target.clone(),
@@ -2047,6 +2058,37 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
     /// Whether pushes are waiting for [`Hub::flush`].
     pub fn has_queued(&self) -> bool {
         !self.queued.is_empty()
+    }
+}
+
+/// The log's mark at an entry: its chain, or (in a store not chained yet) its signature, the
+/// mark of version 3.
+fn mark_of(e: &crate::store::LogEntry) -> Mark {
+    e.chain.unwrap_or(Mark(e.change.signature))
+}
+
+/// Changes of `doc` for a subscriber: with the mark of the position reached to a session of
+/// version 4 (`ChangesAt`), without it before.
+fn changes_message(
+    marks: bool,
+    doc: DocId,
+    changes: Vec<SignedChange>,
+    cursor: Option<(Target, Position)>,
+) -> Message {
+    match cursor {
+        Some((target, at)) if marks => Message::ChangesAt(Box::new(wire::ChangesAt {
+            changes: Changes {
+                doc,
+                changes,
+                cursor: Some((target, at.cursor)),
+            },
+            mark: at.mark,
+        })),
+        cursor => Message::Changes(Changes {
+            doc,
+            changes,
+            cursor: cursor.map(|(t, at)| (t, at.cursor)),
+        }),
     }
 }
 
@@ -2340,7 +2382,7 @@ mod tests {
             let mut moved = false;
             while let Some(mut m) = hub.poll_transmit(rs).unwrap() {
                 moved = true;
-                if let Message::Changes(c) = &mut m
+                if let Some(c) = m.as_changes_mut()
                     && c.changes.len() == 3
                 {
                     assert_eq!(c.changes[2], forged, "in log order");
@@ -3007,7 +3049,7 @@ mod tests {
             panic!("stored")
         };
         assert_eq!(
-            snap.upto, tenth,
+            snap.upto, tenth.cursor,
             "up to the last change before the waiting ones"
         );
         assert_eq!(snap.changes, 10);
@@ -3040,40 +3082,7 @@ mod tests {
             .unwrap();
         pump(&mut hub, &mut [(&mut w, ws)]);
 
-        let sid = hub.accept();
-        let (mut hs, hello) = Handshake::start(
-            2,
-            Identity::generate(),
-            Role::Replica,
-            Role::Hub,
-            Some(hub.peer_id()),
-            [7; 32],
-            Epoch::none(),
-            [0; 32],
-        );
-        let mut to_hub = vec![hello];
-        let mut got = Vec::new();
-        for _ in 0..4 {
-            for m in to_hub.drain(..) {
-                hub.handle_message(sid, m).unwrap();
-            }
-            hub.flush().unwrap();
-            while let Some(m) = hub.poll_transmit(sid).unwrap() {
-                match m {
-                    Message::Hello(h) => to_hub.push(hs.on_hello(h).unwrap()),
-                    Message::Auth(a) => {
-                        hs.on_auth(a).unwrap();
-                        to_hub.push(Message::Subscribe(Subscribe {
-                            target: all.clone(),
-                            epoch: Epoch::none(),
-                            cursor: Cursor(0),
-                        }));
-                    }
-                    other => got.push(other),
-                }
-            }
-        }
-        assert_eq!(hs.version(), Some(2));
+        let (sid, got) = session_of_version(&mut hub, 2, None);
         let kinds: Vec<&str> = got.iter().map(|m| m.kind()).collect();
         assert_eq!(kinds, ["Changes", "CaughtUp"], "{got:?}");
         let Some(Message::Changes(c)) = got.first() else {
@@ -3126,6 +3135,14 @@ mod tests {
                 push_id: 1,
                 at: None,
             }),
+            Message::ChangesAt(Box::new(wire::ChangesAt {
+                changes: Changes {
+                    doc: doc.clone(),
+                    changes: Vec::new(),
+                    cursor: Some((Target::Doc(doc.clone()), Cursor(1))),
+                },
+                mark: Mark([0; 64]),
+            })),
         ];
         for m in v3_only {
             let (mut hs, hello) = Handshake::start(
@@ -3159,8 +3176,109 @@ mod tests {
             let kinds: Vec<&str> = sent.iter().map(|m| m.kind()).collect();
             assert_eq!(kinds, ["Subscribe"], "{sent:?}");
             let e = r.handle_message(m).unwrap_err();
-            assert!(e.to_string().contains("before version 3"), "{e}");
+            assert!(e.to_string().contains("before version"), "{e}");
             r.disconnect();
+        }
+    }
+
+    /// A hand-made replica session of `version` that subscribes to everything (resumes with
+    /// `resume` when given); returns the session, still open, and what the hub sent after the
+    /// handshake.
+    fn session_of_version(
+        hub: &mut Hub<SqliteHubStore, AllowAll>,
+        version: u16,
+        resume: Option<wire::Resume>,
+    ) -> (SessionId, Vec<Message>) {
+        let sid = hub.accept();
+        let (mut hs, hello) = Handshake::start(
+            version,
+            Identity::generate(),
+            Role::Replica,
+            Role::Hub,
+            Some(hub.peer_id()),
+            [7; 32],
+            Epoch::none(),
+            [0; 32],
+        );
+        let mut to_hub = vec![hello];
+        let mut got = Vec::new();
+        let mut resume = Some(resume);
+        for _ in 0..6 {
+            for m in to_hub.drain(..) {
+                hub.handle_message(sid, m).unwrap();
+            }
+            hub.flush().unwrap();
+            while let Some(m) = hub.poll_transmit(sid).unwrap() {
+                match m {
+                    Message::Hello(h) => to_hub.push(hs.on_hello(h).unwrap()),
+                    Message::Auth(a) => {
+                        hs.on_auth(a).unwrap();
+                        to_hub.push(match resume.take().flatten() {
+                            Some(r) => Message::Resume(Box::new(r)),
+                            None => Message::Subscribe(Subscribe {
+                                target: Target::Prefix(DocPrefix::all()),
+                                epoch: Epoch::none(),
+                                cursor: Cursor(0),
+                            }),
+                        });
+                    }
+                    other => got.push(other),
+                }
+            }
+        }
+        assert_eq!(hs.version(), Some(version));
+        (sid, got)
+    }
+
+    /// Version 4 marks a cursor with the chain of the log (`ChangesAt`); a version 3 replica
+    /// gets `Changes`, keeps the signature of the change at its cursor, and resumes with it:
+    /// the hub takes either mark, and repairs on neither.
+    #[test]
+    fn a_version_3_replica_gets_changes_without_marks_and_resumes_with_a_signature() {
+        let mut hub = Hub::new(
+            Identity::generate(),
+            SqliteHubStore::open_in_memory().unwrap(),
+            AllowAll,
+            None,
+        );
+        let doc = DocId::new("v3/doc").unwrap();
+        let mut w = replica();
+        let ws = connect(&mut hub, &mut w);
+        for v in 0..2 {
+            w.change(&doc, &ops(json!([{"op":"put","path":["k"],"value":v}])))
+                .unwrap();
+            pump(&mut hub, &mut [(&mut w, ws)]);
+        }
+
+        let (_, got) = session_of_version(&mut hub, 4, None);
+        let kinds: Vec<&str> = got.iter().map(|m| m.kind()).collect();
+        assert_eq!(kinds, ["ChangesAt", "CaughtUpAt"], "{got:?}");
+        let (Message::ChangesAt(c), Message::CaughtUpAt(u)) = (&got[0], &got[1]) else {
+            unreachable!()
+        };
+        let signatures: Vec<_> = c.changes.changes.iter().map(|c| c.signature).collect();
+        let first = crate::store::chain(None, &signatures[0]);
+        assert_eq!(c.mark, crate::store::chain(Some(&first), &signatures[1]));
+        assert_eq!(u.mark, Some(c.mark), "the same chain at the same position");
+
+        let (_, got) = session_of_version(&mut hub, 3, None);
+        let kinds: Vec<&str> = got.iter().map(|m| m.kind()).collect();
+        assert_eq!(kinds, ["Changes", "CaughtUpAt"], "{got:?}");
+        let epoch = hub.store.epoch();
+        let resume = |mark| wire::Resume {
+            target: Target::Prefix(DocPrefix::all()),
+            epoch,
+            cursor: Cursor(2),
+            mark: Some(Mark(mark)),
+            written: None,
+        };
+        // The signature of the change at 2 (version 3's mark), then the chain at 2: both
+        // are this log; another mark is not.
+        for (mark, rewritten) in [(signatures[1], 0), (c.mark.0, 0), (signatures[0], 1)] {
+            let r = resume(mark);
+            let (_, got) = session_of_version(&mut hub, 3, Some(r));
+            assert!(got.iter().any(|m| matches!(m, Message::CaughtUpAt(_))));
+            assert_eq!(hub.metrics().cursors_rewritten, rewritten);
         }
     }
 }

@@ -105,12 +105,20 @@ impl Handshake {
 
     /// Refuses `message`, one of version 3's, in a session of an older version.
     pub(crate) fn require_v3(&self, message: &'static str) -> Result<(), ProtocolError> {
-        if self.speaks(3) {
+        self.require(3, message)
+    }
+
+    /// Refuses a message of version `version` in a session of an older one.
+    pub(crate) fn require(&self, version: u16, message: &'static str) -> Result<(), ProtocolError> {
+        if self.speaks(version) {
             return Ok(());
         }
         Err(ProtocolError::Unexpected {
             message,
-            state: "in a session before version 3",
+            state: match version {
+                3 => "in a session before version 3",
+                _ => "in a session before version 4",
+            },
         })
     }
 

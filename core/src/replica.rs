@@ -387,7 +387,9 @@ pub struct Replica {
     uses: u64,
     subscriptions: Subscriptions,
     session: Option<Session>,
-    incoming: Vec<Changes>,
+    /// Received changes not ingested yet, each with the hub's mark of the position its
+    /// cursor reached (version 4), if it sent one.
+    incoming: Vec<(Changes, Option<Mark>)>,
     /// Bytes of the changes in `incoming`.
     incoming_bytes: usize,
     events: VecDeque<Event>,
@@ -1251,6 +1253,15 @@ impl Replica {
             }
             return Ok(());
         }
+        // A ChangesAt (version 4) is its Changes and the hub's mark of the log at its cursor.
+        let (msg, mark) = match msg {
+            Message::ChangesAt(c) => {
+                s.handshake.require(4, "ChangesAt")?;
+                let c = *c;
+                (Message::Changes(c.changes), Some(c.mark))
+            }
+            other => (other, None),
+        };
         match msg {
             Message::Changes(c) => {
                 if let Some((t, _)) = &c.cursor
@@ -1263,7 +1274,7 @@ impl Replica {
                     .into());
                 }
                 self.incoming_bytes += c.changes.iter().map(|c| c.bytes.len()).sum::<usize>();
-                self.incoming.push(c);
+                self.incoming.push((c, mark));
                 if self.incoming.len() >= MAX_INCOMING || self.incoming_bytes >= MAX_INCOMING_BYTES
                 {
                     self.flush()?;
@@ -1599,9 +1610,14 @@ impl Replica {
         result
     }
 
-    fn ingest(&mut self, incoming: Vec<Changes>, touched: &mut Vec<DocId>) -> Result<()> {
-        // Each cursor with the signature of its message's last change: the change at that
-        // position of the log (the hub sends a position's change last).
+    fn ingest(
+        &mut self,
+        incoming: Vec<(Changes, Option<Mark>)>,
+        touched: &mut Vec<DocId>,
+    ) -> Result<()> {
+        // Each cursor with the hub's mark of the log there, or (from a hub of version 3) the
+        // signature of its message's last change: the change at that position of the log (the
+        // hub sends a position's change last).
         let mut cursors: Vec<(Target, Cursor, Option<Mark>)> = Vec::new();
         // A subscription whose CaughtUp waits for its repair's answers moves no cursor before
         // it: a session cut in between must repair again.
@@ -1609,12 +1625,13 @@ impl Replica {
         // Messages of one document go together: one coverage walk over all its changes.
         let mut received: Vec<(DocId, Vec<SignedChange>)> = Vec::with_capacity(incoming.len());
         let mut at: HashMap<DocId, usize> = HashMap::new();
-        for m in incoming {
+        for (m, mark) in incoming {
             if let Some((t, c)) = m
                 .cursor
                 .filter(|(t, _)| !deferred.iter().any(|d| &d.target == t))
             {
-                cursors.push((t, c, m.changes.last().map(|c| Mark(c.signature))));
+                let mark = mark.or_else(|| m.changes.last().map(|c| Mark(c.signature)));
+                cursors.push((t, c, mark));
             }
             match at.get(&m.doc) {
                 Some(&i) => received[i].1.extend(m.changes),

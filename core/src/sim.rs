@@ -46,10 +46,8 @@ pub struct SimConfig {
     /// a crash takes one down, a restore all of them.
     pub hubs: usize,
     /// Half the restores put the backup back under its own epoch (a raw copy of the data
-    /// directory), for the replicas' marks to find. Off by default: the marks cannot see a
-    /// log whose changes at the marked positions are the same changes again with others
-    /// before them (see `docs/PROTOCOL.md`, "Rolled-back logs"), and the simulation makes
-    /// that happen (a writer uploading its lost changes again in the same order).
+    /// directory), for the replicas' marks (the chain of the log at their positions) to
+    /// find.
     pub rollbacks: bool,
 }
 
@@ -61,7 +59,7 @@ impl Default for SimConfig {
             steps: 300,
             heal_steps: 20_000,
             hubs: 1,
-            rollbacks: false,
+            rollbacks: true,
         }
     }
 }
@@ -675,7 +673,7 @@ impl<B: SimStore> Sim<B> {
             return true;
         };
         let (replica, h, session) = (c.replica, c.hub, c.session);
-        if matches!(m.msg, Message::Push(_) | Message::Changes(_)) {
+        if matches!(m.msg, Message::Push(_)) || m.msg.as_changes().is_some() {
             self.recent.push_back((m.conn, m.dir, m.msg.clone()));
             if self.recent.len() > 16 {
                 self.recent.pop_front();
@@ -689,6 +687,14 @@ impl<B: SimStore> Sim<B> {
                     c.changes.len(),
                     c.cursor,
                     short_hashes(&c.changes)
+                ),
+                Message::ChangesAt(c) => format!(
+                    "ChangesAt {} n={} cursor={:?} mark={:?} {}",
+                    c.changes.doc,
+                    c.changes.changes.len(),
+                    c.changes.cursor,
+                    c.mark,
+                    short_hashes(&c.changes.changes)
                 ),
                 Message::Push(p) => {
                     format!(
@@ -1093,12 +1099,12 @@ pub fn env_number(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// The default world with `hubs` instances, and raw rollbacks if `SYNCLINE_SIM_ROLLBACKS` is
-/// set.
+/// The default world with `hubs` instances; `SYNCLINE_SIM_ROLLBACKS=0` turns raw rollbacks
+/// off (every restore then gives a new epoch, as `syncline-hub restore` does).
 pub fn sim_config(hubs: usize) -> SimConfig {
     SimConfig {
         hubs,
-        rollbacks: std::env::var_os("SYNCLINE_SIM_ROLLBACKS").is_some(),
+        rollbacks: std::env::var("SYNCLINE_SIM_ROLLBACKS").map_or(true, |v| v != "0"),
         ..SimConfig::default()
     }
 }

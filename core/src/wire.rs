@@ -13,8 +13,9 @@ use crate::error::WireError;
 use crate::ids::{ChangeHash, Cursor, DocId, DocPrefix, Epoch, PeerId};
 
 /// The newest protocol version this build speaks: 2 added snapshots, 3 the log marks that
-/// let a hub notice its log was rolled back and has grown again ([`Resume`]).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// let a hub notice its log was rolled back and has grown again ([`Resume`]), 4 the hub's
+/// marks with the changes that move a cursor ([`ChangesAt`]).
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Largest frame payload accepted, in bytes.
 pub const MAX_FRAME: usize = 8 * 1024 * 1024;
 /// Largest number of changes in one [`Changes`] or [`Push`] message.
@@ -128,6 +129,18 @@ pub struct Changes {
     pub cursor: Option<(Target, Cursor)>,
 }
 
+/// Hub to replica (version 4, in place of a [`Changes`] that moves a cursor): the same, and
+/// the hub's mark of the log at the position reached (the chain of the log up to it), which
+/// the replica keeps with its cursor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangesAt {
+    /// The changes and the position reached (always with a cursor from a hub of this build;
+    /// a replica ignores the mark of one without).
+    pub changes: Changes,
+    /// The log's mark at the position reached.
+    pub mark: Mark,
+}
+
 /// Hub to replica (version 2): the whole document `doc` in one piece, in place of its changes
 /// up to some position of the log, for a replica far behind ([`crate::snapshot`]). It moves
 /// no cursor: the `Changes` and `CaughtUp` after it do.
@@ -150,10 +163,12 @@ pub struct CaughtUp {
     pub cursor: Cursor,
 }
 
-/// The signature of the change at a position of the hub's log, as the replica received it:
-/// what a replica keeps beside a cursor to tell that position's change from another
-/// (version 3). A signature names its change (it is made over the change's hash); the
-/// replica has it without parsing the change.
+/// What a replica keeps beside a cursor to tell the hub's log up to that position from
+/// another (version 3). Hubs of this build mark a position with the chain of the log up to
+/// it ([`crate::store::chain`]): a hash over the signatures of every change before it and of
+/// its own. A replica takes a mark from the hub's [`ChangesAt`], [`CaughtUpAt`] and
+/// [`AckAt`]; from a version-3 [`Changes`] it keeps the signature of its last change, the
+/// mark of version 3, which hubs still take.
 #[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mark(#[serde(with = "serde_bytes")] pub [u8; 64]);
 
@@ -173,7 +188,7 @@ pub struct CaughtUpAt {
     pub epoch: Epoch,
     /// Position reached.
     pub cursor: Cursor,
-    /// The signature of the change at `cursor`.
+    /// The log's mark at `cursor`.
     pub mark: Option<Mark>,
     /// The hub compared heads for this subscription in this session, its log having been
     /// rolled back under the replica's cursor: the replica uploads every document under
@@ -181,12 +196,12 @@ pub struct CaughtUpAt {
     pub rolled_back: bool,
 }
 
-/// A position of the hub's log and the mark of the change there.
+/// A position of the hub's log and the log's mark there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Position {
     /// The position.
     pub cursor: Cursor,
-    /// The signature of the change at it.
+    /// The log's mark at it.
     pub mark: Mark,
 }
 
@@ -353,6 +368,8 @@ pub enum Message {
     Resume(Box<Resume>),
     /// Tag 15 (version 3).
     AckAt(AckAt),
+    /// Tag 16 (version 4). Boxed: its mark would make every message larger.
+    ChangesAt(Box<ChangesAt>),
 }
 
 impl Message {
@@ -375,6 +392,25 @@ impl Message {
             Message::CaughtUpAt(_) => "CaughtUpAt",
             Message::Resume(_) => "Resume",
             Message::AckAt(_) => "AckAt",
+            Message::ChangesAt(_) => "ChangesAt",
+        }
+    }
+
+    /// The changes a `Changes` or `ChangesAt` carries.
+    pub fn as_changes(&self) -> Option<&Changes> {
+        match self {
+            Message::Changes(c) => Some(c),
+            Message::ChangesAt(c) => Some(&c.changes),
+            _ => None,
+        }
+    }
+
+    /// [`Message::as_changes`], to change them.
+    pub fn as_changes_mut(&mut self) -> Option<&mut Changes> {
+        match self {
+            Message::Changes(c) => Some(c),
+            Message::ChangesAt(c) => Some(&mut c.changes),
+            _ => None,
         }
     }
 
@@ -415,6 +451,7 @@ impl Message {
         };
         match self {
             Message::Changes(m) => changes(&m.changes),
+            Message::ChangesAt(m) => changes(&m.changes.changes),
             Message::Push(m) => changes(&m.changes),
             Message::Heads(m) => heads(&m.heads),
             Message::Reconcile(m) => heads(&m.heads),
@@ -807,6 +844,23 @@ mod tests {
                     }),
                 })
             }),
+            (
+                doc_id(),
+                vec(signed_change(), 0..4),
+                target(),
+                cursor(),
+                signature()
+            )
+                .prop_map(|(doc, changes, target, cursor, m)| {
+                    Message::ChangesAt(Box::new(ChangesAt {
+                        changes: Changes {
+                            doc,
+                            changes,
+                            cursor: Some((target, cursor)),
+                        },
+                        mark: Mark(m),
+                    }))
+                }),
         ]
     }
 
@@ -1635,6 +1689,21 @@ mod tests {
                         mark: Mark(signed.signed().signature),
                     }),
                 }),
+            ),
+            (
+                "changes_at",
+                // The golden change at 301, the first of a log: its chain is the mark.
+                Message::ChangesAt(Box::new(ChangesAt {
+                    changes: Changes {
+                        doc: doc(DOC),
+                        changes: vec![signed.signed().clone()],
+                        cursor: Some((
+                            Target::Prefix(DocPrefix::new(PREFIX).expect("a valid prefix")),
+                            Cursor(301),
+                        )),
+                    },
+                    mark: crate::store::chain(None, &signed.signed().signature),
+                })),
             ),
         ]
     }

@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use syncline_core::identity::Identity;
-use syncline_core::store::{HubStore, contract};
+use syncline_core::store::{HubStore, chain, contract};
 use syncline_core::wire::Target;
 use syncline_core::{Cursor, DocId, DocPrefix};
 use syncline_e2e::Postgres;
@@ -81,6 +81,60 @@ fn positions_become_visible_in_order_while_instances_append_at_once() {
         grew > 0,
         "some snapshots were taken while the writers wrote"
     );
+    // One chain through the commits of all three, in log order: each took the head of the
+    // one before it under the append lock.
+    let log = reader.read_log(&all(), Cursor(0), 100_000).unwrap().entries;
+    let mut head = None;
+    for e in &log {
+        let c = chain(head.as_ref(), &e.change.signature);
+        assert_eq!(e.chain, Some(c), "the chain at {}", e.cursor.0);
+        head = Some(c);
+    }
+}
+
+#[test]
+fn a_schema_2_database_is_chained_at_connect_and_refuses_unchained_inserts_after() {
+    let pg = Postgres::start();
+    let who = Identity::generate();
+    let doc = DocId::new("sites/a").unwrap();
+    let made = contract::changes(&who, &doc, [1; 8], 7);
+    let chains = |s: &mut PgHubStore| -> Vec<_> {
+        let log = s.read_log(&all(), Cursor(0), 100).unwrap().entries;
+        log.into_iter().map(|e| e.chain).collect::<Vec<_>>()
+    };
+    let appended = {
+        let mut store = PgHubStore::connect(&pg.url).unwrap();
+        for part in made.chunks(3) {
+            store.append(part).unwrap();
+        }
+        chains(&mut store)
+    };
+    assert_eq!(appended.len(), 7);
+    // The database as schema version 2 left it: no chain column.
+    let mut admin = postgres::Client::connect(&pg.url, postgres::NoTls).unwrap();
+    admin
+        .batch_execute("ALTER TABLE log DROP COLUMN chain; UPDATE syncline_schema SET version = 2;")
+        .unwrap();
+    let mut store = PgHubStore::connect(&pg.url).unwrap();
+    assert_eq!(
+        chains(&mut store),
+        appended,
+        "chained at connect, in log order"
+    );
+    // A hub of the older version still running inserts no chain: refused, not stored.
+    let err = admin
+        .batch_execute(
+            "INSERT INTO log (doc, hash, deps, author, signature, bytes, instance, actor_seq)
+             SELECT doc, hash, deps, author, signature, bytes, instance, actor_seq + 100
+             FROM log ORDER BY seq LIMIT 1",
+        )
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&postgres::error::SqlState::NOT_NULL_VIOLATION),
+        "{err:?}"
+    );
+    assert_eq!(store.last_cursor().unwrap(), Cursor(7));
 }
 
 #[test]
@@ -145,7 +199,9 @@ fn a_postgres_store_backs_up_online_restores_under_a_new_epoch_and_into_sqlite()
     );
     assert_eq!(other.grants().unwrap().len(), 1);
     let next = other.append(&all_changes[200..201]).unwrap();
-    assert!(matches!(next[0], syncline_core::store::Appended::Stored(c) if c > after[199].cursor));
+    assert!(
+        matches!(next[0], syncline_core::store::Appended::Stored(c) if c.cursor > after[199].cursor)
+    );
     // Both files restore the whole log; a PostgreSQL backup restores into SQLite too.
     assert_eq!(
         other
@@ -342,13 +398,32 @@ fn sslmode_require_refuses_a_server_without_tls() {
 }
 
 /// The hub's log in a PostgreSQL database of its own: a crashed hub reconnects; a backup is
-/// `syncline-hub backup`'s logical one, a restore `PgHubStore::restore` (a new epoch; the
-/// backup's own one set again for a rollback).
+/// `syncline-hub backup`'s logical one, and a copy of every table beside it (schema `snap`);
+/// a restore is `PgHubStore::restore` (a new epoch), a rollback puts the copied tables back as
+/// they were, chains and position sequence included (a disk snapshot of the database, a
+/// point-in-time recovery).
 struct PgSim {
     url: String,
     backup: std::path::PathBuf,
-    /// The epoch of the log when the backup was taken, once one was.
-    backup_epoch: Option<syncline_core::Epoch>,
+    /// Whether a backup was taken.
+    backed_up: bool,
+}
+
+/// The tables of the hub's store, all put back by a rollback.
+const TABLES: [&str; 7] = [
+    "meta",
+    "counters",
+    "docs",
+    "log",
+    "grants",
+    "peers",
+    "snapshots",
+];
+
+impl PgSim {
+    fn admin(&self) -> postgres::Client {
+        postgres::Client::connect(&self.url, postgres::NoTls).unwrap()
+    }
 }
 
 impl syncline_core::sim::SimStore for PgSim {
@@ -361,29 +436,36 @@ impl syncline_core::sim::SimStore for PgSim {
     fn backup(&mut self, store: &mut PgHubStore) {
         let _ = std::fs::remove_file(&self.backup);
         syncline_core::store::backup::backup_store(store, &self.backup, None, &mut |_| {}).unwrap();
-        self.backup_epoch = Some(store.epoch());
+        // The simulation takes backups between steps: nothing commits in between.
+        let mut copy = String::from("DROP SCHEMA IF EXISTS snap CASCADE; CREATE SCHEMA snap;");
+        for t in TABLES {
+            copy.push_str(&format!("CREATE TABLE snap.{t} AS SELECT * FROM {t};"));
+        }
+        copy.push_str("CREATE TABLE snap.seq AS SELECT last_value, is_called FROM log_seq_seq;");
+        self.admin().batch_execute(&copy).unwrap();
+        self.backed_up = true;
     }
 
     fn restore(&mut self, new_epoch: bool) -> Option<PgHubStore> {
-        let old_epoch = self.backup_epoch?;
-        let mut store = self.open();
-        // (The restore waits for the crashed instances' connections to leave the server's
-        // list of sessions.)
-        store
-            .restore(std::slice::from_ref(&self.backup), true, &mut |_| {})
-            .unwrap();
+        if !self.backed_up {
+            return None;
+        }
         if new_epoch {
+            let mut store = self.open();
+            // (The restore waits for the crashed instances' connections to leave the server's
+            // list of sessions.)
+            store
+                .restore(std::slice::from_ref(&self.backup), true, &mut |_| {})
+                .unwrap();
             return Some(store);
         }
-        // Put back as it was (a disk snapshot of the database): its own epoch.
-        drop(store);
-        let mut admin = postgres::Client::connect(&self.url, postgres::NoTls).unwrap();
-        admin
-            .execute(
-                "UPDATE meta SET value = $1 WHERE key = 'epoch'",
-                &[&&old_epoch.0[..]],
-            )
-            .unwrap();
+        // Put back as it was, its own epoch and chains included.
+        let mut put = format!("BEGIN; TRUNCATE {};", TABLES.join(", "));
+        for t in TABLES {
+            put.push_str(&format!("INSERT INTO {t} SELECT * FROM snap.{t};"));
+        }
+        put.push_str("SELECT setval('log_seq_seq', last_value, is_called) FROM snap.seq; COMMIT;");
+        self.admin().batch_execute(&put).unwrap();
         Some(self.open())
     }
 }
@@ -410,7 +492,7 @@ fn the_simulated_faults_lose_no_acknowledged_write_on_postgres_either() {
             let store = PgSim {
                 url: format!("{base}/{db}"),
                 backup: files.path().join(format!("{db}.bak")),
-                backup_epoch: None,
+                backed_up: false,
             };
             // Odd seeds: two hub instances on the database (a crash takes one down).
             let cfg = sim_config(1 + (seed % 2) as usize);

@@ -188,17 +188,32 @@ fn open_live(store: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// The oldest schema a backup file may have: backups hold no chains (a restore chains the
+/// log anew), so those of version 5 (before the chain) read as well.
+const OLDEST_BACKUP_SCHEMA: u32 = 5;
+
+/// Checks that the live store has this build's schema.
 fn check_schema(conn: &Connection, path: &Path) -> Result<()> {
+    check_schema_in(conn, path, MIGRATIONS.len() as u32)
+}
+
+/// Checks that a file's schema is between `oldest` and this build's.
+fn check_schema_in(conn: &Connection, path: &Path, oldest: u32) -> Result<()> {
     let version: u32 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .ctx("reading the schema version")?;
-    if version != MIGRATIONS.len() as u32 {
+    let newest = MIGRATIONS.len() as u32;
+    if !(oldest..=newest).contains(&version) {
+        let reads = if oldest == newest {
+            format!("version {newest}")
+        } else {
+            format!("versions {oldest} to {newest}")
+        };
         return Err(backup_error(
             path,
             format!(
-                "schema version {version}, this syncline-hub reads version {}: use the \
-                 syncline-hub that wrote it",
-                MIGRATIONS.len()
+                "schema version {version}, this syncline-hub reads {reads}: use the \
+                 syncline-hub that wrote it"
             ),
         ));
     }
@@ -251,10 +266,13 @@ fn copy_into(
                     |r| r.get::<_, i64>(0),
                 )
                 .ctx("reading the log")? as u64;
+            // Every column but the chain: a restore chains the log anew.
             let n = src
                 .execute(
-                    "INSERT INTO dst.log SELECT * FROM main.log WHERE seq > ?1 AND seq <= ?2
-                     ORDER BY seq",
+                    "INSERT INTO dst.log (seq, doc, hash, deps, author, signature, bytes,
+                         instance, actor_seq)
+                     SELECT seq, doc, hash, deps, author, signature, bytes, instance, actor_seq
+                     FROM main.log WHERE seq > ?1 AND seq <= ?2 ORDER BY seq",
                     params![from as i64, to as i64],
                 )
                 .ctx("copying the log")?;
@@ -583,7 +601,7 @@ fn open_backup(path: &Path) -> Result<Connection> {
              `syncline-hub backup`",
         ));
     }
-    check_schema(&conn, path)?;
+    check_schema_in(&conn, path, OLDEST_BACKUP_SCHEMA)?;
     Ok(conn)
 }
 
@@ -716,7 +734,11 @@ pub fn restore(
                     .ctx("opening an incremental backup")?;
                 conn.execute_batch(
                     "BEGIN;
-                     INSERT INTO log SELECT * FROM inc.log ORDER BY seq;
+                     INSERT INTO log (seq, doc, hash, deps, author, signature, bytes, instance,
+                         actor_seq)
+                         SELECT seq, doc, hash, deps, author, signature, bytes, instance,
+                             actor_seq
+                         FROM inc.log ORDER BY seq;
                      INSERT OR IGNORE INTO docs SELECT doc FROM inc.docs;
                      DELETE FROM grants;
                      INSERT INTO grants SELECT * FROM inc.grants;
@@ -1064,6 +1086,64 @@ mod tests {
             .unwrap()
             .map(|r| r.unwrap())
             .collect()
+    }
+
+    /// The log's chains, in order.
+    fn chains_of(path: &Path) -> Vec<Option<Vec<u8>>> {
+        let c = Connection::open(path).unwrap();
+        let mut st = c.prepare("SELECT chain FROM log ORDER BY seq").unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn backups_of_the_schema_before_the_chain_restore_and_the_restored_log_is_chained() {
+        let f = Fixture::new();
+        f.write(40, 16);
+        let full = f.path("full.bak");
+        backup(&f.store, &full, None, &mut quiet).unwrap();
+        f.write(10, 10);
+        let inc = f.path("inc.bak");
+        backup(&f.store, &inc, Some(&full), &mut quiet).unwrap();
+        assert!(
+            chains_of(&full).iter().all(Option::is_none),
+            "backups hold no chains"
+        );
+        // The base as version 5 wrote it (no chain column); the increment of this version.
+        {
+            let c = Connection::open(&full).unwrap();
+            c.execute_batch("ALTER TABLE log DROP COLUMN chain; PRAGMA user_version = 5;")
+                .unwrap();
+        }
+        verify(&[full.clone(), inc.clone()], &mut quiet).unwrap();
+        let target = f.path("restored.db");
+        restore(&[full, inc], &target, &mut quiet).unwrap();
+        assert_eq!(log_of(&target), log_of(&f.store));
+        // Chained anew, in order, as commits would have chained it.
+        let mut restored = SqliteHubStore::open(&target).unwrap();
+        let all = crate::wire::Target::Prefix(crate::DocPrefix::all());
+        let log = restored.read_log(&all, Cursor(0), 100).unwrap().entries;
+        assert_eq!(log.len(), 50);
+        let mut head = None;
+        for e in &log {
+            let c = crate::store::chain(head.as_ref(), &e.change.signature);
+            assert_eq!(e.chain, Some(c));
+            head = Some(c);
+        }
+        // A file of a schema older than 5 is refused, saying which versions are read.
+        let old = f.path("old.bak");
+        backup(&f.store, &old, None, &mut quiet).unwrap();
+        Connection::open(&old)
+            .unwrap()
+            .execute_batch("PRAGMA user_version = 4;")
+            .unwrap();
+        let e = verify(&[old], &mut quiet).unwrap_err().to_string();
+        assert!(
+            e.contains("schema version 4") && e.contains("versions 5 to 6"),
+            "{e}"
+        );
     }
 
     #[test]

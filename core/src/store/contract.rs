@@ -10,8 +10,8 @@ use crate::change::{self, VerifiedChange};
 use crate::hub::Grant;
 use crate::identity::Identity;
 use crate::ids::{ChangeHash, Cursor, DocId, DocPrefix, Epoch, PeerId};
-use crate::store::{Appended, Dropped, HubStore, PeerState};
-use crate::wire::Target;
+use crate::store::{Appended, Dropped, HubStore, PeerState, chain};
+use crate::wire::{Position, Target};
 
 /// `n` changes by `who` to `doc`, each a put of one key, under actor instance `instance`;
 /// each change depends on the one before.
@@ -32,7 +32,7 @@ pub fn changes(who: &Identity, doc: &DocId, instance: [u8; 8], n: usize) -> Vec<
 fn stored(a: &[Appended]) -> Vec<u64> {
     a.iter()
         .map(|x| match x {
-            Appended::Stored(c) => c.0,
+            Appended::Stored(p) => p.cursor.0,
             other => panic!("expected Stored, got {other:?}"),
         })
         .collect()
@@ -88,9 +88,30 @@ pub fn check(store: &mut dyn HubStore) {
 
     // The same bytes signed into another document are another change there.
     let same_bytes = change::sign(&alice, &other, ca[0].automerge().clone()).unwrap();
-    let more = stored(&store.append(std::slice::from_ref(&same_bytes)).unwrap());
-    assert!(more[0] > end.0);
+    let more = store.append(std::slice::from_ref(&same_bytes)).unwrap();
+    assert!(stored(&more)[0] > end.0);
     let end = store.last_cursor().unwrap();
+
+    // The chain, which replicas resume with: each stored change's is the hash of the chain
+    // before it and of its signature; commits that stored nothing (the duplicates and the
+    // conflict above) leave it where it was; append returns what it stored.
+    let log = store
+        .read_log(&Target::Prefix(DocPrefix::all()), Cursor(0), 100)
+        .unwrap()
+        .entries;
+    let mut head = None;
+    for e in &log {
+        let expected = chain(head.as_ref(), &e.change.signature);
+        assert_eq!(e.chain, Some(expected), "the chain at {}", e.cursor.0);
+        head = Some(expected);
+    }
+    assert_eq!(
+        more,
+        vec![Appended::Stored(Position {
+            cursor: end,
+            mark: head.unwrap()
+        })]
+    );
 
     // Reads: by document, by prefix, in pages, with the end position.
     let batch = store
@@ -311,8 +332,28 @@ pub fn check(store: &mut dyn HubStore) {
         "`other` held the newest"
     );
     assert_eq!(store.high_water().unwrap(), newest);
-    let again = changes(&Identity::from_seed([3; 32]), &a, [4; 8], 1);
-    let at = stored(&store.append(&again).unwrap());
-    assert!(at[0] > end.0, "positions are not reused");
+    let again = changes(&Identity::from_seed([3; 32]), &a, [4; 8], 2);
+    let got = store.append(&again[..1]).unwrap();
+    assert!(stored(&got)[0] > end.0, "positions are not reused");
     assert_eq!(store.high_water().unwrap(), store.last_cursor().unwrap());
+
+    // A change a commit passes over (a duplicate) is chained all the same, in its place: the
+    // chain is the same on every store for the same commits.
+    let Appended::Stored(before) = got[0] else {
+        panic!("stored")
+    };
+    let got = store.append(&[again[0].clone(), again[1].clone()]).unwrap();
+    let passed = chain(Some(&before.mark), &again[0].signed().signature);
+    let expected = chain(Some(&passed), &again[1].signed().signature);
+    assert_eq!(got[0], Appended::Duplicate);
+    assert!(
+        matches!(got[1], Appended::Stored(p) if p.mark == expected),
+        "{got:?}"
+    );
+    let last = store
+        .read_log(&Target::Doc(a.clone()), before.cursor, 10)
+        .unwrap()
+        .entries;
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0].chain, Some(expected), "stored as returned");
 }

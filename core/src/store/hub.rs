@@ -12,7 +12,7 @@ use crate::error::{Error, Result, SqlContext};
 use crate::hub::Grant;
 use crate::ids::{ChangeHash, Cursor, DocId, DocPrefix, Epoch, PeerId};
 use crate::store::sqlite::{self, blob_to_hashes, hashes_to_blob};
-use crate::wire::Target;
+use crate::wire::{Mark, Position, Target};
 
 pub(crate) const MIGRATIONS: &[&str] = &[
     // Version 1.
@@ -79,13 +79,42 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         data BLOB NOT NULL,
         heads BLOB NOT NULL
     ) WITHOUT ROWID;",
+    // Version 6: each change's place in a hash chain over the log (see [`chain`]), the mark
+    // replicas resume with. Older rows are chained by the hub at open.
+    "ALTER TABLE log ADD COLUMN chain BLOB;",
 ];
+
+/// The chain of the log up to a change: the hash of the chain before it (all zeros for the
+/// first) and of its signature. A replica resumes with the chain at its cursor, and the hub
+/// tells a log rolled back and grown again by it: equal chains at a position mean the same
+/// changes, in the same order, up to it (a signature names one change). The hubs chain every
+/// change of a commit in order, also those already stored, and start from the chain of the
+/// last change stored; stored chains are never recomputed, except by a restore.
+pub fn chain(prev: Option<&Mark>, signature: &[u8]) -> Mark {
+    use sha2::{Digest, Sha512};
+    let mut h = Sha512::new();
+    h.update(b"syncline log chain\0");
+    h.update(prev.map_or(&[0u8; 64][..], |m| &m.0[..]));
+    h.update(signature);
+    Mark(h.finalize().into())
+}
+
+/// A chain read from a store (`None` for a row not chained yet).
+pub fn chain_from(blob: Option<Vec<u8>>, at: i64) -> Result<Option<Mark>> {
+    blob.map(|b| {
+        b.try_into().map(Mark).map_err(|_| Error::Corrupt {
+            what: "chain in the hub log".into(),
+            reason: format!("seq {at}"),
+        })
+    })
+    .transpose()
+}
 
 /// What [`HubStore::append`] did with one change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
-    /// Stored at this position.
-    Stored(Cursor),
+    /// Stored at this position, with its chain ([`chain`]) as the mark.
+    Stored(Position),
     /// Already stored (a re-sent change): nothing to do.
     Duplicate,
     /// Not stored: another change of this document already has the same author, actor
@@ -105,6 +134,8 @@ pub struct LogEntry {
     pub doc: DocId,
     /// The author's bytes and signature.
     pub change: SignedChange,
+    /// Its chain ([`chain`]); `None` in a store not chained yet.
+    pub chain: Option<Mark>,
 }
 
 /// A page of the log for one subscription target.
@@ -376,7 +407,60 @@ impl SqliteHubStore {
         };
         let mut store = SqliteHubStore { conn, epoch };
         store.backfill_actor_keys()?;
+        store.backfill_chains()?;
         Ok(store)
+    }
+
+    /// Chains the changes stored before schema version 6 ([`chain`]), in one transaction,
+    /// with progress in the log.
+    fn backfill_chains(&mut self) -> Result<()> {
+        let what = "chaining the log";
+        let count = |c: &Connection| -> Result<i64> {
+            c.query_row("SELECT count(*) FROM log WHERE chain IS NULL", [], |r| {
+                r.get(0)
+            })
+            .ctx("reading the log")
+        };
+        if count(&self.conn)? == 0 {
+            return Ok(());
+        }
+        // Under the write lock (another instance may open the file at the same time).
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .ctx(what)?;
+        let todo = count(&tx)?;
+        if todo == 0 {
+            return Ok(());
+        }
+        tracing::info!(changes = todo, "chaining stored changes");
+        {
+            let mut read = tx
+                .prepare("SELECT seq, signature, chain FROM log ORDER BY seq")
+                .ctx(what)?;
+            let mut write = tx
+                .prepare("UPDATE log SET chain = ?2 WHERE seq = ?1")
+                .ctx(what)?;
+            let mut rows = read.query([]).ctx(what)?;
+            let mut head: Option<Mark> = None;
+            let mut done = 0u64;
+            while let Some(row) = rows.next().ctx(what)? {
+                let seq: i64 = row.get(0).ctx(what)?;
+                if let Some(c) = chain_from(row.get(2).ctx(what)?, seq)? {
+                    head = Some(c);
+                    continue;
+                }
+                let signature = signature_from(row.get(1).ctx(what)?, seq)?;
+                let c = chain(head.as_ref(), &signature);
+                write.execute(params![seq, &c.0[..]]).ctx(what)?;
+                head = Some(c);
+                done += 1;
+                if done.is_multiple_of(100_000) {
+                    tracing::info!(done, of = todo, "chaining stored changes");
+                }
+            }
+        }
+        tx.commit().ctx(what)
     }
 
     /// Fills in the actor instance and sequence number of changes stored before schema
@@ -587,6 +671,24 @@ pub fn actor_key(c: &VerifiedChange) -> ([u8; 8], i64) {
     (instance, c.automerge().seq() as i64)
 }
 
+/// A change stored without its chain after the log was chained: written by a hub of an older
+/// version still running on the store. Chaining on from before it would leave it out.
+pub fn unchained(seq: i64) -> Error {
+    Error::Corrupt {
+        what: format!("the hub log's chain at position {seq}"),
+        reason: "missing: a hub of an older version wrote this change; stop every older hub on \
+                 this store, then restart this one (it chains the log at start)"
+            .into(),
+    }
+}
+
+fn signature_from(blob: Vec<u8>, seq: i64) -> Result<[u8; 64]> {
+    blob.try_into().map_err(|_| Error::Corrupt {
+        what: "signature in the hub log".into(),
+        reason: format!("seq {seq}"),
+    })
+}
+
 fn hash_from(blob: Vec<u8>) -> Result<ChangeHash> {
     let bytes: [u8; 32] = blob.try_into().map_err(|b: Vec<u8>| Error::Corrupt {
         what: "change hash".into(),
@@ -648,13 +750,29 @@ impl HubStore for SqliteHubStore {
     }
 
     fn append(&mut self, changes: &[VerifiedChange]) -> Result<Vec<Appended>> {
-        let tx = self.conn.transaction().ctx("starting a commit")?;
+        // Immediate: the chain is read and extended under the write lock (other hub
+        // instances may share the file).
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .ctx("starting a commit")?;
         let mut out = Vec::with_capacity(changes.len());
         {
+            let last: Option<(i64, Option<Vec<u8>>)> = tx
+                .prepare_cached("SELECT seq, chain FROM log ORDER BY seq DESC LIMIT 1")
+                .ctx("appending to the log")?
+                .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+                .ctx("appending to the log")?;
+            let mut head = match last {
+                Some((seq, c)) => Some(chain_from(c, seq)?.ok_or_else(|| unchained(seq))?),
+                None => None,
+            };
             let mut insert = tx
                 .prepare_cached(
-                    "INSERT INTO log (doc, hash, deps, author, signature, bytes, instance, actor_seq)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING",
+                    "INSERT INTO log (doc, hash, deps, author, signature, bytes, instance, actor_seq,
+                         chain)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT DO NOTHING",
                 )
                 .ctx("appending to the log")?;
             let mut existing = tx
@@ -674,6 +792,8 @@ impl HubStore for SqliteHubStore {
                     last_doc = Some(c.doc());
                 }
                 let (instance, actor_seq) = actor_key(c);
+                let mark = chain(head.as_ref(), &c.signed().signature);
+                head = Some(mark);
                 let n = insert
                     .execute(params![
                         c.doc().as_str(),
@@ -684,10 +804,14 @@ impl HubStore for SqliteHubStore {
                         &c.signed().bytes,
                         &instance[..],
                         actor_seq,
+                        &mark.0[..],
                     ])
                     .ctx("appending to the log")?;
                 if n == 1 {
-                    out.push(Appended::Stored(Cursor(tx.last_insert_rowid() as u64)));
+                    out.push(Appended::Stored(Position {
+                        cursor: Cursor(tx.last_insert_rowid() as u64),
+                        mark,
+                    }));
                     continue;
                 }
                 let stored: Vec<u8> = existing
@@ -720,7 +844,8 @@ impl HubStore for SqliteHubStore {
             .ctx("reading the log")?;
         let (filter, arg) = target_filter(target);
         let sql = format!(
-            "SELECT seq, doc, bytes, signature FROM log WHERE seq > ?1 AND seq <= ?2 AND {filter} ORDER BY seq LIMIT ?4"
+            "SELECT seq, doc, bytes, signature, chain FROM log
+             WHERE seq > ?1 AND seq <= ?2 AND {filter} ORDER BY seq LIMIT ?4"
         );
         let mut entries = Vec::new();
         {
@@ -732,15 +857,13 @@ impl HubStore for SqliteHubStore {
                         r.get::<_, String>(1)?,
                         r.get::<_, Vec<u8>>(2)?,
                         r.get::<_, Vec<u8>>(3)?,
+                        r.get::<_, Option<Vec<u8>>>(4)?,
                     ))
                 })
                 .ctx("reading the log")?;
             for row in rows {
-                let (seq, doc, bytes, sig) = row.ctx("reading the log")?;
-                let signature: [u8; 64] = sig.try_into().map_err(|_| Error::Corrupt {
-                    what: "signature in the hub log".into(),
-                    reason: format!("seq {seq}"),
-                })?;
+                let (seq, doc, bytes, sig, chained) = row.ctx("reading the log")?;
+                let signature = signature_from(sig, seq)?;
                 let doc = DocId::new(doc).map_err(|e| Error::Corrupt {
                     what: "hub log".into(),
                     reason: e.to_string(),
@@ -749,6 +872,7 @@ impl HubStore for SqliteHubStore {
                     cursor: Cursor(seq as u64),
                     doc,
                     change: SignedChange { bytes, signature },
+                    chain: chain_from(chained, seq)?,
                 });
             }
         }
@@ -1224,9 +1348,18 @@ pub(super) mod tests {
             matches!(
                 got[..],
                 [
-                    Appended::Stored(Cursor(1)),
-                    Appended::Stored(Cursor(2)),
-                    Appended::Stored(Cursor(3))
+                    Appended::Stored(Position {
+                        cursor: Cursor(1),
+                        ..
+                    }),
+                    Appended::Stored(Position {
+                        cursor: Cursor(2),
+                        ..
+                    }),
+                    Appended::Stored(Position {
+                        cursor: Cursor(3),
+                        ..
+                    })
                 ]
             ),
             "{got:?}"
@@ -1257,7 +1390,7 @@ pub(super) mod tests {
             .append(&[other_instance, same_actor_other_doc].concat())
             .unwrap();
         assert!(
-            matches!(got[..], [Appended::Stored(Cursor(a)), Appended::Stored(Cursor(b))] if 3 < a && a < b),
+            matches!(got[..], [Appended::Stored(a), Appended::Stored(b)] if 3 < a.cursor.0 && a.cursor < b.cursor),
             "{got:?}"
         );
         assert_eq!(s.change_count().unwrap(), 5);
@@ -1315,12 +1448,60 @@ pub(super) mod tests {
         // Positions go on after the migrated ones.
         let got = s.append(&[next]).unwrap();
         assert!(
-            matches!(got[..], [Appended::Stored(Cursor(n))] if n > 4),
+            matches!(got[..], [Appended::Stored(p)] if p.cursor.0 > 4),
             "{got:?}"
         );
         let page = s
             .read_log(&Target::Doc(doc.clone()), Cursor(0), 100)
             .unwrap();
         assert_eq!(page.entries.len(), 5);
+    }
+
+    #[test]
+    fn a_version_5_log_is_chained_when_opened_as_its_commits_would_have_chained_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let who = crate::identity::Identity::generate();
+        let doc = DocId::new("d/1").unwrap();
+        let all = Target::Prefix(DocPrefix::all());
+        let chains = |s: &mut SqliteHubStore| -> Vec<Option<Mark>> {
+            let log = s.read_log(&all, Cursor(0), 100).unwrap().entries;
+            log.into_iter().map(|e| e.chain).collect()
+        };
+        let appended = {
+            let mut s = SqliteHubStore::open(&path).unwrap();
+            for (i, n) in [(1, 3), (2, 1), (3, 4)] {
+                s.append(&signed_changes(&who, &doc, [i; 8], 0, n)).unwrap();
+            }
+            chains(&mut s)
+        };
+        assert_eq!(appended.len(), 8);
+        assert!(appended.iter().all(Option::is_some));
+        // The same file as schema version 5 wrote it: no chain column.
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch("ALTER TABLE log DROP COLUMN chain; PRAGMA user_version = 5;")
+                .unwrap();
+        }
+        let mut s = SqliteHubStore::open(&path).unwrap();
+        assert_eq!(chains(&mut s), appended, "chained at open, in log order");
+        // Appends go on from the migrated chain.
+        let next = signed_changes(&who, &doc, [4; 8], 0, 1);
+        let got = s.append(&next).unwrap();
+        let expected = chain(appended[7].as_ref(), &next[0].signed().signature);
+        assert!(
+            matches!(got[..], [Appended::Stored(p)] if p.mark == expected),
+            "{got:?}"
+        );
+        // A change stored without its chain since (a hub of the older version still running
+        // on the file): the next append refuses rather than chain on from before it.
+        Connection::open(&path)
+            .unwrap()
+            .execute("UPDATE log SET chain = NULL WHERE seq = 9", [])
+            .unwrap();
+        let more = signed_changes(&who, &doc, [5; 8], 0, 1);
+        let e = s.append(&more).unwrap_err().to_string();
+        assert!(e.contains("older version"), "{e}");
+        assert_eq!(s.change_count().unwrap(), 9, "nothing stored");
     }
 }

@@ -8,7 +8,6 @@
 use syncline_core::DocId;
 use syncline_core::ops::{Op, PathElem, Value};
 use syncline_core::replica::Replica;
-use syncline_core::wire::Message;
 
 use crate::support::{connect, hub, replica_of, sync, sync_through, sync_with_empty_hub};
 
@@ -78,7 +77,7 @@ fn a_relayed_signature_a_hub_damaged_is_covered_kept_out_of_uploads_and_its_auth
     let mut damaged = None;
     let s = connect(&mut hub1, &mut reader);
     sync_through(&mut hub1, &mut [(&mut reader, s)], |m| {
-        if let Message::Changes(c) = m
+        if let Some(c) = m.as_changes_mut()
             && c.changes.len() == 20
         {
             c.changes[10].signature[3] ^= 0x20;

@@ -567,3 +567,66 @@ fn a_rollback_found_by_a_cursor_mark_holds_the_acknowledgements_of_its_repair() 
     sync(&mut h, &mut b);
     assert_eq!(b.json(&doc()).unwrap()["second"], 2);
 }
+
+/// The change at position `at` of the hub's log.
+fn change_at(h: &mut TestHub, at: u64) -> syncline_core::change::SignedChange {
+    let all = Target::Prefix(DocPrefix::all());
+    let batch = h
+        .store()
+        .read_log(&all, syncline_core::Cursor(at - 1), 1)
+        .unwrap();
+    assert_eq!(batch.entries[0].cursor.0, at, "a change at {at}");
+    batch.entries[0].change.clone()
+}
+
+#[test]
+fn a_reader_whose_marked_change_came_back_to_its_position_gets_what_was_stored_below_it() {
+    // Old log: a's five changes (1 to 5), b's change of another document (6), w's change of
+    // a document of its own (7); the reader r follows all of `plant/` to 7.
+    let dir = tempfile::tempdir().unwrap();
+    let (file, copy, _a, mut b) = five_changes_and_a_copy(dir.path());
+    let mut h = hub(&file);
+    put_in(&mut b, &DocId::new("plant/other").unwrap(), "b1", 1);
+    sync(&mut h, &mut b);
+    let own = DocId::new("plant/w").unwrap();
+    let mut w = Replica::open(
+        &dir.path().join("w.db"),
+        Identity::from_seed([6; 32]),
+        syncline_core::replica::ReplicaOptions::default(),
+    )
+    .unwrap();
+    w.subscribe(Target::Doc(own.clone())).unwrap();
+    put_in(&mut w, &own, "w1", 1);
+    sync(&mut h, &mut w);
+    let w1 = change_at(&mut h, 7);
+    let mut r = replica(dir.path(), "r", 4);
+    r.subscribe(Target::Prefix(DocPrefix::new("plant/").unwrap()))
+        .unwrap();
+    sync(&mut h, &mut r);
+    assert_eq!(r.json(&own).unwrap()["w1"], serde_json::json!(1));
+    drop(h);
+
+    // Rolled back to the five changes. c writes `after0` (6); w, whose written position (7)
+    // is past the end, is repaired and uploads `w1` again: back at 7, the change r marked
+    // there.
+    let (mut h, _c) = put_back_and_write(dir.path(), &copy, &file, 1);
+    sync(&mut h, &mut w);
+    assert_eq!(
+        change_at(&mut h, 7),
+        w1,
+        "the same change at the marked position"
+    );
+
+    // r's marks at 7 name the log up to it, not only the change there: r gets `after0`.
+    sync(&mut h, &mut r);
+    assert_eq!(
+        r.json(&doc()).unwrap()["after0"],
+        serde_json::json!(0),
+        "after0, stored below r's cursors in the new log, is not skipped"
+    );
+    assert_eq!(
+        h.metrics().cursors_rewritten,
+        2,
+        "both of r's subscriptions"
+    );
+}
