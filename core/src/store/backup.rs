@@ -188,8 +188,8 @@ fn open_live(store: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-/// The oldest schema a backup file may have: backups hold no chains (a restore chains the
-/// log anew), so those of version 5 (before the chain) read as well.
+/// The oldest schema a backup file may have: those of version 5 (before the chain) read as
+/// well, their changes chained by the restore.
 const OLDEST_BACKUP_SCHEMA: u32 = 5;
 
 /// Checks that the live store has this build's schema.
@@ -266,12 +266,12 @@ fn copy_into(
                     |r| r.get::<_, i64>(0),
                 )
                 .ctx("reading the log")? as u64;
-            // Every column but the chain: a restore chains the log anew.
             let n = src
                 .execute(
                     "INSERT INTO dst.log (seq, doc, hash, deps, author, signature, bytes,
-                         instance, actor_seq)
-                     SELECT seq, doc, hash, deps, author, signature, bytes, instance, actor_seq
+                         instance, actor_seq, chain)
+                     SELECT seq, doc, hash, deps, author, signature, bytes, instance, actor_seq,
+                         chain
                      FROM main.log WHERE seq > ?1 AND seq <= ?2 ORDER BY seq",
                     params![from as i64, to as i64],
                 )
@@ -423,7 +423,7 @@ pub fn backup_store(
             let mut insert = tx
                 .prepare(
                     "INSERT INTO log (seq, doc, hash, deps, author, signature, bytes, instance,
-                         actor_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                         actor_seq, chain) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )
                 .ctx("writing the backup")?;
             let mut at = after;
@@ -452,6 +452,7 @@ pub fn backup_store(
                             &e.change.bytes,
                             instance,
                             c.seq() as i64,
+                            e.chain.as_ref().map(|m| &m.0[..]),
                         ])
                         .ctx("writing the backup")?;
                     changes += 1;
@@ -706,8 +707,9 @@ pub fn check_chain(files: &[PathBuf]) -> Result<Vec<BackupInfo>> {
 /// Restores `files` (a full backup, then any incremental ones in the order they were taken)
 /// as the hub store at `store`, replacing it if there is one. The caller holds the data
 /// directory's lock (no hub runs on it). The restored log gets a new epoch, and no peer
-/// positions. The store appears whole or not at all: it is built in `store.restoring`, then
-/// moved into place.
+/// positions; it keeps the full backup's chains, and chains the changes of incremental
+/// backups (and of a full backup of schema 5) when opened. The store appears whole or not
+/// at all: it is built in `store.restoring`, then moved into place.
 pub fn restore(
     files: &[PathBuf],
     store: &Path,
@@ -1107,9 +1109,10 @@ mod tests {
         f.write(10, 10);
         let inc = f.path("inc.bak");
         backup(&f.store, &inc, Some(&full), &mut quiet).unwrap();
-        assert!(
-            chains_of(&full).iter().all(Option::is_none),
-            "backups hold no chains"
+        assert_eq!(
+            chains_of(&full),
+            chains_of(&f.store)[..40],
+            "the log's chains"
         );
         // The base as version 5 wrote it (no chain column); the increment of this version.
         {
@@ -1121,7 +1124,7 @@ mod tests {
         let target = f.path("restored.db");
         restore(&[full, inc], &target, &mut quiet).unwrap();
         assert_eq!(log_of(&target), log_of(&f.store));
-        // Chained anew, in order, as commits would have chained it.
+        // Chained at the restore, in order, as commits would have chained it.
         let mut restored = SqliteHubStore::open(&target).unwrap();
         let all = crate::wire::Target::Prefix(crate::DocPrefix::all());
         let log = restored.read_log(&all, Cursor(0), 100).unwrap().entries;
@@ -1282,6 +1285,10 @@ mod tests {
             730
         );
         assert_eq!(log_of(&target), log_of(&f.store));
+        // The full backup's chains kept, the increment's chained on from them at the restore
+        // (the same here: its commit held no duplicate).
+        drop(SqliteHubStore::open(&target).unwrap());
+        assert_eq!(chains_of(&target), chains_of(&f.store));
     }
 
     #[test]

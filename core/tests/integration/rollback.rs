@@ -630,3 +630,41 @@ fn a_reader_whose_marked_change_came_back_to_its_position_gets_what_was_stored_b
         "both of r's subscriptions"
     );
 }
+
+#[test]
+fn a_writer_that_subscribed_to_nothing_gets_its_writes_back_into_a_restored_hub() {
+    // w subscribed to nothing (a sensor gateway that only uploads): its first write follows
+    // the document it wrote, so a restore repairs it like any other. Acknowledged, in the
+    // hub; the hub is then restored from a backup taken before the second write.
+    let dir = tempfile::tempdir().unwrap();
+    let (file, copy) = (dir.path().join("hub.db"), dir.path().join("hub-copy.db"));
+    let mut h = hub(&file);
+    let readings = DocId::new("plant/readings").unwrap();
+    let mut w = Replica::open(
+        &dir.path().join("w.db"),
+        Identity::from_seed([6; 32]),
+        syncline_core::replica::ReplicaOptions::default(),
+    )
+    .unwrap();
+    put_in(&mut w, &readings, "t0", 20);
+    sync(&mut h, &mut w);
+    drop(h);
+    std::fs::copy(&file, &copy).unwrap();
+    let mut h = hub(&file);
+    put_in(&mut w, &readings, "t1", 21);
+    sync(&mut h, &mut w);
+    assert_eq!(acknowledged(&mut w), 2, "both readings acknowledged");
+    assert_eq!(w.status().unwrap().outbox, 0);
+    drop(h);
+
+    // Restored (a new epoch): w's next session uploads what the hub lost.
+    let mut h = restore(&copy, &file);
+    sync(&mut h, &mut w);
+    let mut r = crate::support::replica_of(dir.path(), "r", 7, readings.clone());
+    sync(&mut h, &mut r);
+    assert_eq!(
+        r.json(&readings).unwrap(),
+        serde_json::json!({"t0": 20, "t1": 21}),
+        "the reading the restore lost came back from w"
+    );
+}
