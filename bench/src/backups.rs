@@ -27,6 +27,9 @@ pub struct BackupResult {
     pub backup_seconds: f64,
     pub verify_seconds: f64,
     pub restore_seconds: f64,
+    /// The same restore from the backup as hub schema 5 wrote it (no chains): every change is
+    /// chained as the store opens, as at the upgrade of a hub of that schema.
+    pub restore_unchained_seconds: f64,
     /// Baseline: `std::fs::copy` of the store plus fsync, in the same run.
     pub copy_seconds: f64,
     /// Baseline: `verify_batch` of 256 changes at a time of the same signatures, one core.
@@ -102,6 +105,18 @@ pub fn measure(
             .arg("--data")
             .arg(dir.join("restored")),
     )?;
+    // The same backup as schema 5 (before the log's chain) wrote it.
+    let unchained = dir.join("unchained.bak");
+    std::fs::copy(&file, &unchained)?;
+    rusqlite::Connection::open(&unchained)?
+        .execute_batch("ALTER TABLE log DROP COLUMN chain; PRAGMA user_version = 5; VACUUM;")?;
+    let restore_unchained_seconds = timed(
+        Command::new(&hub)
+            .args(["restore", "--from"])
+            .arg(&unchained)
+            .arg("--data")
+            .arg(dir.join("restored-unchained")),
+    )?;
     // One more document with a long history of its own, for the audit export.
     let export_doc = DocId::new("bench/export").context("doc id")?;
     {
@@ -148,6 +163,7 @@ pub fn measure(
         backup_seconds,
         verify_seconds,
         restore_seconds,
+        restore_unchained_seconds,
         copy_seconds,
         raw_verify_per_sec,
         backup_changes_per_sec: rate(backup_seconds),

@@ -604,6 +604,10 @@ async fn run(args: Args) -> Result<()> {
             b.copy_seconds
         ));
         say(format!(
+            "   restore of the same backup as schema 5 wrote it (every change chained) {:.2} s",
+            b.restore_unchained_seconds
+        ));
+        say(format!(
             "   export of one document of {} changes {:.2} s ({:.1} MB); verify-export {:.2} s ({:.0} changes/s)",
             b.export_changes,
             b.export_seconds,

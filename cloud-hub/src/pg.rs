@@ -240,7 +240,7 @@ impl Statements {
                  RETURNING seq, doc, hash",
             )?,
             existing: c.prepare(
-                "SELECT hash FROM log
+                "SELECT hash, seq, chain FROM log
                  WHERE doc = $1 AND author = $2 AND instance = $3 AND actor_seq = $4",
             )?,
             docs: c.prepare(
@@ -830,7 +830,11 @@ impl HubStore for PgHubStore {
                 .map_err(db_error("appending to the log"))?;
             let existing = hash_of(col(&row, 0)?)?;
             out.push(if existing == c.hash() {
-                Appended::Duplicate
+                let seq: i64 = col(&row, 1)?;
+                Appended::Duplicate(Position {
+                    cursor: Cursor(seq as u64),
+                    mark: chain_from(col(&row, 2)?, seq)?.ok_or_else(|| unchained(seq))?,
+                })
             } else {
                 Appended::Conflict { existing }
             });

@@ -1444,16 +1444,23 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             let mut positions: Vec<u64> = Vec::new();
             let mut first = None;
             let mut last = None;
+            // The highest position of the push's changes, stored now or before: the writer's
+            // newest acknowledged write (a change sent again after a lost Ack counts too).
+            let mut highest: Option<Position> = None;
             let mut conflict = None;
             for (c, appended) in stored.by_ref().take(n) {
-                match appended {
+                let at = match appended {
                     Appended::Stored(at) => {
                         fresh.push(c.into_signed());
                         positions.push(at.cursor.0);
                         first.get_or_insert(at.cursor);
                         last = Some(at);
+                        Some(at)
                     }
-                    Appended::Duplicate => self.metrics.changes_duplicate += 1,
+                    Appended::Duplicate(at) => {
+                        self.metrics.changes_duplicate += 1;
+                        Some(at)
+                    }
                     Appended::Conflict { existing } => {
                         self.metrics.reject("conflicting_actor_seq");
                         tracing::warn!(
@@ -1464,7 +1471,11 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                             "refused a change that reuses the actor and sequence number of a stored one"
                         );
                         conflict.get_or_insert((c.hash(), existing, c.automerge().seq()));
+                        None
                     }
+                };
+                if at.is_some_and(|a| highest.is_none_or(|h| a.cursor > h.cursor)) {
+                    highest = at;
                 }
             }
             self.metrics.changes_stored += fresh.len() as u64;
@@ -1493,10 +1504,13 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             match reply {
                 Some(Reply::Ack(push_id)) => {
                     if let Some(s) = self.sessions.get_mut(&session) {
-                        // Version 3: where the push's last new change is, for the writer to
-                        // tell a rolled-back log by (it is not sent its own changes).
+                        // Version 3: where the push's changes are, for the writer to tell a
+                        // rolled-back log by (it is not sent its own changes).
                         s.out.push_back(if s.handshake.speaks(3) {
-                            Message::AckAt(wire::AckAt { push_id, at: last })
+                            Message::AckAt(wire::AckAt {
+                                push_id,
+                                at: highest,
+                            })
                         } else {
                             Message::Ack(Ack { push_id })
                         });

@@ -301,12 +301,17 @@ struct Session {
     /// The session was not reconciled when it started, and has not been since.
     unsettled: bool,
     /// Acknowledgements taken before the session was reconciled: the outbox rows they
-    /// acknowledged, and the newest position.
+    /// acknowledged, and the highest position.
     held_rows: Vec<i64>,
     held_at: Option<crate::wire::Position>,
     /// A subscription of the session was repaired from a rolled-back log: once reconciled,
     /// the written position names nothing the log needs to be checked for.
     repaired_rollback: bool,
+    /// The written position recorded before the session was sent in a `Resume` (or there is
+    /// none), or one of this session's acknowledgements has replaced it: it names this log.
+    /// Until then, it is replaced by the first position acknowledged, not kept if higher
+    /// (it may name a log this one is not: the hub never checked it).
+    written_checked: bool,
     synced: HashSet<Target>,
     failed: bool,
 }
@@ -1102,6 +1107,7 @@ impl Replica {
             unsettled: false,
             held_rows: Vec::new(),
             held_at: None,
+            written_checked: true,
             repaired_rollback: false,
             reconciling: HashSet::new(),
             deferred: Vec::new(),
@@ -1202,6 +1208,7 @@ impl Replica {
                         state: "closed",
                     })?;
                     let marks = s.handshake.speaks(3);
+                    s.written_checked = written.is_none();
                     for sub in subs {
                         let target = sub.target;
                         // A subscription that never caught up reads from the start, in the log
@@ -1220,6 +1227,7 @@ impl Replica {
                         let resume = marks && (mark.is_some() || written.is_some());
                         if resume {
                             s.checking.insert(target.clone());
+                            s.written_checked |= written.is_some();
                         }
                         s.out.push_back(if resume {
                             Message::Resume(Box::new(Resume {
@@ -1319,12 +1327,18 @@ impl Replica {
                 // A duplicate acknowledgement is harmless: the rows are gone already.
                 if let Some(f) = s.inflight.remove(&push_id) {
                     if s.reconciled() {
-                        self.store.ack_outbox(&f.rows, s.hub_epoch, at)?;
+                        self.store
+                            .ack_outbox(&f.rows, s.hub_epoch, at, !s.written_checked)?;
+                        s.written_checked |= at.is_some();
                     } else {
                         // Kept in the outbox (sent again if the session breaks first) until
                         // the session is reconciled: see `Session::reconciled`.
                         s.held_rows.extend_from_slice(&f.rows);
-                        s.held_at = at.or(s.held_at.take());
+                        // The highest: a change sent again is acknowledged where it was.
+                        s.held_at = match (at, s.held_at.take()) {
+                            (Some(a), Some(h)) if h.cursor > a.cursor => Some(h),
+                            (a, h) => a.or(h),
+                        };
                         s.unsettled = true;
                     }
                     self.push_event(Event::Acknowledged {
@@ -1578,8 +1592,11 @@ impl Replica {
                 s.held_at.take(),
                 s.hub_epoch,
             );
-            let cleared = std::mem::take(&mut s.repaired_rollback) && at.is_none();
-            self.store.ack_outbox(&rows, epoch, at)?;
+            let repaired = std::mem::take(&mut s.repaired_rollback);
+            let cleared = repaired && at.is_none();
+            let replace = repaired || !s.written_checked;
+            s.written_checked |= at.is_some();
+            self.store.ack_outbox(&rows, epoch, at, replace)?;
             if cleared {
                 // The repair uploaded what the rolled-back log lacked: the old position
                 // would only make every later session repair again.

@@ -219,19 +219,20 @@ pub struct Resume {
     pub cursor: Cursor,
     /// The signature of the change the replica received at `cursor`, if it knows it.
     pub mark: Option<Mark>,
-    /// The newest position of the replica's own changes that the hub acknowledged (an
+    /// The highest position of the replica's own changes that the hub acknowledged (an
     /// [`AckAt`]) in `epoch`: a writer is not sent its own changes, so its cursor says
     /// nothing of them.
     pub written: Option<Position>,
 }
 
-/// Hub to replica (version 3, in place of [`Ack`]): the same, with the position and mark of
-/// the last change of the push this commit stored (`None`: all were stored before).
+/// Hub to replica (version 3, in place of [`Ack`]): the same, with the highest position of
+/// the push's changes in the log and the mark there, whether this commit stored them or they
+/// were stored before (`None` from older hubs when all were stored before).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AckAt {
     /// The push.
     pub push_id: u64,
-    /// Where its last newly stored change is.
+    /// Where its highest change is.
     pub at: Option<Position>,
 }
 

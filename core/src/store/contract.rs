@@ -54,7 +54,8 @@ pub fn check(store: &mut dyn HubStore) {
 
     // Appends: positions grow in input order, one group commit at a time.
     let ca = changes(&alice, &a, [1; 8], 5);
-    let first = stored(&store.append(&ca[..3]).unwrap());
+    let appended = store.append(&ca[..3]).unwrap();
+    let first = stored(&appended);
     assert!(first.windows(2).all(|w| w[0] < w[1]), "{first:?}");
     let cb = changes(&bob, &b, [2; 8], 2);
     let mut batch = ca[3..].to_vec();
@@ -64,10 +65,17 @@ pub fn check(store: &mut dyn HubStore) {
     let end = store.last_cursor().unwrap();
     assert_eq!(end.0, *second.last().unwrap());
 
-    // A resent change is a duplicate (also twice in one batch); another change under a used
-    // actor and sequence number is a conflict naming the stored one; nothing moves.
+    // A resent change is a duplicate at its position, with its chain (also twice in one
+    // batch); another change under a used actor and sequence number is a conflict naming the
+    // stored one; nothing moves.
     let dup = store.append(&[ca[0].clone(), ca[0].clone()]).unwrap();
-    assert_eq!(dup, vec![Appended::Duplicate, Appended::Duplicate]);
+    let Appended::Stored(at0) = appended[0] else {
+        panic!("stored")
+    };
+    assert_eq!(
+        dup,
+        vec![Appended::Duplicate(at0), Appended::Duplicate(at0)]
+    );
     let forked = {
         let mut am = automerge::Automerge::new();
         am.set_actor(change::actor_for(&alice.peer_id(), [1; 8]));
@@ -345,7 +353,7 @@ pub fn check(store: &mut dyn HubStore) {
     let got = store.append(&[again[0].clone(), again[1].clone()]).unwrap();
     let passed = chain(Some(&before.mark), &again[0].signed().signature);
     let expected = chain(Some(&passed), &again[1].signed().signature);
-    assert_eq!(got[0], Appended::Duplicate);
+    assert_eq!(got[0], Appended::Duplicate(before));
     assert!(
         matches!(got[1], Appended::Stored(p) if p.mark == expected),
         "{got:?}"

@@ -115,8 +115,8 @@ pub fn chain_from(blob: Option<Vec<u8>>, at: i64) -> Result<Option<Mark>> {
 pub enum Appended {
     /// Stored at this position, with its chain ([`chain`]) as the mark.
     Stored(Position),
-    /// Already stored (a re-sent change): nothing to do.
-    Duplicate,
+    /// Already stored (a re-sent change), at this position of the log: nothing to do.
+    Duplicate(Position),
     /// Not stored: another change of this document already has the same author, actor
     /// instance and sequence number (the author's store was copied and both copies wrote).
     Conflict {
@@ -777,7 +777,7 @@ impl HubStore for SqliteHubStore {
                 .ctx("appending to the log")?;
             let mut existing = tx
                 .prepare_cached(
-                    "SELECT hash FROM log
+                    "SELECT hash, seq, chain FROM log
                      WHERE doc = ?1 AND author = ?2 AND instance = ?3 AND actor_seq = ?4",
                 )
                 .ctx("appending to the log")?;
@@ -814,7 +814,7 @@ impl HubStore for SqliteHubStore {
                     }));
                     continue;
                 }
-                let stored: Vec<u8> = existing
+                let (stored, seq, at): (Vec<u8>, i64, Option<Vec<u8>>) = existing
                     .query_row(
                         params![
                             c.doc().as_str(),
@@ -822,12 +822,15 @@ impl HubStore for SqliteHubStore {
                             &instance[..],
                             actor_seq
                         ],
-                        |r| r.get(0),
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                     )
                     .ctx("appending to the log")?;
                 let stored = hash_from(stored)?;
                 out.push(if stored == c.hash() {
-                    Appended::Duplicate
+                    Appended::Duplicate(Position {
+                        cursor: Cursor(seq as u64),
+                        mark: chain_from(at, seq)?.ok_or_else(|| unchained(seq))?,
+                    })
                 } else {
                     Appended::Conflict { existing: stored }
                 });
@@ -1371,7 +1374,7 @@ pub(super) mod tests {
             s.append(&again)
                 .unwrap()
                 .iter()
-                .all(|a| *a == Appended::Duplicate)
+                .all(|a| matches!(a, Appended::Duplicate(_)))
         );
         // A copied store: same actor, same sequence numbers, different values.
         let forked = signed_changes(&who, &doc, [1; 8], 2, 1);
@@ -1442,7 +1445,7 @@ pub(super) mod tests {
             s.append(&changes)
                 .unwrap()
                 .iter()
-                .all(|a| *a == Appended::Duplicate)
+                .all(|a| matches!(a, Appended::Duplicate(_)))
         );
         let next = signed_changes(&who, &doc, [7; 8], 1, 5).pop().unwrap();
         // Positions go on after the migrated ones.

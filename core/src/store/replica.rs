@@ -438,11 +438,24 @@ impl ReplicaStore {
 
     /// Removes acknowledged rows from the outbox (durably), recording the acknowledging hub's
     /// epoch in the same transaction.
-    /// With `at` (protocol version 3), the position of the push's last newly stored change
-    /// becomes the replica's written position in `epoch`. Acknowledgements come in commit
-    /// order, so it replaces the one recorded even when lower: a lower one means the log was
-    /// rolled back and the write stored again, and the old position names nothing now.
-    pub fn ack_outbox(&mut self, rows: &[i64], epoch: Epoch, at: Option<Position>) -> Result<()> {
+    /// With `at` (protocol version 3), the highest position of the push's changes becomes the
+    /// replica's written position in `epoch` if it is higher than the one recorded there (a
+    /// change sent again after a lost acknowledgement is acknowledged at its old position),
+    /// or with `replace` (a repair from a rolled-back log: the old position names nothing
+    /// now, even when higher).
+    pub fn ack_outbox(
+        &mut self,
+        rows: &[i64],
+        epoch: Epoch,
+        at: Option<Position>,
+        replace: bool,
+    ) -> Result<()> {
+        let at = match (at, self.written()?) {
+            (Some(new), Some((e, old))) if !replace && e == epoch && old.cursor >= new.cursor => {
+                None
+            }
+            (at, _) => at,
+        };
         self.set_synced(true)?;
         let tx = self.conn.transaction().ctx("acknowledging uploads")?;
         tx.execute(
@@ -896,6 +909,30 @@ impl WriteBatch<'_> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_written_position_only_grows_in_one_log_unless_replaced() {
+        use crate::wire::{Mark, Position};
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = super::ReplicaStore::open(&dir.path().join("r.db")).unwrap();
+        let (e1, e2) = (crate::Epoch([1; 16]), crate::Epoch([2; 16]));
+        let at = |n: u64| Position {
+            cursor: crate::Cursor(n),
+            mark: Mark([n as u8; 64]),
+        };
+        store.ack_outbox(&[], e1, Some(at(5)), false).unwrap();
+        // A change sent again, acknowledged where it was stored before: lower, kept out.
+        store.ack_outbox(&[], e1, Some(at(3)), false).unwrap();
+        assert_eq!(store.written().unwrap(), Some((e1, at(5))));
+        store.ack_outbox(&[], e1, Some(at(7)), false).unwrap();
+        assert_eq!(store.written().unwrap(), Some((e1, at(7))));
+        // Another log (a restore) or a repair from a rolled-back one: replaced, even lower.
+        store.ack_outbox(&[], e2, Some(at(2)), false).unwrap();
+        assert_eq!(store.written().unwrap(), Some((e2, at(2))));
+        store.ack_outbox(&[], e2, Some(at(4)), false).unwrap();
+        store.ack_outbox(&[], e2, Some(at(1)), true).unwrap();
+        assert_eq!(store.written().unwrap(), Some((e2, at(1))));
+    }
+
     #[test]
     fn received_changes_commit_unsynced_and_every_other_batch_synced() {
         let dir = tempfile::tempdir().unwrap();

@@ -668,3 +668,50 @@ fn a_writer_that_subscribed_to_nothing_gets_its_writes_back_into_a_restored_hub(
         "the reading the restore lost came back from w"
     );
 }
+
+#[test]
+fn a_write_sent_again_after_a_lost_acknowledgement_is_checked_at_its_position() {
+    // The hub holds c's change (1); a copy of it is taken.
+    let dir = tempfile::tempdir().unwrap();
+    let (file, copy) = (dir.path().join("hub.db"), dir.path().join("hub-copy.db"));
+    let mut h = hub(&file);
+    let mut c = replica(dir.path(), "c", 3);
+    write(&mut c, "before", 0);
+    sync(&mut h, &mut c);
+    drop(h);
+    std::fs::copy(&file, &copy).unwrap();
+
+    // w's first write is committed (2), its acknowledgement lost with the session.
+    let mut h = hub(&file);
+    let mut w = replica(dir.path(), "w", 4);
+    write(&mut w, "w1", 1);
+    assert!(sync_until(&mut h, &mut w, |_, m| matches!(
+        m,
+        Message::AckAt(_)
+    )));
+    assert_eq!(w.status().unwrap().outbox, 1, "not acknowledged yet");
+    // Sent again: a duplicate, acknowledged at its position; that session breaks before its
+    // subscription caught up, so w's cursor says nothing of it.
+    assert!(sync_until(&mut h, &mut w, |_, m| matches!(
+        m,
+        Message::CaughtUpAt(_)
+    )));
+    assert_eq!(w.status().unwrap().outbox, 0, "acknowledged");
+    let (_, written) = w.store().written().unwrap().expect("a written position");
+    assert_eq!(written.cursor.0, 2, "where the hub stored it");
+    drop(h);
+
+    // Rolled back to the copy: w's written position is past the log's end, and its write,
+    // which only w holds, comes back.
+    copy_back(&copy, &file);
+    let mut h = hub(&file);
+    sync(&mut h, &mut w);
+    assert_eq!(h.metrics().cursors_ahead, 1);
+    let mut r = replica(dir.path(), "r", 5);
+    sync(&mut h, &mut r);
+    assert_eq!(
+        r.json(&doc()).unwrap()["w1"],
+        serde_json::json!(1),
+        "w1 came back"
+    );
+}
