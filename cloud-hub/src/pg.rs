@@ -286,6 +286,16 @@ impl PgHubStore {
     pub fn connect(url: &str) -> Result<Self> {
         let mut client = Self::open(url)?;
         migrate(&mut client)?;
+        // Databases from before `dropped_upto` was kept: every position given so far may be a
+        // drop.
+        client
+            .execute(
+                "INSERT INTO counters (key, value)
+                 SELECT 'dropped_upto', CASE WHEN is_called THEN last_value ELSE 0 END
+                 FROM log_seq_seq ON CONFLICT DO NOTHING",
+                &[],
+            )
+            .map_err(db_error("reading the highest dropped position"))?;
         let fresh = Epoch::random();
         client
             .execute(
@@ -903,6 +913,18 @@ impl HubStore for PgHubStore {
         Ok(Cursor(given.max(0) as u64))
     }
 
+    fn dropped_upto(&mut self) -> Result<Cursor> {
+        self.live()?;
+        let row = self
+            .client
+            .query_opt("SELECT value FROM counters WHERE key = 'dropped_upto'", &[])
+            .map_err(db_error("reading the highest dropped position"))?;
+        match row {
+            Some(r) => Ok(Cursor(col::<i64>(&r, 0)?.max(0) as u64)),
+            None => self.high_water(),
+        }
+    }
+
     fn docs_page(
         &mut self,
         target: &Target,
@@ -1091,13 +1113,23 @@ impl HubStore for PgHubStore {
         const WHAT: &str = "dropping an expired document";
         self.live()?;
         let mut tx = self.client.transaction().map_err(db_error(WHAT))?;
-        let changes = tx
-            .execute(
-                "DELETE FROM log WHERE seq IN
-                     (SELECT seq FROM log WHERE doc = $1 ORDER BY seq LIMIT $2)",
+        let row = tx
+            .query_one(
+                "WITH d AS (DELETE FROM log WHERE seq IN
+                     (SELECT seq FROM log WHERE doc = $1 ORDER BY seq LIMIT $2)
+                     RETURNING seq)
+                 SELECT count(*), coalesce(max(seq), 0)::BIGINT FROM d",
                 &[&doc.as_str(), &(limit.min(i64::MAX as usize) as i64)],
             )
             .map_err(db_error(WHAT))?;
+        let changes = col::<i64>(&row, 0)?.max(0) as u64;
+        let upto: i64 = col(&row, 1)?;
+        tx.execute(
+            "INSERT INTO counters (key, value) VALUES ('dropped_upto', $1)
+             ON CONFLICT (key) DO UPDATE SET value = greatest(counters.value, excluded.value)",
+            &[&upto],
+        )
+        .map_err(db_error(WHAT))?;
         let left: bool = tx
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM log WHERE doc = $1)",

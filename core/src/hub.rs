@@ -1242,10 +1242,15 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         if same && !ahead {
             // No change at a marked position counts as another one (the new log may have left
             // it unused: positions have gaps, a refused insert uses one up; the simulation
-            // lost a write so), unless retention runs here: it drops changes, and every
-            // writer and reader of an expired bucket would be repaired whole at its next
-            // session. With retention a gap at a marked position goes unseen.
-            let unknown_is_other = self.retention.is_empty();
+            // lost a write so), unless retention runs here and may have dropped it (at or
+            // below the highest position it dropped a change at): every writer and reader of
+            // an expired bucket would otherwise be repaired whole at its next session. There
+            // a gap at a marked position goes unseen.
+            let dropped = if self.retention.is_empty() {
+                None
+            } else {
+                Some(self.store.dropped_upto()?)
+            };
             let marked = mark
                 .map(|m| Position {
                     cursor: sub.cursor,
@@ -1260,7 +1265,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                     Some(here) => {
                         here.chain != Some(p.mark) && Mark(here.change.signature) != p.mark
                     }
-                    None => unknown_is_other,
+                    None => dropped.is_none_or(|d| p.cursor > d),
                 };
                 if other {
                     rewritten = true;

@@ -289,9 +289,16 @@ pub fn check(store: &mut dyn HubStore) {
     assert_eq!(store.snapshot(&b).unwrap(), None, "per document");
 
     // Retention: a document's changes go oldest first, at most `limit` a call, then the
-    // document (and its snapshot); the others stay, and positions are not reused.
+    // document (and its snapshot); the others stay, and positions are not reused. The
+    // highest position it dropped a change at is kept.
+    assert_eq!(
+        store.dropped_upto().unwrap(),
+        Cursor(0),
+        "nothing dropped yet"
+    );
     let d = store.drop_doc(&a, 3).unwrap();
     assert_eq!((d.changes, d.gone), (3, false));
+    assert_eq!(store.dropped_upto().unwrap(), a_log.entries[2].cursor);
     assert_eq!(store.snapshot(&a).unwrap(), None, "it held dropped changes");
     let left = store
         .read_log(&Target::Doc(a.clone()), Cursor(0), 100)
@@ -335,6 +342,11 @@ pub fn check(store: &mut dyn HubStore) {
     // replica whose cursor is there was not rolled back.
     let newest = store.last_cursor().unwrap();
     assert!(store.drop_doc(&other, 100).unwrap().gone);
+    assert_eq!(
+        store.dropped_upto().unwrap(),
+        newest,
+        "`other` held the newest"
+    );
     assert!(
         store.last_cursor().unwrap() < newest,
         "`other` held the newest"

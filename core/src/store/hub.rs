@@ -235,6 +235,14 @@ pub trait HubStore {
         self.last_cursor()
     }
 
+    /// The highest position at which retention ([`HubStore::drop_doc`]) ever dropped a
+    /// change (0: none). A position above it with no change was never used by this log, or
+    /// the log was rolled back; at or below it, the change may have been dropped. A store
+    /// that does not keep it answers its highest position (every gap may be a drop).
+    fn dropped_upto(&mut self) -> Result<Cursor> {
+        self.high_water()
+    }
+
     /// Documents under `target`, in id order, after `after`, at most `limit`.
     fn docs_page(
         &mut self,
@@ -306,6 +314,9 @@ impl<T: HubStore + ?Sized> HubStore for Box<T> {
     }
     fn high_water(&mut self) -> Result<Cursor> {
         (**self).high_water()
+    }
+    fn dropped_upto(&mut self) -> Result<Cursor> {
+        (**self).dropped_upto()
     }
     fn docs_page(
         &mut self,
@@ -405,6 +416,14 @@ impl SqliteHubStore {
                 e
             }
         };
+        // Stores from before `dropped_upto` was kept: every position given so far may be a
+        // drop.
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) SELECT 'dropped_upto',
+                 coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'log'), 0)",
+            [],
+        )
+        .ctx("reading the highest dropped position")?;
         let mut store = SqliteHubStore { conn, epoch };
         store.backfill_actor_keys()?;
         store.backfill_chains()?;
@@ -915,6 +934,22 @@ impl HubStore for SqliteHubStore {
         Ok(Cursor(given.max(0) as u64))
     }
 
+    fn dropped_upto(&mut self) -> Result<Cursor> {
+        let upto: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'dropped_upto'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .ctx("reading the highest dropped position")?;
+        match upto {
+            Some(n) => Ok(Cursor(n.max(0) as u64)),
+            None => self.high_water(),
+        }
+    }
+
     fn docs_page(
         &mut self,
         target: &Target,
@@ -1081,14 +1116,21 @@ impl HubStore for SqliteHubStore {
     fn drop_doc(&mut self, doc: &DocId, limit: usize) -> Result<Dropped> {
         const WHAT: &str = "dropping an expired document";
         let tx = self.conn.transaction().ctx(WHAT)?;
+        let limit = limit.min(i64::MAX as usize) as i64;
+        tx.prepare_cached(
+            "UPDATE meta SET value = max(value,
+                 coalesce((SELECT max(seq) FROM
+                     (SELECT seq FROM log WHERE doc = ?1 ORDER BY seq LIMIT ?2)), 0))
+             WHERE key = 'dropped_upto'",
+        )
+        .and_then(|mut st| st.execute(params![doc.as_str(), limit]))
+        .ctx(WHAT)?;
         let changes = tx
             .prepare_cached(
                 "DELETE FROM log WHERE seq IN
                      (SELECT seq FROM log WHERE doc = ?1 ORDER BY seq LIMIT ?2)",
             )
-            .and_then(|mut st| {
-                st.execute(params![doc.as_str(), limit.min(i64::MAX as usize) as i64])
-            })
+            .and_then(|mut st| st.execute(params![doc.as_str(), limit]))
             .ctx(WHAT)?;
         let left: bool = tx
             .prepare_cached("SELECT EXISTS (SELECT 1 FROM log WHERE doc = ?1)")

@@ -715,3 +715,53 @@ fn a_write_sent_again_after_a_lost_acknowledgement_is_checked_at_its_position() 
         "w1 came back"
     );
 }
+
+#[test]
+fn on_a_hub_with_retention_a_gap_above_what_it_dropped_still_counts_as_a_rollback() {
+    // Retention runs on this hub (for other documents; it has dropped nothing).
+    let retention = || {
+        vec![
+            syncline_core::rolling::Retention::new(DocPrefix::new("logs/").unwrap(), 3600).unwrap(),
+        ]
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (file, copy, mut a, _b) = five_changes_and_a_copy(dir.path());
+    let mut h = hub(&file);
+    h.set_retention(retention());
+    write(&mut a, "late", 1);
+    sync(&mut h, &mut a);
+    let (_, written) = a.store().written().unwrap().expect("acknowledged");
+    assert_eq!(written.cursor.0, 6);
+    drop(h);
+
+    // Rolled back to the five changes; a duplicate uses position 6 up (no change stored
+    // there) and c's change takes 7: a's written position is a gap of the new log.
+    copy_back(&copy, &file);
+    let mut h = hub(&file);
+    h.set_retention(retention());
+    let first = change_at(&mut h, 1);
+    let dup = syncline_core::change::verify(&doc(), first).unwrap();
+    assert!(matches!(
+        h.store().append(&[dup]).unwrap()[..],
+        [syncline_core::store::Appended::Duplicate(_)]
+    ));
+    let mut c = replica(dir.path(), "c", 3);
+    write(&mut c, "after", 0);
+    sync(&mut h, &mut c);
+    assert_eq!(change_at(&mut h, 7), {
+        let all = Target::Prefix(DocPrefix::all());
+        h.store()
+            .read_log(&all, syncline_core::Cursor(5), 1)
+            .unwrap()
+            .entries[0]
+            .change
+            .clone()
+    });
+
+    // Nothing was dropped at or above 6: the gap is the rollback's, and a's write comes back.
+    sync(&mut h, &mut a);
+    assert_eq!(h.metrics().cursors_rewritten, 1);
+    let mut r = replica(dir.path(), "r", 5);
+    sync(&mut h, &mut r);
+    assert_eq!(r.json(&doc()).unwrap()["late"], serde_json::json!(1));
+}
