@@ -83,6 +83,12 @@ const MIGRATIONS: &[&str] = &[
     // (`syncline_core::store::chain`); older rows are chained by `chain_log` in the same
     // transaction.
     "ALTER TABLE log ADD COLUMN chain BYTEA;",
+    // Version 4: the highest position retention dropped a change at (`dropped_upto`); for an
+    // older database, every position given so far may be a drop (a restore leaves the
+    // sequence uncalled at the next position).
+    "INSERT INTO counters (key, value)
+     SELECT 'dropped_upto', CASE WHEN is_called THEN last_value ELSE last_value - 1 END
+     FROM log_seq_seq ON CONFLICT DO NOTHING;",
 ];
 
 /// The TLS words of libpq's URLs that the driver does not take, taken out of the URL:
@@ -286,16 +292,6 @@ impl PgHubStore {
     pub fn connect(url: &str) -> Result<Self> {
         let mut client = Self::open(url)?;
         migrate(&mut client)?;
-        // Databases from before `dropped_upto` was kept: every position given so far may be a
-        // drop.
-        client
-            .execute(
-                "INSERT INTO counters (key, value)
-                 SELECT 'dropped_upto', CASE WHEN is_called THEN last_value ELSE 0 END
-                 FROM log_seq_seq ON CONFLICT DO NOTHING",
-                &[],
-            )
-            .map_err(db_error("reading the highest dropped position"))?;
         let fresh = Epoch::random();
         client
             .execute(
@@ -1112,7 +1108,14 @@ impl HubStore for PgHubStore {
     fn drop_doc(&mut self, doc: &DocId, limit: usize) -> Result<Dropped> {
         const WHAT: &str = "dropping an expired document";
         self.live()?;
-        let mut tx = self.client.transaction().map_err(db_error(WHAT))?;
+        // Read committed whatever the server's default: instances sweeping at once raise the
+        // one `dropped_upto` row in turn instead of failing to serialize.
+        let mut tx = self
+            .client
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::ReadCommitted)
+            .start()
+            .map_err(db_error(WHAT))?;
         let row = tx
             .query_one(
                 "WITH d AS (DELETE FROM log WHERE seq IN
@@ -1124,12 +1127,14 @@ impl HubStore for PgHubStore {
             .map_err(db_error(WHAT))?;
         let changes = col::<i64>(&row, 0)?.max(0) as u64;
         let upto: i64 = col(&row, 1)?;
-        tx.execute(
-            "INSERT INTO counters (key, value) VALUES ('dropped_upto', $1)
-             ON CONFLICT (key) DO UPDATE SET value = greatest(counters.value, excluded.value)",
-            &[&upto],
-        )
-        .map_err(db_error(WHAT))?;
+        if changes > 0 {
+            tx.execute(
+                "INSERT INTO counters (key, value) VALUES ('dropped_upto', $1)
+                 ON CONFLICT (key) DO UPDATE SET value = greatest(counters.value, excluded.value)",
+                &[&upto],
+            )
+            .map_err(db_error(WHAT))?;
+        }
         let left: bool = tx
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM log WHERE doc = $1)",

@@ -1246,11 +1246,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             // below the highest position it dropped a change at): every writer and reader of
             // an expired bucket would otherwise be repaired whole at its next session. There
             // a gap at a marked position goes unseen.
-            let dropped = if self.retention.is_empty() {
-                None
-            } else {
-                Some(self.store.dropped_upto()?)
-            };
+            let retention = !self.retention.is_empty();
             let marked = mark
                 .map(|m| Position {
                     cursor: sub.cursor,
@@ -1265,7 +1261,9 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                     Some(here) => {
                         here.chain != Some(p.mark) && Mark(here.change.signature) != p.mark
                     }
-                    None => dropped.is_none_or(|d| p.cursor > d),
+                    // (Read after the change was found missing: a drop committed by another
+                    // instance in between has raised it already.)
+                    None => !retention || p.cursor > self.store.dropped_upto()?,
                 };
                 if other {
                     rewritten = true;

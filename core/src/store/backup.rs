@@ -188,8 +188,8 @@ fn open_live(store: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-/// The oldest schema a backup file may have: those of version 5 (before the chain) read as
-/// well, their changes chained by the restore.
+/// The oldest schema a backup file may have: those of version 5 (before the chain) and 6
+/// (before `dropped_upto`) read as well, migrated and chained by the restore.
 const OLDEST_BACKUP_SCHEMA: u32 = 5;
 
 /// Checks that the live store has this build's schema.
@@ -1144,7 +1144,7 @@ mod tests {
             .unwrap();
         let e = verify(&[old], &mut quiet).unwrap_err().to_string();
         assert!(
-            e.contains("schema version 4") && e.contains("versions 5 to 6"),
+            e.contains("schema version 4") && e.contains("versions 5 to 7"),
             "{e}"
         );
     }

@@ -82,6 +82,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // Version 6: each change's place in a hash chain over the log (see [`chain`]), the mark
     // replicas resume with. Older rows are chained by the hub at open.
     "ALTER TABLE log ADD COLUMN chain BLOB;",
+    // Version 7: the highest position retention dropped a change at
+    // ([`HubStore::dropped_upto`]); for an older store, every position given so far may be
+    // a drop. (A version of its own: an older hub running retention would not raise it.)
+    "INSERT OR IGNORE INTO meta (key, value) SELECT 'dropped_upto',
+         coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'log'), 0);",
 ];
 
 /// The chain of the log up to a change: the hash of the chain before it (all zeros for the
@@ -416,14 +421,6 @@ impl SqliteHubStore {
                 e
             }
         };
-        // Stores from before `dropped_upto` was kept: every position given so far may be a
-        // drop.
-        conn.execute(
-            "INSERT OR IGNORE INTO meta (key, value) SELECT 'dropped_upto',
-                 coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'log'), 0)",
-            [],
-        )
-        .ctx("reading the highest dropped position")?;
         let mut store = SqliteHubStore { conn, epoch };
         store.backfill_actor_keys()?;
         store.backfill_chains()?;
