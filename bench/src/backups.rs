@@ -98,25 +98,22 @@ pub fn measure(
     )?;
     let backup_bytes = std::fs::metadata(&file)?.len();
     let verify_seconds = timed(Command::new(&hub).args(["verify", "--from"]).arg(&file))?;
-    let restore_seconds = timed(
-        Command::new(&hub)
-            .args(["restore", "--from"])
-            .arg(&file)
-            .arg("--data")
-            .arg(dir.join("restored")),
-    )?;
+    let restore = |from: &Path, into: &str| {
+        timed(
+            Command::new(&hub)
+                .args(["restore", "--from"])
+                .arg(from)
+                .arg("--data")
+                .arg(dir.join(into)),
+        )
+    };
+    let restore_seconds = restore(&file, "restored")?;
     // The same backup as schema 5 (before the log's chain) wrote it.
     let unchained = dir.join("unchained.bak");
     std::fs::copy(&file, &unchained)?;
     rusqlite::Connection::open(&unchained)?
         .execute_batch("ALTER TABLE log DROP COLUMN chain; PRAGMA user_version = 5; VACUUM;")?;
-    let restore_unchained_seconds = timed(
-        Command::new(&hub)
-            .args(["restore", "--from"])
-            .arg(&unchained)
-            .arg("--data")
-            .arg(dir.join("restored-unchained")),
-    )?;
+    let restore_unchained_seconds = restore(&unchained, "restored-unchained")?;
     // One more document with a long history of its own, for the audit export.
     let export_doc = DocId::new("bench/export").context("doc id")?;
     {

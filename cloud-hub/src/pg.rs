@@ -21,7 +21,7 @@ use syncline_core::hub::Grant;
 use syncline_core::store::backup;
 use syncline_core::store::{
     Appended, DocHeads, Dropped, HubSnapshot, HubStore, LogBatch, LogEntry, PeerState,
-    SnapshotMeta, actor_key, chain, chain_from, complete_heads, snapshot_epoch, stored_snapshot,
+    SnapshotMeta, actor_key, chain_from, chain_on, complete_heads, snapshot_epoch, stored_snapshot,
     unchained, uncovered_positions,
 };
 use syncline_core::wire::{Mark, Position, Target};
@@ -512,14 +512,7 @@ impl PgHubStore {
             });
         }
         let epoch = Epoch::random();
-        // Read committed whatever the server's default: reads after the lock see the commits
-        // made before it was taken.
-        let mut tx = self
-            .client
-            .build_transaction()
-            .isolation_level(postgres::IsolationLevel::ReadCommitted)
-            .start()
-            .map_err(db_error("starting the restore"))?;
+        let mut tx = read_committed(&mut self.client).map_err(db_error("starting the restore"))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
             .map_err(db_error("ordering the restore"))?;
         tx.batch_execute("TRUNCATE log, docs, grants, peers")
@@ -548,9 +541,7 @@ impl PgHubStore {
                 let mut actor_seq = Vec::with_capacity(rows.len());
                 let mut chains = Vec::with_capacity(rows.len());
                 for r in rows {
-                    let m = chain(head.as_ref(), &r.signature);
-                    head = Some(m);
-                    chains.push(m.0.to_vec());
+                    chains.push(chain_on(&mut head, &r.signature).0.to_vec());
                     seq.push(r.seq);
                     doc.push(r.doc);
                     for (col, v) in blobs.iter_mut().zip([
@@ -638,6 +629,18 @@ fn signature_of(bytes: Vec<u8>, seq: i64) -> Result<[u8; 64]> {
         .map_err(|_| corrupt("signature in the hub log", format!("seq {seq}")))
 }
 
+/// A transaction that reads what committed before each statement, whatever the server's
+/// default isolation: appends, restores and retention read the log's end (the chain's head,
+/// the highest dropped position) after taking a lock, and must see the commits before it.
+fn read_committed(
+    client: &mut Client,
+) -> std::result::Result<postgres::Transaction<'_>, postgres::Error> {
+    client
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::ReadCommitted)
+        .start()
+}
+
 /// Chains the changes stored before schema version 3, in order, a page at a time, with
 /// progress in the log.
 fn chain_log(tx: &mut postgres::Transaction<'_>) -> std::result::Result<(), postgres::Error> {
@@ -664,10 +667,8 @@ fn chain_log(tx: &mut postgres::Transaction<'_>) -> std::result::Result<(), post
         for r in &rows {
             let seq: i64 = r.try_get(0)?;
             let sig: Vec<u8> = r.try_get(1)?;
-            let m = chain(head.as_ref(), &sig);
-            head = Some(m);
             seqs.push(seq);
-            chains.push(m.0.to_vec());
+            chains.push(chain_on(&mut head, &sig).0.to_vec());
             after = seq;
         }
         tx.execute(&write, &[&seqs, &chains])?;
@@ -770,14 +771,7 @@ impl HubStore for PgHubStore {
             seqs.push(actor_seq);
         }
         let st = &self.statements;
-        // Read committed whatever the server's default: the chain's head is read after the
-        // lock, and must be the last commit's (a snapshot taken before the lock would not).
-        let mut tx = self
-            .client
-            .build_transaction()
-            .isolation_level(postgres::IsolationLevel::ReadCommitted)
-            .start()
-            .map_err(db_error("starting a commit"))?;
+        let mut tx = read_committed(&mut self.client).map_err(db_error("starting a commit"))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
             .map_err(db_error("ordering the commit"))?;
         tx.batch_execute(&format!("NOTIFY {COMMITS_CHANNEL}"))
@@ -798,11 +792,7 @@ impl HubStore for PgHubStore {
         };
         let marks: Vec<Mark> = changes
             .iter()
-            .map(|c| {
-                let m = chain(head.as_ref(), &c.signed().signature);
-                head = Some(m);
-                m
-            })
+            .map(|c| chain_on(&mut head, &c.signed().signature))
             .collect();
         let chains: Vec<&[u8]> = marks.iter().map(|m| &m.0[..]).collect();
         let rows = tx
@@ -1108,14 +1098,9 @@ impl HubStore for PgHubStore {
     fn drop_doc(&mut self, doc: &DocId, limit: usize) -> Result<Dropped> {
         const WHAT: &str = "dropping an expired document";
         self.live()?;
-        // Read committed whatever the server's default: instances sweeping at once raise the
-        // one `dropped_upto` row in turn instead of failing to serialize.
-        let mut tx = self
-            .client
-            .build_transaction()
-            .isolation_level(postgres::IsolationLevel::ReadCommitted)
-            .start()
-            .map_err(db_error(WHAT))?;
+        // (Instances sweeping at once then raise the one `dropped_upto` row in turn instead of
+        // failing to serialize.)
+        let mut tx = read_committed(&mut self.client).map_err(db_error(WHAT))?;
         let row = tx
             .query_one(
                 "WITH d AS (DELETE FROM log WHERE seq IN

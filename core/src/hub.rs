@@ -1151,7 +1151,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         match msg {
             Message::Subscribe(sub) => self.subscribe(id, peer, sub, None, None)?,
             Message::Resume(r) => {
-                s.handshake.require_v3("Resume")?;
+                s.handshake.require(3, "Resume")?;
                 let sub = Subscribe {
                     target: r.target,
                     epoch: r.epoch,
@@ -1477,9 +1477,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                         None
                     }
                 };
-                if at.is_some_and(|a| highest.is_none_or(|h| a.cursor > h.cursor)) {
-                    highest = at;
-                }
+                highest = highest.into_iter().chain(at).max_by_key(|p| p.cursor);
             }
             self.metrics.changes_stored += fresh.len() as u64;
             if let (Some(doc), false) = (&doc, fresh.is_empty()) {
@@ -3202,7 +3200,7 @@ mod tests {
     /// `resume` when given); returns the session, still open, and what the hub sent after the
     /// handshake.
     fn session_of_version(
-        hub: &mut Hub<SqliteHubStore, AllowAll>,
+        hub: &mut MemHub,
         version: u16,
         resume: Option<wire::Resume>,
     ) -> (SessionId, Vec<Message>) {
@@ -3252,12 +3250,7 @@ mod tests {
     /// the hub takes either mark, and repairs on neither.
     #[test]
     fn a_version_3_replica_gets_changes_without_marks_and_resumes_with_a_signature() {
-        let mut hub = Hub::new(
-            Identity::generate(),
-            SqliteHubStore::open_in_memory().unwrap(),
-            AllowAll,
-            None,
-        );
+        let mut hub = mem_hub();
         let doc = DocId::new("v3/doc").unwrap();
         let mut w = replica();
         let ws = connect(&mut hub, &mut w);

@@ -103,11 +103,6 @@ impl Handshake {
         self.version().unwrap_or(1) >= v
     }
 
-    /// Refuses `message`, one of version 3's, in a session of an older version.
-    pub(crate) fn require_v3(&self, message: &'static str) -> Result<(), ProtocolError> {
-        self.require(3, message)
-    }
-
     /// Refuses a message of version `version` in a session of an older one.
     pub(crate) fn require(&self, version: u16, message: &'static str) -> Result<(), ProtocolError> {
         if self.speaks(version) {

@@ -1299,7 +1299,7 @@ impl Replica {
                 })?;
             }
             Message::CaughtUpAt(c) => {
-                s.handshake.require_v3("CaughtUpAt")?;
+                s.handshake.require(3, "CaughtUpAt")?;
                 self.flush()?;
                 self.on_caught_up(*c)?;
             }
@@ -1318,7 +1318,7 @@ impl Replica {
             Message::Ack(_) | Message::AckAt(_) => {
                 let (push_id, at) = match msg {
                     Message::AckAt(a) => {
-                        s.handshake.require_v3("AckAt")?;
+                        s.handshake.require(3, "AckAt")?;
                         (a.push_id, a.at)
                     }
                     Message::Ack(a) => (a.push_id, None),
@@ -1335,10 +1335,7 @@ impl Replica {
                         // the session is reconciled: see `Session::reconciled`.
                         s.held_rows.extend_from_slice(&f.rows);
                         // The highest: a change sent again is acknowledged where it was.
-                        s.held_at = match (at, s.held_at.take()) {
-                            (Some(a), Some(h)) if h.cursor > a.cursor => Some(h),
-                            (a, h) => a.or(h),
-                        };
+                        s.held_at = s.held_at.into_iter().chain(at).max_by_key(|p| p.cursor);
                         s.unsettled = true;
                     }
                     self.push_event(Event::Acknowledged {

@@ -104,6 +104,13 @@ pub fn chain(prev: Option<&Mark>, signature: &[u8]) -> Mark {
     Mark(h.finalize().into())
 }
 
+/// Chains `signature` on from `head`, which moves to the result: the next change's chain.
+pub fn chain_on(head: &mut Option<Mark>, signature: &[u8]) -> Mark {
+    let next = chain(head.as_ref(), signature);
+    *head = Some(next);
+    next
+}
+
 /// A chain read from a store (`None` for a row not chained yet).
 pub fn chain_from(blob: Option<Vec<u8>>, at: i64) -> Result<Option<Mark>> {
     blob.map(|b| {
@@ -431,13 +438,18 @@ impl SqliteHubStore {
     /// with progress in the log.
     fn backfill_chains(&mut self) -> Result<()> {
         let what = "chaining the log";
-        let count = |c: &Connection| -> Result<i64> {
-            c.query_row("SELECT count(*) FROM log WHERE chain IS NULL", [], |r| {
-                r.get(0)
-            })
+        // Unchained rows, when there are any, reach the log's end (a migration leaves every
+        // row, a restore the rows of its incremental backups, and an append refuses to chain
+        // past one): one look at the last row, not a scan of the log at every start.
+        let unchained = |c: &Connection| -> Result<bool> {
+            c.query_row(
+                "SELECT coalesce((SELECT chain IS NULL FROM log ORDER BY seq DESC LIMIT 1), 0)",
+                [],
+                |r| r.get(0),
+            )
             .ctx("reading the log")
         };
-        if count(&self.conn)? == 0 {
+        if !unchained(&self.conn)? {
             return Ok(());
         }
         // Under the write lock (another instance may open the file at the same time).
@@ -445,10 +457,14 @@ impl SqliteHubStore {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .ctx(what)?;
-        let todo = count(&tx)?;
-        if todo == 0 {
+        if !unchained(&tx)? {
             return Ok(());
         }
+        let todo: i64 = tx
+            .query_row("SELECT count(*) FROM log WHERE chain IS NULL", [], |r| {
+                r.get(0)
+            })
+            .ctx(what)?;
         tracing::info!(changes = todo, "chaining stored changes");
         {
             let mut read = tx
@@ -467,9 +483,8 @@ impl SqliteHubStore {
                     continue;
                 }
                 let signature = signature_from(row.get(1).ctx(what)?, seq)?;
-                let c = chain(head.as_ref(), &signature);
+                let c = chain_on(&mut head, &signature);
                 write.execute(params![seq, &c.0[..]]).ctx(what)?;
-                head = Some(c);
                 done += 1;
                 if done.is_multiple_of(100_000) {
                     tracing::info!(done, of = todo, "chaining stored changes");
@@ -808,8 +823,7 @@ impl HubStore for SqliteHubStore {
                     last_doc = Some(c.doc());
                 }
                 let (instance, actor_seq) = actor_key(c);
-                let mark = chain(head.as_ref(), &c.signed().signature);
-                head = Some(mark);
+                let mark = chain_on(&mut head, &c.signed().signature);
                 let n = insert
                     .execute(params![
                         c.doc().as_str(),

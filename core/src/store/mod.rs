@@ -14,8 +14,8 @@ mod sqlite;
 pub(crate) use hub::tests::signed_changes;
 pub use hub::{
     Appended, DocHeads, Dropped, HubSnapshot, HubStore, LogBatch, LogEntry, PeerState,
-    SnapshotMeta, SqliteHubStore, actor_key, chain, chain_from, complete_heads, snapshot_epoch,
-    stored_snapshot, unchained, uncovered_positions,
+    SnapshotMeta, SqliteHubStore, actor_key, chain, chain_from, chain_on, complete_heads,
+    snapshot_epoch, stored_snapshot, unchained, uncovered_positions,
 };
 pub use key::StoreKey;
 pub use replica::{OutboxEntry, ReplicaStore, StoredChange, StoredDoc, Subscription, WriteBatch};

@@ -420,12 +420,7 @@ fn acknowledged_but_never_caught_up(dir: &Path) -> (PathBuf, PathBuf, Replica, R
     std::fs::copy(&file, &copy).unwrap();
 
     let mut h = hub(&file);
-    let mut a = Replica::open(
-        &dir.join("a.db"),
-        Identity::from_seed([1; 32]),
-        syncline_core::replica::ReplicaOptions::default(),
-    )
-    .unwrap();
+    let mut a = crate::support::bare_replica(dir, "a", 1);
     a.subscribe(Target::Prefix(DocPrefix::new("plant/").unwrap()))
         .unwrap();
     put_in(&mut a, &lost, "first", 1);
@@ -589,12 +584,7 @@ fn a_reader_whose_marked_change_came_back_to_its_position_gets_what_was_stored_b
     put_in(&mut b, &DocId::new("plant/other").unwrap(), "b1", 1);
     sync(&mut h, &mut b);
     let own = DocId::new("plant/w").unwrap();
-    let mut w = Replica::open(
-        &dir.path().join("w.db"),
-        Identity::from_seed([6; 32]),
-        syncline_core::replica::ReplicaOptions::default(),
-    )
-    .unwrap();
+    let mut w = crate::support::bare_replica(dir.path(), "w", 6);
     w.subscribe(Target::Doc(own.clone())).unwrap();
     put_in(&mut w, &own, "w1", 1);
     sync(&mut h, &mut w);
@@ -640,12 +630,7 @@ fn a_writer_that_subscribed_to_nothing_gets_its_writes_back_into_a_restored_hub(
     let (file, copy) = (dir.path().join("hub.db"), dir.path().join("hub-copy.db"));
     let mut h = hub(&file);
     let readings = DocId::new("plant/readings").unwrap();
-    let mut w = Replica::open(
-        &dir.path().join("w.db"),
-        Identity::from_seed([6; 32]),
-        syncline_core::replica::ReplicaOptions::default(),
-    )
-    .unwrap();
+    let mut w = crate::support::bare_replica(dir.path(), "w", 6);
     put_in(&mut w, &readings, "t0", 20);
     sync(&mut h, &mut w);
     drop(h);

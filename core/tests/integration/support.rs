@@ -79,12 +79,17 @@ pub fn sync_through(
 
 /// A replica on `dir/NAME.db` with the key of `seed`, subscribed to `doc`.
 pub fn replica_of(dir: &Path, name: &str, seed: u8, doc: DocId) -> Replica {
-    let mut r = Replica::open(
+    let mut r = bare_replica(dir, name, seed);
+    r.subscribe(Target::Doc(doc)).unwrap();
+    r
+}
+
+/// A replica on `DIR/NAME.db` with key seed `seed`, subscribed to nothing.
+pub fn bare_replica(dir: &Path, name: &str, seed: u8) -> Replica {
+    Replica::open(
         &dir.join(format!("{name}.db")),
         Identity::from_seed([seed; 32]),
         ReplicaOptions::default(),
     )
-    .unwrap();
-    r.subscribe(Target::Doc(doc)).unwrap();
-    r
+    .unwrap()
 }
