@@ -42,6 +42,8 @@ pub struct FileConfig {
     pub retention: Vec<RetentionConfig>,
     /// Compact a document once it gained this many changes (0: never).
     pub compact_after: Option<u64>,
+    /// Milliseconds between two checks for grants changed elsewhere.
+    pub grants_poll_ms: Option<u64>,
 }
 
 /// One `[[retention]]` table of the hub's config file: the rolling buckets under `prefix`
@@ -79,7 +81,8 @@ impl FileConfig {
         let mut cfg: FileConfig = toml::from_str(&text).map_err(|e| {
             usage(format!(
                 "the config file {} is not valid: {e}\nknown keys: listen, metrics, ws, \
-                 ws_tls, max_connections, data, cert, key, log, store, compact_after, [[retention]]",
+                 ws_tls, max_connections, data, cert, key, log, store, compact_after, \
+                 grants_poll_ms, [[retention]]",
                 path.display()
             ))
         })?;
@@ -119,6 +122,8 @@ pub struct Overrides {
     pub store: Option<String>,
     /// `--max-connections` / `SYNCLINE_MAX_CONNECTIONS`.
     pub max_connections: Option<usize>,
+    /// `--grants-poll-ms` / `SYNCLINE_GRANTS_POLL_MS`.
+    pub grants_poll_ms: Option<u64>,
 }
 
 /// Where the hub's TLS certificate comes from.
@@ -163,6 +168,9 @@ pub struct Settings {
     /// Compaction: after how many new changes a document is snapshotted (`None`: never;
     /// config file only).
     pub compact_after: Option<u64>,
+    /// How often the hub looks for grants changed by the CLI or another instance, when no
+    /// notification told it (a shared PostgreSQL store notifies every change at once).
+    pub grants_poll: std::time::Duration,
 }
 
 /// Where a hub's store is.
@@ -247,6 +255,16 @@ pub fn resolve(over: Overrides, file: FileConfig) -> anyhow::Result<Settings> {
         .iter()
         .map(RetentionConfig::to_rule)
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let grants_poll = match over.grants_poll_ms.or(file.grants_poll_ms) {
+        Some(0) => {
+            return Err(usage(
+                "grants_poll_ms is 0: give the milliseconds between two checks of the grants \
+                 (at least 1; default 250)",
+            ));
+        }
+        Some(ms) => std::time::Duration::from_millis(ms),
+        None => crate::GRANTS_POLL,
+    };
     let compact_after = match file.compact_after {
         Some(0) => None,
         Some(n) => Some(n),
@@ -255,6 +273,7 @@ pub fn resolve(over: Overrides, file: FileConfig) -> anyhow::Result<Settings> {
     Ok(Settings {
         retention,
         compact_after,
+        grants_poll,
         listen,
         metrics,
         ws,
@@ -330,10 +349,13 @@ mod tests {
             data: Some("/from/file".into()),
             log: Some("debug".into()),
             max_connections: Some(500),
+            store: Some("postgres://hub@db:5432/syncline".into()),
+            grants_poll_ms: Some(1_000),
             ..FileConfig::default()
         };
         let over = Overrides {
             listen: Some("127.0.0.1:6000".into()),
+            grants_poll_ms: Some(60_000),
             ..Overrides::default()
         };
         let s = resolve(over, file).unwrap();
@@ -344,6 +366,11 @@ mod tests {
         assert_eq!(s.log, "debug");
         assert_eq!(s.tls, TlsSource::SelfSigned);
         assert_eq!(s.max_connections, 500);
+        assert_eq!(
+            s.store,
+            StoreLocation::Postgres("postgres://hub@db:5432/syncline".into())
+        );
+        assert_eq!(s.grants_poll, std::time::Duration::from_secs(60));
 
         let s = resolve(
             Overrides {
@@ -357,6 +384,8 @@ mod tests {
         assert_eq!(s.metrics, None);
         assert_eq!(s.log, DEFAULT_LOG);
         assert_eq!(s.max_connections, 10_000);
+        assert_eq!(s.store, StoreLocation::Sqlite);
+        assert_eq!(s.grants_poll, crate::GRANTS_POLL);
     }
 
     #[test]
@@ -385,6 +414,14 @@ mod tests {
         })));
         assert!(is_usage(with(Overrides {
             max_connections: Some(0),
+            ..Overrides::default()
+        })));
+        assert!(is_usage(with(Overrides {
+            grants_poll_ms: Some(0),
+            ..Overrides::default()
+        })));
+        assert!(is_usage(with(Overrides {
+            store: Some("mysql://db/syncline".into()),
             ..Overrides::default()
         })));
     }

@@ -21,8 +21,9 @@ pub mod pg;
 pub mod service;
 pub mod ws;
 
-/// How often a running hub checks the store's grants version (grants changed by the CLI,
-/// or by another process, hold on live sessions within this).
+/// How often a running hub checks the store's grants version by default (grants changed by
+/// the CLI, or by another process, hold on live sessions within this; on a shared PostgreSQL
+/// store, a notification makes every instance reload them at once).
 pub const GRANTS_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// An error in what the operator asked for (a bad flag, key, file or setting): the binary

@@ -221,7 +221,7 @@ impl StoreArgs {
 #[derive(Debug, Args)]
 struct RunArgs {
     /// A TOML config file with any of the keys listen, metrics, ws, ws_tls, max_connections,
-    /// data, cert, key, log, store, and `[[retention]]` tables (relative paths are taken from
+    /// data, cert, key, log, store, compact_after, grants_poll_ms, and `[[retention]]` tables (relative paths are taken from
     /// the file's folder).
     #[arg(long, env = "SYNCLINE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -273,6 +273,11 @@ struct RunArgs {
     /// retry with backoff [default: 10000].
     #[arg(long, env = "SYNCLINE_MAX_CONNECTIONS", value_name = "N")]
     max_connections: Option<usize>,
+    /// How often to look for grants changed by `syncline-hub grant`/`revoke` or another
+    /// instance, when nothing told this one: a shared PostgreSQL store notifies every change
+    /// at once, and this poll is the fallback [default: 250].
+    #[arg(long, env = "SYNCLINE_GRANTS_POLL_MS", value_name = "MS")]
+    grants_poll_ms: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -320,6 +325,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 log: args.log.or_else(|| std::env::var("RUST_LOG").ok()),
                 store: args.store,
                 max_connections: args.max_connections,
+                grants_poll_ms: args.grants_poll_ms,
             };
             let mut settings = config::resolve(over, file)?;
             settings.peers = config::peers(&args.peers, &args.peer_fingerprints)?;

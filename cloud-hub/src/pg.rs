@@ -34,6 +34,9 @@ const MIGRATE_LOCK: i64 = APPEND_LOCK + 1;
 /// The channel every append notifies in its transaction (PostgreSQL delivers it at commit):
 /// the other instances read the log as soon as it grew instead of at their next poll.
 const COMMITS_CHANNEL: &str = "syncline_commits";
+/// The channel every change of the grants notifies in its transaction: every instance
+/// reloads them at once instead of at its next poll.
+const GRANTS_CHANNEL: &str = "syncline_grants";
 
 /// The schema, one entry per version; `syncline_schema` holds how many are applied.
 const MIGRATIONS: &[&str] = &[
@@ -278,6 +281,10 @@ pub struct PgHubStore {
     client: Client,
     statements: Statements,
     epoch: Epoch,
+    /// Whether the server takes `NOTIFY` (PostgreSQL does; some engines that speak its
+    /// protocol do not): without it, commits and grant changes reach the other instances at
+    /// their polls.
+    notifies: bool,
 }
 
 impl std::fmt::Debug for PgHubStore {
@@ -309,11 +316,19 @@ impl PgHubStore {
                 .map_err(|_| corrupt("epoch", "not 16 bytes"))?,
         );
         let statements = Statements::prepare(&mut client).map_err(db_error("preparing"))?;
+        let notifies = match client.batch_execute("NOTIFY syncline_probe") {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "this database does not take NOTIFY: other instances see this one's commits and grant changes at their polls (every 20 ms and every grants_poll_ms)");
+                false
+            }
+        };
         Ok(PgHubStore {
             url: url.to_owned(),
             client,
             statements,
             epoch,
+            notifies,
         })
     }
 
@@ -384,17 +399,36 @@ fn connect_error(e: tokio_postgres::Error) -> Error {
     }
 }
 
-/// Listens on a connection of its own for the commits of every instance sharing the store
-/// at `url` (their appends notify [`COMMITS_CHANNEL`]), and calls `committed` for each. Runs
-/// until that connection fails, and returns why: the caller retries, and polls the log
-/// meanwhile.
-pub async fn follow_commits(url: &str, committed: impl Fn()) -> Result<std::convert::Infallible> {
+/// What another instance (or the CLI) changed in a shared store, as [`follow_store`] hears it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreNews {
+    /// An append committed: the log grew.
+    Commit,
+    /// A grant or revocation committed: the grants version moved.
+    Grants,
+}
+
+/// Listens on a connection of its own for what every instance sharing the store at `url`
+/// commits (appends notify [`COMMITS_CHANNEL`], grant changes [`GRANTS_CHANNEL`]; PostgreSQL
+/// delivers both at commit), and calls `heard` for each, and for each of the two once it
+/// listens (for what committed before). Runs until that connection fails, and returns why:
+/// the caller retries, and polls meanwhile.
+pub async fn follow_store(
+    url: &str,
+    heard: impl Fn(StoreNews),
+) -> Result<std::convert::Infallible> {
     let (config, tls) = connect_config(url)?;
     let (client, mut connection) = config.connect(tls).await.map_err(connect_error)?;
     let notifications = async {
         loop {
             match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => committed(),
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    heard(if n.channel() == GRANTS_CHANNEL {
+                        StoreNews::Grants
+                    } else {
+                        StoreNews::Commit
+                    });
+                }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(e),
                 None => return Ok(()),
@@ -403,9 +437,14 @@ pub async fn follow_commits(url: &str, committed: impl Fn()) -> Result<std::conv
     };
     let listen = async {
         client
-            .batch_execute(&format!("LISTEN {COMMITS_CHANNEL}"))
+            .batch_execute(&format!(
+                "LISTEN {COMMITS_CHANNEL}; LISTEN {GRANTS_CHANNEL}"
+            ))
             .await?;
-        tracing::debug!("following the commits of other instances");
+        tracing::debug!("following the commits and grant changes of other instances");
+        // What was committed before the LISTEN took effect was not notified: read it now.
+        heard(StoreNews::Commit);
+        heard(StoreNews::Grants);
         std::future::pending::<std::result::Result<(), tokio_postgres::Error>>().await
     };
     let ended = tokio::select! {
@@ -590,7 +629,7 @@ impl PgHubStore {
             )
             .map_err(db_error("restoring grants"))?;
         }
-        bump_grants_version(&mut tx)?;
+        bump_grants_version(&mut tx, self.notifies)?;
         tx.execute(
             "UPDATE meta SET value = $1 WHERE key = 'epoch'",
             &[&&epoch.0[..]],
@@ -774,8 +813,10 @@ impl HubStore for PgHubStore {
         let mut tx = read_committed(&mut self.client).map_err(db_error("starting a commit"))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
             .map_err(db_error("ordering the commit"))?;
-        tx.batch_execute(&format!("NOTIFY {COMMITS_CHANNEL}"))
-            .map_err(db_error("appending to the log"))?;
+        if self.notifies {
+            tx.batch_execute(&format!("NOTIFY {COMMITS_CHANNEL}"))
+                .map_err(db_error("appending to the log"))?;
+        }
         tx.execute(&st.docs, &[&docs])
             .map_err(db_error("appending to the log"))?;
         // The chain goes on from the last change stored, under the append lock; every change
@@ -989,7 +1030,7 @@ impl HubStore for PgHubStore {
             ],
         )
         .map_err(db_error("granting"))?;
-        bump_grants_version(&mut tx)?;
+        bump_grants_version(&mut tx, self.notifies)?;
         tx.commit().map_err(db_error("granting"))
     }
 
@@ -1005,7 +1046,7 @@ impl HubStore for PgHubStore {
             None => tx.execute("DELETE FROM grants WHERE peer = $1", &[&key]),
         }
         .map_err(db_error("revoking"))?;
-        bump_grants_version(&mut tx)?;
+        bump_grants_version(&mut tx, self.notifies)?;
         tx.commit().map_err(db_error("revoking"))?;
         Ok(n as usize)
     }
@@ -1220,12 +1261,16 @@ impl HubStore for PgHubStore {
     }
 }
 
-fn bump_grants_version(tx: &mut postgres::Transaction<'_>) -> Result<()> {
+fn bump_grants_version(tx: &mut postgres::Transaction<'_>, notify: bool) -> Result<()> {
     tx.execute(
         "UPDATE counters SET value = value + 1 WHERE key = 'grants_version'",
         &[],
     )
     .map_err(db_error("bumping the grants version"))?;
+    if notify {
+        tx.batch_execute(&format!("NOTIFY {GRANTS_CHANNEL}"))
+            .map_err(db_error("notifying the grants change"))?;
+    }
     Ok(())
 }
 

@@ -24,7 +24,7 @@ use crate::config::{Settings, StoreLocation, TlsSource};
 use crate::data::{self, DataDir};
 use crate::metrics::{self, Handle};
 use crate::pg::{self, PgHubStore};
-use crate::{GRANTS_POLL, usage};
+use crate::usage;
 
 /// How long shutdown waits for open connections to end before it drops them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
@@ -138,6 +138,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             StoreLocation::Sqlite => None,
         },
         retains,
+        settings.grants_poll,
     ));
     // Drops whatever connection task is still alive, and with it its hub handle.
     runtime.shutdown_timeout(Duration::from_secs(2));
@@ -166,6 +167,7 @@ async fn serve(
     // The URL of a store shared with other instances, whose commits this one relays.
     shared: Option<String>,
     retains: bool,
+    grants_poll: Duration,
 ) -> anyhow::Result<()> {
     // Signals first: a SIGTERM during startup still shuts down cleanly.
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -213,12 +215,22 @@ async fn serve(
         .collect();
     let grants_applied: metrics::GrantsApplied =
         std::sync::Arc::new(std::sync::atomic::AtomicU64::new(grants_version));
+    // On a shared store, one connection hears what every instance commits and every change
+    // of the grants.
+    let news = shared.map(|url| {
+        let news = std::sync::Arc::new(StoreNews::default());
+        (tokio::spawn(follow_store(url, news.clone())), news)
+    });
     let mut poller = tokio::spawn(poll_grants(
         handle.clone(),
         grants_version,
         grants_applied.clone(),
+        grants_poll,
+        news.as_ref().map(|(_, n)| n.clone()),
     ));
-    let mut tail = shared.map(|url| tokio::spawn(tail_store(handle.clone(), url)));
+    let mut tail = news
+        .as_ref()
+        .map(|(_, n)| tokio::spawn(tail_store(handle.clone(), n.clone())));
     let sweeper = retains.then(|| tokio::spawn(expire_buckets(handle.clone())));
     let compactor = tokio::spawn(compact_docs(handle.clone()));
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -327,6 +339,10 @@ async fn serve(
         t.abort();
         let _ = t.await;
     }
+    if let Some((t, _)) = news {
+        t.abort();
+        let _ = t.await;
+    }
     let _ = stop_ws.send(());
     if let Some(task) = ws_task {
         // Open WebSocket sessions end with the runtime; what they pushed and was
@@ -390,22 +406,27 @@ const RETENTION_BACKLOG_GAP: Duration = Duration::from_millis(25);
 /// tick when nothing is new.
 pub const TAIL_POLL: Duration = Duration::from_millis(20);
 
+/// What [`follow_store`] heard from the shared store, for the tasks that act on it.
+#[derive(Default)]
+struct StoreNews {
+    /// Another instance committed: read the log now.
+    commits: tokio::sync::Notify,
+    /// The grants changed: reload them now.
+    grants: tokio::sync::Notify,
+}
+
 /// Relays what other hub instances commit to the shared store (see `Hub::poll_store`): at
-/// once when PostgreSQL notifies a commit ([`pg::follow_commits`]), and every
-/// [`TAIL_POLL`] in any case. Returns why it stopped: the hub thread stopped, or the store
-/// was restored under this instance (which must restart with the new epoch).
-async fn tail_store(handle: Handle, url: String) -> String {
+/// once when PostgreSQL notifies a commit ([`follow_store`]), and every [`TAIL_POLL`] in
+/// any case. Returns why it stopped: the hub thread stopped, or the store was restored
+/// under this instance (which must restart with the new epoch).
+async fn tail_store(handle: Handle, news: std::sync::Arc<StoreNews>) -> String {
     let mut tick = tokio::time::interval(TAIL_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let committed = tokio::sync::Notify::new();
-    let follow = follow_commits(&url, &committed);
-    tokio::pin!(follow);
     let mut failing = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = committed.notified() => {}
-            () = &mut follow => {}
+            _ = news.commits.notified() => {}
         }
         match handle.call(|hub| hub.poll_store()).await {
             Ok(Ok(_)) => failing = false,
@@ -421,28 +442,34 @@ async fn tail_store(handle: Handle, url: String) -> String {
     }
 }
 
-/// The first pause before listening again for commits after the connection failed; it
-/// doubles up to [`FOLLOW_RETRY_MAX`]. The log is polled meanwhile.
+/// The first pause before listening again after the connection failed; it doubles up to
+/// [`FOLLOW_RETRY_MAX`]. The log and the grants are polled meanwhile.
 const FOLLOW_RETRY: Duration = Duration::from_secs(1);
 const FOLLOW_RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// Listens for the commits of other instances ([`pg::follow_commits`]) and wakes `committed`
-/// for each, reconnecting after a failure (logged once until it works again). Never ends.
-async fn follow_commits(url: &str, committed: &tokio::sync::Notify) {
+/// Listens for the commits and grant changes of every instance ([`pg::follow_store`]) and
+/// wakes the task that acts on each, reconnecting after a failure (logged once until it
+/// works again). Never ends.
+async fn follow_store(url: String, news: std::sync::Arc<StoreNews>) {
     let mut pause = FOLLOW_RETRY;
     let mut failing = false;
     loop {
         let started = tokio::time::Instant::now();
-        let Err(e) = pg::follow_commits(url, || committed.notify_one()).await;
+        let Err(e) = pg::follow_store(&url, |heard| match heard {
+            pg::StoreNews::Commit => news.commits.notify_one(),
+            pg::StoreNews::Grants => news.grants.notify_one(),
+        })
+        .await;
         if !failing {
-            tracing::warn!(error = %e, "not notified of other instances' commits; polling every {} ms meanwhile, retrying", TAIL_POLL.as_millis());
+            tracing::warn!(error = %e, "not notified of other instances' commits and grant changes; polling meanwhile, retrying");
         }
         failing = true;
         if started.elapsed() > FOLLOW_RETRY_MAX {
             pause = FOLLOW_RETRY; // it ran for a while: a fresh failure
         }
-        // Whatever was committed while it was down is read now.
-        committed.notify_one();
+        // Whatever changed while it was down is read now.
+        news.commits.notify_one();
+        news.grants.notify_one();
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(FOLLOW_RETRY_MAX);
     }
@@ -539,18 +566,28 @@ async fn compact_docs(handle: Handle) {
 }
 
 /// Reloads the grants when the store's grants version moves (the CLI or another process
-/// changed them): a grant or a revoke holds within [`GRANTS_POLL`] on live sessions, since
-/// the hub checks its policy on every push and every relay. Returns when the hub thread has
+/// changed them): at once when a shared store notifies the change (`news`), else at the next
+/// poll, every `every`. A grant or a revoke holds on live sessions from then on, since the
+/// hub checks its policy on every push and every relay. Returns when the hub thread has
 /// stopped.
 async fn poll_grants(
     handle: Handle,
     mut version: u64,
     applied: metrics::GrantsApplied,
+    every: Duration,
+    news: Option<std::sync::Arc<StoreNews>>,
 ) -> NetError {
-    let mut tick = tokio::time::interval(GRANTS_POLL);
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let notified = async |news: &Option<std::sync::Arc<StoreNews>>| match news {
+        Some(n) => n.grants.notified().await,
+        None => std::future::pending().await,
+    };
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = notified(&news) => {}
+        }
         let seen = version;
         let reload = handle.call(move |hub| -> syncline_core::Result<Option<(u64, usize)>> {
             let v = hub.store().grants_version()?;

@@ -13,7 +13,9 @@ use crate::{converged, writer};
 fn two_instances_on_one_database_serve_one_data_set_and_edges_fail_over_when_one_is_killed() {
     let pg = Postgres::start();
     let dir = tempfile::tempdir().unwrap();
-    let store = ["--store", pg.url.as_str()];
+    // Neither instance polls the grants within the test (every 10 minutes): the grants
+    // below and the revocation reach them by PostgreSQL's notifications alone.
+    let store = ["--store", pg.url.as_str(), "--grants-poll-ms", "600000"];
     let a = Hub::start_with(&dir.path().join("hub-a"), "127.0.0.1:0", &store);
     let b = Hub::start_with(&dir.path().join("hub-b"), "127.0.0.1:0", &store);
     // Two edges prefer A, two prefer B; each knows both. Grants are in the shared database:
@@ -92,9 +94,9 @@ fn two_instances_on_one_database_serve_one_data_set_and_edges_fail_over_when_one
     }
 
     let hub = |args: &[&str]| run(Command::new(bin("syncline-hub")).args(args));
-    // A revocation written to the shared database holds on B (which did not make it) within
-    // its grants poll, as its grants-version gauge shows: edge 3's next write is refused
-    // there and reaches no other edge.
+    // A revocation written to the shared database holds on B (which did not make it) as
+    // soon as B is notified, long before its next grants poll, as its grants-version gauge
+    // shows: edge 3's next write is refused there and reaches no other edge.
     let version = |h: &Hub| h.metric("syncline_hub_grants_version");
     let granted = version(&b).expect("the grants version gauge");
     let (code, _, err) = hub(&["revoke", "--store", &pg.url, &keys[3]]);

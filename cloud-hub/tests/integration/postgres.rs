@@ -239,40 +239,50 @@ fn an_instance_notices_a_restore_made_under_it() {
 }
 
 #[test]
-fn an_append_through_one_instance_notifies_the_others_at_commit() {
+fn appends_and_grant_changes_through_one_instance_notify_the_others_at_commit() {
+    use syncline_hub::pg::StoreNews;
     let pg = Postgres::start();
     let mut writer = PgHubStore::connect(&pg.url).unwrap();
     let who = Identity::generate();
     let doc = DocId::new("notified/1").unwrap();
-    let change = contract::changes(&who, &doc, [7; 8], 1);
+    writer
+        .append(&contract::changes(&who, &doc, [7; 8], 1))
+        .unwrap();
     // The listener on a runtime of its own (the store's client blocks: it runs outside one).
-    let (notified, notifications) = std::sync::mpsc::channel::<()>();
+    let (notified, notifications) = std::sync::mpsc::channel::<StoreNews>();
     let url = pg.url.clone();
     let listener = std::thread::spawn(move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap()
-            .block_on(syncline_hub::pg::follow_commits(&url, || {
-                let _ = notified.send(());
+            .block_on(syncline_hub::pg::follow_store(&url, |news| {
+                let _ = notified.send(news);
             }))
     });
-    // It listens once its connection is up: commit until a commit is notified. Only an
-    // append notifies this channel.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        writer.append(&change).unwrap();
-        if notifications
-            .recv_timeout(std::time::Duration::from_millis(200))
-            .is_ok()
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no commit was notified within 30 s"
-        );
-    }
+    let wait = std::time::Duration::from_secs(10);
+    // Once it listens, it tells of both (what committed before it listened is read then).
+    assert_eq!(notifications.recv_timeout(wait), Ok(StoreNews::Commit));
+    assert_eq!(notifications.recv_timeout(wait), Ok(StoreNews::Grants));
+    // A grant, then a revocation: each is notified as a grants change, nothing else.
+    let peer = Identity::generate().peer_id();
+    writer
+        .put_grant(&syncline_core::hub::Grant {
+            peer,
+            prefix: DocPrefix::all(),
+            read: true,
+            write: true,
+            relay: false,
+        })
+        .unwrap();
+    assert_eq!(notifications.recv_timeout(wait), Ok(StoreNews::Grants));
+    assert_eq!(writer.revoke(&peer, None).unwrap(), 1);
+    assert_eq!(notifications.recv_timeout(wait), Ok(StoreNews::Grants));
+    // An append is a commit again.
+    writer
+        .append(&contract::changes(&who, &doc, [8; 8], 1))
+        .unwrap();
+    assert_eq!(notifications.recv_timeout(wait), Ok(StoreNews::Commit));
     // A lost connection ends it with an error, for the hub to retry (and poll meanwhile).
     drop(writer);
     drop(pg);
