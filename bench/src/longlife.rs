@@ -31,6 +31,18 @@ const T0: i64 = 1_767_225_600_000;
 /// Readings per group commit: a gateway that commits once a minute.
 const GROUP: i64 = 60;
 
+/// The documented bound on the device's store under a rolling policy (docs/BENCHMARKS.md,
+/// "Long life"): bytes per reading held, for the kept buckets, the current one and one more
+/// on its way to the hub, plus a fixed part (SQLite's schema pages and a WAL that checkpoints
+/// at about 4 MB).
+pub const BOUND_BYTES_PER_READING: u64 = 600;
+pub const BOUND_FIXED_BYTES: u64 = 8 << 20;
+
+/// The store bound for `keep` buckets of `period_secs` readings (one a second).
+pub fn store_bound(period_secs: u64, keep: u32) -> u64 {
+    (u64::from(keep) + 2) * period_secs * BOUND_BYTES_PER_READING + BOUND_FIXED_BYTES
+}
+
 /// One slice of simulated time: a day for the rolling document, a quarter day for the plain
 /// one (it slows down too much to write for days).
 #[derive(Debug, Clone, Serialize)]
@@ -69,6 +81,20 @@ pub struct LongLife {
     pub plain_slice_secs: i64,
     pub plain_rate_ratio: f64,
     pub fresh_replica: Catchup,
+    /// The issue's targets, judged on this run.
+    pub verdict: Verdict,
+}
+
+/// Issue 9's long-life targets, judged on one run (the fresh replica's catch-up is checked
+/// as it runs: it must show the writer's state, or the workload fails).
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    /// The last day's write rate is at least half of day one's.
+    pub rate_within_2x: bool,
+    /// [`store_bound`] for this run's policy.
+    pub store_bound_bytes: u64,
+    /// No day ended with the device's store above it.
+    pub store_within_bound: bool,
 }
 
 fn store_bytes(path: &Path) -> u64 {
@@ -270,20 +296,28 @@ pub async fn measure(
     if rolling.is_empty() {
         bail!("no day was written");
     }
+    let rate_ratio = ratio(&rolling);
+    let store_bytes_max = rolling.iter().map(|d| d.store_bytes).max().unwrap_or(0);
+    let store_bound_bytes = store_bound(period_secs, keep);
     Ok(LongLife {
         days,
         day_secs,
         period_secs,
         keep,
         writes: u64::from(days) * (day_secs / GROUP * GROUP) as u64,
-        rate_ratio: ratio(&rolling),
-        store_bytes_max: rolling.iter().map(|d| d.store_bytes).max().unwrap_or(0),
+        rate_ratio,
+        store_bytes_max,
         hub_store_bytes: dir_bytes(hub_data),
         rolling,
         plain_rate_ratio: ratio(&plain_days),
         plain: plain_days,
         plain_slice_secs,
         fresh_replica,
+        verdict: Verdict {
+            rate_within_2x: rate_ratio >= 0.5,
+            store_bound_bytes,
+            store_within_bound: store_bytes_max <= store_bound_bytes,
+        },
     })
 }
 

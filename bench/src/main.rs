@@ -546,6 +546,17 @@ async fn run(args: Args) -> Result<()> {
             l.fresh_replica.seconds,
             l.hub_store_bytes as f64 / 1e6
         ));
+        let verdict = |ok: bool| if ok { "PASS" } else { "FAIL" };
+        say(format!(
+            "   targets: write rate on the last day within 2x of day one: {}; device store \
+             within {:.1} MB ({} bytes a reading for {} + 2 buckets, plus {} MiB): {}",
+            verdict(l.verdict.rate_within_2x),
+            l.verdict.store_bound_bytes as f64 / 1e6,
+            longlife::BOUND_BYTES_PER_READING,
+            keep,
+            longlife::BOUND_FIXED_BYTES >> 20,
+            verdict(l.verdict.store_within_bound)
+        ));
         run.record("long_life", serde_json::to_value(&l)?);
     }
 

@@ -6,7 +6,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 
-cargo build --release -p syncline-ffi --lib --no-default-features
+cargo build --release -p syncline-ffi --lib --no-default-features --features encryption
 cargo build -p syncline-ffi -p syncline-hub   # the bindings generator, and a hub to sync with
 target="$(cargo metadata --format-version 1 --no-deps \
     | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"

@@ -55,14 +55,31 @@ fn grant_revoke_and_list_round_trip() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().to_str().unwrap();
     assert!(hub(&["init", "--data", d]).status.success());
+    grant_revoke_and_list(&["--data", d]);
+}
+
+#[test]
+fn grant_revoke_and_list_round_trip_on_postgres() {
+    let pg = syncline_e2e::Postgres::start();
+    grant_revoke_and_list(&["--store", &pg.url]);
+}
+
+/// Grants, lists, replaces and revokes through the CLI on the store `at` names.
+fn grant_revoke_and_list(at: &[&str]) {
+    let run = |command: &str, rest: &[&str]| {
+        let mut args = vec![command];
+        args.extend(at);
+        args.extend(rest);
+        hub(&args)
+    };
     let a = Identity::generate().peer_id().to_string();
     let b = Identity::generate().peer_id().to_string();
     for (key, prefix, mode) in [(&a, "sites/", "rw"), (&a, "", "read"), (&b, "x", "write")] {
-        let o = hub(&["grant", "--data", d, key, prefix, mode]);
+        let o = run("grant", &[key, prefix, mode]);
         assert!(o.status.success(), "{}", stderr(&o));
     }
-    let list = |d: &str| -> Vec<(String, String, String)> {
-        let o = hub(&["grants", "--data", d, "--json"]);
+    let list = || -> Vec<(String, String, String)> {
+        let o = run("grants", &["--json"]);
         assert!(o.status.success(), "{}", stderr(&o));
         let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
         let mut out: Vec<_> = v
@@ -86,22 +103,18 @@ fn grant_revoke_and_list_round_trip() {
         (b.clone(), "x".to_owned(), "write".to_owned()),
     ];
     want.sort();
-    assert_eq!(list(d), want);
+    assert_eq!(list(), want);
 
     // The same key and prefix again replaces the grant.
-    assert!(
-        hub(&["grant", "--data", d, &b, "x", "read"])
-            .status
-            .success()
-    );
-    let table = stdout(&hub(&["grants", "--data", d]));
+    assert!(run("grant", &[&b, "x", "read"]).status.success());
+    let table = stdout(&run("grants", &[]));
     assert!(table.contains(&b) && table.contains("read"), "{table}");
 
-    let o = hub(&["revoke", "--data", d, &a, "sites/"]);
+    let o = run("revoke", &[&a, "sites/"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = hub(&["revoke", "--data", d, &b]);
+    let o = run("revoke", &[&b]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(list(d), vec![(a.clone(), String::new(), "read".to_owned())]);
+    assert_eq!(list(), vec![(a.clone(), String::new(), "read".to_owned())]);
 }
 
 #[test]

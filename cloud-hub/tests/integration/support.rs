@@ -79,12 +79,18 @@ pub struct Start<'a> {
 impl HubProcess {
     /// `syncline-hub run --data DIR --listen 127.0.0.1:0 [--metrics 127.0.0.1:0]`.
     pub fn run(data: &Path, metrics: bool) -> Self {
+        Self::run_with(data, metrics, &[])
+    }
+
+    /// [`HubProcess::run`] with more arguments (`--store URL`).
+    pub fn run_with(data: &Path, metrics: bool, more: &[String]) -> Self {
         let mut args = vec![
             "--data".to_owned(),
             data.display().to_string(),
             "--listen".to_owned(),
             "127.0.0.1:0".to_owned(),
         ];
+        args.extend_from_slice(more);
         if metrics {
             args.extend(["--metrics".to_owned(), "127.0.0.1:0".to_owned()]);
         }

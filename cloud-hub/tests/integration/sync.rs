@@ -1,20 +1,71 @@
 //! Edge replicas (syncline-net's QUIC client) against the real hub process: grants decide who
-//! connects and writes, and a revoke reaches a live session.
+//! connects and writes, and a revoke reaches a live session. Each test runs on the embedded
+//! SQLite store and on PostgreSQL.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use syncline_core::DocId;
 use syncline_core::identity::Identity;
 use syncline_core::ops::Op;
 use syncline_core::replica::{Replica, ReplicaOptions};
+use syncline_core::store::{HubStore, SqliteHubStore};
+use syncline_core::{Cursor, DocId};
+use syncline_hub::pg::PgHubStore;
 use syncline_net::client::{HubAddress, ReplicaHandle, SyncSettings};
 use syncline_net::tls;
 
 use crate::support::{HubProcess, hub};
 
 const LIMIT: Duration = Duration::from_secs(30);
+
+/// Where the hub under test keeps its store.
+enum Backend {
+    /// `hub.db` in its data directory.
+    Sqlite,
+    /// A PostgreSQL server of the test's own, started in a temp dir.
+    Postgres(syncline_e2e::Postgres),
+}
+
+impl Backend {
+    fn postgres() -> Backend {
+        Backend::Postgres(tokio::task::block_in_place(syncline_e2e::Postgres::start))
+    }
+
+    /// `--store URL` for a command on this backend, or nothing.
+    fn args(&self) -> Vec<String> {
+        match self {
+            Backend::Sqlite => Vec::new(),
+            Backend::Postgres(pg) => vec!["--store".into(), pg.url.clone()],
+        }
+    }
+
+    /// `syncline-hub run` on this backend.
+    fn run(&self, data: &Path) -> HubProcess {
+        HubProcess::run_with(data, true, &self.args())
+    }
+
+    /// A one-shot `syncline-hub` command on this backend.
+    fn hub(&self, command: &str, data: &Path, rest: &[&str]) -> std::process::Output {
+        let mut args = vec![command, "--data", data.to_str().unwrap()];
+        let store = self.args();
+        args.extend(store.iter().map(String::as_str));
+        args.extend(rest);
+        hub(&args)
+    }
+
+    /// Changes of `doc` in the store, read by the test itself once the hub stopped.
+    fn stored(&self, data: &Path, doc: &str) -> u64 {
+        let mut store: Box<dyn HubStore> = match self {
+            Backend::Sqlite => Box::new(SqliteHubStore::open(&data.join("hub.db")).unwrap()),
+            Backend::Postgres(pg) => Box::new(PgHubStore::connect(&pg.url).unwrap()),
+        };
+        let end = store.last_cursor().unwrap();
+        store
+            .count_changes(&DocId::new(doc).unwrap(), Cursor(0), end)
+            .unwrap()
+    }
+}
 
 fn replica(dir: &Path, name: &str) -> (ReplicaHandle, String) {
     let id = Identity::generate();
@@ -66,8 +117,8 @@ where
     }
 }
 
-fn grant(data: &Path, key: &str, prefix: &str, mode: &str) {
-    let o = hub(&["grant", "--data", data.to_str().unwrap(), key, prefix, mode]);
+fn grant(on: &Backend, data: &Path, key: &str, prefix: &str, mode: &str) {
+    let o = on.hub("grant", data, &[key, prefix, mode]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
@@ -78,12 +129,21 @@ async fn metric(p: &HubProcess, sample: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_granted_replica_syncs_a_write_to_the_hub() {
+    a_granted_replica_syncs_a_write(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_granted_replica_syncs_a_write_to_a_hub_on_postgres() {
+    a_granted_replica_syncs_a_write(Backend::postgres()).await;
+}
+
+async fn a_granted_replica_syncs_a_write(on: Backend) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("hub");
     let (a, key) = replica(tmp.path(), "a.db");
-    let p = HubProcess::run(&data, true);
-    // Granted while the hub runs: the poller loads it.
-    grant(&data, &key, "sites/", "rw");
+    let p = on.run(&data);
+    // Granted while the hub runs: the poller (or, on PostgreSQL, a notification) loads it.
+    grant(&on, &data, &key, "sites/", "rw");
     write(&a, "sites/berlin", 1).await;
     a.start_sync(SyncSettings::new(vec![address(&p)])).unwrap();
     until("the outbox to drain", || async {
@@ -105,8 +165,7 @@ async fn a_granted_replica_syncs_a_write_to_the_hub() {
     let logs = p.logs();
     assert!(logs.contains("closing the QUIC endpoint"), "{logs}");
     let (left, _) = outbox(&a).await;
-    let store = syncline_core::store::SqliteHubStore::open(&data.join("hub.db")).unwrap();
-    let stored = store.change_count().unwrap();
+    let stored = tokio::task::block_in_place(|| on.stored(&data, "sites/berlin"));
     assert!(
         stored == 2 || left == 1,
         "the write was lost: {stored} stored, {left} left"
@@ -115,10 +174,19 @@ async fn a_granted_replica_syncs_a_write_to_the_hub() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_key_is_refused() {
+    an_unknown_key_is_refused_on(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_key_is_refused_by_a_hub_on_postgres() {
+    an_unknown_key_is_refused_on(Backend::postgres()).await;
+}
+
+async fn an_unknown_key_is_refused_on(on: Backend) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("hub");
     let (a, _key) = replica(tmp.path(), "a.db");
-    let p = HubProcess::run(&data, true);
+    let p = on.run(&data);
     write(&a, "sites/berlin", 1).await;
     a.start_sync(SyncSettings::new(vec![address(&p)])).unwrap();
     until("the hub to count an unknown peer", || async {
@@ -132,11 +200,20 @@ async fn an_unknown_key_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_key_loses_its_write_right_within_a_second() {
+    a_revoked_key_loses_its_write_right(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_key_loses_its_write_right_within_a_second_on_postgres() {
+    a_revoked_key_loses_its_write_right(Backend::postgres()).await;
+}
+
+async fn a_revoked_key_loses_its_write_right(on: Backend) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("hub");
     let (a, key) = replica(tmp.path(), "a.db");
-    grant(&data_init(&data), &key, "", "rw");
-    let p = HubProcess::run(&data, true);
+    grant(&on, &data_init(&data), &key, "", "rw");
+    let p = on.run(&data);
     write(&a, "d/0", 0).await;
     a.start_sync(SyncSettings::new(vec![address(&p)])).unwrap();
     until("the first write to be acknowledged", || async {
@@ -144,8 +221,8 @@ async fn a_revoked_key_loses_its_write_right_within_a_second() {
     })
     .await;
 
-    let o = hub(&["revoke", "--data", data.to_str().unwrap(), &key]);
-    assert!(o.status.success());
+    let o = on.hub("revoke", &data, &[&key]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let revoked = Instant::now();
     // Writes made more than a second after the revoke must be refused on the live session;
     // writes before that may still land while the hub has not reloaded.

@@ -49,6 +49,7 @@ fn sigterm_stops_the_daemon_cleanly_even_with_an_open_event_stream() {
 }
 
 #[test]
+#[cfg(feature = "encryption")] // the default; a build without it refuses db_key_file
 fn an_encrypted_store_is_unreadable_on_disk_and_the_daemon_needs_its_key() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("edge");
