@@ -19,12 +19,16 @@ fn acknowledged(edge: &Edge) {
 #[test]
 fn a_hub_restored_from_an_older_backup_gets_the_later_writes_back_from_the_edges() {
     let dir = tempfile::tempdir().unwrap();
-    let (hub, edges) = cluster(dir.path(), 1);
+    let (hub, edges) = cluster(dir.path(), 3);
     let doc = "backup/restore";
-    edges[0]
-        .change(doc, json!([{"op":"put","path":["before"],"value":1}]))
-        .unwrap();
-    acknowledged(&edges[0]);
+    let write = |i: usize, key: &str| {
+        let (code, body) = edges[i]
+            .change(doc, json!([{"op":"put","path":[key],"value":i}]))
+            .unwrap();
+        assert_eq!(code, 200, "{body}");
+        acknowledged(&edges[i]);
+    };
+    write(0, "before");
     let data_dir = hub.data.clone();
     let data = data_dir.to_str().unwrap().to_owned();
     let full = dir.path().join("full.bak");
@@ -39,10 +43,7 @@ fn a_hub_restored_from_an_older_backup_gets_the_later_writes_back_from_the_edges
         "progress: {err}"
     );
 
-    edges[0]
-        .change(doc, json!([{"op":"put","path":["after"],"value":2}]))
-        .unwrap();
-    acknowledged(&edges[0]);
+    write(1, "between");
     let inc = dir.path().join("inc.bak");
     let inc = inc.to_str().unwrap();
     let (code, out, err) = hub_cmd(&[
@@ -52,6 +53,8 @@ fn a_hub_restored_from_an_older_backup_gets_the_later_writes_back_from_the_edges
     let info: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(info["kind"], json!("incremental"));
     assert!(info["changes"].as_u64().unwrap() >= 1, "{info}");
+    // The last write is in no backup: only the edges hold it once the hub is restored.
+    write(2, "after");
 
     let (code, out, err) = hub_cmd(&["verify", "--from", full, inc, "--json"]);
     assert_eq!(code, 0, "{err}");
@@ -64,22 +67,28 @@ fn a_hub_restored_from_an_older_backup_gets_the_later_writes_back_from_the_edges
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("stop the hub"), "{err}");
 
-    // Stop the hub and go back to the older backup: the write after it is gone from the hub.
+    // Stop the hub and go back to the backups: the full one and its increment hold the
+    // first two writes, and the third is gone from the hub.
     let addr = hub.addr.clone();
     assert_eq!(hub.proc.terminate(30), 0);
-    let (code, _, err) = hub_cmd(&["restore", "--from", full, "--data", &data]);
+    let (code, _, err) = hub_cmd(&["restore", "--from", full, inc, "--data", &data]);
     assert_eq!(code, 2, "without --force: {err}");
     assert!(err.contains("--force"), "{err}");
-    let (code, out, err) = hub_cmd(&["restore", "--from", full, "--data", &data, "--force"]);
+    let (code, out, err) = hub_cmd(&["restore", "--from", full, inc, "--data", &data, "--force"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("new log epoch"), "{out}");
+    let (code, out, err) = hub_cmd(&["show", "--data", &data, doc]);
+    assert_eq!(code, 0, "{err}");
+    let restored: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(restored["doc"], json!({"before": 0, "between": 1}));
     let hub = Hub::start(&data_dir, &addr);
 
-    // The edge notices the new epoch and uploads what the backup lacks; a fresh edge then
-    // finds both writes at the hub. The first edge's grant came back with the backup.
+    // The edges notice the new epoch and upload what the backups lack; a fresh edge then
+    // finds every write at the hub. The edges' grants came back with the backup.
     let fresh = hub.follower(&dir.path().join("fresh"));
-    let state = converged(&[&edges[0], &fresh], doc, 60);
-    assert_eq!(state, json!({"before": 1, "after": 2}));
+    let all: Vec<&Edge> = edges.iter().chain([&fresh]).collect();
+    let state = converged(&all, doc, 60);
+    assert_eq!(state, json!({"before": 0, "between": 1, "after": 2}));
 }
 
 #[test]
