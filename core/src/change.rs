@@ -534,7 +534,7 @@ pub fn sign(
 
 /// `change` re-encoded under another sequence number, with a valid checksum and hash: what a
 /// damaged store or a hostile author could sign. For tests of what refuses it.
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 pub(crate) fn renumbered(change: &automerge::Change, seq: u64) -> automerge::Change {
     fn uleb(b: &[u8]) -> (u64, usize) {
         let (mut v, mut i) = (0u64, 0);

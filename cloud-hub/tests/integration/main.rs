@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)] // Test helpers: a panic is a failed test with its message.
 
 mod cli;
+mod hub_suite;
 mod postgres;
 mod service;
 mod support;
