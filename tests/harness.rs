@@ -555,12 +555,8 @@ impl Postgres {
             ])
             .arg(&data));
         assert_eq!(code, 0, "initdb failed: {err}");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free TCP port")
-            .port();
         let mut opts = format!(
-            "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={} \
+            "-c listen_addresses=127.0.0.1 -c unix_socket_directories={} \
              -c fsync=on -c max_connections=50",
             pg.dir.path().display()
         );
@@ -604,14 +600,33 @@ impl Postgres {
                 assert_eq!(code, 0, "chown of the TLS files failed: {err}");
             }
         }
-        let (code, _, err) = run(pg
-            .command("pg_ctl")
-            .args(["start", "-w", "-t", "60", "-l"])
-            .arg(pg.dir.path().join("server.log"))
-            .arg("-D")
-            .arg(&data)
-            .args(["-o", &opts]));
-        assert_eq!(code, 0, "pg_ctl start failed: {err} (log: {})", pg.log());
+        // A free port, taken by another server between this choice and the start (tests start
+        // servers in parallel), is chosen again.
+        let mut port;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free TCP port")
+                .port();
+            let (code, _, err) = run(pg
+                .command("pg_ctl")
+                .args(["start", "-w", "-t", "60", "-l"])
+                .arg(pg.dir.path().join("server.log"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-o", &format!("{opts} -c port={port}")]));
+            if code == 0 {
+                break;
+            }
+            let log = pg.log();
+            let taken = log.contains("could not bind") || log.contains("already in use");
+            assert!(
+                taken && attempt < 5,
+                "pg_ctl start failed: {err} (log: {log})"
+            );
+        }
         // Over the socket when TCP asks for a client certificate.
         let host = match mutual {
             true => pg.dir.path().display().to_string(),

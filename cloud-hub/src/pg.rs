@@ -294,6 +294,12 @@ impl std::fmt::Debug for PgHubStore {
 }
 
 impl PgHubStore {
+    /// Whether the database takes `NOTIFY` (found at connect): if not, instances see each
+    /// other's commits and grant changes at their polls only.
+    pub fn notifies(&self) -> bool {
+        self.notifies
+    }
+
     /// Connects to the database at `url` (`postgres://user@host:port/db`), creates or migrates
     /// the schema, and reads the log's epoch (making one if this is the first instance).
     pub fn connect(url: &str) -> Result<Self> {
@@ -316,12 +322,15 @@ impl PgHubStore {
                 .map_err(|_| corrupt("epoch", "not 16 bytes"))?,
         );
         let statements = Statements::prepare(&mut client).map_err(db_error("preparing"))?;
+        // Engines that speak PostgreSQL's protocol without NOTIFY refuse it as not supported;
+        // any other failure is a failure.
         let notifies = match client.batch_execute("NOTIFY syncline_probe") {
             Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "this database does not take NOTIFY: other instances see this one's commits and grant changes at their polls (every 20 ms and every grants_poll_ms)");
+            Err(e) if e.code() == Some(&postgres::error::SqlState::FEATURE_NOT_SUPPORTED) => {
+                tracing::debug!(error = %e, "this database does not take NOTIFY");
                 false
             }
+            Err(e) => return Err(db_error("checking that the database takes NOTIFY")(e)),
         };
         Ok(PgHubStore {
             url: url.to_owned(),
@@ -372,7 +381,9 @@ fn connect_config(
     config.options("-c idle_in_transaction_session_timeout=10s -c lock_timeout=20s");
     config
         .keepalives(true)
-        .keepalives_idle(Duration::from_secs(15));
+        .keepalives_idle(Duration::from_secs(15))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3);
     config.application_name("syncline-hub");
     Ok((config, tls_connector(&tls_files)?))
 }
@@ -402,6 +413,9 @@ fn connect_error(e: tokio_postgres::Error) -> Error {
 /// What another instance (or the CLI) changed in a shared store, as [`follow_store`] hears it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreNews {
+    /// The listening connection is up: what committed before it listened was not notified,
+    /// so read the log and the grants now.
+    Listening,
     /// An append committed: the log grew.
     Commit,
     /// A grant or revocation committed: the grants version moved.
@@ -410,9 +424,9 @@ pub enum StoreNews {
 
 /// Listens on a connection of its own for what every instance sharing the store at `url`
 /// commits (appends notify [`COMMITS_CHANNEL`], grant changes [`GRANTS_CHANNEL`]; PostgreSQL
-/// delivers both at commit), and calls `heard` for each, and for each of the two once it
-/// listens (for what committed before). Runs until that connection fails, and returns why:
-/// the caller retries, and polls meanwhile.
+/// delivers both at commit), and calls `heard` for each, and with [`StoreNews::Listening`]
+/// once it listens. Runs until that connection fails, and returns why: the caller retries,
+/// and polls meanwhile.
 pub async fn follow_store(
     url: &str,
     heard: impl Fn(StoreNews),
@@ -442,9 +456,7 @@ pub async fn follow_store(
             ))
             .await?;
         tracing::debug!("following the commits and grant changes of other instances");
-        // What was committed before the LISTEN took effect was not notified: read it now.
-        heard(StoreNews::Commit);
-        heard(StoreNews::Grants);
+        heard(StoreNews::Listening);
         std::future::pending::<std::result::Result<(), tokio_postgres::Error>>().await
     };
     let ended = tokio::select! {

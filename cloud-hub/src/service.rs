@@ -79,7 +79,14 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     // One hub process owns the data directory (the grants CLI may still write to it).
     let _lock = syncline_core::store::lock_dir(dir.root()).map_err(|e| usage(e.to_string()))?;
     let shared = matches!(settings.store, StoreLocation::Postgres(_));
-    let mut store = open_store(&dir, &settings.store)?;
+    let (mut store, notifies) = open_store_telling(&dir, &settings.store)?;
+    if shared && !notifies {
+        tracing::warn!(
+            "this database does not take NOTIFY: this instance sees the others' commits at its \
+             log poll (every {} ms) and grant changes at its grants poll (grants_poll_ms)",
+            TAIL_POLL.as_millis()
+        );
+    }
     // Version first, then grants: a change in between is picked up again by the first poll.
     let version = store
         .grants_version()
@@ -134,7 +141,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         log_base,
         settings.peers.clone(),
         match &settings.store {
-            StoreLocation::Postgres(url) => Some(url.clone()),
+            StoreLocation::Postgres(url) => Some((url.clone(), notifies)),
             StoreLocation::Sqlite => None,
         },
         retains,
@@ -164,8 +171,9 @@ async fn serve(
     grants_version: u64,
     log_base: u64,
     peers: Vec<syncline_net::client::HubAddress>,
-    // The URL of a store shared with other instances, whose commits this one relays.
-    shared: Option<String>,
+    // The URL of a store shared with other instances, whose commits this one relays, and
+    // whether it notifies them.
+    shared: Option<(String, bool)>,
     retains: bool,
     grants_poll: Duration,
 ) -> anyhow::Result<()> {
@@ -216,10 +224,11 @@ async fn serve(
     let grants_applied: metrics::GrantsApplied =
         std::sync::Arc::new(std::sync::atomic::AtomicU64::new(grants_version));
     // On a shared store, one connection hears what every instance commits and every change
-    // of the grants.
-    let news = shared.map(|url| {
+    // of the grants (if the database notifies them; else the tasks below only poll).
+    let news = shared.map(|(url, notifies)| {
         let news = std::sync::Arc::new(StoreNews::default());
-        (tokio::spawn(follow_store(url, news.clone())), news)
+        let follower = notifies.then(|| tokio::spawn(follow_store(url, news.clone())));
+        (follower, news)
     });
     let mut poller = tokio::spawn(poll_grants(
         handle.clone(),
@@ -339,7 +348,7 @@ async fn serve(
         t.abort();
         let _ = t.await;
     }
-    if let Some((t, _)) = news {
+    if let Some((Some(t), _)) = news {
         t.abort();
         let _ = t.await;
     }
@@ -370,18 +379,34 @@ pub fn open_store(
     dir: &DataDir,
     location: &StoreLocation,
 ) -> anyhow::Result<Box<dyn HubStore + Send>> {
+    Ok(open_store_telling(dir, location)?.0)
+}
+
+/// [`open_store`], and whether the store tells other instances of its commits and grant
+/// changes (a PostgreSQL database that takes `NOTIFY`).
+fn open_store_telling(
+    dir: &DataDir,
+    location: &StoreLocation,
+) -> anyhow::Result<(Box<dyn HubStore + Send>, bool)> {
     Ok(match location {
-        StoreLocation::Sqlite => Box::new(
-            SqliteHubStore::open(&dir.store_path())
-                .with_context(|| format!("opening {}", dir.store_path().display()))?,
+        StoreLocation::Sqlite => (
+            Box::new(
+                SqliteHubStore::open(&dir.store_path())
+                    .with_context(|| format!("opening {}", dir.store_path().display()))?,
+            ),
+            false,
         ),
-        StoreLocation::Postgres(url) => Box::new(PgHubStore::connect(url).with_context(|| {
-            format!(
-                "opening the PostgreSQL store {}: check that the server runs and the URL's \
-                 user may create tables",
-                redact(url)
-            )
-        })?),
+        StoreLocation::Postgres(url) => {
+            let store = PgHubStore::connect(url).with_context(|| {
+                format!(
+                    "opening the PostgreSQL store {}: check that the server runs and the URL's \
+                     user may create tables",
+                    redact(url)
+                )
+            })?;
+            let notifies = store.notifies();
+            (Box::new(store), notifies)
+        }
     })
 }
 
@@ -452,18 +477,25 @@ const FOLLOW_RETRY_MAX: Duration = Duration::from_secs(30);
 /// works again). Never ends.
 async fn follow_store(url: String, news: std::sync::Arc<StoreNews>) {
     let mut pause = FOLLOW_RETRY;
-    let mut failing = false;
+    let failing = std::sync::atomic::AtomicBool::new(false);
     loop {
         let started = tokio::time::Instant::now();
         let Err(e) = pg::follow_store(&url, |heard| match heard {
+            pg::StoreNews::Listening => {
+                if failing.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::info!("notified of other instances' commits and grant changes again");
+                }
+                // What committed before it listened was not notified: read it now.
+                news.commits.notify_one();
+                news.grants.notify_one();
+            }
             pg::StoreNews::Commit => news.commits.notify_one(),
             pg::StoreNews::Grants => news.grants.notify_one(),
         })
         .await;
-        if !failing {
+        if !failing.swap(true, std::sync::atomic::Ordering::Relaxed) {
             tracing::warn!(error = %e, "not notified of other instances' commits and grant changes; polling meanwhile, retrying");
         }
-        failing = true;
         if started.elapsed() > FOLLOW_RETRY_MAX {
             pause = FOLLOW_RETRY; // it ran for a while: a fresh failure
         }

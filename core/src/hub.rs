@@ -2146,6 +2146,27 @@ mod tests {
         crate::hub_suite!(|| Box::new(crate::store::SqliteHubStore::open_in_memory().unwrap()));
     }
 
+    /// `hub_suite!` names its cases by hand: every public case of the suite is in its list
+    /// (a case left out would run on no store), and nothing else.
+    #[test]
+    fn the_suite_macro_lists_every_case() {
+        let source = include_str!("hub/suite.rs");
+        let mut cases: Vec<&str> = source
+            .lines()
+            .filter_map(|l| {
+                let (name, args) = l.strip_prefix("pub fn ")?.split_once('(')?;
+                args.starts_with(')').then_some(name)
+            })
+            .collect();
+        let (_, list) = source.split_once("@cases $make; ").unwrap();
+        let (list, _) = list.split_once(");").unwrap();
+        let mut listed: Vec<&str> = list.split(',').map(str::trim).collect();
+        cases.sort_unstable();
+        listed.sort_unstable();
+        assert_eq!(cases.len(), 19);
+        assert_eq!(cases, listed);
+    }
+
     #[test]
     fn two_hub_instances_on_one_store_relay_each_others_commits() {
         let dir = tempfile::tempdir().unwrap();

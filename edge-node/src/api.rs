@@ -270,17 +270,18 @@ async fn doc_history(
         .call(move |r| -> syncline_core::Result<_> {
             let all = r.doc(&id)?.changes();
             let total = all.len();
-            let page: Vec<Value> = all
-                .iter()
-                .enumerate()
-                .skip(after)
-                .take(limit)
-                .map(|(i, c)| {
-                    let mut v = syncline_core::audit::describe(c);
-                    v["index"] = json!(i + 1);
-                    v
-                })
-                .collect();
+            let mut page: Vec<Value> = Vec::with_capacity(limit.min(total));
+            for (i, c) in all.iter().enumerate().skip(after).take(limit) {
+                let mut v = syncline_core::audit::describe(c);
+                v["index"] = json!(i + 1);
+                // The signed log behind the document: the author's signature as stored.
+                let signed = r
+                    .store()
+                    .signature(&id, &syncline_core::ChangeHash(c.hash().0))?;
+                v["signature"] = json!(signed.map(|(s, _)| hex::encode(s)));
+                v["signature_checked"] = json!(signed.is_some_and(|(_, checked)| checked));
+                page.push(v);
+            }
             Ok((page, total))
         })
         .await??;

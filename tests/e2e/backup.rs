@@ -210,6 +210,16 @@ fn history_and_an_offline_checked_export_say_who_changed_a_document() {
     assert_eq!(change["author"], json!(edges[0].key));
     assert_eq!(change["ops"][0]["value"], json!(2));
     assert_eq!(change["hash"], entries[1]["hash"]);
+    // With the author's signature as the edge stores it: the one the hub holds (and
+    // exported) for that change, checked when the edge signed it.
+    let exported = text
+        .lines()
+        .skip(1)
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|l| l["hash"] == change["hash"])
+        .unwrap();
+    assert_eq!(change["signature"], exported["signature"], "{change}");
+    assert_eq!(change["signature_checked"], json!(true), "{change}");
     let at = |q: &str| {
         let path = format!("/v1/docs/{}?at={q}", syncline_e2e::enc(doc));
         let (status, body) = syncline_e2e::http(&edges[0].api, "GET", &path, None).unwrap();

@@ -347,19 +347,23 @@ impl ReplicaStore {
         }))
     }
 
-    /// The signature stored for a change.
-    pub fn signature(&self, doc: &DocId, hash: &ChangeHash) -> Result<Option<[u8; 64]>> {
-        let sig = self
+    /// The signature stored for a change, and whether it was checked when the change was
+    /// stored (`false`: the change was accepted on a later change of its author, and this is
+    /// the signature its hub relayed). `None` for a change the store holds only inside a
+    /// snapshot it received (the snapshot's signed heads cover it).
+    pub fn signature(&self, doc: &DocId, hash: &ChangeHash) -> Result<Option<([u8; 64], bool)>> {
+        let row = self
             .conn
-            .prepare_cached("SELECT signature FROM changes WHERE doc = ?1 AND hash = ?2")
+            .prepare_cached("SELECT signature, checked FROM changes WHERE doc = ?1 AND hash = ?2")
             .and_then(|mut st| {
                 st.query_row(params![doc.as_str(), &hash.0[..]], |r| {
-                    r.get::<_, Vec<u8>>(0)
+                    Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, bool>(1)?))
                 })
                 .optional()
             })
             .ctx("reading a signature")?;
-        sig.map(signature_from).transpose()
+        row.map(|(sig, checked)| Ok((signature_from(sig)?, checked)))
+            .transpose()
     }
 
     /// Whether the change is stored.
