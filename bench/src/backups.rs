@@ -43,6 +43,20 @@ pub struct BackupResult {
     pub export_seconds: f64,
     pub verify_export_seconds: f64,
     pub verify_export_changes_per_sec: f64,
+    /// The same backup restored into PostgreSQL, then backed up from it.
+    pub postgres: Option<PgBackup>,
+}
+
+/// The backup's round trip through a PostgreSQL store (`restore --store`, `backup --store`).
+#[derive(Debug, Serialize)]
+pub struct PgBackup {
+    pub restore_seconds: f64,
+    pub restore_changes_per_sec: f64,
+    pub backup_seconds: f64,
+    pub backup_changes_per_sec: f64,
+    pub backup_bytes: u64,
+    /// Changes `verify` found (every signature checked) in the backup taken from PostgreSQL.
+    pub verified_changes: u64,
 }
 
 /// Builds a hub store of `docs` x `per_doc` signed changes in `dir`, then times the commands.
@@ -52,6 +66,7 @@ pub fn measure(
     docs: usize,
     per_doc: usize,
     export_changes: usize,
+    postgres: Option<&str>,
 ) -> Result<BackupResult> {
     let data = dir.join("hub");
     let hub = bins.path("syncline-hub")?;
@@ -114,6 +129,48 @@ pub fn measure(
     rusqlite::Connection::open(&unchained)?
         .execute_batch("ALTER TABLE log DROP COLUMN chain; PRAGMA user_version = 5; VACUUM;")?;
     let restore_unchained_seconds = restore(&unchained, "restored-unchained")?;
+    // The same backup into a PostgreSQL store, and backed up from there.
+    let postgres = match postgres {
+        Some(url) => {
+            let restore_seconds = timed(
+                Command::new(&hub)
+                    .args(["restore", "--force", "--from"])
+                    .arg(&file)
+                    .args(["--store", url]),
+            )?;
+            let pg_file = dir.join("pg.bak");
+            let backup_seconds = timed(
+                Command::new(&hub)
+                    .args(["backup", "--store", url, "--to"])
+                    .arg(&pg_file),
+            )?;
+            let backup_bytes = std::fs::metadata(&pg_file)?.len();
+            let out = Command::new(&hub)
+                .args(["verify", "--json", "--from"])
+                .arg(&pg_file)
+                .env("SYNCLINE_LOG", "warn")
+                .output()?;
+            ensure!(
+                out.status.success(),
+                "verify of the backup from PostgreSQL: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            let verified_changes = report["changes"]
+                .as_u64()
+                .context("verify --json gives the changes it checked")?;
+            std::fs::remove_file(&pg_file)?;
+            Some(PgBackup {
+                restore_seconds,
+                restore_changes_per_sec: changes as f64 / restore_seconds,
+                backup_seconds,
+                backup_changes_per_sec: changes as f64 / backup_seconds,
+                backup_bytes,
+                verified_changes,
+            })
+        }
+        None => None,
+    };
     // One more document with a long history of its own, for the audit export.
     let export_doc = DocId::new("bench/export").context("doc id")?;
     {
@@ -166,6 +223,7 @@ pub fn measure(
         backup_changes_per_sec: rate(backup_seconds),
         verify_changes_per_sec: rate(verify_seconds),
         restore_changes_per_sec: rate(restore_seconds),
+        postgres,
     })
 }
 

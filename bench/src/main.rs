@@ -599,7 +599,17 @@ async fn run(args: Args) -> Result<()> {
             docs * per_doc
         ));
         let dir = tempfile::tempdir()?;
-        let b = backups::measure(&run.bins, dir.path(), docs, per_doc, export).context("backup")?;
+        // A PostgreSQL server of its own for the same backup's round trip through it.
+        let pg = syncline_e2e::Postgres::start();
+        let b = backups::measure(
+            &run.bins,
+            dir.path(),
+            docs,
+            per_doc,
+            export,
+            Some(pg.url.as_str()),
+        )
+        .context("backup")?;
         say(format!(
             "   store {:.1} MB, backup {:.1} MB; backup {:.2} s ({:.0}/s), verify {:.2} s ({:.0}/s; \
              raw batch verify {:.0}/s), restore {:.2} s ({:.0}/s); copying the store file {:.2} s",
@@ -626,6 +636,16 @@ async fn run(args: Args) -> Result<()> {
             b.verify_export_seconds,
             b.verify_export_changes_per_sec
         ));
+        if let Some(p) = &b.postgres {
+            say(format!(
+                "   PostgreSQL: restore of the same backup {:.2} s ({:.0}/s); backup from it {:.2} s ({:.0}/s, {:.1} MB)",
+                p.restore_seconds,
+                p.restore_changes_per_sec,
+                p.backup_seconds,
+                p.backup_changes_per_sec,
+                p.backup_bytes as f64 / 1e6
+            ));
+        }
         run.record("backup", serde_json::to_value(&b)?);
     }
 

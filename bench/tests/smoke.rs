@@ -120,6 +120,11 @@ fn every_workload_runs_at_smoke_scale_and_reports_consistent_numbers() {
     // The backup holds every change of the store, and each step took time.
     let b = &r["backup"];
     assert_eq!(b["changes"], 1000, "{b}");
+    // Through PostgreSQL and back: every change, every signature checked again.
+    let pg = &b["postgres"];
+    assert_eq!(pg["verified_changes"], 1000, "{b}");
+    assert!(pg["restore_seconds"].as_f64().unwrap() > 0.0, "{b}");
+    assert!(pg["backup_seconds"].as_f64().unwrap() > 0.0, "{b}");
     assert!(b["backup_bytes"].as_u64().unwrap() > 1000 * 100, "{b}");
     assert_eq!(b["export_changes"], 500, "{b}");
     for k in [
