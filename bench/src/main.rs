@@ -75,6 +75,8 @@ struct Run {
     identity: Identity,
     results: serde_json::Map<String, Value>,
     within: Duration,
+    /// Targets the run judged and missed: the bench fails once its results are written.
+    missed: Vec<String>,
 }
 
 impl Run {
@@ -137,6 +139,7 @@ async fn run(args: Args) -> Result<()> {
         results: serde_json::Map::new(),
         within,
         args,
+        missed: Vec::new(),
     };
     let scale = run.args.scale;
     let smoke = scale == Scale::Smoke;
@@ -558,6 +561,11 @@ async fn run(args: Args) -> Result<()> {
             verdict(l.verdict.store_within_bound)
         ));
         run.record("long_life", serde_json::to_value(&l)?);
+        // At full scale the run is the proof of issue 9's targets: a miss fails the bench
+        // (after the JSON is written).
+        if scale == Scale::Full && !(l.verdict.rate_within_2x && l.verdict.store_within_bound) {
+            run.missed.push("long life (see the verdict)".into());
+        }
     }
 
     if run.wants("retention") {
@@ -705,6 +713,9 @@ async fn run(args: Args) -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&out)?)
             .with_context(|| format!("writing {}", path.display()))?;
         say(format!("results written to {}", path.display()));
+    }
+    if !run.missed.is_empty() {
+        anyhow::bail!("targets missed: {}", run.missed.join(", "));
     }
     Ok(())
 }

@@ -264,3 +264,38 @@ fn data_init(data: &Path) -> std::path::PathBuf {
     assert!(o.status.success());
     data.to_owned()
 }
+
+/// Two instances on one PostgreSQL database, both serving, neither polling its grants within
+/// the test: a grant and a revocation made through the CLI reach both at once, by the
+/// database's notification, as their grants-version gauges show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_change_reaches_every_instance_on_postgres_by_notification() {
+    let on = Backend::postgres();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut args = on.args();
+    args.extend(["--grants-poll-ms".to_owned(), "600000".to_owned()]);
+    let instances: Vec<HubProcess> = ["a", "b"]
+        .iter()
+        .map(|n| HubProcess::run_with(&tmp.path().join(n), true, &args))
+        .collect();
+    let version = |p: &HubProcess| p.metric("syncline_hub_grants_version");
+    let before: Vec<u64> = instances.iter().map(version).collect();
+    let key = Identity::generate().peer_id().to_string();
+    grant(&on, &tmp.path().join("a"), &key, "sites/", "rw");
+    tokio::task::block_in_place(|| {
+        for (p, b) in instances.iter().zip(&before) {
+            crate::support::wait_for("an instance to apply the grant", LIMIT, || version(p) > *b);
+        }
+    });
+    let granted: Vec<u64> = instances.iter().map(version).collect();
+    let o = on.hub("revoke", &tmp.path().join("b"), &[&key]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    tokio::task::block_in_place(|| {
+        for (p, g) in instances.iter().zip(&granted) {
+            crate::support::wait_for("an instance to apply the revocation", LIMIT, || {
+                version(p) > *g
+            });
+            assert!(p.logs().contains("grants reloaded"), "{}", p.logs());
+        }
+    });
+}
