@@ -2276,21 +2276,7 @@ mod tests {
     }
 
     fn pump_once(hub: &mut MemHub, reps: &mut [(&mut Replica, SessionId)]) -> bool {
-        let mut moved = false;
-        for (r, sid) in reps.iter_mut() {
-            while let Ok(Some(m)) = r.poll_transmit() {
-                moved = true;
-                let _ = hub.handle_message(*sid, m);
-            }
-        }
-        hub.flush().unwrap();
-        for (r, sid) in reps.iter_mut() {
-            while let Ok(Some(m)) = hub.poll_transmit(*sid) {
-                moved = true;
-                let _ = r.handle_message(m);
-            }
-        }
-        moved
+        super::suite::pump_step(hub, reps, &mut Vec::new())
     }
 
     /// Moves messages on a link between two hubs and between each hub and its replicas.

@@ -84,27 +84,37 @@ pub(crate) fn pump<S: HubStore, P: Policy>(
 ) -> Vec<Error> {
     let mut errors = Vec::new();
     for _ in 0..10_000 {
-        let mut moved = false;
-        for (r, sid) in reps.iter_mut() {
-            while let Ok(Some(m)) = r.poll_transmit() {
-                moved = true;
-                let _ = hub.handle_message(*sid, m);
-            }
-        }
-        hub.flush().unwrap();
-        for (r, sid) in reps.iter_mut() {
-            while let Ok(Some(m)) = hub.poll_transmit(*sid) {
-                moved = true;
-                if let Err(e) = r.handle_message(m) {
-                    errors.push(e);
-                }
-            }
-        }
-        if !moved {
+        if !pump_step(hub, reps, &mut errors) {
             return errors;
         }
     }
     panic!("pump did not settle");
+}
+
+/// One round of [`pump`]: every replica's messages to the hub, a commit, every answer back
+/// (the replicas' errors into `errors`). Whether anything moved.
+pub(crate) fn pump_step<S: HubStore, P: Policy>(
+    hub: &mut Hub<S, P>,
+    reps: &mut [(&mut Replica, SessionId)],
+    errors: &mut Vec<Error>,
+) -> bool {
+    let mut moved = false;
+    for (r, sid) in reps.iter_mut() {
+        while let Ok(Some(m)) = r.poll_transmit() {
+            moved = true;
+            let _ = hub.handle_message(*sid, m);
+        }
+    }
+    hub.flush().unwrap();
+    for (r, sid) in reps.iter_mut() {
+        while let Ok(Some(m)) = hub.poll_transmit(*sid) {
+            moved = true;
+            if let Err(e) = r.handle_message(m) {
+                errors.push(e);
+            }
+        }
+    }
+    moved
 }
 
 fn hub_with(grants: Vec<Grant>) -> Hub<TestStore, Grants> {
