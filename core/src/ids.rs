@@ -164,10 +164,33 @@ impl PeerId {
     }
 
     /// The ed25519 key, or `None` if the bytes are not a valid public key.
+    ///
+    /// Decompressing a key costs about a quarter of a signature check, and a live change is
+    /// checked by its author's key at the hub and at every replica: each thread keeps the
+    /// last [`KEY_CACHE`] keys it decompressed (cleared when full; invalid keys are not kept).
     pub fn verifying_key(&self) -> Option<ed25519_dalek::VerifyingKey> {
-        ed25519_dalek::VerifyingKey::from_bytes(&self.0).ok()
+        thread_local! {
+            static KEYS: std::cell::RefCell<std::collections::HashMap<[u8; 32], ed25519_dalek::VerifyingKey>> =
+                std::cell::RefCell::default();
+        }
+        let cached = KEYS.with(|k| k.borrow().get(&self.0).copied());
+        if cached.is_some() {
+            return cached;
+        }
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&self.0).ok()?;
+        KEYS.with(|k| {
+            let mut k = k.borrow_mut();
+            if k.len() >= KEY_CACHE {
+                k.clear();
+            }
+            k.insert(self.0, key);
+        });
+        Some(key)
     }
 }
+
+/// Keys a thread keeps decompressed (see [`PeerId::verifying_key`]): about 200 bytes each.
+pub const KEY_CACHE: usize = 256;
 
 impl fmt::Display for PeerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -292,6 +315,29 @@ mod tests {
         assert!(d.matches(&DocPrefix::new("sites/berlin/inventory").unwrap()));
         assert!(!d.matches(&DocPrefix::new("sites/paris/").unwrap()));
         assert!(DocPrefix::new("a//").is_err());
+    }
+
+    #[test]
+    fn verifying_keys_are_the_same_from_the_cache_past_its_bound_and_invalid_ones_stay_invalid() {
+        let ids: Vec<crate::identity::Identity> = (0..KEY_CACHE + 10)
+            .map(|i: usize| {
+                let mut seed = [0x5a; 32];
+                seed[..8].copy_from_slice(&i.to_le_bytes());
+                crate::identity::Identity::from_seed(seed)
+            })
+            .collect();
+        for _ in 0..2 {
+            for id in &ids {
+                let key = id.peer_id().verifying_key().unwrap();
+                assert_eq!(PeerId(key.to_bytes()), id.peer_id());
+            }
+        }
+        let invalid = (0..=255u8)
+            .map(|b| PeerId([b; 32]))
+            .find(|p| ed25519_dalek::VerifyingKey::from_bytes(&p.0).is_err())
+            .unwrap();
+        assert!(invalid.verifying_key().is_none());
+        assert!(invalid.verifying_key().is_none());
     }
 
     #[test]

@@ -221,6 +221,8 @@ struct Applied {
     refused: HashSet<ChangeHash>,
     /// The heads before, if the heads moved.
     before: Option<Vec<ChangeHash>>,
+    /// What the apply did, when the app asked for patches in its events.
+    patches: Vec<PatchSummary>,
 }
 
 /// Applies changes received for `doc`, new to it, to its state in one Automerge call; refused
@@ -230,11 +232,16 @@ fn apply_received(
     state: &mut DocState,
     fresh: &[VerifiedChange],
     max_pending: usize,
+    patch_events: bool,
 ) -> Result<Applied> {
     let before = state.doc.heads();
-    let refused = state
-        .doc
-        .apply_changes(fresh.iter().map(|c| c.automerge().clone()).collect())?;
+    let changes = fresh.iter().map(|c| c.automerge().clone()).collect();
+    let mut patches = Vec::new();
+    let refused = if patch_events {
+        state.doc.apply_changes_patched(changes, &mut patches)?
+    } else {
+        state.doc.apply_changes(changes)?
+    };
     for r in &refused {
         let author = fresh
             .iter()
@@ -261,6 +268,7 @@ fn apply_received(
     Ok(Applied {
         refused,
         before: moved.then_some(before),
+        patches,
     })
 }
 
@@ -690,24 +698,31 @@ impl Replica {
             if let Some(state) = self.docs.get_mut(&doc) {
                 state.incremental_bytes += bytes;
             }
-            self.after_commit(&doc, &before, Origin::Local);
+            self.after_commit(&doc, &before, Origin::Local, None);
         }
         self.trim_cache();
         Ok(())
     }
 
     /// After a commit that changed `doc` from `before`: tells the app, then compacts if due.
+    /// The event's patches are `patched` when the apply logged them, or a diff from `before`.
     /// Nothing here may fail the committed write.
-    fn after_commit(&mut self, doc: &DocId, before: &[ChangeHash], origin: Origin) {
+    fn after_commit(
+        &mut self,
+        doc: &DocId,
+        before: &[ChangeHash],
+        origin: Origin,
+        patched: Option<Vec<PatchSummary>>,
+    ) {
         let patch_events = self.options.patch_events;
         let Some(state) = self.docs.get(doc) else {
             return;
         };
         let heads = state.doc.heads();
-        let patches = if patch_events {
-            state.doc.diff(before, &heads)
-        } else {
-            Vec::new()
+        let patches = match patched {
+            _ if !patch_events => Vec::new(),
+            Some(p) => p,
+            None => state.doc.diff(before, &heads),
         };
         self.push_event(Event::DocChanged {
             doc: doc.clone(),
@@ -1446,7 +1461,7 @@ impl Replica {
         }
         self.refused += refused.len() as u64;
         self.snapshots += 1;
-        self.after_commit(&doc, &before, Origin::Remote);
+        self.after_commit(&doc, &before, Origin::Remote, None);
         Ok(())
     }
 
@@ -1693,6 +1708,7 @@ impl Replica {
         // commits only if every apply succeeds (changes a document refuses are taken out of
         // it again). A small commit (a live change) is applied here, then stored.
         let max_pending = self.options.max_pending_per_doc;
+        let patch_events = self.options.patch_events;
         let total: usize = work.iter().map(|w| w.2.len()).sum();
         let threads = self
             .options
@@ -1715,7 +1731,9 @@ impl Replica {
         }
         let apply = |part: Vec<(&DocId, &mut DocState, &[VerifiedChange])>| {
             part.into_iter()
-                .map(|(doc, state, fresh)| apply_received(doc, state, fresh, max_pending))
+                .map(|(doc, state, fresh)| {
+                    apply_received(doc, state, fresh, max_pending, patch_events)
+                })
                 .collect::<Vec<_>>()
         };
         let store = &mut self.store;
@@ -1749,7 +1767,7 @@ impl Replica {
                 reason: "an apply thread failed".into(),
             })?);
         }
-        let mut changed: Vec<(DocId, Vec<ChangeHash>)> = Vec::new();
+        let mut changed: Vec<(DocId, Vec<ChangeHash>, Vec<PatchSummary>)> = Vec::new();
         let mut refused_total = 0;
         let mut at = 0;
         let mut done = Vec::with_capacity(work.len());
@@ -1773,7 +1791,7 @@ impl Replica {
             at += fresh.len();
             refused_total += a.refused.len() as u64;
             if let Some(before) = a.before {
-                changed.push((doc.clone(), before));
+                changed.push((doc.clone(), before, a.patches));
             }
             done.push((doc, state));
         }
@@ -1783,8 +1801,8 @@ impl Replica {
         }
         self.refused += refused_total;
         self.docs.extend(done);
-        for (doc, before) in changed {
-            self.after_commit(&doc, &before, Origin::Remote);
+        for (doc, before, patches) in changed {
+            self.after_commit(&doc, &before, Origin::Remote, Some(patches));
         }
         Ok(())
     }
