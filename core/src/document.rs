@@ -811,9 +811,15 @@ fn put_value<T: Transactable>(
 
 /// Whether `doc` holds the change `hash`: a lookup in its change graph. (Automerge's
 /// `get_change_meta_by_hash` builds the change's metadata to answer the same, which showed in
-/// profiles of live changes.) Documents apply only causally ready changes, so Automerge's own
-/// queue of changes waiting for dependencies, which this would count as held, stays empty.
+/// profiles of live changes.) `get_missing_deps` also counts what Automerge's own queue of
+/// changes waiting for dependencies lacks, so this is only right while that queue is empty:
+/// it is, for documents apply only causally ready changes (waiting ones wait in
+/// `Document::waiting`) and load only single document chunks.
 fn holds(doc: &Automerge, hash: &automerge::ChangeHash) -> bool {
+    debug_assert!(
+        doc.get_missing_deps(&[]).is_empty(),
+        "Automerge's queue is not empty"
+    );
     doc.get_missing_deps(std::slice::from_ref(hash)).is_empty()
 }
 

@@ -166,8 +166,9 @@ impl PeerId {
     /// The ed25519 key, or `None` if the bytes are not a valid public key.
     ///
     /// Decompressing a key costs about a quarter of a signature check, and a live change is
-    /// checked by its author's key at the hub and at every replica: each thread keeps the
-    /// last [`KEY_CACHE`] keys it decompressed (cleared when full; invalid keys are not kept).
+    /// checked by its author's key at the hub and at every replica: each thread keeps up to
+    /// `KEY_CACHE` keys it decompressed, and starts over when that is full (so more active
+    /// authors than that on one thread cost speed, nothing else); invalid keys are not kept.
     pub fn verifying_key(&self) -> Option<ed25519_dalek::VerifyingKey> {
         thread_local! {
             static KEYS: std::cell::RefCell<std::collections::HashMap<[u8; 32], ed25519_dalek::VerifyingKey>> =
@@ -189,8 +190,8 @@ impl PeerId {
     }
 }
 
-/// Keys a thread keeps decompressed (see [`PeerId::verifying_key`]): about 200 bytes each.
-pub const KEY_CACHE: usize = 256;
+/// Keys a thread keeps decompressed (see [`PeerId::verifying_key`]): about 230 bytes each.
+const KEY_CACHE: usize = 256;
 
 impl fmt::Display for PeerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

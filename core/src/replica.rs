@@ -167,7 +167,9 @@ pub enum Event {
         hub: PeerId,
     },
     /// The hub stored local changes of a document (durably). They leave the outbox then, or,
-    /// in a session that repairs the hub's log or checks it for a rollback, at its end.
+    /// in a session that repairs the hub's log or checks it for a rollback, at its end. That
+    /// removal is not synced: after a power cut they may be in the outbox again, and are
+    /// uploaded and acknowledged again (a second event for the same changes).
     Acknowledged {
         /// The document.
         doc: DocId,

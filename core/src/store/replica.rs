@@ -124,7 +124,7 @@ pub struct OutboxEntry {
 pub struct ReplicaStore {
     conn: Connection,
     /// Whether the connection is at `synchronous=FULL` (as opened), or NORMAL after a
-    /// [`received_batch`](Self::received_batch).
+    /// [`received_batch`](Self::received_batch) or an [`ack_outbox`](Self::ack_outbox).
     synced: bool,
 }
 
@@ -231,7 +231,8 @@ impl ReplicaStore {
     }
 
     /// Sets `synchronous` to FULL or NORMAL, if it is not that already. Every write but a
-    /// [`received_batch`](Self::received_batch) sets FULL first.
+    /// [`received_batch`](Self::received_batch) and an [`ack_outbox`](Self::ack_outbox) sets
+    /// FULL first.
     fn set_synced(&mut self, full: bool) -> Result<()> {
         if self.synced != full {
             // Cached: a writer that is also acknowledged and sent changes switches at

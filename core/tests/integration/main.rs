@@ -3,6 +3,7 @@
 mod covered;
 mod crash;
 mod fuzz_corpus;
+mod power_cut;
 mod rollback;
 mod rolling;
 mod snapshots;

@@ -1,0 +1,162 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests: a panic is a failed test.
+//! A power cut on a replica: the commits that are not synced (received changes with the
+//! cursors they advance, acknowledgements) may be lost, back to the last synced commit. The
+//! store files are copied right after a synced commit (what the disk is then sure to hold),
+//! the replica goes on, and then it is closed and its files are put back from that copy, as
+//! the worst such cut would leave them. Nothing acknowledged to the app may be lost, nothing
+//! may be skipped, and no rollback may be imagined.
+
+use std::path::{Path, PathBuf};
+
+use syncline_core::DocId;
+use syncline_core::hub::SessionId;
+use syncline_core::ops::{Op, PathElem, Value};
+use syncline_core::replica::Replica;
+
+use crate::support::{TestHub, connect, hub, replica_of, sync};
+
+fn doc() -> DocId {
+    DocId::new("plant/power").unwrap()
+}
+
+fn write(r: &mut Replica, key: &str, n: i64) {
+    r.change(
+        &doc(),
+        &[Op::Put {
+            path: vec![PathElem::Key(key.into())],
+            value: Value::Int(n),
+        }],
+    )
+    .unwrap();
+}
+
+/// The files of the replica store `dir/NAME.db` (its WAL may hold the newest commits).
+fn files(dir: &Path, name: &str) -> Vec<PathBuf> {
+    ["db", "db-wal"]
+        .iter()
+        .map(|ext| dir.join(format!("{name}.{ext}")))
+        .collect()
+}
+
+/// What the disk holds of `dir/NAME.db` now, copied aside.
+fn image(dir: &Path, name: &str) -> Vec<(PathBuf, Option<Vec<u8>>)> {
+    files(dir, name)
+        .into_iter()
+        .map(|f| {
+            let bytes = std::fs::read(&f).ok();
+            (f, bytes)
+        })
+        .collect()
+}
+
+/// Puts the store's files back to `image` (the replica closed): the commits since are gone.
+fn cut_back_to(image: &[(PathBuf, Option<Vec<u8>>)], dir: &Path, name: &str) {
+    for (f, bytes) in image {
+        match bytes {
+            Some(b) => std::fs::write(f, b).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(f);
+            }
+        }
+    }
+    let _ = std::fs::remove_file(dir.join(format!("{name}.db-shm")));
+}
+
+/// Both replicas connected to `h` and caught up.
+fn live(h: &mut TestHub, w: &mut Replica, r: &mut Replica) -> (SessionId, SessionId) {
+    let (sw, sr) = (connect(h, w), connect(h, r));
+    sync(h, &mut [(w, sw), (r, sr)]).unwrap();
+    (sw, sr)
+}
+
+#[test]
+fn a_power_cut_that_takes_back_an_acknowledgement_has_the_write_acknowledged_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = hub(dir.path());
+    let mut w = replica_of(dir.path(), "w", 1, doc());
+    let mut r = replica_of(dir.path(), "r", 2, doc());
+    let (sw, sr) = live(&mut h, &mut w, &mut r);
+
+    // The write is durable when `change` returns: what the disk holds from here on.
+    write(&mut w, "k", 1);
+    let synced = image(dir.path(), "w");
+    sync(&mut h, &mut [(&mut w, sw), (&mut r, sr)]).unwrap();
+    assert_eq!(w.status().unwrap().outbox, 0, "acknowledged");
+    let (_, at) = w.store().written().unwrap().expect("a written position");
+    assert_eq!(r.json(&doc()).unwrap()["k"], serde_json::json!(1));
+
+    // The cut takes the acknowledgement back: the write is there, and in the outbox again.
+    w.disconnect();
+    h.close(sw);
+    drop(w);
+    cut_back_to(&synced, dir.path(), "w");
+    let mut w = replica_of(dir.path(), "w", 1, doc());
+    assert_eq!(w.json(&doc()).unwrap()["k"], serde_json::json!(1));
+    assert_eq!(
+        w.status().unwrap().outbox,
+        1,
+        "the acknowledgement was lost"
+    );
+
+    // Uploaded again: the hub has it already and acknowledges it where it stored it; no
+    // rollback is taken for one, and the reader gets nothing twice.
+    let duplicates = h.metrics().changes_duplicate;
+    let sw = connect(&mut h, &mut w);
+    sync(&mut h, &mut [(&mut w, sw), (&mut r, sr)]).unwrap();
+    assert_eq!(w.status().unwrap().outbox, 0, "acknowledged again");
+    assert_eq!(h.metrics().changes_duplicate, duplicates + 1);
+    assert_eq!(h.metrics().changes_stored, 1, "stored once");
+    let (_, again) = w.store().written().unwrap().expect("a written position");
+    assert_eq!(
+        again.cursor, at.cursor,
+        "acknowledged at its stored position"
+    );
+    assert_eq!(h.metrics().cursors_ahead, 0);
+    assert_eq!(h.metrics().cursors_rewritten, 0);
+
+    // And the next write goes up as any other.
+    write(&mut w, "k", 2);
+    sync(&mut h, &mut [(&mut w, sw), (&mut r, sr)]).unwrap();
+    assert_eq!(w.status().unwrap().outbox, 0);
+    assert_eq!(r.json(&doc()).unwrap()["k"], serde_json::json!(2));
+}
+
+#[test]
+fn a_power_cut_that_takes_back_received_changes_has_the_hub_send_them_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = hub(dir.path());
+    let mut w = replica_of(dir.path(), "w", 1, doc());
+    let mut r = replica_of(dir.path(), "r", 2, doc());
+    let (sw, sr) = live(&mut h, &mut w, &mut r);
+    let synced = image(dir.path(), "r");
+
+    // r takes in three changes and moves its cursor past them, in commits not synced.
+    for i in 0..3 {
+        write(&mut w, &format!("k{i}"), i);
+    }
+    sync(&mut h, &mut [(&mut w, sw), (&mut r, sr)]).unwrap();
+    assert_eq!(r.json(&doc()).unwrap()["k2"], serde_json::json!(2));
+
+    r.disconnect();
+    h.close(sr);
+    drop(r);
+    cut_back_to(&synced, dir.path(), "r");
+    let mut r = replica_of(dir.path(), "r", 2, doc());
+    assert!(
+        !r.doc_ids().unwrap().contains(&doc()),
+        "the received changes were lost with the cut"
+    );
+
+    // Its cursor went back with them: the hub sends them again, and sees no rollback.
+    let sr = connect(&mut h, &mut r);
+    sync(&mut h, &mut [(&mut w, sw), (&mut r, sr)]).unwrap();
+    for i in 0..3 {
+        assert_eq!(
+            r.json(&doc()).unwrap()[format!("k{i}")],
+            serde_json::json!(i)
+        );
+    }
+    assert_eq!(h.metrics().cursors_ahead, 0);
+    assert_eq!(h.metrics().cursors_rewritten, 0);
+    assert_eq!(r.status().unwrap().outbox, 0);
+}
