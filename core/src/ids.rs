@@ -174,12 +174,16 @@ impl PeerId {
             static KEYS: std::cell::RefCell<std::collections::HashMap<[u8; 32], ed25519_dalek::VerifyingKey>> =
                 std::cell::RefCell::default();
         }
-        let cached = KEYS.with(|k| k.borrow().get(&self.0).copied());
+        // `try_with`: a thread tearing down its locals decompresses without the cache.
+        let cached = KEYS
+            .try_with(|k| k.borrow().get(&self.0).copied())
+            .ok()
+            .flatten();
         if cached.is_some() {
             return cached;
         }
         let key = ed25519_dalek::VerifyingKey::from_bytes(&self.0).ok()?;
-        KEYS.with(|k| {
+        let _ = KEYS.try_with(|k| {
             let mut k = k.borrow_mut();
             if k.len() >= KEY_CACHE {
                 k.clear();
