@@ -370,12 +370,11 @@ pub fn verify_docs_covered(
     Ok(all)
 }
 
-/// [`verify_docs_covered`] of one part, on one thread: one key decompression per author, one
-/// batch verification of the signatures that must be checked.
+/// [`verify_docs_covered`] of one part, on one thread: one key decompression per author (the
+/// thread's key cache), one batch verification of the signatures that must be checked.
 fn verify_covered_part(
     batches: Vec<(DocId, Vec<SignedChange>)>,
 ) -> Result<Vec<(DocId, Vec<VerifiedChange>)>, ChangeError> {
-    let mut keys: HashMap<PeerId, ed25519_dalek::VerifyingKey> = HashMap::new();
     let mut out: Vec<(DocId, Vec<VerifiedChange>)> = Vec::with_capacity(batches.len());
     // (document in `out`, change in it, key) of each signature to check.
     let mut checks: Vec<(usize, usize, ed25519_dalek::VerifyingKey)> = Vec::new();
@@ -398,17 +397,11 @@ fn verify_covered_part(
         let own = own_signature_needed(&changes);
         for (i, c) in changes.iter_mut().enumerate() {
             if own[i] {
-                let key = match keys.get(&c.author) {
-                    Some(k) => *k,
-                    None => {
-                        let k = c
-                            .author
-                            .verifying_key()
-                            .ok_or(ChangeError::ActorNotBound { hash: c.hash })?;
-                        keys.insert(c.author, k);
-                        k
-                    }
-                };
+                // Decompressed once per author and thread (`PeerId::verifying_key` keeps it).
+                let key = c
+                    .author
+                    .verifying_key()
+                    .ok_or(ChangeError::ActorNotBound { hash: c.hash })?;
                 c.signature_checked = true;
                 checks.push((out.len(), i, key));
             }

@@ -10,24 +10,16 @@ use std::path::{Path, PathBuf};
 
 use syncline_core::DocId;
 use syncline_core::hub::SessionId;
-use syncline_core::ops::{Op, PathElem, Value};
 use syncline_core::replica::Replica;
 
-use crate::support::{TestHub, connect, hub, replica_of, sync};
+use crate::support::{TestHub, connect, hub, put_in, replica_of, sync};
 
 fn doc() -> DocId {
     DocId::new("plant/power").unwrap()
 }
 
 fn write(r: &mut Replica, key: &str, n: i64) {
-    r.change(
-        &doc(),
-        &[Op::Put {
-            path: vec![PathElem::Key(key.into())],
-            value: Value::Int(n),
-        }],
-    )
-    .unwrap();
+    put_in(r, &doc(), key, n);
 }
 
 /// The files of the replica store `dir/NAME.db` (its WAL may hold the newest commits).
@@ -49,8 +41,20 @@ fn image(dir: &Path, name: &str) -> Vec<(PathBuf, Option<Vec<u8>>)> {
         .collect()
 }
 
-/// Puts the store's files back to `image` (the replica closed): the commits since are gone.
-fn cut_back_to(image: &[(PathBuf, Option<Vec<u8>>)], dir: &Path, name: &str) {
+/// The power cut: `r` (on `dir/NAME.db`, key seed `seed`, its session `s` with `h`) stops,
+/// its store's files are put back to `image`, and it opens again: the commits since are gone.
+fn cut_back_to(
+    image: &[(PathBuf, Option<Vec<u8>>)],
+    h: &mut TestHub,
+    mut r: Replica,
+    s: SessionId,
+    dir: &Path,
+    name: &str,
+    seed: u8,
+) -> Replica {
+    r.disconnect();
+    h.close(s);
+    drop(r);
     for (f, bytes) in image {
         match bytes {
             Some(b) => std::fs::write(f, b).unwrap(),
@@ -60,6 +64,7 @@ fn cut_back_to(image: &[(PathBuf, Option<Vec<u8>>)], dir: &Path, name: &str) {
         }
     }
     let _ = std::fs::remove_file(dir.join(format!("{name}.db-shm")));
+    replica_of(dir, name, seed, doc())
 }
 
 /// Both replicas connected to `h` and caught up.
@@ -86,11 +91,7 @@ fn a_power_cut_that_takes_back_an_acknowledgement_has_the_write_acknowledged_aga
     assert_eq!(r.json(&doc()).unwrap()["k"], serde_json::json!(1));
 
     // The cut takes the acknowledgement back: the write is there, and in the outbox again.
-    w.disconnect();
-    h.close(sw);
-    drop(w);
-    cut_back_to(&synced, dir.path(), "w");
-    let mut w = replica_of(dir.path(), "w", 1, doc());
+    let mut w = cut_back_to(&synced, &mut h, w, sw, dir.path(), "w", 1);
     assert_eq!(w.json(&doc()).unwrap()["k"], serde_json::json!(1));
     assert_eq!(
         w.status().unwrap().outbox,
@@ -137,11 +138,7 @@ fn a_power_cut_that_takes_back_received_changes_has_the_hub_send_them_again() {
     sync(&mut h, &mut [(&mut w, sw), (&mut r, sr)]).unwrap();
     assert_eq!(r.json(&doc()).unwrap()["k2"], serde_json::json!(2));
 
-    r.disconnect();
-    h.close(sr);
-    drop(r);
-    cut_back_to(&synced, dir.path(), "r");
-    let mut r = replica_of(dir.path(), "r", 2, doc());
+    let mut r = cut_back_to(&synced, &mut h, r, sr, dir.path(), "r", 2);
     assert!(
         !r.doc_ids().unwrap().contains(&doc()),
         "the received changes were lost with the cut"

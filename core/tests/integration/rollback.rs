@@ -14,6 +14,8 @@ use syncline_core::store::{HubStore, SqliteHubStore};
 use syncline_core::wire::{Message, Target};
 use syncline_core::{DocId, DocPrefix};
 
+use crate::support::put_in;
+
 type TestHub = Hub<SqliteHubStore, AllowAll>;
 
 fn hub(file: &Path) -> TestHub {
@@ -66,14 +68,7 @@ fn sync_with(hub: &mut TestHub, r: &mut Replica, live: impl FnOnce(&mut Replica)
 }
 
 fn write(r: &mut Replica, key: &str, n: i64) {
-    r.change(
-        &doc(),
-        &[Op::Put {
-            path: vec![PathElem::Key(key.into())],
-            value: Value::Int(n),
-        }],
-    )
-    .unwrap();
+    put_in(r, &doc(), key, n);
 }
 
 /// A hub file holding five changes of the writer `a` (`early0`...), and a whole copy of it
@@ -393,17 +388,6 @@ fn restore(copy: &Path, file: &Path) -> TestHub {
     let mut store = SqliteHubStore::open(file).unwrap();
     store.new_epoch().unwrap();
     Hub::new(Identity::from_seed([9; 32]), store, AllowAll, None)
-}
-
-fn put_in(r: &mut Replica, doc: &DocId, key: &str, n: i64) {
-    r.change(
-        doc,
-        &[Op::Put {
-            path: vec![PathElem::Key(key.into())],
-            value: Value::Int(n),
-        }],
-    )
-    .unwrap();
 }
 
 /// A hub file on which c wrote one change of `doc()`, and a copy of it (the backup); then a,

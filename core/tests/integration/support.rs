@@ -6,6 +6,7 @@ use std::path::Path;
 use syncline_core::DocId;
 use syncline_core::hub::{AllowAll, Hub, SessionId};
 use syncline_core::identity::Identity;
+use syncline_core::ops::{Op, PathElem, Value};
 use syncline_core::replica::{Replica, ReplicaOptions};
 use syncline_core::store::SqliteHubStore;
 use syncline_core::wire::{Message, Target};
@@ -92,4 +93,16 @@ pub fn bare_replica(dir: &Path, name: &str, seed: u8) -> Replica {
         ReplicaOptions::default(),
     )
     .unwrap()
+}
+
+/// `r` puts the integer `n` at `key` of `doc` (a local, durable write).
+pub fn put_in(r: &mut Replica, doc: &DocId, key: &str, n: i64) {
+    r.change(
+        doc,
+        &[Op::Put {
+            path: vec![PathElem::Key(key.into())],
+            value: Value::Int(n),
+        }],
+    )
+    .unwrap();
 }
