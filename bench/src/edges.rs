@@ -13,11 +13,11 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 
 use crate::fleet::now_us;
-use crate::procs::{Bins, Hub, Proc, request};
+use crate::procs::{Bins, CpuClock, Hub, Proc, request};
 use crate::workloads::{Fanout, Latency};
 
 struct Edge {
-    _proc: Proc,
+    proc: Proc,
     api: String,
 }
 
@@ -65,7 +65,7 @@ fn start_edges(bins: &Bins, hub: &Hub, dir: &Path, n: usize, doc: &str) -> Resul
             Some(&json!({ "doc": doc }).to_string()),
         )?;
         ensure!(code == 200, "subscribing edge {i}: {code} {body}");
-        edges.push(Edge { _proc: proc, api });
+        edges.push(Edge { proc, api });
     }
     Ok(edges)
 }
@@ -148,6 +148,10 @@ pub fn fanout(
         watch(e.api.clone(), doc, samples.clone())?;
     }
     let path = format!("/v1/docs/{}/changes", doc.replace('/', "%2F"));
+    let mut pids: Vec<u32> = edges.iter().map(|e| e.proc.pid()).collect();
+    pids.push(hub.proc.pid());
+    let cpu = CpuClock::new(pids);
+    let cpu_before = cpu.seconds()?;
     let start = Instant::now();
     let writers: Vec<_> = edges
         .iter()
@@ -197,6 +201,7 @@ pub fn fanout(
         }
     }
     let seconds = start.elapsed().as_secs_f64();
+    let cpu_seconds = cpu.seconds()? - cpu_before;
     // The last events may still be on their way to the watchers: wait for them, bounded.
     let expected = total * (clients - 1);
     while samples.lock().map_or(0, |s| s.len()) < expected && Instant::now() < deadline {
@@ -211,5 +216,6 @@ pub fn fanout(
         changes_per_sec: total as f64 / seconds,
         latency,
         wire_bytes_per_change: f64::NAN,
+        cpu_ms_per_change: cpu_seconds * 1000.0 / total as f64,
     })
 }

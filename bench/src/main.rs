@@ -12,6 +12,7 @@
 mod backups;
 mod edges;
 mod fleet;
+mod floor;
 mod limits;
 mod longlife;
 mod procs;
@@ -28,7 +29,7 @@ use serde_json::{Value, json};
 use syncline_core::identity::Identity;
 use syncline_net::client::HubAddress;
 
-use crate::procs::{Bins, Hub};
+use crate::procs::{Bins, CpuClock, Hub};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scale {
@@ -181,9 +182,10 @@ async fn run(args: Args) -> Result<()> {
             say(format!(
                 "== fan-out: {c} replicas x {m} changes on one document"
             ));
-            let (_hub, addr, dir) = run.hub()?;
+            let (hub, addr, dir) = run.hub()?;
             let f = workloads::fanout(
                 std::slice::from_ref(&addr),
+                &CpuClock::new(vec![hub.proc.pid()]),
                 dir.path(),
                 &run.identity,
                 c,
@@ -263,9 +265,10 @@ async fn run(args: Args) -> Result<()> {
         say(format!(
             "== latency: {c} replicas writing {rate} changes/s each, {m} changes each"
         ));
-        let (_hub, addr, dir) = run.hub()?;
+        let (hub, addr, dir) = run.hub()?;
         let f = workloads::fanout(
             std::slice::from_ref(&addr),
+            &CpuClock::new(vec![hub.proc.pid()]),
             dir.path(),
             &run.identity,
             c,
@@ -284,6 +287,29 @@ async fn run(args: Args) -> Result<()> {
             f.latency.samples
         ));
         let mut v = serde_json::to_value(&f)?;
+        say(format!(
+            "   CPU of the bench process and the hub: {:.2} ms per change",
+            f.cpu_ms_per_change
+        ));
+        // The floor, in both orders (`floor.rs`): what the path costs from raw parts.
+        for (key, pipelined) in [("floor", false), ("floor_pipelined", true)] {
+            let floor_dir = tempfile::tempdir()?;
+            let path = floor_dir.path().to_path_buf();
+            let floor = tokio::task::spawn_blocking(move || {
+                floor::measure(&path, c, m, rate, pipelined, within)
+            })
+            .await?
+            .with_context(|| format!("latency {key}"))?;
+            say(format!(
+                "   {key}: p50 {:.1} ms p95 {:.1} ms p99 {:.1} ms max {:.1} ms; {:.2} ms of CPU per change",
+                floor.latency.p50_ms,
+                floor.latency.p95_ms,
+                floor.latency.p99_ms,
+                floor.latency.max_ms,
+                floor.cpu_ms_per_change
+            ));
+            v[key] = serde_json::to_value(&floor)?;
+        }
         if run.args.reference {
             v["reference"] = reference::run(
                 &run.args.reference_dir,
@@ -500,9 +526,19 @@ async fn run(args: Args) -> Result<()> {
         let addrs: Vec<HubAddress> = hubs.iter().map(|(_, a, _)| a.clone()).collect();
         let dir = tempfile::tempdir()?;
         let m = if smoke { 10 } else { 200 };
-        let cross = workloads::fanout(&addrs, dir.path(), &run.identity, 2, m, Some(20.0), within)
-            .await
-            .context("cross-instance latency")?;
+        let pids = hubs.iter().map(|(h, _, _)| h.proc.pid()).collect();
+        let cross = workloads::fanout(
+            &addrs,
+            &CpuClock::new(pids),
+            dir.path(),
+            &run.identity,
+            2,
+            m,
+            Some(20.0),
+            within,
+        )
+        .await
+        .context("cross-instance latency")?;
         say(format!(
             "   cross-instance write-to-visible at 20 changes/s per replica: p50 {:.1} ms, p99 {:.1} ms",
             cross.latency.p50_ms, cross.latency.p99_ms

@@ -15,6 +15,7 @@ use syncline_core::wire::Target;
 use syncline_net::client::HubAddress;
 
 use crate::fleet::{Node, now_us, open_many, percentile, wait_until, wait_uploaded};
+use crate::procs::CpuClock;
 
 /// Writes made offline in groups of this many changes (one transaction each).
 const GROUP: usize = 64;
@@ -59,14 +60,20 @@ pub struct Fanout {
     pub latency: Latency,
     /// Bytes the writers sent to the hub per change (frames, QUIC payload, not headers).
     pub wire_bytes_per_change: f64,
+    /// CPU time (user and system) of the bench process and the hubs from the first write to
+    /// convergence, per change: the cost of a change to all of its replicas and the hub.
+    pub cpu_ms_per_change: f64,
 }
 
 /// C replicas subscribed to one document, each writing M changes (one put of a key that
 /// carries its write time); time until every replica holds every change, and the
 /// write-to-visible latency of each change at every other replica. Replica `i` syncs with
 /// `hubs[i % hubs.len()]` (several hub instances on one store: the latency crosses them).
+/// `cpu` counts this process and the hubs' processes.
+#[allow(clippy::too_many_arguments)]
 pub async fn fanout(
     hubs: &[HubAddress],
+    cpu: &CpuClock,
     dir: &Path,
     identity: &Identity,
     clients: usize,
@@ -141,6 +148,7 @@ pub async fn fanout(
                 .load(std::sync::atomic::Ordering::Relaxed)
         })
         .sum();
+    let cpu_before = cpu.seconds()?;
     let start = Instant::now();
     let mut writers = Vec::new();
     for (c, n) in nodes.iter().enumerate() {
@@ -185,6 +193,7 @@ pub async fn fanout(
     })
     .await?;
     let seconds = start.elapsed().as_secs_f64();
+    let cpu_seconds = cpu.seconds()? - cpu_before;
     let bytes_after: u64 = nodes
         .iter()
         .map(|n| {
@@ -210,6 +219,7 @@ pub async fn fanout(
         changes_per_sec: changes as f64 / seconds,
         latency,
         wire_bytes_per_change: bytes_after.saturating_sub(bytes_before) as f64 / changes as f64,
+        cpu_ms_per_change: cpu_seconds * 1000.0 / changes as f64,
     })
 }
 

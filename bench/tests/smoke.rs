@@ -46,6 +46,17 @@ fn every_workload_runs_at_smoke_scale_and_reports_consistent_numbers() {
         // A small change costs a few hundred bytes on the wire, not kilobytes.
         let per_change = f["wire_bytes_per_change"].as_f64().unwrap();
         assert!((50.0..2000.0).contains(&per_change), "{f}");
+        // And some CPU, counted from /proc (10 ms ticks: zero is possible for a short run).
+        assert!(f["cpu_ms_per_change"].as_f64().unwrap() >= 0.0, "{f}");
+    }
+    // The latency run, beside its floor in both orders: every change at every other replica.
+    let l = &r["latency"];
+    let samples = l["latency"]["samples"].as_u64().unwrap();
+    assert_eq!(samples, 3 * 3 * 2, "{l}");
+    for key in ["floor", "floor_pipelined"] {
+        assert_eq!(l[key]["latency"]["samples"].as_u64(), Some(samples), "{l}");
+        assert_eq!(l[key]["pipelined"], key == "floor_pipelined", "{l}");
+        assert!(l[key]["latency"]["p50_ms"].as_f64().unwrap() > 0.0, "{l}");
     }
     for (i, changes) in r["ingest"].as_array().unwrap().iter().zip([200, 400]) {
         assert_eq!(i["changes"], changes, "{i}");
