@@ -264,6 +264,18 @@ pub enum Error {
         /// The cause, as the driver gives it.
         reason: String,
     },
+    /// Syncing a store's writes to disk failed: the writes since the last sync are committed
+    /// (a process crash keeps them) but may be lost in a power cut.
+    #[error(
+        "syncing {path} to disk failed: {reason}; the latest writes may not survive a power \
+         cut: check the disk, then write again"
+    )]
+    Unsynced {
+        /// The file.
+        path: String,
+        /// The cause, as the OS gives it.
+        reason: String,
+    },
     /// A store's encryption key is missing, wrong, unreadable, or this build cannot encrypt.
     #[error("store key {path}: {reason}")]
     StoreKey {

@@ -281,6 +281,21 @@ enum Reply {
     PeerCursor(Option<Cursor>),
 }
 
+/// What a group commit answers once it is synced, when syncs are deferred
+/// ([`Hub::set_deferred_sync`]).
+enum Held {
+    /// The writer's acknowledgement (an `AckAt` or `Ack`), and what to refuse if the sync
+    /// fails.
+    Ack {
+        session: SessionId,
+        push_id: u64,
+        doc: DocId,
+        message: Message,
+    },
+    /// How far a peer hub's log was received.
+    PeerCursor { session: SessionId, cursor: Cursor },
+}
+
 /// A `Push` whose signatures were checked where it was received (a connection task, on any
 /// core); only [`VerifiedPush::verify`] makes one. See [`Hub::handle_verified_push`].
 pub struct VerifiedPush {
@@ -321,6 +336,8 @@ pub struct Hub<S, P> {
     sessions: HashMap<SessionId, HubSession>,
     next_session: SessionId,
     queued: Vec<QueuedPush>,
+    /// Answers of commits that wait for [`Hub::sync`].
+    held: Vec<Held>,
     ready: BTreeSet<SessionId>,
     metrics: HubMetrics,
     rng: StdRng,
@@ -427,6 +444,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             sessions: HashMap::new(),
             next_session: 1,
             queued: Vec::new(),
+            held: Vec::new(),
             ready: BTreeSet::new(),
             metrics: HubMetrics::default(),
             rng: rng_seed.map_or_else(StdRng::from_entropy, StdRng::seed_from_u64),
@@ -719,6 +737,9 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
     /// hub's subscribers what the others commit. The store must number changes in commit
     /// order (every change before a visible position is visible), as both stores here do.
     pub fn share_store(&mut self) -> Result<()> {
+        // The others relay what they read of this store: its commits are synced at once.
+        self.sync()?;
+        self.store.set_deferred_sync(false)?;
         self.shared = Some(SharedTail {
             at: self.store.last_cursor()?,
             own: BTreeMap::new(),
@@ -1386,9 +1407,95 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
         }
     }
 
+    /// Defers the sync of group commits (off by default), where the store can: a
+    /// [`flush`](Self::flush) then commits without syncing and queues its relays at once,
+    /// and holds its acknowledgements until [`sync`](Self::sync) has made the commit durable.
+    /// The driver sends the relays to replicas that check marks
+    /// ([`relays_unsynced`](Self::relays_unsynced)) while the fsync runs, and everything else
+    /// after it. Acknowledged still means durable. A power cut before the sync loses changes
+    /// that readers may hold at positions the log will give again; such a reader's mark no
+    /// longer matches at its next session and it is repaired by heads (as under a store rolled
+    /// back from a copy), and the writer, never acknowledged, uploads them again. A process
+    /// crash loses nothing (the commits are in the OS's page cache). Not with a shared store
+    /// (several instances relay from it). Turning it off syncs and answers what waits.
+    pub fn set_deferred_sync(&mut self, on: bool) -> Result<()> {
+        if !on {
+            self.sync()?;
+        }
+        self.store.set_deferred_sync(on && self.shared.is_none())
+    }
+
+    /// Makes the group commits since the last sync durable, then sends the acknowledgements
+    /// they held. If the sync fails, the pushes are refused instead (the writers keep them in
+    /// their outboxes and upload them again; the hub then acknowledges them where they are
+    /// stored) and the error is returned for the operator's logs.
+    pub fn sync(&mut self) -> Result<()> {
+        let result = self.store.sync();
+        for h in std::mem::take(&mut self.held) {
+            match (h, &result) {
+                (
+                    Held::Ack {
+                        session, message, ..
+                    },
+                    Ok(()),
+                ) => {
+                    if let Some(s) = self.sessions.get_mut(&session) {
+                        s.out.push_back(message);
+                        self.ready.insert(session);
+                    }
+                }
+                (Held::PeerCursor { session, cursor }, Ok(())) => {
+                    self.record_peer_received(session, cursor)
+                }
+                (
+                    Held::Ack {
+                        session,
+                        push_id,
+                        doc,
+                        ..
+                    },
+                    Err(e),
+                ) => {
+                    self.metrics.reject("storage");
+                    if let Some(s) = self.sessions.get_mut(&session) {
+                        s.out.push_back(Message::Reject(Reject {
+                            push_id,
+                            doc,
+                            code: ErrorCode::StorageUnavailable,
+                            message: format!(
+                                "the hub could not sync the changes to disk ({e}); they stay \
+                                 in your outbox"
+                            ),
+                        }));
+                        self.ready.insert(session);
+                    }
+                }
+                (Held::PeerCursor { session, .. }, Err(e)) => {
+                    // Restart the link from its recorded position rather than skip changes.
+                    self.fail(session, ErrorCode::StorageUnavailable, e.to_string());
+                }
+            }
+        }
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "syncing the log failed; the pushes were refused");
+        }
+        result
+    }
+
+    /// Whether the session may be sent relayed changes before their commit is synced: an
+    /// authenticated replica that speaks version 3 or later, and so shows its marks at every
+    /// session for the hub to find a log that lost what it relayed. Not a peer hub: a link
+    /// speaks version 1 (marks are not checked there), whichever side opened it.
+    pub fn relays_unsynced(&self, id: SessionId) -> bool {
+        self.sessions.get(&id).is_some_and(|s| {
+            s.peer.is_some() && s.link.is_none() && !s.failed && s.handshake.speaks(3)
+        })
+    }
+
     /// Commits every queued push in one transaction, then acknowledges them and relays the
-    /// new changes. If the store fails, every queued push is refused (the replicas keep them
-    /// in their outboxes) and the error is returned for the operator's logs.
+    /// new changes (with deferred syncs: relays at once, acknowledges at [`sync`](Self::sync)).
+    /// If the store fails, every queued push is refused (the replicas keep them in their
+    /// outboxes) and the error is returned for the operator's logs.
     pub fn flush(&mut self) -> Result<()> {
         if self.queued.is_empty() {
             return Ok(());
@@ -1502,21 +1609,36 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                 }
                 (reply, _, _) => Some(reply),
             };
+            let held = self.store.defers_sync();
             match reply {
                 Some(Reply::Ack(push_id)) => {
                     if let Some(s) = self.sessions.get_mut(&session) {
                         // Version 3: where the push's changes are, for the writer to tell a
                         // rolled-back log by (it is not sent its own changes).
-                        s.out.push_back(if s.handshake.speaks(3) {
+                        let message = if s.handshake.speaks(3) {
                             Message::AckAt(wire::AckAt {
                                 push_id,
                                 at: highest,
                             })
                         } else {
                             Message::Ack(Ack { push_id })
-                        });
-                        self.ready.insert(session);
+                        };
+                        match (held, &doc) {
+                            (true, Some(doc)) => self.held.push(Held::Ack {
+                                session,
+                                push_id,
+                                doc: doc.clone(),
+                                message,
+                            }),
+                            _ => {
+                                s.out.push_back(message);
+                                self.ready.insert(session);
+                            }
+                        }
                     }
+                }
+                Some(Reply::PeerCursor(Some(cursor))) if held => {
+                    self.held.push(Held::PeerCursor { session, cursor });
                 }
                 Some(Reply::PeerCursor(Some(cursor))) => self.record_peer_received(session, cursor),
                 Some(Reply::PeerCursor(None)) | None => {}
@@ -2351,6 +2473,10 @@ mod tests {
         );
         // Each edge sees the other's document through its own hub.
         assert_eq!(rb.json(&doc).unwrap(), json!({"a": 1}));
+        // A peer hub, either side of the link, is sent only what is synced; replicas that
+        // check marks may be sent more.
+        assert!(!a.relays_unsynced(la) && !b.relays_unsynced(lb));
+        assert!(a.relays_unsynced(sa) && b.relays_unsynced(sb));
         assert_eq!(
             ra.json(&DocId::new("plant/other").unwrap()).unwrap(),
             json!({"b": 2})

@@ -494,6 +494,32 @@ impl Replica {
         &self.store
     }
 
+    /// Defers the sync of local writes (off by default): [`change`](Self::change) and
+    /// [`change_many`](Self::change_many) then commit without syncing, and are durable once
+    /// [`sync`](Self::sync) returns. Whoever turns it on must sync before telling anyone a
+    /// write is done. The replica thread (`ReplicaHandle`) does, so that a change is uploaded
+    /// while its fsync runs instead of after it; a change uploaded and then lost to a power
+    /// cut before its sync is harmless: the app was not answered, and a reopened store writes
+    /// under a fresh actor, so the change's sequence number is never signed again (the hub
+    /// sends the change back like any other). A replica opened with a fixed
+    /// [`instance`](ReplicaOptions::instance) (simulations) keeps its syncs, since it would
+    /// sign that sequence number again. Turning it off syncs what waits.
+    pub fn set_deferred_sync(&mut self, on: bool) -> Result<()> {
+        self.store
+            .set_deferred_sync(on && self.options.instance.is_none())
+    }
+
+    /// Makes the local writes committed since the last sync durable (nothing to do unless
+    /// syncs are deferred: [`set_deferred_sync`](Self::set_deferred_sync)).
+    pub fn sync(&mut self) -> Result<()> {
+        self.store.sync()
+    }
+
+    /// Whether local writes wait for [`sync`](Self::sync).
+    pub fn unsynced(&self) -> bool {
+        self.store.unsynced()
+    }
+
     /// The documents held.
     pub fn doc_ids(&self) -> Result<Vec<DocId>> {
         self.store.doc_ids()
@@ -605,15 +631,16 @@ impl Replica {
     }
 
     /// Applies `ops` to `doc` (created if new) as one change, signs it, commits it durably with
-    /// its outbox entry, and returns the document's new heads. Nothing is applied if an op
-    /// fails.
+    /// its outbox entry (with deferred syncs: durable at the next [`sync`](Self::sync)), and
+    /// returns the document's new heads. Nothing is applied if an op fails.
     pub fn change(&mut self, doc: &DocId, ops: &[Op]) -> Result<Vec<ChangeHash>> {
         self.change_many(&[(doc.clone(), ops.to_vec())])?;
         Ok(self.doc(doc).map(|d| d.heads()).unwrap_or_default())
     }
 
     /// Applies several changes and commits them in one transaction (group commit): all are
-    /// durable when this returns, or none is.
+    /// durable when this returns (with deferred syncs: at the next [`sync`](Self::sync)), or
+    /// none is.
     pub fn change_many(&mut self, changes: &[(DocId, Vec<Op>)]) -> Result<()> {
         let routed;
         let changes = if self.options.rolling.is_empty() {
@@ -665,7 +692,7 @@ impl Replica {
             }
             subs
         };
-        let mut batch = self.store.batch()?;
+        let mut batch = self.store.local_batch()?;
         for (c, _) in &made {
             batch.insert_change(c)?;
             batch.enqueue_upload(c.doc(), &c.hash(), None)?;

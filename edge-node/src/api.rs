@@ -22,6 +22,7 @@ use syncline_core::replica::{Event, Replica};
 use syncline_core::rolling;
 use syncline_core::wire::Target;
 use syncline_core::{ChangeHash, DocId, DocPrefix};
+use syncline_net::NetError;
 use syncline_net::client::ReplicaHandle;
 use tokio::sync::{broadcast, watch};
 
@@ -56,10 +57,18 @@ impl ApiState {
         &self,
         f: impl FnOnce(&mut Replica) -> R + Send + 'static,
     ) -> Result<R, ApiError> {
-        self.replica.call(f).await.map_err(|e| ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            code: "stopped",
-            message: format!("the store is not available: {e}"),
+        self.replica.call(f).await.map_err(|e| match e {
+            // The write is committed but its fsync failed: the disk is at fault.
+            NetError::NotDurable(_) => ApiError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                code: "not_durable",
+                message: e.to_string(),
+            },
+            e => ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "stopped",
+                message: format!("the store is not available: {e}"),
+            },
         })
     }
 }

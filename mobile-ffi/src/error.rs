@@ -82,6 +82,7 @@ impl From<NetError> for SynclineError {
             NetError::Core(e) => e.into(),
             NetError::Config(m) => SynclineError::InvalidConfig(m),
             NetError::Stopped => SynclineError::Closed,
+            e @ NetError::NotDurable(_) => SynclineError::Storage(e.to_string()),
             e => SynclineError::Network(e.to_string()),
         }
     }

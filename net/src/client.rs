@@ -91,7 +91,10 @@ pub struct LinkState {
     pub attempts: u64,
 }
 
-type Job = Box<dyn FnOnce(&mut Replica) + Send>;
+/// An app's call: runs on the replica, and returns what answers the app once the replica's
+/// writes are synced (or could not be).
+type Job = Box<dyn FnOnce(&mut Replica) -> Reply + Send>;
+type Reply = Box<dyn FnOnce(Result<(), NetError>) + Send>;
 
 enum Command {
     Call(Job),
@@ -143,13 +146,16 @@ impl ReplicaHandle {
     ) -> Result<R, NetError> {
         let (reply, rx) = oneshot::channel();
         let job: Job = Box::new(move |r| {
-            let _ = reply.send(f(r));
+            let out = f(r);
+            Box::new(move |synced: Result<(), NetError>| {
+                let _ = reply.send(synced.map(|()| out));
+            })
         });
         self.tx
             .send(Command::Call(job))
             .await
             .map_err(|_| NetError::Stopped)?;
-        rx.await.map_err(|_| NetError::Stopped)
+        rx.await.map_err(|_| NetError::Stopped)?
     }
 
     /// The replica's events (document changes, refusals, sync progress). A receiver that
@@ -327,12 +333,18 @@ fn run(
     events: broadcast::Sender<Event>,
 ) -> Replica {
     let mut outbound: Option<mpsc::Sender<Message>> = None;
+    // Local writes commit unsynced; the loop uploads them, then syncs, then answers the apps
+    // whose calls wrote them: the upload does not wait for the fsync, the app does.
+    if let Err(e) = replica.set_deferred_sync(true) {
+        tracing::warn!(error = %e, "deferring the store's syncs failed; writes sync at commit");
+    }
+    let mut replies: Vec<Reply> = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         let mut cmd = Some(first);
         let mut taken = 0;
         while let Some(c) = cmd.take() {
             match c {
-                Command::Call(job) => job(&mut replica),
+                Command::Call(job) => replies.push(job(&mut replica)),
                 Command::Connected {
                     binding,
                     hub_key,
@@ -379,9 +391,20 @@ fn run(
                 outbound = None;
             }
         }
+        // One sync for every call of the round (a group commit), after their uploads left.
+        let synced = replica.sync().map_err(|e| {
+            tracing::error!(error = %e, "syncing the store failed");
+            e.to_string()
+        });
+        for reply in replies.drain(..) {
+            reply(synced.clone().map_err(NetError::NotDurable));
+        }
         while let Some(e) = replica.poll_event() {
             let _ = events.send(e);
         }
+    }
+    if let Err(e) = replica.set_deferred_sync(false) {
+        tracing::error!(error = %e, "syncing the store at the end failed");
     }
     replica
 }

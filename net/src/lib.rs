@@ -50,6 +50,10 @@ pub enum NetError {
     /// The thread owning the store has stopped.
     #[error("the store thread has stopped")]
     Stopped,
+    /// The call ran, but the store could not sync its writes to disk: they may not survive a
+    /// power cut.
+    #[error("the write is not durable: {0}")]
+    NotDurable(String),
     /// Gave up waiting.
     #[error("timed out: {0}")]
     Timeout(&'static str),

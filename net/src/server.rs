@@ -450,6 +450,11 @@ fn run<S: HubStore, P: Policy>(
     // Sessions not authenticated yet, with the flag their connection task reads.
     let mut handshaking: HashMap<SessionId, Arc<AtomicBool>> = HashMap::new();
     let mut due: BTreeSet<SessionId> = BTreeSet::new();
+    // Group commits are synced after their relays to replicas have left (see
+    // `Hub::set_deferred_sync`); acknowledgements still wait for the sync.
+    if let Err(e) = hub.set_deferred_sync(true) {
+        tracing::warn!(error = %e, "deferring the log's syncs failed; commits sync at once");
+    }
     while let Some(first) = rx.blocking_recv() {
         let mut cmd = Some(first);
         let mut taken = 0;
@@ -513,13 +518,27 @@ fn run<S: HubStore, P: Policy>(
         if let Err(e) = hub.flush() {
             tracing::error!(error = %e, "group commit failed; pushes were refused");
         }
+        let committed = started.elapsed();
+        // The relays go out to the replicas that may take them unsynced; the rest waits.
+        for session in hub.take_ready() {
+            if hub.relays_unsynced(session) {
+                pump(&mut hub, &mut outbound, session);
+            }
+            due.insert(session);
+        }
+        let syncing = std::time::Instant::now();
+        // (Its error refused the held pushes, and is logged.)
+        let _ = hub.sync();
         if hub.metrics().commits > commits {
-            hub.record_commit_seconds(started.elapsed().as_secs_f64());
+            hub.record_commit_seconds((committed + syncing.elapsed()).as_secs_f64());
         }
         due.extend(hub.take_ready());
         for session in std::mem::take(&mut due) {
             pump(&mut hub, &mut outbound, session);
         }
+    }
+    if let Err(e) = hub.set_deferred_sync(false) {
+        tracing::error!(error = %e, "syncing the log at the end failed");
     }
     hub
 }

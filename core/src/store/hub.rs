@@ -229,9 +229,29 @@ pub trait HubStore {
     /// The identity of this log: changes when the log is replaced (restore from backup).
     fn epoch(&self) -> Epoch;
 
-    /// Appends verified changes in one durable transaction (group commit). Returns what
-    /// happened to each change, in order.
+    /// Appends verified changes in one durable transaction (group commit): durable when this
+    /// returns, or, with deferred syncs, when [`HubStore::sync`] does. Returns what happened
+    /// to each change, in order.
     fn append(&mut self, changes: &[VerifiedChange]) -> Result<Vec<Appended>>;
+
+    /// Defers the sync of [`HubStore::append`]'s commits to [`HubStore::sync`], if the engine
+    /// can (SQLite: commits at `synchronous=NORMAL`, in the OS's page cache, which a process
+    /// crash keeps); a store that cannot keeps its commits durable. Turning it off syncs
+    /// what waits. The hub uses it to relay changes while their fsync runs
+    /// ([`Hub::set_deferred_sync`](crate::hub::Hub::set_deferred_sync)).
+    fn set_deferred_sync(&mut self, _on: bool) -> Result<()> {
+        Ok(())
+    }
+
+    /// Whether appends wait for [`HubStore::sync`] to be durable.
+    fn defers_sync(&self) -> bool {
+        false
+    }
+
+    /// Makes every append so far durable.
+    fn sync(&mut self) -> Result<()> {
+        Ok(())
+    }
 
     /// Up to `limit` changes of documents under `target` with positions after `after`.
     fn read_log(&mut self, target: &Target, after: Cursor, limit: usize) -> Result<LogBatch>;
@@ -318,6 +338,15 @@ impl<T: HubStore + ?Sized> HubStore for Box<T> {
     fn append(&mut self, changes: &[VerifiedChange]) -> Result<Vec<Appended>> {
         (**self).append(changes)
     }
+    fn set_deferred_sync(&mut self, on: bool) -> Result<()> {
+        (**self).set_deferred_sync(on)
+    }
+    fn defers_sync(&self) -> bool {
+        (**self).defers_sync()
+    }
+    fn sync(&mut self) -> Result<()> {
+        (**self).sync()
+    }
     fn read_log(&mut self, target: &Target, after: Cursor, limit: usize) -> Result<LogBatch> {
         (**self).read_log(target, after, limit)
     }
@@ -387,6 +416,10 @@ impl<T: HubStore + ?Sized> HubStore for Box<T> {
 pub struct SqliteHubStore {
     conn: Connection,
     epoch: Epoch,
+    /// Whether appends commit at `synchronous=NORMAL` for [`HubStore::sync`] to make durable.
+    defer: bool,
+    /// Whether an append committed unsynced since the last sync.
+    unsynced: bool,
 }
 
 impl std::fmt::Debug for SqliteHubStore {
@@ -428,10 +461,106 @@ impl SqliteHubStore {
                 e
             }
         };
-        let mut store = SqliteHubStore { conn, epoch };
+        let mut store = SqliteHubStore {
+            conn,
+            epoch,
+            defer: false,
+            unsynced: false,
+        };
         store.backfill_actor_keys()?;
         store.backfill_chains()?;
         Ok(store)
+    }
+
+    /// [`HubStore::append`] at the connection's `synchronous` level.
+    fn append_now(&mut self, changes: &[VerifiedChange]) -> Result<Vec<Appended>> {
+        // Immediate: the chain is read and extended under the write lock (other hub
+        // instances may share the file).
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .ctx("starting a commit")?;
+        let mut out = Vec::with_capacity(changes.len());
+        {
+            let last: Option<(i64, Option<Vec<u8>>)> = tx
+                .prepare_cached("SELECT seq, chain FROM log ORDER BY seq DESC LIMIT 1")
+                .ctx("appending to the log")?
+                .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+                .ctx("appending to the log")?;
+            let mut head = match last {
+                Some((seq, c)) => Some(chain_from(c, seq)?.ok_or_else(|| unchained(seq))?),
+                None => None,
+            };
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO log (doc, hash, deps, author, signature, bytes, instance, actor_seq,
+                         chain)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT DO NOTHING",
+                )
+                .ctx("appending to the log")?;
+            let mut existing = tx
+                .prepare_cached(
+                    "SELECT hash, seq, chain FROM log
+                     WHERE doc = ?1 AND author = ?2 AND instance = ?3 AND actor_seq = ?4",
+                )
+                .ctx("appending to the log")?;
+            let mut doc = tx
+                .prepare_cached("INSERT OR IGNORE INTO docs (doc) VALUES (?1)")
+                .ctx("appending to the log")?;
+            let mut last_doc: Option<&DocId> = None;
+            for c in changes {
+                if last_doc != Some(c.doc()) {
+                    doc.execute([c.doc().as_str()])
+                        .ctx("appending to the log")?;
+                    last_doc = Some(c.doc());
+                }
+                let (instance, actor_seq) = actor_key(c);
+                let mark = chain_on(&mut head, &c.signed().signature);
+                let n = insert
+                    .execute(params![
+                        c.doc().as_str(),
+                        &c.hash().0[..],
+                        hashes_to_blob(&c.deps()),
+                        &c.author().as_bytes()[..],
+                        &c.signed().signature[..],
+                        &c.signed().bytes,
+                        &instance[..],
+                        actor_seq,
+                        &mark.0[..],
+                    ])
+                    .ctx("appending to the log")?;
+                if n == 1 {
+                    out.push(Appended::Stored(Position {
+                        cursor: Cursor(tx.last_insert_rowid() as u64),
+                        mark,
+                    }));
+                    continue;
+                }
+                let (stored, seq, at): (Vec<u8>, i64, Option<Vec<u8>>) = existing
+                    .query_row(
+                        params![
+                            c.doc().as_str(),
+                            &c.author().as_bytes()[..],
+                            &instance[..],
+                            actor_seq
+                        ],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .ctx("appending to the log")?;
+                let stored = hash_from(stored)?;
+                out.push(if stored == c.hash() {
+                    Appended::Duplicate(Position {
+                        cursor: Cursor(seq as u64),
+                        mark: chain_from(at, seq)?.ok_or_else(|| unchained(seq))?,
+                    })
+                } else {
+                    Appended::Conflict { existing: stored }
+                });
+            }
+        }
+        tx.commit().ctx("committing to the log")?;
+        Ok(out)
     }
 
     /// Chains the changes stored before schema version 6 ([`chain`]), in one transaction,
@@ -781,93 +910,35 @@ impl HubStore for SqliteHubStore {
     }
 
     fn append(&mut self, changes: &[VerifiedChange]) -> Result<Vec<Appended>> {
-        // Immediate: the chain is read and extended under the write lock (other hub
-        // instances may share the file).
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .ctx("starting a commit")?;
-        let mut out = Vec::with_capacity(changes.len());
-        {
-            let last: Option<(i64, Option<Vec<u8>>)> = tx
-                .prepare_cached("SELECT seq, chain FROM log ORDER BY seq DESC LIMIT 1")
-                .ctx("appending to the log")?
-                .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()
-                .ctx("appending to the log")?;
-            let mut head = match last {
-                Some((seq, c)) => Some(chain_from(c, seq)?.ok_or_else(|| unchained(seq))?),
-                None => None,
-            };
-            let mut insert = tx
-                .prepare_cached(
-                    "INSERT INTO log (doc, hash, deps, author, signature, bytes, instance, actor_seq,
-                         chain)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT DO NOTHING",
-                )
-                .ctx("appending to the log")?;
-            let mut existing = tx
-                .prepare_cached(
-                    "SELECT hash, seq, chain FROM log
-                     WHERE doc = ?1 AND author = ?2 AND instance = ?3 AND actor_seq = ?4",
-                )
-                .ctx("appending to the log")?;
-            let mut doc = tx
-                .prepare_cached("INSERT OR IGNORE INTO docs (doc) VALUES (?1)")
-                .ctx("appending to the log")?;
-            let mut last_doc: Option<&DocId> = None;
-            for c in changes {
-                if last_doc != Some(c.doc()) {
-                    doc.execute([c.doc().as_str()])
-                        .ctx("appending to the log")?;
-                    last_doc = Some(c.doc());
-                }
-                let (instance, actor_seq) = actor_key(c);
-                let mark = chain_on(&mut head, &c.signed().signature);
-                let n = insert
-                    .execute(params![
-                        c.doc().as_str(),
-                        &c.hash().0[..],
-                        hashes_to_blob(&c.deps()),
-                        &c.author().as_bytes()[..],
-                        &c.signed().signature[..],
-                        &c.signed().bytes,
-                        &instance[..],
-                        actor_seq,
-                        &mark.0[..],
-                    ])
-                    .ctx("appending to the log")?;
-                if n == 1 {
-                    out.push(Appended::Stored(Position {
-                        cursor: Cursor(tx.last_insert_rowid() as u64),
-                        mark,
-                    }));
-                    continue;
-                }
-                let (stored, seq, at): (Vec<u8>, i64, Option<Vec<u8>>) = existing
-                    .query_row(
-                        params![
-                            c.doc().as_str(),
-                            &c.author().as_bytes()[..],
-                            &instance[..],
-                            actor_seq
-                        ],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                    )
-                    .ctx("appending to the log")?;
-                let stored = hash_from(stored)?;
-                out.push(if stored == c.hash() {
-                    Appended::Duplicate(Position {
-                        cursor: Cursor(seq as u64),
-                        mark: chain_from(at, seq)?.ok_or_else(|| unchained(seq))?,
-                    })
-                } else {
-                    Appended::Conflict { existing: stored }
-                });
-            }
+        if !self.defer {
+            return self.append_now(changes);
         }
-        tx.commit().ctx("committing to the log")?;
-        Ok(out)
+        // Unsynced (NORMAL) for this commit only: every other write stays durable at commit.
+        sqlite::set_synchronous(&self.conn, false)?;
+        self.unsynced = true;
+        let out = self.append_now(changes);
+        sqlite::set_synchronous(&self.conn, true)?;
+        out
+    }
+
+    fn set_deferred_sync(&mut self, on: bool) -> Result<()> {
+        if !on {
+            self.sync()?;
+        }
+        self.defer = on;
+        Ok(())
+    }
+
+    fn defers_sync(&self) -> bool {
+        self.defer
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        if self.unsynced {
+            sqlite::sync_wal(&self.conn)?;
+            self.unsynced = false;
+        }
+        Ok(())
     }
 
     fn read_log(&mut self, target: &Target, after: Cursor, limit: usize) -> Result<LogBatch> {

@@ -126,6 +126,11 @@ pub struct ReplicaStore {
     /// Whether the connection is at `synchronous=FULL` (as opened), or NORMAL after a
     /// [`received_batch`](Self::received_batch) or an [`ack_outbox`](Self::ack_outbox).
     synced: bool,
+    /// Whether [`local_batch`](Self::local_batch) commits unsynced, for [`sync`](Self::sync)
+    /// to make durable (see [`set_deferred_sync`](Self::set_deferred_sync)).
+    defer_local: bool,
+    /// Whether a local batch committed unsynced since the last [`sync`](Self::sync).
+    unsynced: bool,
 }
 
 impl std::fmt::Debug for ReplicaStore {
@@ -177,6 +182,8 @@ impl ReplicaStore {
         Ok(ReplicaStore {
             conn: sqlite::open_keyed(path, "replica", MIGRATIONS, 16, key)?,
             synced: true,
+            defer_local: false,
+            unsynced: false,
         })
     }
 
@@ -202,6 +209,8 @@ impl ReplicaStore {
         Ok(ReplicaStore {
             conn: sqlite::open_in_memory("replica", MIGRATIONS)?,
             synced: true,
+            defer_local: false,
+            unsynced: false,
         })
     }
 
@@ -209,6 +218,49 @@ impl ReplicaStore {
     /// is synced at the commit): local writes, subscriptions, anything acknowledged to an app.
     pub fn batch(&mut self) -> Result<WriteBatch<'_>> {
         self.begin(true)
+    }
+
+    /// Starts a group of local writes (an app's changes, with their outbox entries): a
+    /// [`batch`](Self::batch), durable once committed; or, with deferred syncs, committed
+    /// unsynced and durable once [`sync`](Self::sync) returns.
+    pub fn local_batch(&mut self) -> Result<WriteBatch<'_>> {
+        if self.defer_local {
+            self.unsynced = true;
+            self.begin(false)
+        } else {
+            self.begin(true)
+        }
+    }
+
+    /// Defers the sync of local writes: [`local_batch`](Self::local_batch) commits at
+    /// `synchronous=NORMAL` (written to the WAL, in the OS's page cache: a process crash loses
+    /// nothing), and [`sync`](Self::sync) makes them durable. The replica thread turns it on
+    /// so that an app's change goes out to the hub while its fsync runs; it answers the app
+    /// only after the sync (`ReplicaHandle::call`). Turning it off syncs what waits.
+    pub fn set_deferred_sync(&mut self, on: bool) -> Result<()> {
+        if !on {
+            self.sync()?;
+        }
+        self.defer_local = on;
+        Ok(())
+    }
+
+    /// Whether local writes have committed since the last [`sync`](Self::sync) without being
+    /// synced to disk.
+    pub fn unsynced(&self) -> bool {
+        self.unsynced
+    }
+
+    /// Makes every commit so far durable ([`sqlite::sync_wal`]). If this fails, the writes
+    /// since the last sync may be lost in a power cut (a process crash loses nothing): the
+    /// error says so.
+    pub fn sync(&mut self) -> Result<()> {
+        if !self.unsynced {
+            return Ok(());
+        }
+        sqlite::sync_wal(&self.conn)?;
+        self.unsynced = false;
+        Ok(())
     }
 
     /// Starts a group of writes of changes received from the hub, with the cursors they
@@ -235,17 +287,7 @@ impl ReplicaStore {
     /// FULL first.
     fn set_synced(&mut self, full: bool) -> Result<()> {
         if self.synced != full {
-            // Cached: a writer that is also acknowledged and sent changes switches at
-            // nearly every write, and parsing the pragma each time showed in profiles.
-            let sql = if full {
-                "PRAGMA synchronous = FULL"
-            } else {
-                "PRAGMA synchronous = NORMAL"
-            };
-            self.conn
-                .prepare_cached(sql)
-                .and_then(|mut st| st.execute([]))
-                .ctx("setting synchronous")?;
+            sqlite::set_synchronous(&self.conn, full)?;
             self.synced = full;
         }
         Ok(())
@@ -969,6 +1011,48 @@ mod tests {
         assert_eq!(mode(&store), 1, "NORMAL for an acknowledgement");
         store.batch().unwrap().commit().unwrap();
         assert_eq!(mode(&store), 2, "and FULL again after it");
+    }
+
+    #[test]
+    fn deferred_local_writes_commit_unsynced_until_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let mut store = super::ReplicaStore::open(&path).unwrap();
+        let mode = |s: &super::ReplicaStore| -> i64 {
+            s.conn
+                .pragma_query_value(None, "synchronous", |r| r.get(0))
+                .unwrap()
+        };
+        // As opened: a local batch is a durable batch.
+        store.local_batch().unwrap().commit().unwrap();
+        assert_eq!(mode(&store), 2);
+        assert!(!store.unsynced());
+
+        store.set_deferred_sync(true).unwrap();
+        store.local_batch().unwrap().commit().unwrap();
+        assert_eq!(mode(&store), 1, "NORMAL: written to the WAL, not synced");
+        assert!(store.unsynced());
+        assert!(
+            std::fs::metadata(format!("{}-wal", path.display())).is_ok(),
+            "the WAL that sync() syncs is where SQLite wrote"
+        );
+        store.sync().unwrap();
+        assert!(!store.unsynced());
+
+        // Turning it off syncs what waits, and local batches are durable again.
+        store.local_batch().unwrap().commit().unwrap();
+        assert!(store.unsynced());
+        store.set_deferred_sync(false).unwrap();
+        assert!(!store.unsynced());
+        store.local_batch().unwrap().commit().unwrap();
+        assert_eq!(mode(&store), 2);
+
+        // In memory there is nothing to sync.
+        let mut mem = super::ReplicaStore::open_in_memory().unwrap();
+        mem.set_deferred_sync(true).unwrap();
+        mem.local_batch().unwrap().commit().unwrap();
+        mem.sync().unwrap();
+        assert!(!mem.unsynced());
     }
 
     #[test]

@@ -9,6 +9,41 @@ use rusqlite::config::DbConfig;
 use crate::error::{Error, Result, SqlContext};
 use crate::store::StoreKey;
 
+/// Sets `synchronous` to FULL or NORMAL. A cached statement: stores that switch do it at
+/// nearly every write, and parsing the pragma each time showed in profiles.
+pub(crate) fn set_synchronous(conn: &Connection, full: bool) -> Result<()> {
+    let sql = if full {
+        "PRAGMA synchronous = FULL"
+    } else {
+        "PRAGMA synchronous = NORMAL"
+    };
+    conn.prepare_cached(sql)
+        .and_then(|mut st| st.execute([]))
+        .ctx("setting synchronous")?;
+    Ok(())
+}
+
+/// Makes every commit on `conn` durable, as a `synchronous=FULL` commit does at its end: the
+/// WAL file, where SQLite wrote the commits, is synced (`fdatasync`). A store in memory has
+/// nothing to sync. For stores that commit at `synchronous=NORMAL` and sync later.
+pub(crate) fn sync_wal(conn: &Connection) -> Result<()> {
+    let Some(path) = conn.path().filter(|p| !p.is_empty()) else {
+        return Ok(());
+    };
+    let wal = format!("{path}-wal");
+    let synced = match std::fs::File::open(&wal) {
+        Ok(f) => f.sync_data(),
+        // No WAL: SQLite checkpointed it into the database file, which it syncs after every
+        // checkpoint.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    };
+    synced.map_err(|e| Error::Unsynced {
+        path: wal,
+        reason: e.to_string(),
+    })
+}
+
 /// Opens (or creates) a store file: WAL, `synchronous=FULL` (a commit survives power loss),
 /// foreign keys on, a page cache of `cache_mib` MiB, and migrations run in one transaction.
 /// The schema version is SQLite's `user_version`: the number of migrations applied.

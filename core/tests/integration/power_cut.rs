@@ -12,7 +12,7 @@ use syncline_core::DocId;
 use syncline_core::hub::SessionId;
 use syncline_core::replica::Replica;
 
-use crate::support::{TestHub, connect, hub, put_in, replica_of, sync};
+use crate::support::{TestHub, connect, hub, put_in, replica_of, sync, sync_unsynced};
 
 fn doc() -> DocId {
     DocId::new("plant/power").unwrap()
@@ -55,6 +55,12 @@ fn cut_back_to(
     r.disconnect();
     h.close(s);
     drop(r);
+    put_back(image, dir, name);
+    replica_of(dir, name, seed, doc())
+}
+
+/// Puts the files of `dir/NAME.db` back to `image` (closed first), with no shared index.
+fn put_back(image: &[(PathBuf, Option<Vec<u8>>)], dir: &Path, name: &str) {
     for (f, bytes) in image {
         match bytes {
             Some(b) => std::fs::write(f, b).unwrap(),
@@ -64,7 +70,6 @@ fn cut_back_to(
         }
     }
     let _ = std::fs::remove_file(dir.join(format!("{name}.db-shm")));
-    replica_of(dir, name, seed, doc())
 }
 
 /// Both replicas connected to `h` and caught up.
@@ -156,4 +161,71 @@ fn a_power_cut_that_takes_back_received_changes_has_the_hub_send_them_again() {
     assert_eq!(h.metrics().cursors_ahead, 0);
     assert_eq!(h.metrics().cursors_rewritten, 0);
     assert_eq!(r.status().unwrap().outbox, 0);
+}
+
+/// A hub on `dir/hub.db` that relays before it syncs.
+fn deferring_hub(dir: &Path) -> TestHub {
+    let mut h = hub(dir);
+    h.set_deferred_sync(true).unwrap();
+    h
+}
+
+#[test]
+fn a_power_cut_at_a_hub_that_relayed_before_its_sync_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = deferring_hub(dir.path());
+    let mut w = replica_of(dir.path(), "w", 1, doc());
+    let mut r = replica_of(dir.path(), "r", 2, doc());
+    let (sw, sr) = (connect(&mut h, &mut w), connect(&mut h, &mut r));
+    write(&mut w, "k", 1);
+    sync(&mut h, &mut [(&mut w, sw), (&mut r, sr)]).unwrap();
+    assert_eq!(w.status().unwrap().outbox, 0, "acknowledged once synced");
+    // Synced: what the hub's disk is sure to hold.
+    let synced = image(dir.path(), "hub");
+
+    // The next change is committed unsynced and relayed: the reader has it, the writer is
+    // not acknowledged.
+    write(&mut w, "lost", 2);
+    sync_unsynced(&mut h, &mut [(&mut w, sw), (&mut r, sr)]);
+    assert_eq!(r.json(&doc()).unwrap()["lost"], serde_json::json!(2));
+    assert_eq!(
+        w.status().unwrap().outbox,
+        1,
+        "no acknowledgement before the sync"
+    );
+
+    // The power cut takes the hub back to its last sync.
+    drop(h);
+    put_back(&synced, dir.path(), "hub");
+    let mut h = deferring_hub(dir.path());
+    w.disconnect();
+    r.disconnect();
+
+    // Another writer's change takes the position the lost one had.
+    let mut v = replica_of(dir.path(), "v", 3, doc());
+    let sv = connect(&mut h, &mut v);
+    sync(&mut h, &mut [(&mut v, sv)]).unwrap();
+    write(&mut v, "v", 3);
+    sync(&mut h, &mut [(&mut v, sv)]).unwrap();
+    assert_eq!(v.json(&doc()).unwrap().get("lost"), None, "the hub lost it");
+
+    // The reader finds its mark no longer matches and is repaired; the writer uploads the
+    // lost change again, and it is acknowledged.
+    let (sw, sr) = (connect(&mut h, &mut w), connect(&mut h, &mut r));
+    sync(&mut h, &mut [(&mut w, sw), (&mut r, sr), (&mut v, sv)]).unwrap();
+    assert_eq!(
+        h.metrics().cursors_rewritten + h.metrics().cursors_ahead,
+        1,
+        "the reader's position was taken by another change"
+    );
+    assert_eq!(w.status().unwrap().outbox, 0);
+    let all = serde_json::json!({"k": 1, "lost": 2, "v": 3});
+    for x in [&mut w, &mut r, &mut v] {
+        assert_eq!(x.json(&doc()).unwrap(), all);
+    }
+    // A replica that starts now finds every change in the hub's log.
+    let mut fresh = replica_of(dir.path(), "fresh", 4, doc());
+    let sf = connect(&mut h, &mut fresh);
+    sync(&mut h, &mut [(&mut fresh, sf)]).unwrap();
+    assert_eq!(fresh.json(&doc()).unwrap(), all);
 }

@@ -54,7 +54,24 @@ pub fn sync_with_empty_hub(r: &mut Replica) -> (tempfile::TempDir, TestHub) {
 pub fn sync_through(
     hub: &mut TestHub,
     reps: &mut [(&mut Replica, SessionId)],
+    relay: impl FnMut(&mut Message),
+) -> syncline_core::Result<()> {
+    sync_as(hub, reps, relay, true)
+}
+
+/// [`sync`] with a hub that defers its syncs ([`Hub::set_deferred_sync`]) and never syncs,
+/// as before a power cut: the relays go out, the acknowledgements stay held.
+pub fn sync_unsynced(hub: &mut TestHub, reps: &mut [(&mut Replica, SessionId)]) {
+    sync_as(hub, reps, |_| {}, false).unwrap();
+}
+
+/// Moves messages both ways until nothing moves; after each group commit, syncs the hub if
+/// `synced` (nothing to do unless it defers its syncs).
+fn sync_as(
+    hub: &mut TestHub,
+    reps: &mut [(&mut Replica, SessionId)],
     mut relay: impl FnMut(&mut Message),
+    synced: bool,
 ) -> syncline_core::Result<()> {
     loop {
         let mut moved = false;
@@ -65,6 +82,9 @@ pub fn sync_through(
             }
         }
         hub.flush().unwrap();
+        if synced {
+            hub.sync().unwrap();
+        }
         for (r, s) in reps.iter_mut() {
             while let Some(mut m) = hub.poll_transmit(*s).unwrap() {
                 relay(&mut m);

@@ -135,6 +135,44 @@ async fn two_replicas_converge_through_a_hub_over_quic() {
     hub.endpoint.close(0u32.into(), b"done");
 }
 
+/// The replica thread commits an app's change without its fsync, so that the upload can go
+/// while the fsync runs, and answers the app only once the change is synced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_is_answered_once_synced_and_committed_unsynced_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Replica::open(
+        &dir.path().join("a.db"),
+        Identity::generate(),
+        ReplicaOptions::default(),
+    )
+    .unwrap();
+    let (a, thread) = ReplicaHandle::spawn(r);
+    let doc = DocId::new("sites/berlin").unwrap();
+    let put = |v: i64| ops(json!([{"op":"put","path":["n"],"value":v}]));
+    let (d, p) = (doc.clone(), put(1));
+    let unsynced_inside = a
+        .call(move |r| {
+            r.change(&d, &p).unwrap();
+            r.unsynced()
+        })
+        .await
+        .unwrap();
+    assert!(unsynced_inside, "the change committed without its fsync");
+    let (d, p) = (doc.clone(), put(2));
+    a.call(move |r| r.change(&d, &p)).await.unwrap().unwrap();
+    assert!(
+        !a.call(|r| r.unsynced()).await.unwrap(),
+        "the call was answered once its change was synced"
+    );
+    // Whoever takes the replica back gets it with syncs at commit again.
+    drop(a);
+    let mut r = thread.join().unwrap();
+    assert!(!r.unsynced());
+    r.change(&doc, &put(3)).unwrap();
+    assert!(!r.unsynced());
+    assert_eq!(r.json(&doc).unwrap(), json!({"n": 3}));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_fingerprint_makes_the_replica_refuse_the_hub() {
     let dir = tempfile::tempdir().unwrap();
