@@ -1410,7 +1410,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
     /// Defers the sync of group commits (off by default), where the store can: a
     /// [`flush`](Self::flush) then commits without syncing and queues its relays at once,
     /// and holds its acknowledgements until [`sync`](Self::sync) has made the commit durable.
-    /// The driver sends the relays to replicas that check marks
+    /// The driver sends the relays to replicas that check the log's chain
     /// ([`relays_unsynced`](Self::relays_unsynced)) while the fsync runs, and everything else
     /// after it. Acknowledged still means durable. A power cut before the sync loses changes
     /// that readers may hold at positions the log will give again; such a reader's mark no
@@ -1483,12 +1483,14 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
     }
 
     /// Whether the session may be sent relayed changes before their commit is synced: an
-    /// authenticated replica that speaks version 3 or later, and so shows its marks at every
-    /// session for the hub to find a log that lost what it relayed. Not a peer hub: a link
-    /// speaks version 1 (marks are not checked there), whichever side opened it.
+    /// authenticated replica that speaks version 4, and so shows at every session the log's
+    /// chain at its positions, for the hub to find a log that lost what it relayed whatever
+    /// took those positions since (version 3's marks miss a lost change put back at its
+    /// position above another one lost). Not a peer hub: a link speaks version 1 (marks are
+    /// not checked there), whichever side opened it; nor a browser (version 1).
     pub fn relays_unsynced(&self, id: SessionId) -> bool {
         self.sessions.get(&id).is_some_and(|s| {
-            s.peer.is_some() && s.link.is_none() && !s.failed && s.handshake.speaks(3)
+            s.peer.is_some() && s.link.is_none() && !s.failed && s.handshake.speaks(4)
         })
     }
 

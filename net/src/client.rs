@@ -339,7 +339,9 @@ fn run(
         tracing::warn!(error = %e, "deferring the store's syncs failed; writes sync at commit");
     }
     let mut replies: Vec<Reply> = Vec::new();
-    while let Some(first) = rx.blocking_recv() {
+    // A command taken from the channel that belongs to the next round (see below).
+    let mut carry: Option<Command> = None;
+    while let Some(first) = carry.take().or_else(|| rx.blocking_recv()) {
         let mut cmd = Some(first);
         let mut taken = 0;
         while let Some(c) = cmd.take() {
@@ -367,6 +369,14 @@ fn run(
             taken += 1;
             if taken < MAX_BATCH {
                 cmd = rx.try_recv().ok();
+                // A write's app waits for the round's end (upload, sync, answer): once one
+                // waits, the round takes more calls (they share the sync) but ends at the
+                // first other command, which starts the next round.
+                if replica.unsynced()
+                    && cmd.as_ref().is_some_and(|c| !matches!(c, Command::Call(_)))
+                {
+                    carry = cmd.take();
+                }
             }
         }
         if let Some(tx) = outbound.as_ref() {
