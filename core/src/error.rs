@@ -264,11 +264,13 @@ pub enum Error {
         /// The cause, as the driver gives it.
         reason: String,
     },
-    /// Syncing a store's writes to disk failed: the writes since the last sync are committed
-    /// (a process crash keeps them) but may be lost in a power cut.
+    /// Syncing a store's writes to disk failed: the writes since the last sync are applied
+    /// (a process crash keeps them) but may be lost in a power cut. The store refuses writes
+    /// and syncs from then on, until it is reopened.
     #[error(
-        "syncing {path} to disk failed: {reason}; the latest writes may not survive a power \
-         cut: check the disk, then write again"
+        "syncing {path} to disk failed: {reason}; the writes since the last sync are applied \
+         but may not survive a power cut; check the disk, then restart (the store refuses \
+         writes until it is reopened)"
     )]
     Unsynced {
         /// The file.

@@ -284,12 +284,9 @@ enum Reply {
 /// What a group commit answers once it is synced, when syncs are deferred
 /// ([`Hub::set_deferred_sync`]).
 enum Held {
-    /// The writer's acknowledgement (an `AckAt` or `Ack`), and what to refuse if the sync
-    /// fails.
+    /// The writer's acknowledgement (an `AckAt` or `Ack`).
     Ack {
         session: SessionId,
-        push_id: u64,
-        doc: DocId,
         message: Message,
     },
     /// How far a peer hub's log was received.
@@ -1426,58 +1423,47 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
     }
 
     /// Makes the group commits since the last sync durable, then sends the acknowledgements
-    /// they held. If the sync fails, the pushes are refused instead (the writers keep them in
-    /// their outboxes and upload them again; the hub then acknowledges them where they are
-    /// stored) and the error is returned for the operator's logs.
+    /// they held. If the sync fails, nothing more leaves: every session fails with the error
+    /// (what was queued for them may not be on disk), the writers keep their pushes in their
+    /// outboxes, and the store refuses appends and syncs until the hub is restarted (a failed
+    /// fsync may have dropped the data, and a later one could succeed all the same). The error
+    /// is returned for the operator's logs.
     pub fn sync(&mut self) -> Result<()> {
         let result = self.store.sync();
-        for h in std::mem::take(&mut self.held) {
-            match (h, &result) {
-                (
-                    Held::Ack {
-                        session, message, ..
-                    },
-                    Ok(()),
-                ) => {
-                    if let Some(s) = self.sessions.get_mut(&session) {
-                        s.out.push_back(message);
-                        self.ready.insert(session);
+        let held = std::mem::take(&mut self.held);
+        match &result {
+            Ok(()) => {
+                for h in held {
+                    match h {
+                        Held::Ack {
+                            session, message, ..
+                        } => {
+                            if let Some(s) = self.sessions.get_mut(&session) {
+                                s.out.push_back(message);
+                                self.ready.insert(session);
+                            }
+                        }
+                        Held::PeerCursor { session, cursor } => {
+                            self.record_peer_received(session, cursor)
+                        }
                     }
-                }
-                (Held::PeerCursor { session, cursor }, Ok(())) => {
-                    self.record_peer_received(session, cursor)
-                }
-                (
-                    Held::Ack {
-                        session,
-                        push_id,
-                        doc,
-                        ..
-                    },
-                    Err(e),
-                ) => {
-                    self.metrics.reject("storage");
-                    if let Some(s) = self.sessions.get_mut(&session) {
-                        s.out.push_back(Message::Reject(Reject {
-                            push_id,
-                            doc,
-                            code: ErrorCode::StorageUnavailable,
-                            message: format!(
-                                "the hub could not sync the changes to disk ({e}); they stay \
-                                 in your outbox"
-                            ),
-                        }));
-                        self.ready.insert(session);
-                    }
-                }
-                (Held::PeerCursor { session, .. }, Err(e)) => {
-                    // Restart the link from its recorded position rather than skip changes.
-                    self.fail(session, ErrorCode::StorageUnavailable, e.to_string());
                 }
             }
-        }
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "syncing the log failed; the pushes were refused");
+            Err(e) => {
+                tracing::error!(error = %e, "syncing the log failed; refusing every session");
+                let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+                for id in ids {
+                    self.fail_as(
+                        id,
+                        ErrorCode::StorageUnavailable,
+                        format!(
+                            "the hub could not sync its log to disk ({e}); it refuses every \
+                             session until it is restarted"
+                        ),
+                        "storage",
+                    );
+                }
+            }
         }
         result
     }
@@ -1625,17 +1611,11 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
                         } else {
                             Message::Ack(Ack { push_id })
                         };
-                        match (held, &doc) {
-                            (true, Some(doc)) => self.held.push(Held::Ack {
-                                session,
-                                push_id,
-                                doc: doc.clone(),
-                                message,
-                            }),
-                            _ => {
-                                s.out.push_back(message);
-                                self.ready.insert(session);
-                            }
+                        if held {
+                            self.held.push(Held::Ack { session, message });
+                        } else {
+                            s.out.push_back(message);
+                            self.ready.insert(session);
                         }
                     }
                 }

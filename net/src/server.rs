@@ -527,7 +527,8 @@ fn run<S: HubStore, P: Policy>(
             due.insert(session);
         }
         let syncing = std::time::Instant::now();
-        // (Its error refused the held pushes, and is logged.)
+        // (On error, every session has failed, with nothing of this round sent but the
+        // relays above; the error is logged.)
         let _ = hub.sync();
         if hub.metrics().commits > commits {
             hub.record_commit_seconds((committed + syncing.elapsed()).as_secs_f64());

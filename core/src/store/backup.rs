@@ -244,6 +244,18 @@ fn copy_into(
                 r.get::<_, i64>(0)
             })
             .ctx("reading the log")? as u64;
+        // A running hub syncs its group commits after relaying them (`Hub::set_deferred_sync`):
+        // sync what this copy sees, so that it never holds positions a power cut could take
+        // back from the live store (an incremental backup would then start past them).
+        let wal = format!("{}-wal", store.display());
+        match std::fs::OpenOptions::new().write(true).open(&wal) {
+            Ok(f) => f
+                .sync_data()
+                .map_err(|e| backup_error(store, format!("syncing {wal}: {e}")))?,
+            // No WAL: the store is closed and its commits are in the database file.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(backup_error(store, format!("opening {wal}: {e}"))),
+        }
         let after = start_after(base, epoch, Cursor(through), since.unwrap_or(store))?;
         let total: u64 = src
             .query_row(

@@ -420,6 +420,11 @@ pub struct SqliteHubStore {
     defer: bool,
     /// Whether an append committed unsynced since the last sync.
     unsynced: bool,
+    /// Whether the WAL's directory was synced since the store was opened.
+    dir_synced: bool,
+    /// A sync that failed: every later sync and append fails with it until the store is
+    /// reopened (after a failed fsync, a later one may succeed with the data lost).
+    sync_failed: Option<Error>,
 }
 
 impl std::fmt::Debug for SqliteHubStore {
@@ -466,6 +471,8 @@ impl SqliteHubStore {
             epoch,
             defer: false,
             unsynced: false,
+            dir_synced: false,
+            sync_failed: None,
         };
         store.backfill_actor_keys()?;
         store.backfill_chains()?;
@@ -910,6 +917,9 @@ impl HubStore for SqliteHubStore {
     }
 
     fn append(&mut self, changes: &[VerifiedChange]) -> Result<Vec<Appended>> {
+        if let Some(e) = &self.sync_failed {
+            return Err(sqlite::sticky(e));
+        }
         if !self.defer {
             return self.append_now(changes);
         }
@@ -934,8 +944,14 @@ impl HubStore for SqliteHubStore {
     }
 
     fn sync(&mut self) -> Result<()> {
+        if let Some(e) = &self.sync_failed {
+            return Err(sqlite::sticky(e));
+        }
         if self.unsynced {
-            sqlite::sync_wal(&self.conn)?;
+            if let Err(e) = sqlite::sync_wal(&self.conn, &mut self.dir_synced) {
+                self.sync_failed = Some(sqlite::sticky(&e));
+                return Err(e);
+            }
             self.unsynced = false;
         }
         Ok(())

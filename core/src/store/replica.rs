@@ -131,6 +131,11 @@ pub struct ReplicaStore {
     defer_local: bool,
     /// Whether a local batch committed unsynced since the last [`sync`](Self::sync).
     unsynced: bool,
+    /// Whether the WAL's directory was synced since the store was opened.
+    dir_synced: bool,
+    /// A sync that failed: every later sync and local write fails with it until the store
+    /// is reopened (after a failed fsync, a later one may succeed with the data lost).
+    sync_failed: Option<Error>,
 }
 
 impl std::fmt::Debug for ReplicaStore {
@@ -184,6 +189,8 @@ impl ReplicaStore {
             synced: true,
             defer_local: false,
             unsynced: false,
+            dir_synced: false,
+            sync_failed: None,
         })
     }
 
@@ -211,6 +218,8 @@ impl ReplicaStore {
             synced: true,
             defer_local: false,
             unsynced: false,
+            dir_synced: false,
+            sync_failed: None,
         })
     }
 
@@ -224,6 +233,7 @@ impl ReplicaStore {
     /// [`batch`](Self::batch), durable once committed; or, with deferred syncs, committed
     /// unsynced and durable once [`sync`](Self::sync) returns.
     pub fn local_batch(&mut self) -> Result<WriteBatch<'_>> {
+        self.sync_ok()?;
         if self.defer_local {
             self.unsynced = true;
             self.begin(false)
@@ -255,12 +265,24 @@ impl ReplicaStore {
     /// since the last sync may be lost in a power cut (a process crash loses nothing): the
     /// error says so.
     pub fn sync(&mut self) -> Result<()> {
+        self.sync_ok()?;
         if !self.unsynced {
             return Ok(());
         }
-        sqlite::sync_wal(&self.conn)?;
+        if let Err(e) = sqlite::sync_wal(&self.conn, &mut self.dir_synced) {
+            self.sync_failed = Some(sqlite::sticky(&e));
+            return Err(e);
+        }
         self.unsynced = false;
         Ok(())
+    }
+
+    /// The failed sync, if one failed since the store was opened.
+    fn sync_ok(&self) -> Result<()> {
+        match &self.sync_failed {
+            Some(e) => Err(sqlite::sticky(e)),
+            None => Ok(()),
+        }
     }
 
     /// Starts a group of writes of changes received from the hub, with the cursors they
@@ -1046,6 +1068,25 @@ mod tests {
         assert!(!store.unsynced());
         store.local_batch().unwrap().commit().unwrap();
         assert_eq!(mode(&store), 2);
+
+        // A sync that fails stays failed, and the store refuses writes, until it is reopened
+        // (the WAL removed under it makes the sync fail).
+        store.set_deferred_sync(true).unwrap();
+        store.local_batch().unwrap().commit().unwrap();
+        std::fs::remove_file(format!("{}-wal", path.display())).unwrap();
+        let failed = store.sync();
+        assert!(
+            matches!(failed, Err(crate::Error::Unsynced { .. })),
+            "{failed:?}"
+        );
+        assert!(matches!(
+            store.local_batch().map(|_| ()),
+            Err(crate::Error::Unsynced { .. })
+        ));
+        assert!(store.sync().is_err(), "no later sync passes for it");
+        drop(store);
+        let mut store = super::ReplicaStore::open(&path).unwrap();
+        store.local_batch().unwrap().commit().unwrap();
 
         // In memory there is nothing to sync.
         let mut mem = super::ReplicaStore::open_in_memory().unwrap();

@@ -23,25 +23,52 @@ pub(crate) fn set_synchronous(conn: &Connection, full: bool) -> Result<()> {
     Ok(())
 }
 
+/// A copy of a failed sync's error, to give again ([`Error`] is not `Clone`).
+pub(crate) fn sticky(e: &Error) -> Error {
+    match e {
+        Error::Unsynced { path, reason } => Error::Unsynced {
+            path: path.clone(),
+            reason: reason.clone(),
+        },
+        other => Error::Unsynced {
+            path: "the store".into(),
+            reason: other.to_string(),
+        },
+    }
+}
+
 /// Makes every commit on `conn` durable, as a `synchronous=FULL` commit does at its end: the
-/// WAL file, where SQLite wrote the commits, is synced (`fdatasync`). A store in memory has
-/// nothing to sync. For stores that commit at `synchronous=NORMAL` and sync later.
-pub(crate) fn sync_wal(conn: &Connection) -> Result<()> {
+/// WAL file, where SQLite wrote the commits, is synced (`fdatasync`), and the first time
+/// (`dir_synced` false) its directory too, for a WAL file created by an unsynced commit. A
+/// store in memory has nothing to sync. For stores that commit at `synchronous=NORMAL` and
+/// sync later. The WAL is opened for writing: some systems sync only such handles.
+pub(crate) fn sync_wal(conn: &Connection, dir_synced: &mut bool) -> Result<()> {
     let Some(path) = conn.path().filter(|p| !p.is_empty()) else {
         return Ok(());
     };
     let wal = format!("{path}-wal");
-    let synced = match std::fs::File::open(&wal) {
-        Ok(f) => f.sync_data(),
-        // No WAL: SQLite checkpointed it into the database file, which it syncs after every
-        // checkpoint.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    };
-    synced.map_err(|e| Error::Unsynced {
-        path: wal,
+    let failed = |e: std::io::Error, what: &str| Error::Unsynced {
+        path: what.to_string(),
         reason: e.to_string(),
-    })
+    };
+    // (SQLite keeps the WAL file while a connection is open: a missing one is an error.)
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&wal)
+        .and_then(|f| f.sync_data())
+        .map_err(|e| failed(e, &wal))?;
+    if !*dir_synced {
+        if let Some(dir) = Path::new(&wal)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| failed(e, &dir.display().to_string()))?;
+        }
+        *dir_synced = true;
+    }
+    Ok(())
 }
 
 /// Opens (or creates) a store file: WAL, `synchronous=FULL` (a commit survives power loss),

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use syncline_core::DocId;
 use syncline_core::hub::SessionId;
 use syncline_core::replica::Replica;
+use syncline_core::store::HubStore;
 
 use crate::support::{TestHub, connect, hub, put_in, replica_of, sync, sync_unsynced};
 
@@ -228,4 +229,48 @@ fn a_power_cut_at_a_hub_that_relayed_before_its_sync_loses_nothing_acknowledged(
     let sf = connect(&mut h, &mut fresh);
     sync(&mut h, &mut [(&mut fresh, sf)]).unwrap();
     assert_eq!(fresh.json(&doc()).unwrap(), all);
+}
+
+#[test]
+fn a_hub_whose_sync_fails_sends_nothing_more_until_it_is_restarted() {
+    use syncline_core::wire::{ErrorCode, Message};
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = deferring_hub(dir.path());
+    let mut w = replica_of(dir.path(), "w", 1, doc());
+    let mut r = replica_of(dir.path(), "r", 2, doc());
+    let (sw, sr) = (connect(&mut h, &mut w), connect(&mut h, &mut r));
+    sync(&mut h, &mut [(&mut w, sw), (&mut r, sr)]).unwrap();
+
+    // A change committed unsynced, then a sync that fails (its WAL gone from under it).
+    write(&mut w, "k", 1);
+    while let Some(m) = w.poll_transmit().unwrap() {
+        h.handle_message(sw, m).unwrap();
+    }
+    h.flush().unwrap();
+    std::fs::remove_file(dir.path().join("hub.db-wal")).unwrap();
+    assert!(h.sync().is_err());
+    // Neither the relay nor the acknowledgement leaves: each session gets only the error.
+    for s in [sw, sr] {
+        let mut out = Vec::new();
+        while let Some(m) = h.poll_transmit(s).unwrap() {
+            out.push(m);
+        }
+        assert!(
+            matches!(&out[..], [Message::Error(e)] if e.code == ErrorCode::StorageUnavailable),
+            "{out:?}"
+        );
+    }
+    assert!(h.sync().is_err(), "no later sync passes for it");
+    assert!(h.store().append(&[]).is_err(), "nor any commit");
+    assert_eq!(w.status().unwrap().outbox, 1);
+
+    // Restarted, it takes the write (again, or for the first time) and relays it.
+    drop(h);
+    let mut h = deferring_hub(dir.path());
+    w.disconnect();
+    r.disconnect();
+    let (sw, sr) = (connect(&mut h, &mut w), connect(&mut h, &mut r));
+    sync(&mut h, &mut [(&mut w, sw), (&mut r, sr)]).unwrap();
+    assert_eq!(w.status().unwrap().outbox, 0);
+    assert_eq!(r.json(&doc()).unwrap()["k"], serde_json::json!(1));
 }
