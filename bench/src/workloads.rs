@@ -203,10 +203,18 @@ pub async fn fanout(
                 .load(std::sync::atomic::Ordering::Relaxed)
         })
         .sum();
+    let changes = clients * per_client;
+    // A replica answers a call before it hands out the events of the same round: the last
+    // events may still be on their way to the listeners. Wait for them, bounded (a missing
+    // one shows in the sample count).
+    let expected = changes * (clients - 1);
+    let _ = wait_until("the last change events", Duration::from_secs(5), || async {
+        Ok(samples.lock().map_or(0, |s| s.len()) >= expected)
+    })
+    .await;
     for l in &listeners {
         l.abort();
     }
-    let changes = clients * per_client;
     let latency = Latency::of(samples.lock().map(|s| s.clone()).unwrap_or_default());
     for n in nodes {
         n.close().await?;
