@@ -1473,11 +1473,15 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
     /// chain at its positions, for the hub to find a log that lost what it relayed whatever
     /// took those positions since (version 3's marks miss a lost change put back at its
     /// position above another one lost). Not a peer hub: a link speaks version 1 (marks are
-    /// not checked there), whichever side opened it; nor a browser (version 1).
+    /// not checked there), whichever side opened it; nor a browser (version 1). And none on a
+    /// hub that runs retention: there an empty position at or below the highest one dropped
+    /// reads as dropped, so a reader whose marked position a power cut emptied could skip the
+    /// changes that took lower ones.
     pub fn relays_unsynced(&self, id: SessionId) -> bool {
-        self.sessions.get(&id).is_some_and(|s| {
-            s.peer.is_some() && s.link.is_none() && !s.failed && s.handshake.speaks(4)
-        })
+        self.retention.is_empty()
+            && self.sessions.get(&id).is_some_and(|s| {
+                s.peer.is_some() && s.link.is_none() && !s.failed && s.handshake.speaks(4)
+            })
     }
 
     /// Commits every queued push in one transaction, then acknowledges them and relays the
@@ -2459,6 +2463,12 @@ mod tests {
         // check marks may be sent more.
         assert!(!a.relays_unsynced(la) && !b.relays_unsynced(lb));
         assert!(a.relays_unsynced(sa) && b.relays_unsynced(sb));
+        // Nor to any session of a hub that runs retention.
+        b.set_retention(vec![
+            crate::rolling::Retention::new(DocPrefix::new("logs/").unwrap(), 3600).unwrap(),
+        ]);
+        assert!(!b.relays_unsynced(sb));
+        b.set_retention(Vec::new());
         assert_eq!(
             ra.json(&DocId::new("plant/other").unwrap()).unwrap(),
             json!({"b": 2})
