@@ -96,9 +96,15 @@ fn open_store(path: &std::path::Path) -> Result<rusqlite::Connection> {
     Ok(conn)
 }
 
-/// Inserts one change in a transaction of its own, at `synchronous` `level`.
-fn store(conn: &rusqlite::Connection, level: &str, hash: &[u8], data: &[u8]) -> Result<()> {
-    conn.execute_batch(&format!("PRAGMA synchronous={level}"))?;
+/// Inserts one change in a transaction of its own, at `synchronous=FULL` or NORMAL (cached
+/// statements, as the stores have).
+fn store(conn: &rusqlite::Connection, full: bool, hash: &[u8], data: &[u8]) -> Result<()> {
+    let level = if full {
+        "PRAGMA synchronous = FULL"
+    } else {
+        "PRAGMA synchronous = NORMAL"
+    };
+    conn.prepare_cached(level)?.execute([])?;
     conn.prepare_cached("INSERT INTO changes (hash, data) VALUES (?1, ?2)")?
         .execute((hash, data))?;
     Ok(())
@@ -164,7 +170,7 @@ pub fn measure(
                 }
                 let (_, change) = verified(&body, &vk)?;
                 if !pipelined {
-                    store(&conn, "FULL", &change.hash().0, change.raw_bytes())?;
+                    store(&conn, true, &change.hash().0, change.raw_bytes())?;
                 }
                 let mut f = (body.len() as u32).to_be_bytes().to_vec();
                 f.extend(&body);
@@ -176,7 +182,7 @@ pub fn measure(
                 if pipelined {
                     // Lets the connections send before the commit blocks the thread.
                     tokio::task::yield_now().await;
-                    store(&conn, "FULL", &change.hash().0, change.raw_bytes())?;
+                    store(&conn, true, &change.hash().0, change.raw_bytes())?;
                 }
                 relayed += 1;
             }
@@ -245,12 +251,12 @@ pub fn measure(
                                 .ok_or_else(|| anyhow!("no change"))?;
                             let sig = key.sign(&change.hash().0);
                             if !pipelined {
-                                store(&conn, "FULL", &change.hash().0, change.raw_bytes())?;
+                                store(&conn, true, &change.hash().0, change.raw_bytes())?;
                             }
                             send.write_all(&frame(t0, &sig, change.raw_bytes())).await?;
                             if pipelined {
                                 tokio::task::yield_now().await;
-                                store(&conn, "FULL", &change.hash().0, change.raw_bytes())?;
+                                store(&conn, true, &change.hash().0, change.raw_bytes())?;
                             }
                             written += 1;
                         }
@@ -260,7 +266,7 @@ pub fn measure(
                             let hash = change.hash();
                             let data = change.raw_bytes().to_vec();
                             doc.apply_changes([change])?;
-                            store(&conn, "NORMAL", &hash.0, &data)?;
+                            store(&conn, false, &hash.0, &data)?;
                             samples.push(now_us().saturating_sub(t0) as f64 / 1000.0);
                         }
                     }

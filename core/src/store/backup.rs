@@ -23,7 +23,7 @@ use crate::change::{self, SignedChange};
 use crate::error::{Error, Result, SqlContext};
 use crate::ids::{ChangeHash, Cursor, DocId, Epoch, PeerId};
 use crate::store::hub::{MIGRATIONS, SqliteHubStore};
-use crate::store::sqlite::blob_to_hashes;
+use crate::store::sqlite::{self, blob_to_hashes};
 
 /// Changes copied or verified between two progress reports.
 const STEP: u64 = 20_000;
@@ -248,13 +248,11 @@ fn copy_into(
         // sync what this copy sees, so that it never holds positions a power cut could take
         // back from the live store (an incremental backup would then start past them).
         let wal = format!("{}-wal", store.display());
-        match std::fs::OpenOptions::new().write(true).open(&wal) {
-            Ok(f) => f
-                .sync_data()
-                .map_err(|e| backup_error(store, format!("syncing {wal}: {e}")))?,
+        match sqlite::sync_file(Path::new(&wal)) {
+            Ok(()) => {}
             // No WAL: the store is closed and its commits are in the database file.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(backup_error(store, format!("opening {wal}: {e}"))),
+            Err(e) => return Err(backup_error(store, format!("syncing {wal}: {e}"))),
         }
         let after = start_after(base, epoch, Cursor(through), since.unwrap_or(store))?;
         let total: u64 = src

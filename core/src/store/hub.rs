@@ -416,15 +416,8 @@ impl<T: HubStore + ?Sized> HubStore for Box<T> {
 pub struct SqliteHubStore {
     conn: Connection,
     epoch: Epoch,
-    /// Whether appends commit at `synchronous=NORMAL` for [`HubStore::sync`] to make durable.
-    defer: bool,
-    /// Whether an append committed unsynced since the last sync.
-    unsynced: bool,
-    /// Whether the WAL's directory was synced since the store was opened.
-    dir_synced: bool,
-    /// A sync that failed: every later sync and append fails with it until the store is
-    /// reopened (after a failed fsync, a later one may succeed with the data lost).
-    sync_failed: Option<Error>,
+    /// The syncs of appends, when they are deferred ([`HubStore::set_deferred_sync`]).
+    deferred: sqlite::DeferredSync,
 }
 
 impl std::fmt::Debug for SqliteHubStore {
@@ -469,10 +462,7 @@ impl SqliteHubStore {
         let mut store = SqliteHubStore {
             conn,
             epoch,
-            defer: false,
-            unsynced: false,
-            dir_synced: false,
-            sync_failed: None,
+            deferred: sqlite::DeferredSync::default(),
         };
         store.backfill_actor_keys()?;
         store.backfill_chains()?;
@@ -917,15 +907,13 @@ impl HubStore for SqliteHubStore {
     }
 
     fn append(&mut self, changes: &[VerifiedChange]) -> Result<Vec<Appended>> {
-        if let Some(e) = &self.sync_failed {
-            return Err(sqlite::sticky(e));
-        }
-        if !self.defer {
+        self.deferred.check()?;
+        if !self.deferred.on {
             return self.append_now(changes);
         }
         // Unsynced (NORMAL) for this commit only: every other write stays durable at commit.
         sqlite::set_synchronous(&self.conn, false)?;
-        self.unsynced = true;
+        self.deferred.wait();
         let out = self.append_now(changes);
         sqlite::set_synchronous(&self.conn, true)?;
         out
@@ -935,26 +923,16 @@ impl HubStore for SqliteHubStore {
         if !on {
             self.sync()?;
         }
-        self.defer = on;
+        self.deferred.on = on;
         Ok(())
     }
 
     fn defers_sync(&self) -> bool {
-        self.defer
+        self.deferred.on
     }
 
     fn sync(&mut self) -> Result<()> {
-        if let Some(e) = &self.sync_failed {
-            return Err(sqlite::sticky(e));
-        }
-        if self.unsynced {
-            if let Err(e) = sqlite::sync_wal(&self.conn, &mut self.dir_synced) {
-                self.sync_failed = Some(sqlite::sticky(&e));
-                return Err(e);
-            }
-            self.unsynced = false;
-        }
-        Ok(())
+        self.deferred.sync(&self.conn)
     }
 
     fn read_log(&mut self, target: &Target, after: Cursor, limit: usize) -> Result<LogBatch> {

@@ -126,16 +126,9 @@ pub struct ReplicaStore {
     /// Whether the connection is at `synchronous=FULL` (as opened), or NORMAL after a
     /// [`received_batch`](Self::received_batch) or an [`ack_outbox`](Self::ack_outbox).
     synced: bool,
-    /// Whether [`local_batch`](Self::local_batch) commits unsynced, for [`sync`](Self::sync)
-    /// to make durable (see [`set_deferred_sync`](Self::set_deferred_sync)).
-    defer_local: bool,
-    /// Whether a local batch committed unsynced since the last [`sync`](Self::sync).
-    unsynced: bool,
-    /// Whether the WAL's directory was synced since the store was opened.
-    dir_synced: bool,
-    /// A sync that failed: every later sync and local write fails with it until the store
-    /// is reopened (after a failed fsync, a later one may succeed with the data lost).
-    sync_failed: Option<Error>,
+    /// The syncs of local batches, when they are deferred
+    /// ([`set_deferred_sync`](Self::set_deferred_sync)).
+    deferred: sqlite::DeferredSync,
 }
 
 impl std::fmt::Debug for ReplicaStore {
@@ -187,10 +180,7 @@ impl ReplicaStore {
         Ok(ReplicaStore {
             conn: sqlite::open_keyed(path, "replica", MIGRATIONS, 16, key)?,
             synced: true,
-            defer_local: false,
-            unsynced: false,
-            dir_synced: false,
-            sync_failed: None,
+            deferred: sqlite::DeferredSync::default(),
         })
     }
 
@@ -216,10 +206,7 @@ impl ReplicaStore {
         Ok(ReplicaStore {
             conn: sqlite::open_in_memory("replica", MIGRATIONS)?,
             synced: true,
-            defer_local: false,
-            unsynced: false,
-            dir_synced: false,
-            sync_failed: None,
+            deferred: sqlite::DeferredSync::default(),
         })
     }
 
@@ -233,9 +220,9 @@ impl ReplicaStore {
     /// [`batch`](Self::batch), durable once committed; or, with deferred syncs, committed
     /// unsynced and durable once [`sync`](Self::sync) returns.
     pub fn local_batch(&mut self) -> Result<WriteBatch<'_>> {
-        self.sync_ok()?;
-        if self.defer_local {
-            self.unsynced = true;
+        self.deferred.check()?;
+        if self.deferred.on {
+            self.deferred.wait();
             self.begin(false)
         } else {
             self.begin(true)
@@ -251,38 +238,21 @@ impl ReplicaStore {
         if !on {
             self.sync()?;
         }
-        self.defer_local = on;
+        self.deferred.on = on;
         Ok(())
     }
 
     /// Whether local writes have committed since the last [`sync`](Self::sync) without being
     /// synced to disk.
     pub fn unsynced(&self) -> bool {
-        self.unsynced
+        self.deferred.unsynced()
     }
 
-    /// Makes every commit so far durable ([`sqlite::sync_wal`]). If this fails, the writes
-    /// since the last sync may be lost in a power cut (a process crash loses nothing): the
-    /// error says so.
+    /// Makes every commit so far durable ([`sqlite::DeferredSync`]). If this fails, the
+    /// writes since the last sync may be lost in a power cut (a process crash loses nothing):
+    /// the error says so, and the store refuses local writes until it is reopened.
     pub fn sync(&mut self) -> Result<()> {
-        self.sync_ok()?;
-        if !self.unsynced {
-            return Ok(());
-        }
-        if let Err(e) = sqlite::sync_wal(&self.conn, &mut self.dir_synced) {
-            self.sync_failed = Some(sqlite::sticky(&e));
-            return Err(e);
-        }
-        self.unsynced = false;
-        Ok(())
-    }
-
-    /// The failed sync, if one failed since the store was opened.
-    fn sync_ok(&self) -> Result<()> {
-        match &self.sync_failed {
-            Some(e) => Err(sqlite::sticky(e)),
-            None => Ok(()),
-        }
+        self.deferred.sync(&self.conn)
     }
 
     /// Starts a group of writes of changes received from the hub, with the cursors they

@@ -23,52 +23,91 @@ pub(crate) fn set_synchronous(conn: &Connection, full: bool) -> Result<()> {
     Ok(())
 }
 
-/// A copy of a failed sync's error, to give again ([`Error`] is not `Clone`).
-pub(crate) fn sticky(e: &Error) -> Error {
-    match e {
-        Error::Unsynced { path, reason } => Error::Unsynced {
-            path: path.clone(),
-            reason: reason.clone(),
-        },
-        other => Error::Unsynced {
-            path: "the store".into(),
-            reason: other.to_string(),
-        },
+/// The syncs of a store whose commits may wait for an explicit sync: they commit at
+/// `synchronous=NORMAL` (in the WAL, in the OS's page cache: a process crash loses nothing)
+/// and are durable once [`DeferredSync::sync`] returns. A sync that fails stays failed: every
+/// later one fails with it until the store is reopened (after a failed fsync, a later one
+/// may succeed with the data lost), and the store refuses the writes that would wait for it.
+#[derive(Debug, Default)]
+pub(crate) struct DeferredSync {
+    /// Whether commits wait for [`DeferredSync::sync`].
+    pub(crate) on: bool,
+    /// Whether a commit waits for it now.
+    unsynced: bool,
+    /// Whether the WAL's directory was synced since the store was opened.
+    dir_synced: bool,
+    /// The file and the cause of a sync that failed.
+    failed: Option<(String, String)>,
+}
+
+impl DeferredSync {
+    /// The failed sync, if one failed since the store was opened.
+    pub(crate) fn check(&self) -> Result<()> {
+        match &self.failed {
+            Some((path, reason)) => Err(Error::Unsynced {
+                path: path.clone(),
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// A commit that waits for the next sync is about to be made.
+    pub(crate) fn wait(&mut self) {
+        self.unsynced = true;
+    }
+
+    /// Whether a commit waits for the next sync.
+    pub(crate) fn unsynced(&self) -> bool {
+        self.unsynced
+    }
+
+    /// Makes every commit on `conn` durable, if one waits: as a `synchronous=FULL` commit
+    /// does at its end, the WAL file, where SQLite wrote them, is synced (`fdatasync`), and
+    /// the first time its directory too (the WAL may have been created by an unsynced
+    /// commit). A store in memory has nothing to sync.
+    pub(crate) fn sync(&mut self, conn: &Connection) -> Result<()> {
+        self.check()?;
+        if !self.unsynced {
+            return Ok(());
+        }
+        if let Err((path, reason)) = self.sync_files(conn) {
+            self.failed = Some((path.clone(), reason.clone()));
+            return Err(Error::Unsynced { path, reason });
+        }
+        self.unsynced = false;
+        Ok(())
+    }
+
+    fn sync_files(&mut self, conn: &Connection) -> std::result::Result<(), (String, String)> {
+        let Some(path) = conn.path().filter(|p| !p.is_empty()) else {
+            return Ok(());
+        };
+        let wal = format!("{path}-wal");
+        // (SQLite keeps the WAL file while a connection is open: a missing one is an error.)
+        sync_file(Path::new(&wal)).map_err(|e| (wal.clone(), e.to_string()))?;
+        if !self.dir_synced {
+            if let Some(dir) = Path::new(&wal)
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+            {
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| (dir.display().to_string(), e.to_string()))?;
+            }
+            self.dir_synced = true;
+        }
+        Ok(())
     }
 }
 
-/// Makes every commit on `conn` durable, as a `synchronous=FULL` commit does at its end: the
-/// WAL file, where SQLite wrote the commits, is synced (`fdatasync`), and the first time
-/// (`dir_synced` false) its directory too, for a WAL file created by an unsynced commit. A
-/// store in memory has nothing to sync. For stores that commit at `synchronous=NORMAL` and
-/// sync later. The WAL is opened for writing: some systems sync only such handles.
-pub(crate) fn sync_wal(conn: &Connection, dir_synced: &mut bool) -> Result<()> {
-    let Some(path) = conn.path().filter(|p| !p.is_empty()) else {
-        return Ok(());
-    };
-    let wal = format!("{path}-wal");
-    let failed = |e: std::io::Error, what: &str| Error::Unsynced {
-        path: what.to_string(),
-        reason: e.to_string(),
-    };
-    // (SQLite keeps the WAL file while a connection is open: a missing one is an error.)
+/// Syncs a file's data (`fdatasync`), opened for writing: some systems sync only such
+/// handles.
+pub(crate) fn sync_file(path: &Path) -> std::io::Result<()> {
     std::fs::OpenOptions::new()
         .write(true)
-        .open(&wal)
+        .open(path)
         .and_then(|f| f.sync_data())
-        .map_err(|e| failed(e, &wal))?;
-    if !*dir_synced {
-        if let Some(dir) = Path::new(&wal)
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-        {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| failed(e, &dir.display().to_string()))?;
-        }
-        *dir_synced = true;
-    }
-    Ok(())
 }
 
 /// Opens (or creates) a store file: WAL, `synchronous=FULL` (a commit survives power loss),
