@@ -251,18 +251,46 @@ impl Document {
         ops: &[Op],
         time_ms: i64,
     ) -> Result<Option<automerge::Change>> {
+        self.apply_ops_logged(ops, time_ms, None)
+    }
+
+    /// [`Document::apply_ops_at`], adding to `patches` what the change did: the patches of a
+    /// [`diff`](Self::diff) from the heads before to the heads after. Where the ops touch
+    /// distinct map keys (the common write: a few values set), they are logged while the
+    /// change is made, at the cost of the ops; a diff walks the document, whose cost grows
+    /// with it. Otherwise (a list edited, a key written twice) they come from a diff, since
+    /// a log would report each step (a put, then another put of the same key) where the diff
+    /// reports what the change did in all.
+    pub(crate) fn apply_ops_logged(
+        &mut self,
+        ops: &[Op],
+        time_ms: i64,
+        patches: Option<&mut Vec<PatchSummary>>,
+    ) -> Result<Option<automerge::Change>> {
         let id = self.id.clone();
         let before = self.doc.get_heads();
-        let mut tx = self.doc.transaction();
+        let logged = patches.is_some() && distinct_keys(ops);
+        let mut tx = self
+            .doc
+            .transaction_log_patches(automerge::PatchLog::new(logged));
         for op in ops {
             if let Err(e) = apply_op(&mut tx, &id, op) {
                 tx.rollback();
                 return Err(e);
             }
         }
-        tx.commit_with(automerge::transaction::CommitOptions::default().with_time(time_ms));
+        let (_, mut log) =
+            tx.commit_with(automerge::transaction::CommitOptions::default().with_time(time_ms));
         if self.doc.get_heads() == before {
             return Ok(None);
+        }
+        if let Some(patches) = patches {
+            if logged {
+                patches.extend(self.doc.make_patches(&mut log).into_iter().map(summary));
+            } else {
+                let after = self.doc.get_heads();
+                patches.extend(self.doc.diff(&before, &after).into_iter().map(summary));
+            }
         }
         let change = self.doc.get_last_local_change();
         if let (Some(seqs), Some(c)) = (self.seqs.as_mut(), &change) {
@@ -532,6 +560,29 @@ fn summary(p: automerge::Patch) -> PatchSummary {
     };
     path.extend(last);
     PatchSummary { path, action }
+}
+
+/// Whether `ops` only put, delete or increment map keys, none of them twice or inside another:
+/// a change whose logged patches are those of a diff.
+fn distinct_keys(ops: &[Op]) -> bool {
+    let paths: Option<Vec<&[PathElem]>> = ops
+        .iter()
+        .map(|op| match op {
+            Op::Put { path, .. } | Op::Delete { path } | Op::Increment { path, .. } => {
+                Some(path.as_slice())
+            }
+            Op::Insert { .. } | Op::Splice { .. } => None,
+        })
+        .collect();
+    let Some(paths) = paths else {
+        return false;
+    };
+    paths.iter().enumerate().all(|(i, p)| {
+        p.iter().all(|e| matches!(e, PathElem::Key(_)))
+            && paths[..i]
+                .iter()
+                .all(|q| !p.starts_with(q) && !q.starts_with(p))
+    })
 }
 
 fn prop_elem(prop: &Prop) -> PathElem {
@@ -1516,6 +1567,45 @@ mod tests {
         };
         assert!(!expected.is_empty());
         assert_eq!(sorted(patches), sorted(expected));
+    }
+
+    #[test]
+    fn patches_logged_while_writing_are_those_a_diff_afterwards_gives() {
+        let mut d = doc();
+        for j in [
+            json!([{"op":"put","path":["c"],"value":{"$counter":1}},
+                   {"op":"put","path":["l"],"value":[1,2,3]},
+                   {"op":"put","path":["t"],"value":{"$text":"hello"}},
+                   {"op":"put","path":["m"],"value":{"k":1}},
+                   {"op":"put","path":["gone"],"value":1}]),
+            json!([{"op":"increment","path":["c"],"by":2},
+                   {"op":"insert","path":["l",0],"value":0},
+                   {"op":"splice","path":["t"],"index":0,"delete":1,"text":"H"}]),
+            // Distinct keys (logged): a nested one, a new one, a deletion, a counter.
+            json!([{"op":"put","path":["m","k"],"value":2},
+                   {"op":"put","path":["new"],"value":"x"},
+                   {"op":"delete","path":["gone"]},
+                   {"op":"increment","path":["c"],"by":3}]),
+            json!([{"op":"delete","path":["l",3]}]),
+            // Twice the same key in one change, and an insert then a delete of it.
+            json!([{"op":"put","path":["new"],"value":"y"},
+                   {"op":"put","path":["new"],"value":"w"},
+                   {"op":"insert","path":["l",1],"value":"brief"},
+                   {"op":"delete","path":["l",1]}]),
+        ] {
+            let before = d.heads();
+            let mut logged = Vec::new();
+            d.apply_ops_logged(&ops(j), 0, Some(&mut logged))
+                .unwrap()
+                .unwrap();
+            let diffed = d.diff(&before, &d.heads());
+            let sorted = |mut p: Vec<PatchSummary>| {
+                p.sort_by_key(|p| format!("{:?}", (&p.path, p.action)));
+                p
+            };
+            assert!(!diffed.is_empty());
+            assert_eq!(sorted(logged), sorted(diffed));
+        }
     }
 
     #[test]

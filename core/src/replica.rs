@@ -661,13 +661,17 @@ impl Replica {
     }
 
     fn change_many_inner(&mut self, changes: &[(DocId, Vec<Op>)]) -> Result<()> {
-        let mut made: Vec<(VerifiedChange, Vec<ChangeHash>)> = Vec::with_capacity(changes.len());
+        let mut made: Vec<(VerifiedChange, Vec<ChangeHash>, Vec<PatchSummary>)> =
+            Vec::with_capacity(changes.len());
         let now = (self.options.clock)();
+        let patch_events = self.options.patch_events;
         for (doc, ops) in changes {
             let identity = self.identity.clone();
             let state = self.load(doc, true)?;
             let before = state.doc.heads();
-            if let Some(c) = state.doc.apply_ops_at(ops, now)? {
+            let mut patches = Vec::new();
+            let logged = patch_events.then_some(&mut patches);
+            if let Some(c) = state.doc.apply_ops_logged(ops, now, logged)? {
                 // A change the hub would refuse would block the outbox behind it forever.
                 if c.raw_bytes().len() > wire::MAX_CHANGE_BYTES {
                     return Err(Error::InvalidOperation {
@@ -680,12 +684,12 @@ impl Replica {
                         ),
                     });
                 }
-                made.push((change::sign(&identity, doc, c)?, before));
+                made.push((change::sign(&identity, doc, c)?, before, patches));
             }
         }
         let new_subs: Vec<Target> = {
             let mut subs: Vec<Target> = Vec::new();
-            for (c, _) in &made {
+            for (c, _, _) in &made {
                 if !self.subscriptions.covers(c.doc()) && !subs.iter().any(|t| t.covers(c.doc())) {
                     subs.push(Target::Doc(c.doc().clone()));
                 }
@@ -693,7 +697,7 @@ impl Replica {
             subs
         };
         let mut batch = self.store.local_batch()?;
-        for (c, _) in &made {
+        for (c, _, _) in &made {
             batch.insert_change(c)?;
             batch.enqueue_upload(c.doc(), &c.hash(), None)?;
         }
@@ -712,22 +716,29 @@ impl Replica {
             }
             self.subscriptions.push(t);
         }
-        // One event per document of the group: from its heads before the group's first change
-        // to its heads now (an event per change would repeat the later changes' patches).
-        let mut per_doc: Vec<(DocId, Vec<ChangeHash>, u64)> = Vec::new();
-        for (c, before) in made {
+        // One event per document of the group: the patches its change made, or, where the
+        // group changed it more than once, a diff from its heads before the group's first
+        // change to its heads now (an event per change would repeat the later changes'
+        // patches).
+        // (document, heads before, bytes, the patches if it changed once)
+        type Group = (DocId, Vec<ChangeHash>, u64, Option<Vec<PatchSummary>>);
+        let mut per_doc: Vec<Group> = Vec::new();
+        for (c, before, patches) in made {
             let bytes = c.signed().bytes.len() as u64;
-            match per_doc.iter_mut().find(|(d, _, _)| d == c.doc()) {
-                Some((_, _, b)) => *b += bytes,
-                None => per_doc.push((c.doc().clone(), before, bytes)),
+            match per_doc.iter_mut().find(|(d, _, _, _)| d == c.doc()) {
+                Some((_, _, b, p)) => {
+                    *b += bytes;
+                    *p = None;
+                }
+                None => per_doc.push((c.doc().clone(), before, bytes, Some(patches))),
             }
         }
-        for (doc, before, bytes) in per_doc {
+        for (doc, before, bytes, patches) in per_doc {
             // Committed: from here on nothing may turn the write into an error.
             if let Some(state) = self.docs.get_mut(&doc) {
                 state.incremental_bytes += bytes;
             }
-            self.after_commit(&doc, &before, Origin::Local, None);
+            self.after_commit(&doc, &before, Origin::Local, patches);
         }
         self.trim_cache();
         Ok(())

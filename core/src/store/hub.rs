@@ -920,11 +920,7 @@ impl HubStore for SqliteHubStore {
     }
 
     fn set_deferred_sync(&mut self, on: bool) -> Result<()> {
-        if !on {
-            self.sync()?;
-        }
-        self.deferred.on = on;
-        Ok(())
+        self.deferred.turn(on, &self.conn, None)
     }
 
     fn defers_sync(&self) -> bool {

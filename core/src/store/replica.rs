@@ -129,6 +129,8 @@ pub struct ReplicaStore {
     /// The syncs of local batches, when they are deferred
     /// ([`set_deferred_sync`](Self::set_deferred_sync)).
     deferred: sqlite::DeferredSync,
+    /// The store's key, for the connection of its background checkpoints.
+    key: Option<crate::store::StoreKey>,
 }
 
 impl std::fmt::Debug for ReplicaStore {
@@ -181,6 +183,7 @@ impl ReplicaStore {
             conn: sqlite::open_keyed(path, "replica", MIGRATIONS, 16, key)?,
             synced: true,
             deferred: sqlite::DeferredSync::default(),
+            key: key.cloned(),
         })
     }
 
@@ -207,6 +210,7 @@ impl ReplicaStore {
             conn: sqlite::open_in_memory("replica", MIGRATIONS)?,
             synced: true,
             deferred: sqlite::DeferredSync::default(),
+            key: None,
         })
     }
 
@@ -235,11 +239,7 @@ impl ReplicaStore {
     /// so that an app's change goes out to the hub while its fsync runs; it answers the app
     /// only after the sync (`ReplicaHandle::call`). Turning it off syncs what waits.
     pub fn set_deferred_sync(&mut self, on: bool) -> Result<()> {
-        if !on {
-            self.sync()?;
-        }
-        self.deferred.on = on;
-        Ok(())
+        self.deferred.turn(on, &self.conn, self.key.as_ref())
     }
 
     /// Whether local writes have committed since the last [`sync`](Self::sync) without being
@@ -1064,6 +1064,81 @@ mod tests {
         mem.local_batch().unwrap().commit().unwrap();
         mem.sync().unwrap();
         assert!(!mem.unsynced());
+    }
+
+    #[test]
+    fn with_deferred_syncs_the_wal_is_checkpointed_off_the_owners_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let mut store = super::ReplicaStore::open(&path).unwrap();
+        store
+            .conn
+            .execute_batch("CREATE TABLE filler (x BLOB)")
+            .unwrap();
+        let db_bytes = || std::fs::metadata(&path).unwrap().len();
+        // 96 commits of 64 KiB: about 1,600 pages of WAL, past SQLite's 1,000.
+        let fill = |s: &super::ReplicaStore| {
+            for _ in 0..96 {
+                s.conn
+                    .execute("INSERT INTO filler VALUES (zeroblob(65536))", [])
+                    .unwrap();
+            }
+        };
+        let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while !done() {
+                assert!(std::time::Instant::now() < until, "timed out: {what}");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+
+        store.set_deferred_sync(true).unwrap();
+        assert_eq!(store.deferred.background_checkpoints(), Some(0));
+
+        // On a thread that has no checkpoint thread of its own, the commits checkpoint as
+        // SQLite does by default: the WAL stays bounded whichever thread writes.
+        let before = db_bytes();
+        let mut store = std::thread::spawn(move || {
+            fill(&store);
+            store
+        })
+        .join()
+        .unwrap();
+        // (The first 1,000 pages or so: about 58 of the 96 blobs.)
+        assert!(
+            db_bytes() >= before + 48 * 65536,
+            "checkpointed at the commits"
+        );
+        assert_eq!(store.deferred.background_checkpoints(), Some(0));
+
+        // On the owner's thread, the commit past 1,000 pages wakes the checkpoint thread
+        // (SQLite's own checkpoint would copy the pages inside that commit, and never wake
+        // it), which copies them into the database file.
+        let before = db_bytes();
+        fill(&store);
+        wait_for("a background checkpoint", &|| {
+            store.deferred.background_checkpoints() >= Some(1)
+        });
+        wait_for("the pages in the database file", &|| {
+            db_bytes() >= before + 48 * 65536
+        });
+
+        // Off, SQLite checkpoints at the commits again, and the thread is gone.
+        store.set_deferred_sync(false).unwrap();
+        assert_eq!(store.deferred.background_checkpoints(), None);
+        let auto: i64 = store
+            .conn
+            .pragma_query_value(None, "wal_autocheckpoint", |r| r.get(0))
+            .unwrap();
+        assert_eq!(auto, 1000);
+        // And a second store on this thread may take the slot now.
+        let mut other = super::ReplicaStore::open(&dir.path().join("o.db")).unwrap();
+        other.set_deferred_sync(true).unwrap();
+        assert_eq!(other.deferred.background_checkpoints(), Some(0));
+        // While it holds it, a third one keeps SQLite's checkpoints.
+        let mut third = super::ReplicaStore::open(&dir.path().join("t.db")).unwrap();
+        third.set_deferred_sync(true).unwrap();
+        assert_eq!(third.deferred.background_checkpoints(), None);
     }
 
     #[test]

@@ -38,9 +38,44 @@ pub(crate) struct DeferredSync {
     dir_synced: bool,
     /// The file and the cause of a sync that failed.
     failed: Option<(String, String)>,
+    /// The WAL's checkpoints, moved off the owner's thread while the deferral is on.
+    background: Option<BackgroundCheckpoint>,
 }
 
 impl DeferredSync {
+    /// Turns the deferral on or off for the store on `conn` (opened with `key`). On, its WAL
+    /// checkpoints move to a thread of their own ([`BackgroundCheckpoint`]; if that thread
+    /// cannot start, SQLite's own go on, and the deferral still holds). Off, what waits is
+    /// synced and the checkpoints come back to the commits.
+    pub(crate) fn turn(
+        &mut self,
+        on: bool,
+        conn: &Connection,
+        key: Option<&StoreKey>,
+    ) -> Result<()> {
+        if on {
+            if self.background.is_none() {
+                self.background = BackgroundCheckpoint::start(conn, key).unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "WAL checkpoints stay at the commits");
+                    None
+                });
+            }
+        } else {
+            self.sync(conn)?;
+            if let Some(b) = self.background.take() {
+                b.stop(conn)?;
+            }
+        }
+        self.on = on;
+        Ok(())
+    }
+
+    /// Checkpoints run in the background so far.
+    #[cfg(test)]
+    pub(crate) fn background_checkpoints(&self) -> Option<u64> {
+        self.background.as_ref().map(BackgroundCheckpoint::done)
+    }
+
     /// The failed sync, if one failed since the store was opened.
     pub(crate) fn check(&self) -> Result<()> {
         match &self.failed {
@@ -98,6 +133,218 @@ impl DeferredSync {
             self.dir_synced = true;
         }
         Ok(())
+    }
+}
+
+/// WAL pages after which a checkpoint is due: SQLite's own default.
+const CHECKPOINT_PAGES: i32 = 1000;
+
+/// WAL pages past which the owner's thread checkpoints at its commit, as SQLite does by
+/// default, when the background thread has not kept up (a writer that never pauses keeps a
+/// checkpoint from another connection from finishing): the WAL stays bounded (16 MiB of 4 KiB
+/// pages).
+const BACKSTOP_PAGES: i32 = 4 * CHECKPOINT_PAGES;
+
+/// The background checkpoint of the store a thread owns.
+struct Slot {
+    id: u64,
+    wake: std::sync::mpsc::SyncSender<()>,
+    /// The WAL's pages when the thread was last woken (0: not in this stretch of the WAL).
+    woken_at: std::ffi::c_int,
+    /// Commits made so far: the thread waits for them to pause.
+    commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// How long the owner's commits must pause before a checkpoint starts.
+const QUIET: Duration = Duration::from_millis(10);
+
+/// The longest a due checkpoint waits for that pause.
+const MAX_WAIT: Duration = Duration::from_secs(1);
+
+thread_local! {
+    /// The background checkpoint of the store this thread owns, if it has one. One per
+    /// thread: the WAL hook cannot tell connections apart.
+    static BACKGROUND: std::cell::RefCell<Option<Slot>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The WAL hook of a connection whose checkpoints run in the background: SQLite calls it after
+/// every commit with the pages in the WAL. Past [`CHECKPOINT_PAGES`] it wakes the background
+/// thread, again each [`CHECKPOINT_PAGES`] more (a writer that never pauses keeps a checkpoint
+/// from catching up, and the WAL from restarting); or it checkpoints here as SQLite's default
+/// hook does: past [`BACKSTOP_PAGES`], or when this thread has no background thread (the store
+/// moved to another thread).
+fn wal_hook(wal: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite::Result<()> {
+    let handed = BACKGROUND.with(|b| {
+        let mut b = b.borrow_mut();
+        let Some(slot) = b.as_mut() else {
+            return false;
+        };
+        slot.commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if pages < slot.woken_at || pages < CHECKPOINT_PAGES {
+            slot.woken_at = 0; // the WAL restarted since
+        }
+        if pages < CHECKPOINT_PAGES {
+            return true; // nothing due
+        }
+        if pages >= BACKSTOP_PAGES {
+            return false;
+        }
+        if pages < slot.woken_at + CHECKPOINT_PAGES {
+            return true; // due, and the thread knows
+        }
+        match slot.wake.try_send(()) {
+            Err(std::sync::mpsc::TrySendError::Disconnected(())) => false,
+            _ => {
+                slot.woken_at = pages;
+                true
+            }
+        }
+    });
+    if pages < CHECKPOINT_PAGES {
+        return Ok(());
+    }
+    if !handed {
+        // As SQLite's default hook: the commit has happened whatever the checkpoint does.
+        let _ = wal.checkpoint();
+    }
+    Ok(())
+}
+
+/// WAL checkpoints on a thread of their own, for a store whose owner thread serves live
+/// traffic. By default SQLite checkpoints inside the commit that takes the WAL past 1,000
+/// pages: copying them into the database file and syncing it takes milliseconds, and a live
+/// change that commits at that moment waits for it (it was the largest part of the latency
+/// tail in `syncline-bench --only latency` at 300 changes). Here that commit only wakes this
+/// thread, which checkpoints over its own connection (`PASSIVE`: it never blocks the owner's
+/// writes, which go on appending to the WAL meanwhile); SQLite restarts the WAL at the owner's
+/// first write after a checkpoint that copied everything. Durability is unchanged: a
+/// checkpoint syncs the WAL before it copies and the database after.
+#[derive(Debug)]
+pub(crate) struct BackgroundCheckpoint {
+    id: u64,
+    wake: Option<std::sync::mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Checkpoints the thread has run (read by tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl BackgroundCheckpoint {
+    /// Moves `conn`'s checkpoints to a thread of their own, which opens its own connection to
+    /// the same file (with `key`, for an encrypted store). `None` where that cannot be: a store
+    /// in memory, a thread that already has one, no threads (browsers); SQLite's own
+    /// checkpoints then go on as before.
+    pub(crate) fn start(conn: &Connection, key: Option<&StoreKey>) -> Result<Option<Self>> {
+        let Some(path) = conn.path().filter(|p| !p.is_empty()).map(str::to_owned) else {
+            return Ok(None);
+        };
+        if BACKGROUND.with(|b| b.borrow().is_some()) {
+            return Ok(None);
+        }
+        let own = Connection::open(&path).ctx("opening the store for its checkpoints")?;
+        if let Some(key) = key {
+            apply_key(&own, Path::new(&path), key)?;
+        }
+        own.busy_timeout(Duration::from_secs(5))
+            .ctx("setting the busy timeout")?;
+        // A checkpoint syncs the WAL before it copies and the database file after.
+        own.pragma_update(None, "synchronous", "FULL")
+            .ctx("setting synchronous=FULL")?;
+        let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = done.clone();
+        let commits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counting = commits.clone();
+        let spawned = std::thread::Builder::new()
+            .name("syncline-checkpoint".into())
+            .spawn(move || {
+                while woken.recv().is_ok() {
+                    // A checkpoint takes milliseconds of the machine's CPU and disk: it waits
+                    // for a pause in the owner's commits, so that it does not run beside a
+                    // live change's work (on a small machine, a change's commits at every
+                    // replica and at the hub come in one burst, a few milliseconds long).
+                    let due = std::time::Instant::now();
+                    loop {
+                        let seen = commits.load(std::sync::atomic::Ordering::Relaxed);
+                        if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) =
+                            woken.recv_timeout(QUIET)
+                        {
+                            return; // the store is closing
+                        }
+                        if commits.load(std::sync::atomic::Ordering::Relaxed) == seen
+                            || due.elapsed() >= MAX_WAIT
+                        {
+                            break;
+                        }
+                    }
+                    let r =
+                        own.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0));
+                    match r {
+                        Ok(_) => {
+                            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        // The owner's commits checkpoint past the backstop meanwhile.
+                        Err(e) => tracing::warn!(path, error = %e, "a WAL checkpoint failed"),
+                    }
+                }
+            });
+        let Ok(thread) = spawned else {
+            return Ok(None);
+        };
+        static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        BACKGROUND.with(|b| {
+            *b.borrow_mut() = Some(Slot {
+                id,
+                wake: wake.clone(),
+                woken_at: 0,
+                commits: counting,
+            })
+        });
+        conn.wal_hook(Some(wal_hook));
+        Ok(Some(BackgroundCheckpoint {
+            id,
+            wake: Some(wake),
+            thread: Some(thread),
+            done,
+        }))
+    }
+
+    /// Checkpoints run by the thread so far.
+    #[cfg(test)]
+    pub(crate) fn done(&self) -> u64 {
+        self.done.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Gives `conn`'s checkpoints back to SQLite (at its commits, as by default) and ends the
+    /// thread once its checkpoint in progress is done.
+    pub(crate) fn stop(mut self, conn: &Connection) -> Result<()> {
+        conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES)
+            .ctx("restoring the WAL's checkpoints")?;
+        self.end();
+        Ok(())
+    }
+
+    fn end(&mut self) {
+        BACKGROUND.with(|b| {
+            let mut b = b.borrow_mut();
+            if b.as_ref().is_some_and(|s| s.id == self.id) {
+                *b = None;
+            }
+        });
+        self.wake = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for BackgroundCheckpoint {
+    fn drop(&mut self) {
+        // (A store dropped with it on: its connection closes too. On another thread than
+        // the owner's, the owner's slot stays until its next use finds the thread gone.)
+        self.end();
     }
 }
 
