@@ -1141,6 +1141,51 @@ mod tests {
         assert_eq!(third.deferred.background_checkpoints(), None);
     }
 
+    #[cfg(feature = "encryption")]
+    #[test]
+    fn an_encrypted_stores_background_checkpoints_use_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let key = crate::store::StoreKey::generate();
+        let mut store = super::ReplicaStore::open_keyed(&path, Some(&key)).unwrap();
+        store
+            .conn
+            .execute_batch("CREATE TABLE filler (x BLOB)")
+            .unwrap();
+        store.set_deferred_sync(true).unwrap();
+        let before = std::fs::metadata(&path).unwrap().len();
+        for _ in 0..96 {
+            store
+                .conn
+                .execute("INSERT INTO filler VALUES (zeroblob(65536))", [])
+                .unwrap();
+        }
+        // A checkpoint counts only if it succeeded: its connection opened the file with the
+        // key, and wrote the pages encrypted.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while store.deferred.background_checkpoints() < Some(1)
+            || std::fs::metadata(&path).unwrap().len() < before + 48 * 65536
+        {
+            assert!(
+                std::time::Instant::now() < until,
+                "no background checkpoint"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        drop(store);
+        assert!(
+            !std::fs::read(&path)
+                .unwrap()
+                .starts_with(b"SQLite format 3")
+        );
+        let store = super::ReplicaStore::open_keyed(&path, Some(&key)).unwrap();
+        let rows: i64 = store
+            .conn
+            .query_row("SELECT count(*) FROM filler", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 96);
+    }
+
     #[test]
     fn a_data_directory_has_one_owner_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
