@@ -1435,9 +1435,7 @@ impl<S: HubStore, P: Policy> Hub<S, P> {
             Ok(()) => {
                 for h in held {
                     match h {
-                        Held::Ack {
-                            session, message, ..
-                        } => {
+                        Held::Ack { session, message } => {
                             if let Some(s) = self.sessions.get_mut(&session) {
                                 s.out.push_back(message);
                                 self.ready.insert(session);

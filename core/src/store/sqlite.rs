@@ -1,7 +1,10 @@
 //! Opening SQLite files with the settings every store uses, and schema migrations.
 
+use std::cell::RefCell;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use rusqlite::config::DbConfig;
@@ -148,11 +151,11 @@ const BACKSTOP_PAGES: i32 = 4 * CHECKPOINT_PAGES;
 /// The background checkpoint of the store a thread owns.
 struct Slot {
     id: u64,
-    wake: std::sync::mpsc::SyncSender<()>,
+    wake: mpsc::SyncSender<()>,
     /// The WAL's pages when the thread was last woken (0: not in this stretch of the WAL).
     woken_at: std::ffi::c_int,
     /// Commits made so far: the thread waits for them to pause.
-    commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    commits: Arc<AtomicU64>,
 }
 
 /// How long the owner's commits must pause before a checkpoint starts.
@@ -164,7 +167,7 @@ const MAX_WAIT: Duration = Duration::from_secs(1);
 thread_local! {
     /// The background checkpoint of the store this thread owns, if it has one. One per
     /// thread: the WAL hook cannot tell connections apart.
-    static BACKGROUND: std::cell::RefCell<Option<Slot>> = const { std::cell::RefCell::new(None) };
+    static BACKGROUND: RefCell<Option<Slot>> = const { RefCell::new(None) };
 }
 
 /// The WAL hook of a connection whose checkpoints run in the background: SQLite calls it after
@@ -179,8 +182,7 @@ fn wal_hook(wal: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite::Res
         let Some(slot) = b.as_mut() else {
             return false;
         };
-        slot.commits
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        slot.commits.fetch_add(1, Ordering::Relaxed);
         if pages < slot.woken_at || pages < CHECKPOINT_PAGES {
             slot.woken_at = 0; // the WAL restarted since
         }
@@ -194,7 +196,7 @@ fn wal_hook(wal: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite::Res
             return true; // due, and the thread knows
         }
         match slot.wake.try_send(()) {
-            Err(std::sync::mpsc::TrySendError::Disconnected(())) => false,
+            Err(mpsc::TrySendError::Disconnected(())) => false,
             _ => {
                 slot.woken_at = pages;
                 true
@@ -223,11 +225,11 @@ fn wal_hook(wal: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite::Res
 #[derive(Debug)]
 pub(crate) struct BackgroundCheckpoint {
     id: u64,
-    wake: Option<std::sync::mpsc::SyncSender<()>>,
+    wake: Option<mpsc::SyncSender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Checkpoints the thread has run (read by tests).
     #[cfg_attr(not(test), allow(dead_code))]
-    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    done: Arc<AtomicU64>,
 }
 
 impl BackgroundCheckpoint {
@@ -251,10 +253,10 @@ impl BackgroundCheckpoint {
         // A checkpoint syncs the WAL before it copies and the database file after.
         own.pragma_update(None, "synchronous", "FULL")
             .ctx("setting synchronous=FULL")?;
-        let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (wake, woken) = mpsc::sync_channel::<()>(1);
+        let done = Arc::new(AtomicU64::new(0));
         let counted = done.clone();
-        let commits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let commits = Arc::new(AtomicU64::new(0));
         let counting = commits.clone();
         let spawned = std::thread::Builder::new()
             .name("syncline-checkpoint".into())
@@ -264,17 +266,14 @@ impl BackgroundCheckpoint {
                     // for a pause in the owner's commits, so that it does not run beside a
                     // live change's work (on a small machine, a change's commits at every
                     // replica and at the hub come in one burst, a few milliseconds long).
-                    let due = std::time::Instant::now();
+                    let due = Instant::now();
                     loop {
-                        let seen = commits.load(std::sync::atomic::Ordering::Relaxed);
-                        if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) =
-                            woken.recv_timeout(QUIET)
+                        let seen = commits.load(Ordering::Relaxed);
+                        if let Err(mpsc::RecvTimeoutError::Disconnected) = woken.recv_timeout(QUIET)
                         {
                             return; // the store is closing
                         }
-                        if commits.load(std::sync::atomic::Ordering::Relaxed) == seen
-                            || due.elapsed() >= MAX_WAIT
-                        {
+                        if commits.load(Ordering::Relaxed) == seen || due.elapsed() >= MAX_WAIT {
                             break;
                         }
                     }
@@ -282,7 +281,7 @@ impl BackgroundCheckpoint {
                         own.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0));
                     match r {
                         Ok(_) => {
-                            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            counted.fetch_add(1, Ordering::Relaxed);
                         }
                         // The owner's commits checkpoint past the backstop meanwhile.
                         Err(e) => tracing::warn!(path, error = %e, "a WAL checkpoint failed"),
@@ -292,8 +291,8 @@ impl BackgroundCheckpoint {
         let Ok(thread) = spawned else {
             return Ok(None);
         };
-        static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let id = IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        static IDS: AtomicU64 = AtomicU64::new(1);
+        let id = IDS.fetch_add(1, Ordering::Relaxed);
         BACKGROUND.with(|b| {
             *b.borrow_mut() = Some(Slot {
                 id,
@@ -314,7 +313,7 @@ impl BackgroundCheckpoint {
     /// Checkpoints run by the thread so far.
     #[cfg(test)]
     pub(crate) fn done(&self) -> u64 {
-        self.done.load(std::sync::atomic::Ordering::Relaxed)
+        self.done.load(Ordering::Relaxed)
     }
 
     /// Gives `conn`'s checkpoints back to SQLite (at its commits, as by default) and ends the
