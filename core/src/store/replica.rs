@@ -1076,9 +1076,10 @@ mod tests {
             .execute_batch("CREATE TABLE filler (x BLOB)")
             .unwrap();
         let db_bytes = || std::fs::metadata(&path).unwrap().len();
-        // 96 commits of 64 KiB: about 1,600 pages of WAL, past SQLite's 1,000.
-        let fill = |s: &super::ReplicaStore| {
-            for _ in 0..96 {
+        // 96 commits of 64 KiB: about 1,600 pages of WAL, past SQLite's 1,000; 704 of them,
+        // about 11,300 pages, past the 10,000 of a background checkpoint.
+        let fill = |s: &super::ReplicaStore, blobs: usize| {
+            for _ in 0..blobs {
                 s.conn
                     .execute("INSERT INTO filler VALUES (zeroblob(65536))", [])
                     .unwrap();
@@ -1099,7 +1100,7 @@ mod tests {
         // SQLite does by default: the WAL stays bounded whichever thread writes.
         let before = db_bytes();
         let mut store = std::thread::spawn(move || {
-            fill(&store);
+            fill(&store, 96);
             store
         })
         .join()
@@ -1111,16 +1112,22 @@ mod tests {
         );
         assert_eq!(store.deferred.background_checkpoints(), Some(0));
 
-        // On the owner's thread, the commit past 1,000 pages wakes the checkpoint thread
+        // On the owner's thread, the commit past 10,000 pages wakes the checkpoint thread
         // (SQLite's own checkpoint would copy the pages inside that commit, and never wake
-        // it), which copies them into the database file.
+        // it), which copies them into the database file; none before.
         let before = db_bytes();
-        fill(&store);
+        fill(&store, 96);
+        assert_eq!(
+            crate::store::sqlite::background_woken_at(),
+            Some(0),
+            "not woken before 10,000 pages"
+        );
+        fill(&store, 608);
         wait_for("a background checkpoint", &|| {
             store.deferred.background_checkpoints() >= Some(1)
         });
         wait_for("the pages in the database file", &|| {
-            db_bytes() >= before + 48 * 65536
+            db_bytes() >= before + 600 * 65536
         });
 
         // Off, SQLite checkpoints at the commits again, and the thread is gone.
@@ -1154,7 +1161,7 @@ mod tests {
             .unwrap();
         store.set_deferred_sync(true).unwrap();
         let before = std::fs::metadata(&path).unwrap().len();
-        for _ in 0..96 {
+        for _ in 0..704 {
             store
                 .conn
                 .execute("INSERT INTO filler VALUES (zeroblob(65536))", [])
@@ -1164,7 +1171,7 @@ mod tests {
         // key, and wrote the pages encrypted.
         let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while store.deferred.background_checkpoints() < Some(1)
-            || std::fs::metadata(&path).unwrap().len() < before + 48 * 65536
+            || std::fs::metadata(&path).unwrap().len() < before + 600 * 65536
         {
             assert!(
                 std::time::Instant::now() < until,
@@ -1183,7 +1190,7 @@ mod tests {
             .conn
             .query_row("SELECT count(*) FROM filler", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(rows, 96);
+        assert_eq!(rows, 704);
     }
 
     #[test]

@@ -139,14 +139,22 @@ impl DeferredSync {
     }
 }
 
-/// WAL pages after which a checkpoint is due: SQLite's own default.
-const CHECKPOINT_PAGES: i32 = 1000;
+/// WAL pages after which SQLite checkpoints by default (at the commit that passes them).
+const SQLITE_CHECKPOINT_PAGES: i32 = 1000;
+
+/// WAL pages after which a background checkpoint is due: 40 MiB of 4 KiB pages, ten times
+/// SQLite's default. Even off the live threads, checkpoints cost the live changes around
+/// them: in the latency workload, a run with none has a p99 about 0.8 ms lower, on a RAM
+/// disk too (BENCHMARKS E2E-20). At SQLite's 1,000 pages, one of the replicas or the hub
+/// checkpointed for about every 20th change, often enough to be in the p99; ten times fewer
+/// leaves them to the slowest half percent. Each copies more frames, but a page rewritten by
+/// many changes (the same few B-tree pages of a live document) is copied once.
+const CHECKPOINT_PAGES: i32 = 10_000;
 
 /// WAL pages past which the owner's thread checkpoints at its commit, as SQLite does by
 /// default, when the background thread has not kept up (a writer that never pauses keeps a
-/// checkpoint from another connection from finishing): the WAL stays bounded (16 MiB of 4 KiB
-/// pages).
-const BACKSTOP_PAGES: i32 = 4 * CHECKPOINT_PAGES;
+/// checkpoint from another connection from finishing): the WAL stays bounded (80 MiB).
+const BACKSTOP_PAGES: i32 = 2 * CHECKPOINT_PAGES;
 
 /// The background checkpoint of the store a thread owns.
 struct Slot {
@@ -170,43 +178,48 @@ thread_local! {
     static BACKGROUND: RefCell<Option<Slot>> = const { RefCell::new(None) };
 }
 
+/// The WAL pages at which this thread's background checkpoint was last woken: 0 if not in
+/// this stretch of the WAL, `None` without one.
+#[cfg(test)]
+pub(crate) fn background_woken_at() -> Option<std::ffi::c_int> {
+    BACKGROUND.with(|b| b.borrow().as_ref().map(|s| s.woken_at))
+}
+
 /// The WAL hook of a connection whose checkpoints run in the background: SQLite calls it after
 /// every commit with the pages in the WAL. Past [`CHECKPOINT_PAGES`] it wakes the background
-/// thread, again each [`CHECKPOINT_PAGES`] more (a writer that never pauses keeps a checkpoint
-/// from catching up, and the WAL from restarting); or it checkpoints here as SQLite's default
-/// hook does: past [`BACKSTOP_PAGES`], or when this thread has no background thread (the store
-/// moved to another thread).
+/// thread (once per stretch of the WAL); or it checkpoints here as SQLite's default hook does:
+/// past [`BACKSTOP_PAGES`] (a writer that never pauses keeps a checkpoint from catching up,
+/// and the WAL from restarting), or past SQLite's 1,000 pages when this thread has no
+/// background thread (the store moved to another thread).
 fn wal_hook(wal: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite::Result<()> {
-    let handed = BACKGROUND.with(|b| {
+    let here = BACKGROUND.with(|b| {
         let mut b = b.borrow_mut();
         let Some(slot) = b.as_mut() else {
-            return false;
+            // The store moved to a thread without a checkpoint thread: as SQLite does.
+            return pages >= SQLITE_CHECKPOINT_PAGES;
         };
         slot.commits.fetch_add(1, Ordering::Relaxed);
         if pages < slot.woken_at || pages < CHECKPOINT_PAGES {
             slot.woken_at = 0; // the WAL restarted since
         }
         if pages < CHECKPOINT_PAGES {
-            return true; // nothing due
+            return false; // nothing due
         }
         if pages >= BACKSTOP_PAGES {
-            return false;
+            return true;
         }
         if pages < slot.woken_at + CHECKPOINT_PAGES {
-            return true; // due, and the thread knows
+            return false; // due, and the thread knows
         }
         match slot.wake.try_send(()) {
-            Err(mpsc::TrySendError::Disconnected(())) => false,
+            Err(mpsc::TrySendError::Disconnected(())) => true,
             _ => {
                 slot.woken_at = pages;
-                true
+                false
             }
         }
     });
-    if pages < CHECKPOINT_PAGES {
-        return Ok(());
-    }
-    if !handed {
+    if here {
         // As SQLite's default hook: the commit has happened whatever the checkpoint does.
         let _ = wal.checkpoint();
     }
@@ -319,7 +332,7 @@ impl BackgroundCheckpoint {
     /// Gives `conn`'s checkpoints back to SQLite (at its commits, as by default) and ends the
     /// thread once its checkpoint in progress is done.
     pub(crate) fn stop(mut self, conn: &Connection) -> Result<()> {
-        conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES)
+        conn.pragma_update(None, "wal_autocheckpoint", SQLITE_CHECKPOINT_PAGES)
             .ctx("restoring the WAL's checkpoints")?;
         self.end();
         Ok(())
