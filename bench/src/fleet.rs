@@ -38,7 +38,7 @@ impl Node {
             Some(p) => Replica::open(p, identity.clone(), options)?,
             None => Replica::open_in_memory(identity.clone(), options)?,
         };
-        let (handle, thread) = ReplicaHandle::spawn(replica);
+        let (handle, thread) = ReplicaHandle::spawn(replica)?;
         Ok(Node {
             handle,
             thread: Some(thread),

@@ -217,6 +217,40 @@ struct DocState {
 /// thread (a thread costs tens of microseconds; a small document's apply about as much).
 const MIN_CHANGES_PER_APPLY_THREAD: usize = 64;
 
+/// The most received changes whose commit may wait ([`Replica::defer_received`]): live
+/// changes, not a catch-up.
+pub const MAX_UNCOMMITTED: usize = 16;
+
+/// Received changes applied, not stored yet ([`Replica::defer_received`]).
+struct Uncommitted {
+    changes: Vec<VerifiedChange>,
+    cursors: Vec<(Target, Cursor, Option<Mark>)>,
+    epoch: Option<Epoch>,
+    docs: Vec<DocId>,
+}
+
+/// Writes received changes, the cursors they advance and the hub epoch they came from (if
+/// it is new) in one batch, for the caller to commit; whether each change was new.
+fn write_received<'s>(
+    store: &'s mut ReplicaStore,
+    changes: &[&VerifiedChange],
+    cursors: &[(Target, Cursor, Option<Mark>)],
+    epoch: Option<Epoch>,
+) -> Result<(crate::store::WriteBatch<'s>, Vec<bool>)> {
+    let mut batch = store.received_batch()?;
+    let mut new = Vec::with_capacity(changes.len());
+    for c in changes {
+        new.push(batch.insert_change(c)?);
+    }
+    for (t, c, mark) in cursors {
+        batch.advance_cursor(t, *c, *mark)?;
+    }
+    if let Some(epoch) = epoch {
+        batch.set_last_epoch(epoch)?;
+    }
+    Ok((batch, new))
+}
+
 /// What applying one document's received changes did.
 struct Applied {
     /// The changes the document's checks refused (not to be stored).
@@ -421,8 +455,21 @@ pub struct Replica {
     epoch_recorded: Option<Epoch>,
     /// When [`Replica::roll`] next looks at the clock's bucket (ms, by `options.clock`).
     next_roll_ms: i64,
+    /// Whether a small commit of received changes waits ([`Replica::defer_received`]).
+    defer_received: bool,
+    /// Received changes applied and shown, not stored yet.
+    uncommitted: Option<Uncommitted>,
     options: ReplicaOptions,
     rng: StdRng,
+}
+
+impl Drop for Replica {
+    /// Received changes that wait are stored, not dropped with the replica.
+    fn drop(&mut self) {
+        if let Err(e) = self.commit_received() {
+            tracing::warn!(error = %e, "received changes were not stored; the hub sends them again");
+        }
+    }
 }
 
 impl std::fmt::Debug for Replica {
@@ -471,6 +518,8 @@ impl Replica {
             session: None,
             incoming: Vec::new(),
             incoming_bytes: 0,
+            defer_received: false,
+            uncommitted: None,
             events: VecDeque::new(),
             dropped_events: 0,
             compactions: 0,
@@ -518,6 +567,51 @@ impl Replica {
     /// Whether local writes wait for [`sync`](Self::sync).
     pub fn unsynced(&self) -> bool {
         self.store.unsynced()
+    }
+
+    /// Defers the commit of a small group of received changes (live changes: up to
+    /// [`MAX_UNCOMMITTED`]; off by default): they are applied and their events out at once,
+    /// and stored, with the cursors they advance, by
+    /// [`commit_received`](Self::commit_received). Whoever turns it on calls it when idle and
+    /// before any other use of the replica but [`handle_message`](Self::handle_message),
+    /// [`poll_transmit`](Self::poll_transmit) and [`poll_event`](Self::poll_event), which
+    /// commit first when they need to. The replica thread (`ReplicaHandle`) does, a few
+    /// milliseconds after its last message: where a change's readers share the cores, each
+    /// reader's store work then runs after the others have shown the change, not before.
+    /// Until the commit, a crash loses those changes with their cursors, and the hub sends
+    /// them again; acknowledged writes are not concerned (local writes and acknowledgements
+    /// commit as before). Turning it off commits what waits.
+    pub fn defer_received(&mut self, on: bool) -> Result<()> {
+        self.defer_received = on;
+        if on { Ok(()) } else { self.commit_received() }
+    }
+
+    /// Whether received changes wait for [`commit_received`](Self::commit_received).
+    pub fn received_uncommitted(&self) -> bool {
+        self.uncommitted.is_some()
+    }
+
+    /// Stores the received changes that wait ([`defer_received`](Self::defer_received)). If
+    /// that fails, their documents are dropped from memory (reloaded from the store when
+    /// next used) and the session fails: the hub sends them again, since their cursors did
+    /// not move either.
+    pub fn commit_received(&mut self) -> Result<()> {
+        let Some(u) = self.uncommitted.take() else {
+            return Ok(());
+        };
+        let changes: Vec<&VerifiedChange> = u.changes.iter().collect();
+        let result = write_received(&mut self.store, &changes, &u.cursors, u.epoch)
+            .and_then(|(batch, _)| batch.commit());
+        if let Err(e) = &result {
+            for d in &u.docs {
+                self.docs.remove(d);
+            }
+            if u.epoch.is_some() {
+                self.epoch_recorded = None;
+            }
+            self.fail_session(e);
+        }
+        result
     }
 
     /// The documents held.
@@ -696,6 +790,8 @@ impl Replica {
             }
             subs
         };
+        // A local change may build on received ones: they are stored first.
+        self.commit_received()?;
         let mut batch = self.store.local_batch()?;
         for (c, _, _) in &made {
             batch.insert_change(c)?;
@@ -918,6 +1014,7 @@ impl Replica {
                     if self.store.unacknowledged(&id)? > 0 {
                         continue; // kept until the hub has every change written there
                     }
+                    self.commit_received()?;
                     self.store.forget_doc(&id)?;
                     self.docs.remove(&id);
                     self.subscriptions.remove_doc(&id);
@@ -953,6 +1050,7 @@ impl Replica {
         if self.subscriptions.contains(&target) {
             return Ok(());
         }
+        self.commit_received()?;
         let mut batch = self.store.batch()?;
         batch.add_subscription(&target)?;
         batch.commit()?;
@@ -1229,6 +1327,9 @@ impl Replica {
 
     fn handle_message_inner(&mut self, msg: Message) -> Result<()> {
         msg.check_limits()?;
+        if !matches!(msg, Message::Changes(_) | Message::ChangesAt(_)) {
+            self.commit_received()?;
+        }
         let Some(s) = self.session.as_mut() else {
             return Err(ProtocolError::Unexpected {
                 message: msg.kind(),
@@ -1571,6 +1672,7 @@ impl Replica {
         if changes.is_empty() {
             return Ok(());
         }
+        self.commit_received()?;
         let mut batch = self.store.batch()?;
         for c in &changes {
             batch.enqueue_upload(doc, &ChangeHash::from(c.hash()), Some(c.raw_bytes()))?;
@@ -1624,6 +1726,7 @@ impl Replica {
     fn record_caught_up(&mut self, c: CaughtUpAt) -> Result<()> {
         // A bucket forgotten during the session is not followed again.
         if self.subscriptions.contains(&c.target) {
+            self.commit_received()?;
             let mut batch = self.store.batch()?;
             batch.set_cursor(&c.target, c.epoch, c.cursor, c.mark)?;
             batch.commit()?;
@@ -1684,6 +1787,8 @@ impl Replica {
         incoming: Vec<(Changes, Option<Mark>)>,
         touched: &mut Vec<DocId>,
     ) -> Result<()> {
+        // What waits is stored first: the store never holds a change after one it lacks.
+        self.commit_received()?;
         // Each cursor with the hub's mark of the log there, or (from a hub of version 3) the
         // signature of its message's last change: the change at that position of the log (the
         // hub sends a position's change last).
@@ -1776,21 +1881,16 @@ impl Replica {
                 })
                 .collect::<Vec<_>>()
         };
+        // A live change is shown first and stored once the thread is idle (`defer_received`).
+        let defer = self.defer_received && threads <= 1 && total <= MAX_UNCOMMITTED;
         let store = &mut self.store;
-        let write = move || -> Result<(crate::store::WriteBatch<'_>, Vec<bool>)> {
+        let cursors_ref = &cursors;
+        let write = move || -> Result<Option<(crate::store::WriteBatch<'_>, Vec<bool>)>> {
             let store = store; // moved in whole: the batch borrows the store past this call
-            let mut batch = store.received_batch()?;
-            let mut new = Vec::with_capacity(to_store.len());
-            for c in &to_store {
-                new.push(batch.insert_change(c)?);
+            if defer {
+                return Ok(None);
             }
-            for (t, c, mark) in &cursors {
-                batch.advance_cursor(t, *c, *mark)?;
-            }
-            if let Some(epoch) = epoch {
-                batch.set_last_epoch(epoch)?;
-            }
-            Ok((batch, new))
+            write_received(store, &to_store, cursors_ref, epoch).map(Some)
         };
         let (applied, written) = if threads <= 1 {
             let applied = vec![Some(apply(items))];
@@ -1799,7 +1899,7 @@ impl Replica {
             let parts = crate::parallel::split_by(items, threads, |i| i.2.len());
             crate::parallel::run_beside(parts, apply, write)
         };
-        let (mut batch, new) = written?;
+        let mut written = written?;
         let mut outcomes = Vec::with_capacity(work.len());
         for part in applied {
             outcomes.extend(part.ok_or_else(|| Error::Corrupt {
@@ -1811,6 +1911,7 @@ impl Replica {
         let mut refused_total = 0;
         let mut at = 0;
         let mut done = Vec::with_capacity(work.len());
+        let mut held = Vec::new();
         for ((doc, state, fresh), outcome) in work.into_iter().zip(outcomes) {
             let a = outcome?;
             if !a.refused.is_empty() {
@@ -1823,9 +1924,11 @@ impl Replica {
                     change::verify(&doc, c.signed().clone())?;
                 }
             }
-            for (i, c) in fresh.iter().enumerate() {
-                if a.refused.contains(&c.hash()) && new[at + i] {
-                    batch.remove_new_change(c)?;
+            if let Some((batch, new)) = written.as_mut() {
+                for (i, c) in fresh.iter().enumerate() {
+                    if a.refused.contains(&c.hash()) && new[at + i] {
+                        batch.remove_new_change(c)?;
+                    }
                 }
             }
             at += fresh.len();
@@ -1833,9 +1936,20 @@ impl Replica {
             if let Some(before) = a.before {
                 changed.push((doc.clone(), before, a.patches));
             }
+            if defer {
+                held.extend(fresh.into_iter().filter(|c| !a.refused.contains(&c.hash())));
+            }
             done.push((doc, state));
         }
-        batch.commit()?;
+        let committed = written.map(|(batch, _)| batch.commit()).transpose()?;
+        if committed.is_none() {
+            self.uncommitted = Some(Uncommitted {
+                changes: held,
+                cursors,
+                epoch,
+                docs: done.iter().map(|(d, _)| d.clone()).collect(),
+            });
+        }
         if epoch.is_some() {
             self.epoch_recorded = epoch;
         }
@@ -1858,12 +1972,18 @@ impl Replica {
 
     fn maybe_compact(&mut self, doc: &DocId) -> Result<()> {
         let limit = self.options.compact_after_bytes;
+        if self
+            .docs
+            .get(doc)
+            .is_none_or(|state| state.incremental_bytes <= limit)
+        {
+            return Ok(());
+        }
+        // The snapshot covers what the store holds: received changes that wait go in first.
+        self.commit_received()?;
         let Some(state) = self.docs.get_mut(doc) else {
             return Ok(());
         };
-        if state.incremental_bytes <= limit {
-            return Ok(());
-        }
         let snapshot = state.doc.save();
         // Only the changes still stored with their bytes can be dropped: work proportional to
         // what was written since the last compaction, not to the whole history. Pending
@@ -1961,6 +2081,7 @@ impl Replica {
                 // the hub relayed it) does not verify: a hub takes changes one by one, so
                 // only its author can upload it again. Dropped from the outbox, not the store.
                 tracing::warn!(%doc, hash = %e.hash, "not uploading a change whose relayed signature does not verify");
+                self.commit_received()?;
                 self.store.drop_outbox(e.row)?;
                 continue;
             }

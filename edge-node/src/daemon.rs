@@ -59,7 +59,7 @@ pub async fn run(data: &DataDir, api: Option<String>) -> anyhow::Result<()> {
         .min();
     let replica = Replica::open(&data.store(), identity, options)
         .with_context(|| format!("opening the store {}", data.store().display()))?;
-    let (handle, thread) = ReplicaHandle::spawn(replica);
+    let (handle, thread) = ReplicaHandle::spawn(replica)?;
     if let Some(every) = roll_tick {
         // Rolling documents move on with the clock even when nobody writes: follow the next
         // bucket, forget the oldest (Replica::roll does nothing until it is due).

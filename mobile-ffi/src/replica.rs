@@ -94,7 +94,7 @@ impl Replica {
             ..ReplicaOptions::default()
         };
         let core = CoreReplica::open(&dir.join("replica.db"), identity, options)?;
-        let (handle, thread) = ReplicaHandle::spawn(core);
+        let (handle, thread) = ReplicaHandle::spawn(core)?;
 
         let observer: ObserverSlot = Arc::default();
         let (notices_tx, notices_rx) = std::sync::mpsc::sync_channel(observer::MAX_NOTICES);

@@ -2,7 +2,9 @@
 //! and the sync task's messages reach it through one channel. The sync task keeps a session
 //! with one of the configured hubs: it connects (pinning the hub's certificate fingerprint),
 //! runs the session until it breaks, and tries again with exponential backoff and jitter,
-//! moving to the next hub on failure (failover).
+//! moving to the next hub on failure (failover). The replica thread waits for its commands on
+//! a current-thread runtime of its own, which times its commits of received changes
+//! ([`Replica::defer_received`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -19,6 +21,9 @@ const REPLICA_QUEUE: usize = 1024;
 const SESSION_QUEUE: usize = 64;
 const MAX_BATCH: usize = 1024;
 const EVENT_BUFFER: usize = 1024;
+/// How long the replica thread waits for quiet before it commits the received changes it
+/// left open ([`Replica::defer_received`]).
+const COMMIT_RECEIVED_AFTER: Duration = Duration::from_millis(5);
 
 /// One hub a replica may sync with.
 #[derive(Debug, Clone)]
@@ -118,16 +123,19 @@ pub struct ReplicaHandle {
 }
 
 impl ReplicaHandle {
-    /// Starts the replica thread. It ends when every handle is dropped.
-    pub fn spawn(replica: Replica) -> (Self, std::thread::JoinHandle<Replica>) {
+    /// Starts the replica thread. It ends when every handle is dropped. Fails only if the
+    /// system cannot give it a thread or an event loop (out of threads or file descriptors).
+    pub fn spawn(replica: Replica) -> Result<(Self, std::thread::JoinHandle<Replica>), NetError> {
         let (tx, rx) = mpsc::channel(REPLICA_QUEUE);
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let ev = events.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let thread = std::thread::Builder::new()
             .name("syncline-replica".into())
-            .spawn(move || run(replica, rx, ev))
-            .expect("spawning the replica thread");
-        (
+            .spawn(move || runtime.block_on(run(replica, rx, ev)))?;
+        Ok((
             ReplicaHandle {
                 tx,
                 traffic: Arc::default(),
@@ -135,7 +143,7 @@ impl ReplicaHandle {
                 link: Arc::new(watch::Sender::new(LinkState::default())),
             },
             thread,
-        )
+        ))
     }
 
     /// Runs `f` on the replica thread (writes, reads, status) and returns its result. A write
@@ -327,7 +335,7 @@ impl Drop for SessionEnd<'_> {
     }
 }
 
-fn run(
+async fn run(
     mut replica: Replica,
     mut rx: mpsc::Receiver<Command>,
     events: broadcast::Sender<Event>,
@@ -338,13 +346,38 @@ fn run(
     if let Err(e) = replica.set_deferred_sync(true) {
         tracing::warn!(error = %e, "deferring the store's syncs failed; writes sync at commit");
     }
+    if let Err(e) = replica.defer_received(true) {
+        tracing::warn!(error = %e, "deferring the commits of received changes failed");
+    }
     let mut replies: Vec<Reply> = Vec::new();
     // A command taken from the channel that belongs to the next round (see below).
     let mut carry: Option<Command> = None;
-    while let Some(first) = carry.take().or_else(|| rx.blocking_recv()) {
+    loop {
+        let first = match carry.take() {
+            Some(c) => c,
+            // Received changes that wait are stored once the thread has been quiet a while.
+            None if replica.received_uncommitted() => {
+                match tokio::time::timeout(COMMIT_RECEIVED_AFTER, rx.recv()).await {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(_) => {
+                        commit_received(&mut replica);
+                        continue;
+                    }
+                }
+            }
+            None => match rx.recv().await {
+                Some(c) => c,
+                None => break,
+            },
+        };
         let mut cmd = Some(first);
         let mut taken = 0;
         while let Some(c) = cmd.take() {
+            if !matches!(c, Command::Message(_) | Command::Writable) {
+                // An app's call, or a new session, finds every received change stored.
+                commit_received(&mut replica);
+            }
             match c {
                 Command::Call(job) => replies.push(job(&mut replica)),
                 Command::Connected {
@@ -413,8 +446,15 @@ fn run(
             let _ = events.send(e);
         }
     }
+    commit_received(&mut replica);
     if let Err(e) = replica.set_deferred_sync(false) {
         tracing::error!(error = %e, "syncing the store at the end failed");
     }
     replica
+}
+
+fn commit_received(replica: &mut Replica) {
+    if let Err(e) = replica.commit_received() {
+        tracing::warn!(error = %e, "storing received changes failed; the hub sends them again");
+    }
 }

@@ -71,7 +71,7 @@ fn replica(dir: &Path, name: &str) -> (ReplicaHandle, String) {
     let id = Identity::generate();
     let key = id.peer_id().to_string();
     let r = Replica::open(&dir.join(name), id, ReplicaOptions::default()).unwrap();
-    (ReplicaHandle::spawn(r).0, key)
+    (ReplicaHandle::spawn(r).unwrap().0, key)
 }
 
 fn address(p: &HubProcess) -> HubAddress {

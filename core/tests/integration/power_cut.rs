@@ -274,3 +274,72 @@ fn a_hub_whose_sync_fails_sends_nothing_more_until_it_is_restarted() {
     assert_eq!(w.status().unwrap().outbox, 0);
     assert_eq!(r.json(&doc()).unwrap()["k"], serde_json::json!(1));
 }
+
+/// The files of `image` written as the store `dir/AS.db`, opened as a replica (key seed
+/// `seed`): what a replica finds after a crash that left its disk as `image`.
+fn open_image(image: &[(PathBuf, Option<Vec<u8>>)], dir: &Path, name: &str, seed: u8) -> Replica {
+    for ((_, bytes), f) in image.iter().zip(files(dir, name)) {
+        if let Some(b) = bytes {
+            std::fs::write(f, b).unwrap();
+        }
+    }
+    replica_of(dir, name, seed, doc())
+}
+
+/// A reader that leaves its received changes open (`Replica::defer_received`, as the replica
+/// thread does) shows them at once and stores them at `commit_received`, or at its own next
+/// write, which commits them first. A crash before that loses them with the cursor they
+/// advanced: the hub sends them again.
+#[test]
+fn received_changes_left_open_are_stored_at_their_commit_or_sent_again_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = hub(dir.path());
+    let mut w = replica_of(dir.path(), "w", 1, doc());
+    let mut r = replica_of(dir.path(), "r", 2, doc());
+    r.defer_received(true).unwrap();
+    let (sw, sr) = live(&mut h, &mut w, &mut r);
+
+    write(&mut w, "k", 1);
+    sync(&mut h, &mut [(&mut w, sw), (&mut r, sr)]).unwrap();
+    assert_eq!(r.json(&doc()).unwrap()["k"], serde_json::json!(1));
+    assert!(r.received_uncommitted(), "shown before its commit");
+    let before_commit = image(dir.path(), "r");
+    r.commit_received().unwrap();
+    assert!(!r.received_uncommitted());
+    let committed = image(dir.path(), "r");
+
+    write(&mut w, "j", 2);
+    sync(&mut h, &mut [(&mut w, sw), (&mut r, sr)]).unwrap();
+    assert!(r.received_uncommitted());
+    write(&mut r, "own", 3);
+    assert!(
+        !r.received_uncommitted(),
+        "the local write committed it first"
+    );
+    let with_own = image(dir.path(), "r");
+
+    // Crashed before the commit: the change is not there, and neither is its cursor.
+    let mut crashed = open_image(&before_commit, dir.path(), "crashed", 2);
+    assert!(
+        !crashed.json(&doc()).is_ok_and(|j| j.get("k").is_some()),
+        "not stored before its commit"
+    );
+    let sc = connect(&mut h, &mut crashed);
+    sync(&mut h, &mut [(&mut crashed, sc)]).unwrap();
+    assert_eq!(
+        crashed.json(&doc()).unwrap()["k"],
+        serde_json::json!(1),
+        "sent again"
+    );
+    assert_eq!(h.metrics().cursors_ahead, 0);
+    assert_eq!(h.metrics().cursors_rewritten, 0);
+
+    // Crashed after the commit, and after the reader's own write: all there, offline.
+    let mut stored = open_image(&committed, dir.path(), "stored", 2);
+    assert_eq!(stored.json(&doc()).unwrap()["k"], serde_json::json!(1));
+    let mut own = open_image(&with_own, dir.path(), "own", 2);
+    assert_eq!(
+        own.json(&doc()).unwrap(),
+        serde_json::json!({"k": 1, "j": 2, "own": 3})
+    );
+}

@@ -47,7 +47,27 @@ fn replica(dir: &std::path::Path, name: &str) -> ReplicaHandle {
         ReplicaOptions::default(),
     )
     .unwrap();
-    ReplicaHandle::spawn(r).0
+    ReplicaHandle::spawn(r).unwrap().0
+}
+
+/// A hub in `dir`, its address, and replicas `a.db` and `b.db` (`b` subscribed to
+/// everything), not syncing yet.
+async fn hub_and_pair(
+    dir: &std::path::Path,
+) -> (TestHub, HubAddress, ReplicaHandle, ReplicaHandle) {
+    let hub = start_hub(dir);
+    let address = HubAddress {
+        addr: hub.addr.clone(),
+        fingerprint: hub.fingerprint,
+        key: None,
+    };
+    let a = replica(dir, "a.db");
+    let b = replica(dir, "b.db");
+    b.call(|r| r.subscribe(Target::Prefix(DocPrefix::all())))
+        .await
+        .unwrap()
+        .unwrap();
+    (hub, address, a, b)
 }
 
 fn ops(j: serde_json::Value) -> Vec<Op> {
@@ -73,18 +93,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_converge_through_a_hub_over_quic() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = start_hub(dir.path());
-    let address = HubAddress {
-        addr: hub.addr.clone(),
-        fingerprint: hub.fingerprint,
-        key: None,
-    };
-    let a = replica(dir.path(), "a.db");
-    let b = replica(dir.path(), "b.db");
-    b.call(|r| r.subscribe(Target::Prefix(DocPrefix::all())))
-        .await
-        .unwrap()
-        .unwrap();
+    let (hub, address, a, b) = hub_and_pair(dir.path()).await;
     let doc = DocId::new("sites/berlin").unwrap();
     let d = doc.clone();
     a.call(move |r| {
@@ -146,7 +155,7 @@ async fn a_write_is_answered_once_synced_and_committed_unsynced_before() {
         ReplicaOptions::default(),
     )
     .unwrap();
-    let (a, thread) = ReplicaHandle::spawn(r);
+    let (a, thread) = ReplicaHandle::spawn(r).unwrap();
     let doc = DocId::new("sites/berlin").unwrap();
     let put = |v: i64| ops(json!([{"op":"put","path":["n"],"value":v}]));
     let (d, p) = (doc.clone(), put(1));
@@ -303,4 +312,48 @@ async fn link_changes_are_pushed_and_an_aborted_sync_ends_the_session_cleanly() 
     })
     .await;
     assert!(a.link().connected);
+}
+
+/// The replica thread shows a received change at once and commits it once quiet: its file
+/// then holds it with no call to the replica (a call would commit it first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_received_change_reaches_the_file_once_the_replica_thread_is_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, address, a, b) = hub_and_pair(dir.path()).await;
+    a.start_sync(SyncSettings::new(vec![address.clone()]))
+        .unwrap();
+    b.start_sync(SyncSettings::new(vec![address])).unwrap();
+    until("both sessions", || async {
+        a.link().connected && b.link().connected
+    })
+    .await;
+    let mut events = b.events();
+    let doc = DocId::new("sites/berlin").unwrap();
+    let d = doc.clone();
+    let hash = a
+        .call(move |r| {
+            r.change(&d, &ops(json!([{"op":"put","path":["k"],"value":1}])))?;
+            Ok::<_, syncline_core::Error>(r.doc(&d)?.heads()[0])
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Ok(syncline_core::replica::Event::DocChanged { doc: d, .. }) =
+                events.recv().await
+                && d == doc
+            {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("b shows the change");
+    let file = syncline_core::store::ReplicaStore::open(&dir.path().join("b.db")).unwrap();
+    until("the change in b's file", || async {
+        file.has_change(&doc, &hash).unwrap()
+    })
+    .await;
+    hub.endpoint.close(0u32.into(), b"done");
 }
