@@ -1118,7 +1118,7 @@ mod tests {
         let before = db_bytes();
         fill(&store, 96);
         assert_eq!(
-            crate::store::sqlite::background_woken_at(),
+            crate::store::sqlite::background_wakes(),
             Some(0),
             "not woken before 10,000 pages"
         );

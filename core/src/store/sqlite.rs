@@ -164,6 +164,9 @@ struct Slot {
     woken_at: std::ffi::c_int,
     /// Commits made so far: the thread waits for them to pause.
     commits: Arc<AtomicU64>,
+    /// Times the hook woke the thread (read by tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    wakes: u64,
 }
 
 /// How long the owner's commits must pause before a checkpoint starts.
@@ -178,11 +181,10 @@ thread_local! {
     static BACKGROUND: RefCell<Option<Slot>> = const { RefCell::new(None) };
 }
 
-/// The WAL pages at which this thread's background checkpoint was last woken: 0 if not in
-/// this stretch of the WAL, `None` without one.
+/// Times the WAL hook woke this thread's background checkpoint, `None` without one.
 #[cfg(test)]
-pub(crate) fn background_woken_at() -> Option<std::ffi::c_int> {
-    BACKGROUND.with(|b| b.borrow().as_ref().map(|s| s.woken_at))
+pub(crate) fn background_wakes() -> Option<u64> {
+    BACKGROUND.with(|b| b.borrow().as_ref().map(|s| s.wakes))
 }
 
 /// The WAL hook of a connection whose checkpoints run in the background: SQLite calls it after
@@ -215,6 +217,7 @@ fn wal_hook(wal: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite::Res
             Err(mpsc::TrySendError::Disconnected(())) => true,
             _ => {
                 slot.woken_at = pages;
+                slot.wakes += 1;
                 false
             }
         }
@@ -312,6 +315,7 @@ impl BackgroundCheckpoint {
                 wake: wake.clone(),
                 woken_at: 0,
                 commits: counting,
+                wakes: 0,
             })
         });
         conn.wal_hook(Some(wal_hook));
