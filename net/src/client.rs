@@ -21,8 +21,8 @@ const REPLICA_QUEUE: usize = 1024;
 const SESSION_QUEUE: usize = 64;
 const MAX_BATCH: usize = 1024;
 const EVENT_BUFFER: usize = 1024;
-/// How long the replica thread waits for quiet before it commits the received changes it
-/// left open ([`Replica::defer_received`]).
+/// How long the replica thread waits for quiet before it stores the received changes that
+/// wait ([`Replica::defer_received`]).
 const COMMIT_RECEIVED_AFTER: Duration = Duration::from_millis(5);
 
 /// One hub a replica may sync with.
@@ -124,13 +124,14 @@ pub struct ReplicaHandle {
 
 impl ReplicaHandle {
     /// Starts the replica thread. It ends when every handle is dropped. Fails only if the
-    /// system cannot give it a thread or an event loop (out of threads or file descriptors).
+    /// system cannot give it a thread.
     pub fn spawn(replica: Replica) -> Result<(Self, std::thread::JoinHandle<Replica>), NetError> {
         let (tx, rx) = mpsc::channel(REPLICA_QUEUE);
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let ev = events.clone();
+        // A timer is all it needs: no sockets, no file descriptor.
         let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+            .enable_time()
             .build()?;
         let thread = std::thread::Builder::new()
             .name("syncline-replica".into())
@@ -148,6 +149,7 @@ impl ReplicaHandle {
 
     /// Runs `f` on the replica thread (writes, reads, status) and returns its result. A write
     /// made here is durable when this returns; it is uploaded as soon as a session allows.
+    /// `f` runs inside the thread's tokio runtime: it must not block on a runtime itself.
     pub async fn call<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Replica) -> R + Send + 'static,
