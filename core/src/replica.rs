@@ -570,9 +570,9 @@ impl Replica {
     }
 
     /// Defers the commit of a small group of received changes (live changes: up to
-    /// [`MAX_UNCOMMITTED`]; off by default): they are applied and their events out at once,
-    /// and stored, with the cursors they advance, by
-    /// [`commit_received`](Self::commit_received). Whoever turns it on calls it when idle and
+    /// [`MAX_UNCOMMITTED`], flushed by [`poll_transmit`](Self::poll_transmit); off by
+    /// default): they are applied and their events out at once, and stored, with the cursors
+    /// they advance, by [`commit_received`](Self::commit_received). Whoever turns it on calls it when idle and
     /// before any other use of the replica but [`handle_message`](Self::handle_message),
     /// [`poll_transmit`](Self::poll_transmit) and [`poll_event`](Self::poll_event), which
     /// commit first when they need to. The replica thread (`ReplicaHandle`) does, a few
@@ -621,6 +621,8 @@ impl Replica {
 
     fn load(&mut self, id: &DocId, create: bool) -> Result<&mut DocState> {
         if !self.docs.contains_key(id) {
+            // Read from the store, a document must find there what it showed before.
+            self.commit_received()?;
             let state = match self.store.load_doc(id)? {
                 Some(stored) => {
                     let mut changes = Vec::with_capacity(stored.changes.len());
@@ -1765,13 +1767,21 @@ impl Replica {
     /// Commits every received change: verified (in batches), applied to the documents (one
     /// Automerge call per document), stored with the cursors they advance in one transaction.
     pub fn flush(&mut self) -> Result<()> {
+        self.flush_as(false)
+    }
+
+    /// [`flush`](Self::flush); `live`: from [`poll_transmit`](Self::poll_transmit), where a
+    /// small commit may wait ([`defer_received`](Self::defer_received)). Every other flush
+    /// comes before a step that reads the store (a catch-up's cursor, a repair's heads, a
+    /// snapshot) and commits at once.
+    fn flush_as(&mut self, live: bool) -> Result<()> {
         if self.incoming.is_empty() {
             return Ok(());
         }
         let incoming = std::mem::take(&mut self.incoming);
         self.incoming_bytes = 0;
         let mut touched: Vec<DocId> = Vec::new();
-        let result = self.ingest(incoming, &mut touched);
+        let result = self.ingest(incoming, &mut touched, live);
         if let Err(e) = &result {
             for d in &touched {
                 self.docs.remove(d);
@@ -1786,6 +1796,7 @@ impl Replica {
         &mut self,
         incoming: Vec<(Changes, Option<Mark>)>,
         touched: &mut Vec<DocId>,
+        live: bool,
     ) -> Result<()> {
         // What waits is stored first: the store never holds a change after one it lacks.
         self.commit_received()?;
@@ -1882,7 +1893,7 @@ impl Replica {
                 .collect::<Vec<_>>()
         };
         // A live change is shown first and stored once the thread is idle (`defer_received`).
-        let defer = self.defer_received && threads <= 1 && total <= MAX_UNCOMMITTED;
+        let defer = live && self.defer_received && threads <= 1 && total <= MAX_UNCOMMITTED;
         let store = &mut self.store;
         let cursors_ref = &cursors;
         let write = move || -> Result<Option<(crate::store::WriteBatch<'_>, Vec<bool>)>> {
@@ -2013,7 +2024,7 @@ impl Replica {
         if self.session.is_none() {
             return Ok(None);
         }
-        if let Err(e) = self.flush() {
+        if let Err(e) = self.flush_as(true) {
             tracing::warn!(error = %e, "refused changes from the hub");
         }
         let Some(s) = self.session.as_mut() else {

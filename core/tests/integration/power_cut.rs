@@ -342,4 +342,22 @@ fn received_changes_left_open_are_stored_at_their_commit_or_sent_again_after_a_c
         own.json(&doc()).unwrap(),
         serde_json::json!({"k": 1, "j": 2, "own": 3})
     );
+
+    // Only `poll_transmit`'s flush leaves changes waiting: any other (a catch-up's, a
+    // repair's) comes before a step that reads the store, and stores them at once.
+    write(&mut w, "x", 4);
+    while let Some(m) = w.poll_transmit().unwrap() {
+        h.handle_message(sw, m).unwrap();
+    }
+    h.flush().unwrap();
+    h.sync().unwrap();
+    while let Some(m) = h.poll_transmit(sr).unwrap() {
+        r.handle_message(m).unwrap();
+    }
+    r.flush().unwrap();
+    assert_eq!(r.json(&doc()).unwrap()["x"], serde_json::json!(4));
+    assert!(
+        !r.received_uncommitted(),
+        "stored by a flush outside poll_transmit"
+    );
 }
