@@ -226,7 +226,6 @@ struct Uncommitted {
     changes: Vec<VerifiedChange>,
     cursors: Vec<(Target, Cursor, Option<Mark>)>,
     epoch: Option<Epoch>,
-    docs: Vec<DocId>,
 }
 
 /// Writes received changes, the cursors they advance and the hub epoch they came from (if
@@ -603,8 +602,8 @@ impl Replica {
         let result = write_received(&mut self.store, &changes, &u.cursors, u.epoch)
             .and_then(|(batch, _)| batch.commit());
         if let Err(e) = &result {
-            for d in &u.docs {
-                self.docs.remove(d);
+            for c in &u.changes {
+                self.docs.remove(c.doc());
             }
             if u.epoch.is_some() {
                 self.epoch_recorded = None;
@@ -1958,7 +1957,6 @@ impl Replica {
                 changes: held,
                 cursors,
                 epoch,
-                docs: done.iter().map(|(d, _)| d.clone()).collect(),
             });
         }
         if epoch.is_some() {
