@@ -192,6 +192,8 @@ impl ReplicaStore {
     /// stores nothing; space freed inside the file (the outbox emptied by the hub's
     /// acknowledgements, compaction) is reused, so writing resumes by itself once the hub has
     /// taken what waited. A store already larger than the bound keeps its size and cannot grow.
+    /// The WAL is outside the bound: with checkpoints in the background, it is checkpointed
+    /// at a quarter of the bound (at least 4 MiB) and restarted within 4 MiB after that.
     pub fn set_max_bytes(&self, bytes: u64) -> Result<()> {
         let page: i64 = self
             .conn
@@ -201,6 +203,7 @@ impl ReplicaStore {
         self.conn
             .pragma_update(None, "max_page_count", pages as i64)
             .ctx("bounding the store's size")?;
+        self.deferred.bound_changed(&self.conn);
         Ok(())
     }
 
@@ -1066,33 +1069,51 @@ mod tests {
         assert!(!mem.unsynced());
     }
 
-    #[test]
-    fn with_deferred_syncs_the_wal_is_checkpointed_off_the_owners_thread() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r.db");
-        let mut store = super::ReplicaStore::open(&path).unwrap();
+    /// A store at `path` with a table to fill with blobs.
+    fn filler_store(path: &std::path::Path) -> super::ReplicaStore {
+        let store = super::ReplicaStore::open(path).unwrap();
         store
             .conn
             .execute_batch("CREATE TABLE filler (x BLOB)")
             .unwrap();
-        let db_bytes = || std::fs::metadata(&path).unwrap().len();
-        // 96 commits of 64 KiB: about 1,600 pages of WAL, past SQLite's 1,000; 704 of them,
-        // about 11,300 pages, past the 10,000 of a background checkpoint.
-        let fill = |s: &super::ReplicaStore, blobs: usize| {
-            for _ in 0..blobs {
-                s.conn
-                    .execute("INSERT INTO filler VALUES (zeroblob(65536))", [])
-                    .unwrap();
-            }
-        };
-        let wait_for = |what: &str, done: &dyn Fn() -> bool| {
-            let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
-            while !done() {
-                assert!(std::time::Instant::now() < until, "timed out: {what}");
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-        };
+        store
+    }
 
+    /// Commits `blobs` blobs of 64 KiB, one at a time: about 16 pages of WAL each.
+    fn fill(s: &super::ReplicaStore, blobs: usize) {
+        for _ in 0..blobs {
+            s.conn
+                .execute("INSERT INTO filler VALUES (zeroblob(65536))", [])
+                .unwrap();
+        }
+    }
+
+    fn wait_for(what: &str, done: &dyn Fn() -> bool) {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !done() {
+            assert!(std::time::Instant::now() < until, "timed out: {what}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// The frames in the WAL of the store at `path`, read from another connection (its
+    /// passive checkpoint copies nothing the store's own would not).
+    fn wal_frames(path: &std::path::Path) -> i64 {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
+            .unwrap()
+    }
+
+    #[test]
+    fn with_deferred_syncs_the_wal_is_checkpointed_off_the_owners_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let mut store = filler_store(&path);
+        let db_bytes = || std::fs::metadata(&path).unwrap().len();
+        // 96 commits of 64 KiB: about 1,600 pages of WAL, past SQLite's 1,000; 656 of them,
+        // about 10,500 pages, past the 10,000 of a background checkpoint (and short of the
+        // 11,000 at which the owner's commit would copy them itself).
         store.set_deferred_sync(true).unwrap();
         assert_eq!(store.deferred.background_checkpoints(), Some(0));
 
@@ -1118,11 +1139,11 @@ mod tests {
         let before = db_bytes();
         fill(&store, 96);
         assert_eq!(
-            crate::store::sqlite::background_wakes(),
+            crate::store::sqlite::background_wakes().map(|w| w.0),
             Some(0),
             "not woken before 10,000 pages"
         );
-        fill(&store, 608);
+        fill(&store, 560);
         wait_for("a background checkpoint", &|| {
             store.deferred.background_checkpoints() >= Some(1)
         });
@@ -1146,6 +1167,77 @@ mod tests {
         let mut third = super::ReplicaStore::open(&dir.path().join("t.db")).unwrap();
         third.set_deferred_sync(true).unwrap();
         assert_eq!(third.deferred.background_checkpoints(), None);
+    }
+
+    #[test]
+    fn a_background_checkpoint_that_cannot_copy_the_whole_wal_is_tried_again_without_a_commit() {
+        // As on a full disk, where no commit succeeds to wake the thread again: here a reader
+        // holds the WAL's first frames, so the checkpoint cannot copy past them.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let mut store = filler_store(&path);
+        store.set_deferred_sync(true).unwrap();
+        let reader = rusqlite::Connection::open(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let rows: i64 = reader
+            .query_row("SELECT count(*) FROM filler", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0);
+        // About 10,300 pages: due, short of the backstop.
+        fill(&store, 640);
+        wait_for("a background checkpoint tried", &|| {
+            store.deferred.background_tries() >= Some(1)
+        });
+        assert_eq!(store.deferred.background_checkpoints(), Some(0));
+        reader.execute_batch("COMMIT").unwrap();
+        wait_for("the whole WAL copied, with no commit since", &|| {
+            store.deferred.background_checkpoints() >= Some(1)
+        });
+        // And the next write starts the WAL over.
+        fill(&store, 1);
+        assert!(wal_frames(&path) < 100, "the WAL restarted");
+    }
+
+    #[test]
+    fn a_writer_that_never_pauses_keeps_the_wal_near_its_due_pages() {
+        // The background checkpoint waits for a pause in the commits, and copies all but the
+        // frames committed meanwhile: the owner's commit copies the rest once the WAL is 1,000
+        // pages past due, and the WAL starts over.
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = filler_store(&dir.path().join("r.db"));
+        store.set_deferred_sync(true).unwrap();
+        // About 32,000 pages, three times the due ones.
+        fill(&store, 2_000);
+        let (wakes, peak) = crate::store::sqlite::background_wakes().unwrap();
+        assert!(wakes >= 1);
+        // About 11,000 pages (44 MiB); more only if the owner's commit came while the
+        // background checkpoint was copying. The owner's commit stepped in at 20,000 before,
+        // and a 64 MiB disk (16,000 pages) filled up with the WAL.
+        assert!(peak < 16_000, "the WAL reached {peak} pages");
+    }
+
+    #[test]
+    fn a_store_bounded_in_size_checkpoints_its_wal_sooner() {
+        // The WAL is outside the bound: a checkpoint is due at a quarter of it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let mut store = filler_store(&path);
+        store.set_deferred_sync(true).unwrap();
+        // 16 MiB: 4,096 pages, a checkpoint due at 1,024.
+        store.set_max_bytes(16 << 20).unwrap();
+        fill(&store, 48);
+        assert_eq!(
+            crate::store::sqlite::background_wakes().map(|w| w.0),
+            Some(0)
+        );
+        fill(&store, 24);
+        assert_eq!(
+            crate::store::sqlite::background_wakes().map(|w| w.0),
+            Some(1)
+        );
+        wait_for("a background checkpoint", &|| {
+            store.deferred.background_checkpoints() >= Some(1)
+        });
     }
 
     #[cfg(feature = "encryption")]

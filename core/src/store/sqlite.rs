@@ -2,7 +2,7 @@
 
 use std::cell::RefCell;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
@@ -73,10 +73,24 @@ impl DeferredSync {
         Ok(())
     }
 
-    /// Checkpoints run in the background so far.
+    /// The store's size bound changed: a background checkpoint is due at [`due_pages`] of
+    /// the new one.
+    pub(crate) fn bound_changed(&self, conn: &Connection) {
+        if let Some(b) = &self.background {
+            b.set_due(due_pages(conn));
+        }
+    }
+
+    /// Checkpoints run in the background so far that copied the whole WAL.
     #[cfg(test)]
     pub(crate) fn background_checkpoints(&self) -> Option<u64> {
         self.background.as_ref().map(BackgroundCheckpoint::done)
+    }
+
+    /// Checkpoints tried in the background so far, whatever they copied.
+    #[cfg(test)]
+    pub(crate) fn background_tries(&self) -> Option<u64> {
+        self.background.as_ref().map(BackgroundCheckpoint::tried)
     }
 
     /// The failed sync, if one failed since the store was opened.
@@ -148,25 +162,50 @@ const SQLITE_CHECKPOINT_PAGES: i32 = 1000;
 /// disk too (BENCHMARKS E2E-20). At SQLite's 1,000 pages, one of the replicas or the hub
 /// checkpointed for about every 20th change, often enough to be in the p99; ten times fewer
 /// leaves them to the slowest half percent. Each copies more frames, but a page rewritten by
-/// many changes (the same few B-tree pages of a live document) is copied once.
+/// many changes (the same few B-tree pages of a live document) is copied once. A store bounded
+/// in size ([`due_pages`]) checkpoints sooner: the WAL is outside the bound.
 const CHECKPOINT_PAGES: i32 = 10_000;
 
-/// WAL pages past which the owner's thread checkpoints at its commit, as SQLite does by
-/// default, when the background thread has not kept up (a writer that never pauses keeps a
-/// checkpoint from another connection from finishing): the WAL stays bounded (80 MiB).
-const BACKSTOP_PAGES: i32 = 2 * CHECKPOINT_PAGES;
+/// WAL pages past the due ones at which the owner's thread checkpoints at its commit, as
+/// SQLite does by default, when the background thread has not finished: a writer that never
+/// pauses commits during every background checkpoint, which then copies all but the last
+/// frames and cannot restart the WAL. The owner's checkpoint copies only those (a few MiB)
+/// and restarts it at the next write: the WAL stays within about 44 MiB. (With the backstop
+/// at twice the due pages, the WAL of a nemesis edge, on a 64 MiB disk, grew past 57 MiB.)
+const BACKSTOP_PAGES: i32 = SQLITE_CHECKPOINT_PAGES;
+
+/// The WAL pages at which a background checkpoint of the store on `conn` is due: a quarter of
+/// its size bound (`max_page_count`, [`ReplicaStore::set_max_bytes`]) if that is less than
+/// [`CHECKPOINT_PAGES`], never less than SQLite's 1,000.
+///
+/// [`ReplicaStore::set_max_bytes`]: crate::store::ReplicaStore::set_max_bytes
+fn due_pages(conn: &Connection) -> std::ffi::c_int {
+    let max: i64 = conn
+        .pragma_query_value(None, "max_page_count", |r| r.get(0))
+        .unwrap_or(i64::MAX);
+    (max / 4).clamp(
+        i64::from(SQLITE_CHECKPOINT_PAGES),
+        i64::from(CHECKPOINT_PAGES),
+    ) as i32
+}
 
 /// The background checkpoint of the store a thread owns.
 struct Slot {
     id: u64,
     wake: mpsc::SyncSender<()>,
-    /// The WAL's pages when the thread was last woken (0: not in this stretch of the WAL).
-    woken_at: std::ffi::c_int,
+    /// The WAL pages at which a checkpoint is due ([`due_pages`]).
+    due: std::ffi::c_int,
+    /// The thread was woken and has not copied the whole WAL yet: commits do not wake it
+    /// again (it retries by itself).
+    pending: Arc<AtomicBool>,
     /// Commits made so far: the thread waits for them to pause.
     commits: Arc<AtomicU64>,
     /// Times the hook woke the thread (read by tests).
     #[cfg_attr(not(test), allow(dead_code))]
     wakes: u64,
+    /// The most pages the WAL held at a commit (read by tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    peak: std::ffi::c_int,
 }
 
 /// How long the owner's commits must pause before a checkpoint starts.
@@ -175,24 +214,29 @@ const QUIET: Duration = Duration::from_millis(10);
 /// The longest a due checkpoint waits for that pause.
 const MAX_WAIT: Duration = Duration::from_secs(1);
 
+/// How long a checkpoint that could not copy the whole WAL (it failed: a full disk; or a
+/// reader holds old frames) waits before it is tried again. It is tried again without a
+/// commit to wake it: on a full disk, no commit succeeds until the WAL restarts.
+const RETRY: Duration = Duration::from_millis(250);
+
 thread_local! {
     /// The background checkpoint of the store this thread owns, if it has one. One per
     /// thread: the WAL hook cannot tell connections apart.
     static BACKGROUND: RefCell<Option<Slot>> = const { RefCell::new(None) };
 }
 
-/// Times the WAL hook woke this thread's background checkpoint, `None` without one.
+/// Times the WAL hook woke this thread's background checkpoint, and the most pages it saw in
+/// the WAL; `None` without one.
 #[cfg(test)]
-pub(crate) fn background_wakes() -> Option<u64> {
-    BACKGROUND.with(|b| b.borrow().as_ref().map(|s| s.wakes))
+pub(crate) fn background_wakes() -> Option<(u64, std::ffi::c_int)> {
+    BACKGROUND.with(|b| b.borrow().as_ref().map(|s| (s.wakes, s.peak)))
 }
 
 /// The WAL hook of a connection whose checkpoints run in the background: SQLite calls it after
-/// every commit with the pages in the WAL. Past [`CHECKPOINT_PAGES`] it wakes the background
-/// thread (once per stretch of the WAL); or it checkpoints here as SQLite's default hook does:
-/// past [`BACKSTOP_PAGES`] (a writer that never pauses keeps a checkpoint from catching up,
-/// and the WAL from restarting), or past SQLite's 1,000 pages when this thread has no
-/// background thread (the store moved to another thread).
+/// every commit with the pages in the WAL. Once a checkpoint is due ([`due_pages`]) it wakes
+/// the background thread, unless that thread is at it already; or it checkpoints here as
+/// SQLite's default hook does: [`BACKSTOP_PAGES`] past the due ones, or past SQLite's 1,000
+/// pages when this thread has no background thread (the store moved to another thread).
 fn wal_hook(wal: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite::Result<()> {
     let here = BACKGROUND.with(|b| {
         let mut b = b.borrow_mut();
@@ -201,22 +245,19 @@ fn wal_hook(wal: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite::Res
             return pages >= SQLITE_CHECKPOINT_PAGES;
         };
         slot.commits.fetch_add(1, Ordering::Relaxed);
-        if pages < slot.woken_at || pages < CHECKPOINT_PAGES {
-            slot.woken_at = 0; // the WAL restarted since
-        }
-        if pages < CHECKPOINT_PAGES {
+        slot.peak = slot.peak.max(pages);
+        if pages < slot.due {
             return false; // nothing due
         }
-        if pages >= BACKSTOP_PAGES {
+        if pages >= slot.due + BACKSTOP_PAGES {
             return true;
         }
-        if pages < slot.woken_at + CHECKPOINT_PAGES {
-            return false; // due, and the thread knows
+        if slot.pending.swap(true, Ordering::AcqRel) {
+            return false; // due, and the thread is at it
         }
         match slot.wake.try_send(()) {
             Err(mpsc::TrySendError::Disconnected(())) => true,
             _ => {
-                slot.woken_at = pages;
                 slot.wakes += 1;
                 false
             }
@@ -236,16 +277,21 @@ fn wal_hook(wal: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite::Res
 /// tail in `syncline-bench --only latency` at 300 changes). Here that commit only wakes this
 /// thread, which checkpoints over its own connection (`PASSIVE`: it never blocks the owner's
 /// writes, which go on appending to the WAL meanwhile); SQLite restarts the WAL at the owner's
-/// first write after a checkpoint that copied everything. Durability is unchanged: a
-/// checkpoint syncs the WAL before it copies and the database after.
+/// first write after a checkpoint that copied everything. Until one has, the thread tries
+/// again by itself ([`RETRY`]): a checkpoint that failed on a full disk is not woken again by
+/// a commit, as none succeeds. Durability is unchanged: a checkpoint syncs the WAL before it
+/// copies and the database after.
 #[derive(Debug)]
 pub(crate) struct BackgroundCheckpoint {
     id: u64,
     wake: Option<mpsc::SyncSender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// Checkpoints the thread has run (read by tests).
+    /// Checkpoints the thread has run that copied the whole WAL, and all it tried (read by
+    /// tests).
     #[cfg_attr(not(test), allow(dead_code))]
     done: Arc<AtomicU64>,
+    #[cfg_attr(not(test), allow(dead_code))]
+    tried: Arc<AtomicU64>,
 }
 
 impl BackgroundCheckpoint {
@@ -272,36 +318,51 @@ impl BackgroundCheckpoint {
         let (wake, woken) = mpsc::sync_channel::<()>(1);
         let done = Arc::new(AtomicU64::new(0));
         let counted = done.clone();
+        let tried = Arc::new(AtomicU64::new(0));
+        let trying = tried.clone();
         let commits = Arc::new(AtomicU64::new(0));
         let counting = commits.clone();
+        let pending = Arc::new(AtomicBool::new(false));
+        let at_it = pending.clone();
         let spawned = std::thread::Builder::new()
             .name("syncline-checkpoint".into())
             .spawn(move || {
                 while woken.recv().is_ok() {
-                    // A checkpoint takes milliseconds of the machine's CPU and disk: it waits
-                    // for a pause in the owner's commits, so that it does not run beside a
-                    // live change's work (on a small machine, a change's commits at every
-                    // replica and at the hub come in one burst, a few milliseconds long).
-                    let due = Instant::now();
+                    // Until the whole WAL is copied: then the owner's next write restarts it.
+                    let mut failed = false;
                     loop {
-                        let seen = commits.load(Ordering::Relaxed);
-                        if let Err(mpsc::RecvTimeoutError::Disconnected) = woken.recv_timeout(QUIET)
-                        {
+                        if !wait_for_pause(&woken, &commits) {
                             return; // the store is closing
                         }
-                        if commits.load(Ordering::Relaxed) == seen || due.elapsed() >= MAX_WAIT {
-                            break;
+                        let r = own.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                        });
+                        trying.fetch_add(1, Ordering::Relaxed);
+                        match r {
+                            Ok((log, copied)) if copied >= log => {
+                                counted.fetch_add(1, Ordering::Relaxed);
+                                if failed {
+                                    tracing::info!(path, "the WAL checkpoint succeeded again");
+                                }
+                                break;
+                            }
+                            // Commits came during the copy (the backstop copies the rest
+                            // if they go on), or a reader holds old frames.
+                            Ok(_) => {}
+                            // Once per stretch of failures: on a full disk, they go on until
+                            // space is freed.
+                            Err(e) if !failed => {
+                                failed = true;
+                                tracing::warn!(path, error = %e, "a WAL checkpoint failed; trying again every 250 ms");
+                            }
+                            Err(_) => {}
+                        }
+                        if let Err(mpsc::RecvTimeoutError::Disconnected) = woken.recv_timeout(RETRY)
+                        {
+                            return;
                         }
                     }
-                    let r =
-                        own.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0));
-                    match r {
-                        Ok(_) => {
-                            counted.fetch_add(1, Ordering::Relaxed);
-                        }
-                        // The owner's commits checkpoint past the backstop meanwhile.
-                        Err(e) => tracing::warn!(path, error = %e, "a WAL checkpoint failed"),
-                    }
+                    at_it.store(false, Ordering::Release);
                 }
             });
         let Ok(thread) = spawned else {
@@ -313,9 +374,11 @@ impl BackgroundCheckpoint {
             *b.borrow_mut() = Some(Slot {
                 id,
                 wake: wake.clone(),
-                woken_at: 0,
+                due: due_pages(conn),
+                pending,
                 commits: counting,
                 wakes: 0,
+                peak: 0,
             })
         });
         conn.wal_hook(Some(wal_hook));
@@ -324,13 +387,29 @@ impl BackgroundCheckpoint {
             wake: Some(wake),
             thread: Some(thread),
             done,
+            tried,
         }))
     }
 
-    /// Checkpoints run by the thread so far.
+    /// Sets the WAL pages at which a checkpoint is due, if this thread owns the store.
+    fn set_due(&self, pages: std::ffi::c_int) {
+        BACKGROUND.with(|b| {
+            if let Some(s) = b.borrow_mut().as_mut().filter(|s| s.id == self.id) {
+                s.due = pages;
+            }
+        });
+    }
+
+    /// Checkpoints run by the thread so far that copied the whole WAL.
     #[cfg(test)]
     pub(crate) fn done(&self) -> u64 {
         self.done.load(Ordering::Relaxed)
+    }
+
+    /// Checkpoints the thread has tried so far, whatever they copied.
+    #[cfg(test)]
+    pub(crate) fn tried(&self) -> u64 {
+        self.tried.load(Ordering::Relaxed)
     }
 
     /// Gives `conn`'s checkpoints back to SQLite (at its commits, as by default) and ends the
@@ -352,6 +431,23 @@ impl BackgroundCheckpoint {
         self.wake = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// Waits until the owner's commits pause for [`QUIET`], or [`MAX_WAIT`]: a checkpoint takes
+/// milliseconds of the machine's CPU and disk, and should not run beside a live change's work
+/// (on a small machine, a change's commits at every replica and at the hub come in one burst,
+/// a few milliseconds long). False if the store is closing.
+fn wait_for_pause(woken: &mpsc::Receiver<()>, commits: &AtomicU64) -> bool {
+    let due = Instant::now();
+    loop {
+        let seen = commits.load(Ordering::Relaxed);
+        if let Err(mpsc::RecvTimeoutError::Disconnected) = woken.recv_timeout(QUIET) {
+            return false;
+        }
+        if commits.load(Ordering::Relaxed) == seen || due.elapsed() >= MAX_WAIT {
+            return true;
         }
     }
 }
