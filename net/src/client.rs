@@ -355,25 +355,30 @@ async fn run(
     // A command taken from the channel that belongs to the next round (see below).
     let mut carry: Option<Command> = None;
     loop {
-        let first = match carry.take() {
-            Some(c) => c,
+        let mut cmd = match carry.take() {
+            Some(c) => Some(c),
             // Received changes that wait are stored once the thread has been quiet a while.
             None if replica.received_uncommitted() => {
                 match tokio::time::timeout(COMMIT_RECEIVED_AFTER, rx.recv()).await {
-                    Ok(Some(c)) => c,
+                    Ok(Some(c)) => Some(c),
                     Ok(None) => break,
                     Err(_) => {
                         commit_received(&mut replica);
-                        continue;
+                        if !replica.session_failed() {
+                            continue;
+                        }
+                        // It failed (a full disk): the session's error goes out below and
+                        // the session ends, for the hub to send the changes again. Waiting
+                        // for the next command would leave it open, and the replica deaf.
+                        None
                     }
                 }
             }
             None => match rx.recv().await {
-                Some(c) => c,
+                Some(c) => Some(c),
                 None => break,
             },
         };
-        let mut cmd = Some(first);
         let mut taken = 0;
         while let Some(c) = cmd.take() {
             if !matches!(c, Command::Message(_) | Command::Writable) {

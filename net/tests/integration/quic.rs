@@ -4,7 +4,7 @@ use serde_json::json;
 use syncline_core::hub::{AllowAll, Hub};
 use syncline_core::identity::Identity;
 use syncline_core::ops::Op;
-use syncline_core::replica::{Replica, ReplicaOptions};
+use syncline_core::replica::{Event, Replica, ReplicaOptions};
 use syncline_core::store::SqliteHubStore;
 use syncline_core::wire::Target;
 use syncline_core::{DocId, DocPrefix};
@@ -50,10 +50,11 @@ fn replica(dir: &std::path::Path, name: &str) -> ReplicaHandle {
     ReplicaHandle::spawn(r).unwrap().0
 }
 
-/// A hub in `dir`, its address, and replicas `a.db` and `b.db` (`b` subscribed to
-/// everything), not syncing yet.
+/// A hub in `dir`, its address, and replicas `a.db` and `b.db` (`b`, opened with
+/// `b_options`, subscribed to everything), not syncing yet.
 async fn hub_and_pair(
     dir: &std::path::Path,
+    b_options: ReplicaOptions,
 ) -> (TestHub, HubAddress, ReplicaHandle, ReplicaHandle) {
     let hub = start_hub(dir);
     let address = HubAddress {
@@ -62,12 +63,39 @@ async fn hub_and_pair(
         key: None,
     };
     let a = replica(dir, "a.db");
-    let b = replica(dir, "b.db");
+    let b = Replica::open(&dir.join("b.db"), Identity::generate(), b_options).unwrap();
+    let b = ReplicaHandle::spawn(b).unwrap().0;
     b.call(|r| r.subscribe(Target::Prefix(DocPrefix::all())))
         .await
         .unwrap()
         .unwrap();
     (hub, address, a, b)
+}
+
+/// Starts `a` and `b` syncing with the hub at `address`, and waits for both sessions.
+async fn start_pair(a: &ReplicaHandle, b: &ReplicaHandle, address: HubAddress) {
+    a.start_sync(SyncSettings::new(vec![address.clone()]))
+        .unwrap();
+    b.start_sync(SyncSettings::new(vec![address])).unwrap();
+    until("both sessions", || async {
+        a.link().connected && b.link().connected
+    })
+    .await;
+}
+
+/// Waits for an event saying `doc` changed.
+async fn shown(events: &mut tokio::sync::broadcast::Receiver<Event>, doc: &DocId) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Ok(Event::DocChanged { doc: d, .. }) = events.recv().await
+                && &d == doc
+            {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the change shown");
 }
 
 fn ops(j: serde_json::Value) -> Vec<Op> {
@@ -93,7 +121,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_converge_through_a_hub_over_quic() {
     let dir = tempfile::tempdir().unwrap();
-    let (hub, address, a, b) = hub_and_pair(dir.path()).await;
+    let (hub, address, a, b) = hub_and_pair(dir.path(), ReplicaOptions::default()).await;
     let doc = DocId::new("sites/berlin").unwrap();
     let d = doc.clone();
     a.call(move |r| {
@@ -317,16 +345,36 @@ async fn link_changes_are_pushed_and_an_aborted_sync_ends_the_session_cleanly() 
 /// The replica thread shows a received change at once and commits it once quiet: its file
 /// then holds it with no call to the replica (a call would commit it first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_received_change_that_cannot_be_stored_ends_the_session_to_be_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    // b is bounded to the size it has: the change it receives, once shown, cannot be stored
+    // when the replica thread is quiet.
+    let bounded = ReplicaOptions {
+        max_store_bytes: Some(1),
+        ..ReplicaOptions::default()
+    };
+    let (hub, address, a, b) = hub_and_pair(dir.path(), bounded).await;
+    start_pair(&a, &b, address).await;
+    let mut events = b.events();
+    let doc = DocId::new("sites/berlin").unwrap();
+    let d = doc.clone();
+    let big = "x".repeat(256 * 1024);
+    a.call(move |r| r.change(&d, &ops(json!([{"op":"put","path":["k"],"value":big}]))))
+        .await
+        .unwrap()
+        .unwrap();
+    shown(&mut events, &doc).await;
+    // With nothing else for b to do, its failed commit ends the session, and b connects
+    // again, to be sent the change again.
+    until("b's next session", || async { b.link().attempts >= 2 }).await;
+    hub.endpoint.close(0u32.into(), b"done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_received_change_reaches_the_file_once_the_replica_thread_is_quiet() {
     let dir = tempfile::tempdir().unwrap();
-    let (hub, address, a, b) = hub_and_pair(dir.path()).await;
-    a.start_sync(SyncSettings::new(vec![address.clone()]))
-        .unwrap();
-    b.start_sync(SyncSettings::new(vec![address])).unwrap();
-    until("both sessions", || async {
-        a.link().connected && b.link().connected
-    })
-    .await;
+    let (hub, address, a, b) = hub_and_pair(dir.path(), ReplicaOptions::default()).await;
+    start_pair(&a, &b, address).await;
     let mut events = b.events();
     let doc = DocId::new("sites/berlin").unwrap();
     let d = doc.clone();
@@ -338,18 +386,7 @@ async fn a_received_change_reaches_the_file_once_the_replica_thread_is_quiet() {
         .await
         .unwrap()
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            if let Ok(syncline_core::replica::Event::DocChanged { doc: d, .. }) =
-                events.recv().await
-                && d == doc
-            {
-                break;
-            }
-        }
-    })
-    .await
-    .expect("b shows the change");
+    shown(&mut events, &doc).await;
     let file = syncline_core::store::ReplicaStore::open(&dir.path().join("b.db")).unwrap();
     until("the change in b's file", || async {
         file.has_change(&doc, &hash).unwrap()
