@@ -134,7 +134,8 @@ pub struct EdgeConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub db_key_file: Option<PathBuf>,
     /// The most the store may take on disk, in MiB: past it, writes are refused with
-    /// `507 storage_full` and nothing stored is lost. Absent: the disk is the limit.
+    /// `507 storage_full` and nothing stored is lost. Absent: the disk is the limit. The WAL
+    /// is outside it (checkpointed at a quarter of it; docs/API.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_store_mb: Option<u64>,
     /// The most documents held in memory at once (at least 1; 1,024 when absent): past it,
