@@ -287,7 +287,7 @@ pub enum Error {
         reason: String,
     },
     /// SQLite failed.
-    #[error("storage error while {context}: {source}")]
+    #[error("storage error while {context}: {source}{}", extended_code(source))]
     Sqlite {
         /// What we were doing.
         context: &'static str,
@@ -309,16 +309,76 @@ pub enum Error {
 /// Shorthand.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// SQLite's extended result code, where it says more than the message (which names only the
+/// primary code: "disk I/O error" for a dozen causes), for the operator to look up.
+fn extended_code(e: &rusqlite::Error) -> String {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) if f.extended_code > 0xff => {
+            format!(" (SQLite extended code {})", f.extended_code)
+        }
+        _ => String::new(),
+    }
+}
+
 /// Adds context to SQLite errors and maps "disk full" to [`Error::StorageFull`].
 pub(crate) trait SqlContext<T> {
     fn ctx(self, context: &'static str) -> Result<T>;
 }
 
+/// Whether SQLite failed for want of disk space: `SQLITE_FULL`, or the WAL index (`-shm`)
+/// that could not grow. The latter is what a full disk gives when the WAL has room in its
+/// file (it restarted, and keeps its size) but its index does not: after the process
+/// restarted, the first connection cut the index file down, and it must grow again as the
+/// WAL fills (found by the nemesis: an edge's writes answered 500 instead of 507).
+fn out_of_space(e: &rusqlite::Error) -> bool {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => {
+            f.code == rusqlite::ErrorCode::DiskFull
+                || f.extended_code == rusqlite::ffi::SQLITE_IOERR_SHMSIZE
+        }
+        _ => false,
+    }
+}
+
 impl<T> SqlContext<T> for std::result::Result<T, rusqlite::Error> {
     fn ctx(self, context: &'static str) -> Result<T> {
-        self.map_err(|source| match source.sqlite_error_code() {
-            Some(rusqlite::ErrorCode::DiskFull) => Error::StorageFull,
-            _ => Error::Sqlite { context, source },
+        self.map_err(|source| {
+            if out_of_space(&source) {
+                Error::StorageFull
+            } else {
+                Error::Sqlite { context, source }
+            }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(
+        extended: std::ffi::c_int,
+        message: &str,
+    ) -> std::result::Result<(), rusqlite::Error> {
+        Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(extended),
+            Some(message.into()),
+        ))
+    }
+
+    #[test]
+    fn a_full_disk_is_storage_full_whether_the_wal_or_its_index_could_not_grow() {
+        let full = failure(rusqlite::ffi::SQLITE_FULL, "database or disk is full");
+        assert!(matches!(full.ctx("committing"), Err(Error::StorageFull)));
+        let index = failure(rusqlite::ffi::SQLITE_IOERR_SHMSIZE, "disk I/O error");
+        assert!(matches!(index.ctx("committing"), Err(Error::StorageFull)));
+        // Any other I/O error stays one, with the code that tells it apart.
+        let write = failure(rusqlite::ffi::SQLITE_IOERR_WRITE, "disk I/O error");
+        let e = write.ctx("committing").unwrap_err();
+        assert!(matches!(e, Error::Sqlite { .. }));
+        assert_eq!(
+            e.to_string(),
+            "storage error while committing: disk I/O error (SQLite extended code 778)"
+        );
     }
 }
