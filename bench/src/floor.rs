@@ -15,8 +15,9 @@
 //!
 //! Pipelined, the writer sends before its commit and the hub relays before its commit (both
 //! still commit durably right after, so nothing is acknowledged before it is durable): the two
-//! fsyncs leave the path. That is the least a change can take here with every durable write
-//! still made.
+//! fsyncs leave the path. Each reader shows the change once applied and commits it right
+//! after, as Syncline's replica thread does since `de6af19` (it commits when quiet, a batch
+//! at a time). That is the least a change can take here with every write still made.
 //!
 //! What it leaves out is everything else an engine does: no outbox, cursors, positions, log
 //! chain, events or patches, no channels between threads (each replica and the hub do all of
@@ -266,8 +267,14 @@ pub fn measure(
                             let hash = change.hash();
                             let data = change.raw_bytes().to_vec();
                             doc.apply_changes([change])?;
-                            store(&conn, false, &hash.0, &data)?;
-                            samples.push(now_us().saturating_sub(t0) as f64 / 1000.0);
+                            if pipelined {
+                                // Visible once applied; stored right after.
+                                samples.push(now_us().saturating_sub(t0) as f64 / 1000.0);
+                                store(&conn, false, &hash.0, &data)?;
+                            } else {
+                                store(&conn, false, &hash.0, &data)?;
+                                samples.push(now_us().saturating_sub(t0) as f64 / 1000.0);
+                            }
                         }
                     }
                 }

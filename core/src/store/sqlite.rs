@@ -256,7 +256,11 @@ fn wal_hook(wal: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite::Res
             return false; // due, and the thread is at it
         }
         match slot.wake.try_send(()) {
-            Err(mpsc::TrySendError::Disconnected(())) => true,
+            Err(mpsc::TrySendError::Disconnected(())) => {
+                // The thread is gone: every commit past due checkpoints here, as SQLite's.
+                slot.pending.store(false, Ordering::Release);
+                true
+            }
             _ => {
                 slot.wakes += 1;
                 false
