@@ -418,6 +418,10 @@ pub struct SqliteHubStore {
     epoch: Epoch,
     /// The syncs of appends, when they are deferred ([`HubStore::set_deferred_sync`]).
     deferred: sqlite::DeferredSync,
+    /// Whether the connection is at `synchronous=NORMAL`: appends with deferred syncs leave
+    /// it there (the pragma is parsed again at every run, about 30 us, so it is not switched
+    /// back after each one); every other write sets FULL first ([`Self::durable_writes`]).
+    normal: bool,
 }
 
 impl std::fmt::Debug for SqliteHubStore {
@@ -463,10 +467,21 @@ impl SqliteHubStore {
             conn,
             epoch,
             deferred: sqlite::DeferredSync::default(),
+            normal: false,
         };
         store.backfill_actor_keys()?;
         store.backfill_chains()?;
         Ok(store)
+    }
+
+    /// Sets `synchronous=FULL` if an append left NORMAL: every write but an append with
+    /// deferred syncs calls this first, so that it is durable at its commit.
+    fn durable_writes(&mut self) -> Result<()> {
+        if self.normal {
+            sqlite::set_synchronous(&self.conn, true)?;
+            self.normal = false;
+        }
+        Ok(())
     }
 
     /// [`HubStore::append`] at the connection's `synchronous` level.
@@ -674,6 +689,7 @@ impl SqliteHubStore {
 
     /// Gives the log a new epoch, as after a restore: cursors handed out before mean nothing.
     pub fn new_epoch(&mut self) -> Result<Epoch> {
+        self.durable_writes()?;
         let e = Epoch::random();
         self.conn
             .execute("UPDATE meta SET value = ?1 WHERE key = 'epoch'", [&e.0[..]])
@@ -909,18 +925,25 @@ impl HubStore for SqliteHubStore {
     fn append(&mut self, changes: &[VerifiedChange]) -> Result<Vec<Appended>> {
         self.deferred.check()?;
         if !self.deferred.on {
+            self.durable_writes()?;
             return self.append_now(changes);
         }
-        // Unsynced (NORMAL) for this commit only: every other write stays durable at commit.
-        sqlite::set_synchronous(&self.conn, false)?;
+        // Unsynced (NORMAL), and left so for the next append: every other write sets FULL
+        // again first (`durable_writes`).
+        if !self.normal {
+            sqlite::set_synchronous(&self.conn, false)?;
+            self.normal = true;
+        }
         self.deferred.wait();
-        let out = self.append_now(changes);
-        sqlite::set_synchronous(&self.conn, true)?;
-        out
+        self.append_now(changes)
     }
 
     fn set_deferred_sync(&mut self, on: bool) -> Result<()> {
-        self.deferred.turn(on, &self.conn, None)
+        self.deferred.turn(on, &self.conn, None)?;
+        if !on {
+            self.durable_writes()?;
+        }
+        Ok(())
     }
 
     fn defers_sync(&self) -> bool {
@@ -1058,6 +1081,7 @@ impl HubStore for SqliteHubStore {
     }
 
     fn put_grant(&mut self, grant: &Grant) -> Result<()> {
+        self.durable_writes()?;
         let tx = self.conn.transaction().ctx("granting")?;
         tx.execute(
             "INSERT OR REPLACE INTO grants (peer, prefix, can_read, can_write, can_relay) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -1079,6 +1103,7 @@ impl HubStore for SqliteHubStore {
     }
 
     fn revoke(&mut self, peer: &PeerId, prefix: Option<&DocPrefix>) -> Result<usize> {
+        self.durable_writes()?;
         let tx = self.conn.transaction().ctx("revoking")?;
         let n = match prefix {
             Some(p) => tx.execute(
@@ -1101,12 +1126,10 @@ impl HubStore for SqliteHubStore {
     }
 
     fn grants_version(&mut self) -> Result<u64> {
+        // Cached: polled every 250 ms by default.
         self.conn
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'grants_version'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
+            .prepare_cached("SELECT value FROM meta WHERE key = 'grants_version'")
+            .and_then(|mut st| st.query_row([], |r| r.get::<_, i64>(0)))
             .map(|v| v.max(0) as u64)
             .ctx("reading the grants version")
     }
@@ -1142,6 +1165,7 @@ impl HubStore for SqliteHubStore {
     }
 
     fn set_peer_state(&mut self, peer: &PeerId, state: &PeerState) -> Result<()> {
+        self.durable_writes()?;
         self.conn
             .prepare_cached(
                 "INSERT OR REPLACE INTO peers (peer, recv_epoch, recv_cursor, push_epoch, pushed)
@@ -1186,6 +1210,7 @@ impl HubStore for SqliteHubStore {
     }
 
     fn drop_doc(&mut self, doc: &DocId, limit: usize) -> Result<Dropped> {
+        self.durable_writes()?;
         const WHAT: &str = "dropping an expired document";
         let tx = self.conn.transaction().ctx(WHAT)?;
         let limit = limit.min(i64::MAX as usize) as i64;
@@ -1223,6 +1248,7 @@ impl HubStore for SqliteHubStore {
     }
 
     fn put_snapshot(&mut self, doc: &DocId, snap: &HubSnapshot) -> Result<()> {
+        self.durable_writes()?;
         self.conn
             .prepare_cached(
                 "INSERT INTO snapshots (doc, epoch, upto, changes, data, heads)
@@ -1429,6 +1455,89 @@ pub(super) mod tests {
                 complete: true
             }
         );
+    }
+
+    /// With deferred syncs, an append leaves the connection at NORMAL for the next append;
+    /// every other write runs at FULL, durable at its own commit.
+    #[test]
+    fn with_deferred_syncs_only_appends_commit_unsynced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteHubStore::open(&dir.path().join("hub.db")).unwrap();
+        let level = |s: &SqliteHubStore| -> i64 {
+            s.conn
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .unwrap()
+        };
+        const NORMAL: i64 = 1;
+        const FULL: i64 = 2;
+        assert_eq!(level(&s), FULL);
+        s.set_deferred_sync(true).unwrap();
+        let who = crate::identity::Identity::generate();
+        let doc = DocId::new("d/1").unwrap();
+        let changes = signed_changes(&who, &doc, [1; 8], 1, 8);
+        let peer = PeerId::from_bytes([3; 32]);
+        let grant = Grant {
+            peer,
+            prefix: DocPrefix::all(),
+            read: true,
+            write: true,
+            relay: false,
+        };
+        let snapshot = HubSnapshot {
+            epoch: s.epoch(),
+            upto: Cursor(1),
+            changes: 1,
+            snapshot: crate::snapshot::Snapshot {
+                data: Vec::new(),
+                signed: Vec::new(),
+            },
+        };
+        type Write = Box<dyn Fn(&mut SqliteHubStore)>;
+        let writes: Vec<(&str, Write)> = vec![
+            ("put_grant", Box::new(move |s| s.put_grant(&grant).unwrap())),
+            (
+                "revoke",
+                Box::new(move |s| {
+                    s.revoke(&peer, None).unwrap();
+                }),
+            ),
+            (
+                "set_peer_state",
+                Box::new(move |s| s.set_peer_state(&peer, &PeerState::default()).unwrap()),
+            ),
+            (
+                "put_snapshot",
+                Box::new({
+                    let doc = doc.clone();
+                    move |s| s.put_snapshot(&doc, &snapshot).unwrap()
+                }),
+            ),
+            (
+                "new_epoch",
+                Box::new(|s| {
+                    s.new_epoch().unwrap();
+                }),
+            ),
+            (
+                "drop_doc",
+                Box::new({
+                    let doc = doc.clone();
+                    move |s| {
+                        s.drop_doc(&doc, 100).unwrap();
+                    }
+                }),
+            ),
+        ];
+        for ((name, write), change) in writes.iter().zip(&changes) {
+            s.append(std::slice::from_ref(change)).unwrap();
+            assert_eq!(level(&s), NORMAL, "an append commits unsynced");
+            write(&mut s);
+            assert_eq!(level(&s), FULL, "{name} after an append");
+            s.sync().unwrap();
+        }
+        s.append(&changes[7..]).unwrap();
+        s.set_deferred_sync(false).unwrap();
+        assert_eq!(level(&s), FULL, "deferral off");
     }
 
     /// `n` changes by `who` to `doc`, each one key put, made under actor instance `instance`.

@@ -131,6 +131,12 @@ pub struct ReplicaStore {
     deferred: sqlite::DeferredSync,
     /// The store's key, for the connection of its background checkpoints.
     key: Option<crate::store::StoreKey>,
+    /// The highest outbox row committed through this store (or there at its opening): no
+    /// row lies after it, so [`outbox_after`](Self::outbox_after) answers from memory
+    /// there. A replica reads the outbox after every message, and a reader's every live
+    /// change would otherwise start a read transaction to find it empty. (One store per
+    /// file at a time, as the replica's document cache already assumes.)
+    outbox_end: i64,
 }
 
 impl std::fmt::Debug for ReplicaStore {
@@ -146,6 +152,10 @@ pub struct WriteBatch<'a> {
     /// Bytes of new changes per document of this batch: each document's row is created and
     /// updated once per batch, at commit, not once per change.
     added: std::collections::HashMap<DocId, i64>,
+    /// The store's [`ReplicaStore::outbox_end`], raised to `outbox_end` once committed.
+    store_outbox_end: &'a mut i64,
+    /// The highest outbox row this batch added.
+    outbox_end: i64,
 }
 
 fn signature_from(blob: Vec<u8>) -> Result<[u8; 64]> {
@@ -179,11 +189,22 @@ impl ReplicaStore {
     /// Opens or creates the store at `path`, encrypted with `key` if given (SQLCipher: the
     /// `encryption` feature).
     pub fn open_keyed(path: &Path, key: Option<&crate::store::StoreKey>) -> Result<Self> {
+        Self::init(
+            sqlite::open_keyed(path, "replica", MIGRATIONS, 16, key)?,
+            key.cloned(),
+        )
+    }
+
+    fn init(conn: Connection, key: Option<crate::store::StoreKey>) -> Result<Self> {
+        let outbox_end = conn
+            .query_row("SELECT coalesce(max(id), 0) FROM outbox", [], |r| r.get(0))
+            .ctx("reading the outbox")?;
         Ok(ReplicaStore {
-            conn: sqlite::open_keyed(path, "replica", MIGRATIONS, 16, key)?,
+            conn,
             synced: true,
             deferred: sqlite::DeferredSync::default(),
-            key: key.cloned(),
+            key,
+            outbox_end,
         })
     }
 
@@ -209,12 +230,7 @@ impl ReplicaStore {
 
     /// A store in memory (lost when dropped).
     pub fn open_in_memory() -> Result<Self> {
-        Ok(ReplicaStore {
-            conn: sqlite::open_in_memory("replica", MIGRATIONS)?,
-            synced: true,
-            deferred: sqlite::DeferredSync::default(),
-            key: None,
-        })
+        Self::init(sqlite::open_in_memory("replica", MIGRATIONS)?, None)
     }
 
     /// Starts a group of writes that is durable once committed (`synchronous=FULL`: the WAL
@@ -274,6 +290,8 @@ impl ReplicaStore {
         Ok(WriteBatch {
             tx: self.conn.transaction().ctx("starting a write")?,
             added: std::collections::HashMap::new(),
+            store_outbox_end: &mut self.outbox_end,
+            outbox_end: 0,
         })
     }
 
@@ -421,6 +439,9 @@ impl ReplicaStore {
 
     /// Outbox rows after `after_row`, oldest first, at most `limit`.
     pub fn outbox_after(&self, after_row: i64, limit: usize) -> Result<Vec<OutboxEntry>> {
+        if after_row >= self.outbox_end {
+            return Ok(Vec::new());
+        }
         let mut st = self
             .conn
             .prepare_cached(
@@ -547,12 +568,11 @@ impl ReplicaStore {
     /// The newest acknowledged position of this replica's own changes, with its log's epoch
     /// (protocol version 3; `None` before the first such acknowledgement).
     pub fn written(&self) -> Result<Option<(Epoch, Position)>> {
+        // Cached: read at every acknowledgement.
         let v: Option<Vec<u8>> = self
             .conn
-            .query_row("SELECT value FROM meta WHERE key = 'written'", [], |r| {
-                r.get(0)
-            })
-            .optional()
+            .prepare_cached("SELECT value FROM meta WHERE key = 'written'")
+            .and_then(|mut st| st.query_row([], |r| r.get(0)).optional())
             .ctx("reading the written position")?;
         let Some(v) = v else { return Ok(None) };
         let corrupt = || Error::Corrupt {
@@ -858,13 +878,17 @@ impl WriteBatch<'_> {
         // Only a change stored with its own signature can be uploaded: one that came inside a
         // snapshot from the hub is covered by its author's signature of a later change, which
         // a hub does not take one by one (its author's replica uploads it).
-        self.tx
+        let added = self
+            .tx
             .prepare_cached(
                 "INSERT OR IGNORE INTO outbox (doc, hash) SELECT ?1, ?2
                  WHERE EXISTS (SELECT 1 FROM changes WHERE doc = ?1 AND hash = ?2)",
             )
             .and_then(|mut st| st.execute(params![doc.as_str(), &hash.0[..]]))
             .ctx("queueing an upload")?;
+        if added > 0 {
+            self.outbox_end = self.outbox_end.max(self.tx.last_insert_rowid());
+        }
         Ok(())
     }
 
@@ -952,12 +976,53 @@ impl WriteBatch<'_> {
                     .ctx("storing changes")?;
             }
         }
-        self.tx.commit().ctx("committing")
+        self.tx.commit().ctx("committing")?;
+        *self.store_outbox_end = (*self.store_outbox_end).max(self.outbox_end);
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    /// The outbox's end is kept in memory: what a committed batch queued is read, what a
+    /// batch dropped uncommitted queued is not, and a store opened again finds its rows.
+    #[test]
+    fn the_outbox_is_read_up_to_what_committed_batches_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let who = crate::identity::Identity::generate();
+        let doc = crate::DocId::new("d/1").unwrap();
+        let changes = crate::store::hub::tests::signed_changes(&who, &doc, [1; 8], 1, 3);
+        fn queue<'s>(
+            store: &'s mut super::ReplicaStore,
+            c: &crate::change::VerifiedChange,
+        ) -> super::WriteBatch<'s> {
+            let mut batch = store.batch().unwrap();
+            batch.insert_change(c).unwrap();
+            batch.enqueue_upload(c.doc(), &c.hash(), None).unwrap();
+            batch
+        }
+        let rows = |store: &super::ReplicaStore, after: i64| -> Vec<i64> {
+            let out = store.outbox_after(after, 10).unwrap();
+            out.iter().map(|e| e.row).collect()
+        };
+        let mut store = super::ReplicaStore::open(&path).unwrap();
+        assert!(rows(&store, 0).is_empty());
+        queue(&mut store, &changes[0]).commit().unwrap();
+        assert_eq!(rows(&store, 0), vec![1]);
+        assert!(rows(&store, 1).is_empty());
+        drop(queue(&mut store, &changes[1]));
+        assert_eq!(rows(&store, 0), vec![1], "a batch dropped queues nothing");
+        queue(&mut store, &changes[2]).commit().unwrap();
+        // (The dropped batch's row id was rolled back with it.)
+        assert_eq!(rows(&store, 1), vec![2], "the next committed row is read");
+        assert!(rows(&store, 2).is_empty());
+        drop(store);
+        let store = super::ReplicaStore::open(&path).unwrap();
+        assert_eq!(rows(&store, 0), vec![1, 2]);
+        assert_eq!(rows(&store, 1), vec![2]);
+    }
+
     #[test]
     fn the_written_position_only_grows_in_one_log_unless_replaced() {
         use crate::wire::{Mark, Position};
