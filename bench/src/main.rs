@@ -274,6 +274,9 @@ async fn run(args: Args) -> Result<()> {
         say(format!(
             "== latency: {c} replicas writing {rate} changes/s each, {m} changes each"
         ));
+        // Every side gets its writing schedule plus `--timeout` to converge: at 300 changes
+        // each, the schedule alone is 600 s, the default timeout.
+        let within = within + Duration::from_secs_f64(m as f64 / rate);
         let (hub, addr, dir) = run.hub()?;
         let f = workloads::fanout(
             std::slice::from_ref(&addr),
