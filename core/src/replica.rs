@@ -357,6 +357,8 @@ struct Session {
     written_checked: bool,
     synced: HashSet<Target>,
     failed: bool,
+    /// What failed it first ([`Replica::session_failure`]).
+    failure: Option<String>,
 }
 
 impl Session {
@@ -1267,6 +1269,7 @@ impl Replica {
             deferred: Vec::new(),
             synced: HashSet::new(),
             failed: false,
+            failure: None,
         });
     }
 
@@ -1281,6 +1284,13 @@ impl Replica {
     /// queued): close the transport once it is sent.
     pub fn session_failed(&self) -> bool {
         self.session.as_ref().is_some_and(|s| s.failed)
+    }
+
+    /// Why the session failed, if it did: its first cause (a full store, a bad signature,
+    /// the hub's own error message). The transport's error at the end says less: the
+    /// replica's side closes it.
+    pub fn session_failure(&self) -> Option<String> {
+        self.session.as_ref().and_then(|s| s.failure.clone())
     }
 
     /// Whether a session is open (authenticated or not).
@@ -1301,6 +1311,7 @@ impl Replica {
 
     fn fail_session(&mut self, e: &Error) {
         if let Some(s) = self.session.as_mut() {
+            s.failure.get_or_insert_with(|| e.to_string());
             // Never answer a failed session, nor the hub's own Error, with an Error.
             if s.failed || matches!(e, Error::Protocol(ProtocolError::Closed { .. })) {
                 s.failed = true;

@@ -88,7 +88,8 @@ pub struct LinkState {
     pub hub: Option<String>,
     /// Whether a session is up.
     pub connected: bool,
-    /// The last connection error, if any.
+    /// The last connection error, if any; for a session the replica ended itself (a full
+    /// store, a refused change), that cause.
     pub last_error: Option<String>,
     /// When the current or last session started (ms since the Unix epoch).
     pub last_connected_ms: Option<u64>,
@@ -313,11 +314,17 @@ async fn session(
         |_| None,
     )
     .await;
+    // Asked before the replica forgets the session: why it failed, if it did. The link
+    // state shows that cause, not the transport's error at the end.
+    let failure = handle.call(|r| r.session_failure()).await.ok().flatten();
     let _ = handle.tx.send(Command::Disconnected).await;
     end.armed = false;
     handle.set_link(|l| l.connected = false);
     conn.close(0u32.into(), b"session ended");
-    result
+    match failure {
+        Some(cause) => Err(NetError::Ended(cause)),
+        None => result,
+    }
 }
 
 /// Ends the replica's side of a session when the sync task is aborted mid-session (an app

@@ -57,4 +57,8 @@ pub enum NetError {
     /// Gave up waiting.
     #[error("timed out: {0}")]
     Timeout(&'static str),
+    /// The session failed, for this cause (a full store, a refused change, the hub's error
+    /// message); the sync task connects again.
+    #[error("the session ended: {0}")]
+    Ended(String),
 }

@@ -367,6 +367,12 @@ async fn a_received_change_that_cannot_be_stored_ends_the_session_to_be_sent_aga
     // With nothing else for b to do, its failed commit ends the session, and b connects
     // again, to be sent the change again.
     until("b's next session", || async { b.link().attempts >= 2 }).await;
+    // The link state names the cause, not the transport's end.
+    let error = b.link().last_error.unwrap_or_default();
+    assert!(
+        error.contains("the session ended: the store is full"),
+        "{error}"
+    );
     hub.endpoint.close(0u32.into(), b"done");
 }
 
