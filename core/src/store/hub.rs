@@ -418,10 +418,10 @@ pub struct SqliteHubStore {
     epoch: Epoch,
     /// The syncs of appends, when they are deferred ([`HubStore::set_deferred_sync`]).
     deferred: sqlite::DeferredSync,
-    /// Whether the connection is at `synchronous=NORMAL`: appends with deferred syncs leave
-    /// it there (the pragma is parsed again at every run, about 30 us, so it is not switched
-    /// back after each one); every other write sets FULL first ([`Self::durable_writes`]).
-    normal: bool,
+    /// `synchronous`: appends with deferred syncs leave it at NORMAL (the pragma is parsed
+    /// again at every run, about 30 us, so it is not switched back after each one); every
+    /// other write sets FULL first ([`Self::durable_writes`]).
+    level: sqlite::SyncLevel,
 }
 
 impl std::fmt::Debug for SqliteHubStore {
@@ -467,7 +467,7 @@ impl SqliteHubStore {
             conn,
             epoch,
             deferred: sqlite::DeferredSync::default(),
-            normal: false,
+            level: sqlite::SyncLevel::default(),
         };
         store.backfill_actor_keys()?;
         store.backfill_chains()?;
@@ -477,11 +477,7 @@ impl SqliteHubStore {
     /// Sets `synchronous=FULL` if an append left NORMAL: every write but an append with
     /// deferred syncs calls this first, so that it is durable at its commit.
     fn durable_writes(&mut self) -> Result<()> {
-        if self.normal {
-            sqlite::set_synchronous(&self.conn, true)?;
-            self.normal = false;
-        }
-        Ok(())
+        self.level.set(&self.conn, true)
     }
 
     /// [`HubStore::append`] at the connection's `synchronous` level.
@@ -930,10 +926,7 @@ impl HubStore for SqliteHubStore {
         }
         // Unsynced (NORMAL), and left so for the next append: every other write sets FULL
         // again first (`durable_writes`).
-        if !self.normal {
-            sqlite::set_synchronous(&self.conn, false)?;
-            self.normal = true;
-        }
+        self.level.set(&self.conn, false)?;
         self.deferred.wait();
         self.append_now(changes)
     }

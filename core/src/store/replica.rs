@@ -123,9 +123,9 @@ pub struct OutboxEntry {
 /// A replica's store. One process owns it: it is not shared between writers.
 pub struct ReplicaStore {
     conn: Connection,
-    /// Whether the connection is at `synchronous=FULL` (as opened), or NORMAL after a
+    /// `synchronous`: FULL as opened, NORMAL after a
     /// [`received_batch`](Self::received_batch) or an [`ack_outbox`](Self::ack_outbox).
-    synced: bool,
+    level: sqlite::SyncLevel,
     /// The syncs of local batches, when they are deferred
     /// ([`set_deferred_sync`](Self::set_deferred_sync)).
     deferred: sqlite::DeferredSync,
@@ -201,7 +201,7 @@ impl ReplicaStore {
             .ctx("reading the outbox")?;
         Ok(ReplicaStore {
             conn,
-            synced: true,
+            level: sqlite::SyncLevel::default(),
             deferred: sqlite::DeferredSync::default(),
             key,
             outbox_end,
@@ -299,11 +299,7 @@ impl ReplicaStore {
     /// [`received_batch`](Self::received_batch) and an [`ack_outbox`](Self::ack_outbox) sets
     /// FULL first.
     fn set_synced(&mut self, full: bool) -> Result<()> {
-        if self.synced != full {
-            sqlite::set_synchronous(&self.conn, full)?;
-            self.synced = full;
-        }
-        Ok(())
+        self.level.set(&self.conn, full)
     }
 
     /// The documents held, in id order.

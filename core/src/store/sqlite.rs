@@ -12,18 +12,34 @@ use rusqlite::config::DbConfig;
 use crate::error::{Error, Result, SqlContext};
 use crate::store::StoreKey;
 
-/// Sets `synchronous` to FULL or NORMAL. A cached statement: stores that switch do it at
-/// nearly every write, and parsing the pragma each time showed in profiles.
-pub(crate) fn set_synchronous(conn: &Connection, full: bool) -> Result<()> {
-    let sql = if full {
-        "PRAGMA synchronous = FULL"
-    } else {
-        "PRAGMA synchronous = NORMAL"
-    };
-    conn.prepare_cached(sql)
-        .and_then(|mut st| st.execute([]))
-        .ctx("setting synchronous")?;
-    Ok(())
+/// A connection's `synchronous` level, FULL as opened, switched only when it changes:
+/// SQLite parses a pragma again at every run (a cached statement does not help), and the
+/// stores that switch would otherwise do it at nearly every write.
+#[derive(Debug)]
+pub(crate) struct SyncLevel {
+    full: bool,
+}
+
+impl Default for SyncLevel {
+    fn default() -> Self {
+        SyncLevel { full: true }
+    }
+}
+
+impl SyncLevel {
+    /// Sets `synchronous` to FULL or NORMAL, if it is not that already.
+    pub(crate) fn set(&mut self, conn: &Connection, full: bool) -> Result<()> {
+        if self.full != full {
+            let sql = if full {
+                "PRAGMA synchronous = FULL"
+            } else {
+                "PRAGMA synchronous = NORMAL"
+            };
+            conn.execute(sql, []).ctx("setting synchronous")?;
+            self.full = full;
+        }
+        Ok(())
+    }
 }
 
 /// The syncs of a store whose commits may wait for an explicit sync: they commit at
