@@ -2061,7 +2061,7 @@ impl Replica {
         let Some(s) = self.session.as_ref() else {
             return Ok(NextPush::Empty);
         };
-        let entries = self.store.outbox_after(s.sent_upto, MAX_PUSH_CHANGES)?;
+        let entries = self.store.outbox_run(s.sent_upto, MAX_PUSH_CHANGES)?;
         let Some(first) = entries.first() else {
             return Ok(NextPush::Empty);
         };

@@ -950,7 +950,8 @@ impl HubStore for SqliteHubStore {
     fn read_log(&mut self, target: &Target, after: Cursor, limit: usize) -> Result<LogBatch> {
         let tx = self.conn.transaction().ctx("reading the log")?;
         let end: i64 = tx
-            .query_row("SELECT coalesce(max(seq), 0) FROM log", [], |r| r.get(0))
+            .prepare_cached("SELECT coalesce(max(seq), 0) FROM log")
+            .and_then(|mut st| st.query_row([], |r| r.get(0)))
             .ctx("reading the log")?;
         let (filter, arg) = target_filter(target);
         let sql = format!(
@@ -1001,9 +1002,8 @@ impl HubStore for SqliteHubStore {
 
     fn last_cursor(&mut self) -> Result<Cursor> {
         self.conn
-            .query_row("SELECT coalesce(max(seq), 0) FROM log", [], |r| {
-                r.get::<_, i64>(0)
-            })
+            .prepare_cached("SELECT coalesce(max(seq), 0) FROM log")
+            .and_then(|mut st| st.query_row([], |r| r.get::<_, i64>(0)))
             .map(|n| Cursor(n as u64))
             .ctx("reading the log end")
     }
@@ -1013,11 +1013,10 @@ impl HubStore for SqliteHubStore {
         // never gives one again.
         let given: i64 = self
             .conn
-            .query_row(
+            .prepare_cached(
                 "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'log'), 0)",
-                [],
-                |r| r.get(0),
             )
+            .and_then(|mut st| st.query_row([], |r| r.get(0)))
             .ctx("reading the log's highest position")?;
         Ok(Cursor(given.max(0) as u64))
     }
@@ -1025,12 +1024,8 @@ impl HubStore for SqliteHubStore {
     fn dropped_upto(&mut self) -> Result<Cursor> {
         let upto: Option<i64> = self
             .conn
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'dropped_upto'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
+            .prepare_cached("SELECT value FROM meta WHERE key = 'dropped_upto'")
+            .and_then(|mut st| st.query_row([], |r| r.get(0)).optional())
             .ctx("reading the highest dropped position")?;
         match upto {
             Some(n) => Ok(Cursor(n.max(0) as u64)),

@@ -435,6 +435,18 @@ impl ReplicaStore {
 
     /// Outbox rows after `after_row`, oldest first, at most `limit`.
     pub fn outbox_after(&self, after_row: i64, limit: usize) -> Result<Vec<OutboxEntry>> {
+        self.read_outbox(after_row, limit, false)
+    }
+
+    /// The rows of one document that come first after `after_row`: the rows after it, oldest
+    /// first, up to the first row of another document, at most `limit` (what one push
+    /// carries). The read stops there: a push of a writer that queued 20 changes each to ten
+    /// documents read the other nine documents' rows too, and dropped them, ten times over.
+    pub fn outbox_run(&self, after_row: i64, limit: usize) -> Result<Vec<OutboxEntry>> {
+        self.read_outbox(after_row, limit, true)
+    }
+
+    fn read_outbox(&self, after_row: i64, limit: usize, one_doc: bool) -> Result<Vec<OutboxEntry>> {
         if after_row >= self.outbox_end {
             return Ok(Vec::new());
         }
@@ -446,29 +458,24 @@ impl ReplicaStore {
                  WHERE o.id > ?1 ORDER BY o.id LIMIT ?2",
             )
             .ctx("reading the outbox")?;
-        let rows = st
-            .query_map(params![after_row, limit as i64], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Vec<u8>>(2)?,
-                    r.get::<_, Vec<u8>>(3)?,
-                    r.get::<_, Option<Vec<u8>>>(4)?,
-                    r.get::<_, bool>(5)?,
-                ))
-            })
+        let mut rows = st
+            .query(params![after_row, limit as i64])
             .ctx("reading the outbox")?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (row, doc, hash, sig, bytes, checked) = row.ctx("reading the outbox")?;
-            let signature = signature_from(sig)?;
+        let mut out: Vec<OutboxEntry> = Vec::new();
+        while let Some(r) = rows.next().ctx("reading the outbox")? {
+            let doc: String = r.get(1).ctx("reading the outbox")?;
+            if one_doc && out.first().is_some_and(|first| first.doc.as_str() != doc) {
+                break;
+            }
+            let signature = signature_from(r.get(3).ctx("reading the outbox")?)?;
+            let bytes: Option<Vec<u8>> = r.get(4).ctx("reading the outbox")?;
             out.push(OutboxEntry {
-                row,
+                row: r.get(0).ctx("reading the outbox")?,
                 doc: doc_from(doc)?,
-                hash: hash_from(hash)?,
+                hash: hash_from(r.get(2).ctx("reading the outbox")?)?,
                 signed: bytes.map(|bytes| SignedChange { bytes, signature }),
                 signature,
-                checked,
+                checked: r.get(5).ctx("reading the outbox")?,
             });
         }
         Ok(out)
@@ -1017,6 +1024,45 @@ mod tests {
         let store = super::ReplicaStore::open(&path).unwrap();
         assert_eq!(rows(&store, 0), vec![1, 2]);
         assert_eq!(rows(&store, 1), vec![2]);
+    }
+
+    /// A push's read of the outbox takes the first document's run of rows and stops at the
+    /// first row of another, in outbox order: A, A, B, A gives A, A; then B; then A.
+    #[test]
+    fn a_push_reads_the_outbox_up_to_the_first_row_of_another_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let who = crate::identity::Identity::generate();
+        let (a, b) = (
+            crate::DocId::new("d/a").unwrap(),
+            crate::DocId::new("d/b").unwrap(),
+        );
+        let of_a = crate::store::hub::tests::signed_changes(&who, &a, [1; 8], 1, 3);
+        let of_b = crate::store::hub::tests::signed_changes(&who, &b, [2; 8], 1, 1);
+        let mut store = super::ReplicaStore::open(&dir.path().join("r.db")).unwrap();
+        let mut batch = store.batch().unwrap();
+        for c in [&of_a[0], &of_a[1], &of_b[0], &of_a[2]] {
+            batch.insert_change(c).unwrap();
+            batch.enqueue_upload(c.doc(), &c.hash(), None).unwrap();
+        }
+        batch.commit().unwrap();
+        let run = |after: i64, limit: usize| -> Vec<(i64, String)> {
+            let out = store.outbox_run(after, limit).unwrap();
+            out.iter().map(|e| (e.row, e.doc.to_string())).collect()
+        };
+        assert_eq!(run(0, 10), vec![(1, "d/a".into()), (2, "d/a".into())]);
+        assert_eq!(run(0, 1), vec![(1, "d/a".into())], "at most the limit");
+        assert_eq!(run(2, 10), vec![(3, "d/b".into())]);
+        assert_eq!(run(3, 10), vec![(4, "d/a".into())]);
+        assert!(run(4, 10).is_empty());
+        let run = store.outbox_run(0, 10).unwrap();
+        assert_eq!(run[1].hash, of_a[1].hash());
+        assert_eq!(
+            run[1].signed.as_ref().map(|s| s.bytes.clone()),
+            Some(of_a[1].signed().bytes.clone()),
+            "with the change's bytes"
+        );
+        // The whole outbox, for tools, still reads across documents.
+        assert_eq!(store.outbox_after(0, 10).unwrap().len(), 4);
     }
 
     #[test]
