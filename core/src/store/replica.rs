@@ -302,6 +302,14 @@ impl ReplicaStore {
         self.level.set(&self.conn, full)
     }
 
+    /// Whether the last write committed synced (`synchronous=FULL`), for tests.
+    #[cfg(test)]
+    pub(crate) fn commits_synced(&self) -> bool {
+        self.conn
+            .pragma_query_value(None, "synchronous", |r| r.get::<_, i64>(0))
+            .is_ok_and(|level| level >= 2)
+    }
+
     /// The documents held, in id order.
     pub fn doc_ids(&self) -> Result<Vec<DocId>> {
         let mut st = self

@@ -164,6 +164,56 @@ fn a_power_cut_that_takes_back_received_changes_has_the_hub_send_them_again() {
     assert_eq!(r.status().unwrap().outbox, 0);
 }
 
+#[test]
+fn a_power_cut_that_takes_back_a_caught_up_subscription_has_it_caught_up_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = hub(dir.path());
+    let mut w = replica_of(dir.path(), "w", 1, doc());
+    for i in 0..3 {
+        write(&mut w, &format!("k{i}"), i);
+    }
+    let sw = connect(&mut h, &mut w);
+    sync(&mut h, &mut [(&mut w, sw)]).unwrap();
+    assert_eq!(w.status().unwrap().outbox, 0);
+
+    // r's subscription is an app's write, synced: what the disk holds from here on. Its
+    // catch-up (the changes, the cursor, the caught-up record) commits unsynced.
+    let mut r = replica_of(dir.path(), "r", 2, doc());
+    let synced = image(dir.path(), "r");
+    let sr = connect(&mut h, &mut r);
+    sync(&mut h, &mut [(&mut w, sw), (&mut r, sr)]).unwrap();
+    let key = syncline_core::wire::Target::Doc(doc()).key();
+    assert!(r.status().unwrap().synced.contains(&key));
+    let caught_up = r.store().subscriptions().unwrap();
+    assert!(caught_up[0].cursor.0 > 0, "{caught_up:?}");
+
+    // The worst cut takes all of it back: subscribed, at the start of the log.
+    let mut r = cut_back_to(&synced, &mut h, r, sr, dir.path(), "r", 2);
+    let subs = r.store().subscriptions().unwrap();
+    assert_eq!(subs.len(), 1, "the subscription was synced");
+    assert_eq!(
+        subs[0].cursor.0, 0,
+        "its caught-up record was lost with the cut"
+    );
+
+    // The next session catches up again from there: every change, no rollback seen.
+    let sr = connect(&mut h, &mut r);
+    sync(&mut h, &mut [(&mut w, sw), (&mut r, sr)]).unwrap();
+    assert!(r.status().unwrap().synced.contains(&key));
+    for i in 0..3 {
+        assert_eq!(
+            r.json(&doc()).unwrap()[format!("k{i}")],
+            serde_json::json!(i)
+        );
+    }
+    assert_eq!(
+        r.store().subscriptions().unwrap()[0].cursor,
+        caught_up[0].cursor
+    );
+    assert_eq!(h.metrics().cursors_ahead, 0);
+    assert_eq!(h.metrics().cursors_rewritten, 0);
+}
+
 /// A hub on `dir/hub.db` that relays before it syncs.
 fn deferring_hub(dir: &Path) -> TestHub {
     let mut h = hub(dir);
