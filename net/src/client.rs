@@ -309,7 +309,7 @@ async fn session(
         recv,
         out_rx,
         handle.tx.clone(),
-        Command::Message,
+        |m| std::future::ready(Command::Message(m)),
         || Command::Writable,
         |_| None,
     )

@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 use syncline_core::hub::{Hub, Policy, SessionId, VerifiedPush};
 use syncline_core::store::HubStore;
 use syncline_core::wire::Message;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,7 +44,8 @@ enum Command<S, P> {
         binding: [u8; 32],
         side: Side,
         outbound: mpsc::Sender<Message>,
-        authenticated: Arc<AtomicBool>,
+        /// Set to `true` once the session is authenticated; dropped if it never will be.
+        authenticated: watch::Sender<bool>,
         reply: oneshot::Sender<SessionId>,
     },
     Message {
@@ -182,13 +183,13 @@ where
     ) -> Result<(SessionId, mpsc::Receiver<Message>, Incoming), NetError> {
         let (outbound, out_rx) = mpsc::channel::<Message>(SESSION_QUEUE);
         let (reply, rx) = oneshot::channel();
-        let authenticated = Arc::new(AtomicBool::new(false));
+        let (authenticated, decision) = watch::channel(false);
         self.tx
             .send(Command::Open {
                 binding,
                 side,
                 outbound,
-                authenticated: authenticated.clone(),
+                authenticated,
                 reply,
             })
             .await
@@ -208,7 +209,12 @@ where
             session,
             // Pushes from the replicas (and peer hubs) that connect here, once authenticated;
             // on links this hub opened, the hub thread verifies what the peer sends.
-            authenticated: matches!(side, Side::Accepted).then_some(authenticated),
+            auth: matches!(side, Side::Accepted).then(|| {
+                Arc::new(AuthSeen {
+                    decision,
+                    auth_passed: AtomicBool::new(false),
+                })
+            }),
         };
         Ok((session, out_rx, incoming))
     }
@@ -242,22 +248,55 @@ where
 
 /// How one session's connection task hands what it receives to the hub thread. Once the
 /// session is authenticated, pushes are verified here, on the task's core, so that the hub
-/// thread only commits; before that (and on links this hub opened) the hub thread does it.
+/// thread only commits; before that (and on links this hub opened) the hub thread does it,
+/// and refuses a push of an unauthenticated peer without verifying it.
 struct Incoming {
     session: SessionId,
-    authenticated: Option<Arc<AtomicBool>>,
+    /// On sessions accepted here (`None` on links this hub opened).
+    auth: Option<Arc<AuthSeen>>,
+}
+
+/// What a session's connection task knows of its authentication.
+struct AuthSeen {
+    /// The hub thread's decision: `true` once authenticated; the sender is dropped if the
+    /// session never will be (it failed or closed).
+    decision: watch::Receiver<bool>,
+    /// The peer's `Auth` has passed through this task to the hub thread.
+    auth_passed: AtomicBool,
+}
+
+impl AuthSeen {
+    /// Whether the session is authenticated. A push that follows its peer's `Auth` (a
+    /// replica sends its first pushes right behind it) waits for the hub thread's decision
+    /// on that `Auth`, so that it is verified here rather than on the hub thread, and the
+    /// session's messages stay in order. Before any `Auth`, a push is not waited for: the
+    /// hub thread refuses it.
+    async fn authenticated(&self) -> bool {
+        let mut decision = self.decision.clone();
+        loop {
+            if *decision.borrow_and_update() {
+                return true;
+            }
+            if !self.auth_passed.load(Ordering::Acquire) || decision.changed().await.is_err() {
+                return false;
+            }
+        }
+    }
 }
 
 impl Incoming {
-    fn command<S, P>(&self, msg: Message) -> Command<S, P> {
+    async fn command<S, P>(&self, msg: Message) -> Command<S, P> {
         let session = self.session;
-        if !matches!(msg, Message::Push(_))
-            || !self
-                .authenticated
-                .as_ref()
-                .is_some_and(|a| a.load(Ordering::Acquire))
-        {
+        let Some(auth) = self.auth.as_ref() else {
             return Command::Message { session, msg };
+        };
+        match msg {
+            Message::Auth(_) => {
+                auth.auth_passed.store(true, Ordering::Release);
+                return Command::Message { session, msg };
+            }
+            Message::Push(_) if auth.authenticated().await => {}
+            _ => return Command::Message { session, msg },
         }
         match VerifiedPush::verify(msg) {
             Ok(push) => Command::Push { session, push },
@@ -324,7 +363,7 @@ where
                 match decoded {
                     Ok(msg) => self
                         .tx
-                        .send(handover.command(msg))
+                        .send(handover.command(msg).await)
                         .await
                         .map_err(|_| NetError::Stopped)?,
                     Err(error) => {
@@ -447,8 +486,8 @@ fn run<S: HubStore, P: Policy>(
     mut rx: mpsc::Receiver<Command<S, P>>,
 ) -> Hub<S, P> {
     let mut outbound: HashMap<SessionId, mpsc::Sender<Message>> = HashMap::new();
-    // Sessions not authenticated yet, with the flag their connection task reads.
-    let mut handshaking: HashMap<SessionId, Arc<AtomicBool>> = HashMap::new();
+    // Sessions not authenticated yet, with the decision their connection task waits for.
+    let mut handshaking: HashMap<SessionId, watch::Sender<bool>> = HashMap::new();
     let mut due: BTreeSet<SessionId> = BTreeSet::new();
     // Group commits are synced after their relays to replicas have left (see
     // `Hub::set_deferred_sync`); acknowledgements still wait for the sync.
@@ -480,10 +519,16 @@ fn run<S: HubStore, P: Policy>(
                     if let Err(e) = hub.handle_message(session, msg) {
                         tracing::debug!(session, error = %e, "session refused a message");
                     }
-                    if handshaking.contains_key(&session) && hub.session_peer(session).is_some() {
-                        // Authenticated: its connection task verifies its pushes from now on.
-                        if let Some(flag) = handshaking.remove(&session) {
-                            flag.store(true, Ordering::Release);
+                    if handshaking.contains_key(&session) {
+                        if hub.session_peer(session).is_some() {
+                            // Authenticated: its connection task verifies its pushes from now
+                            // on, the ones waiting behind its Auth first.
+                            if let Some(decision) = handshaking.remove(&session) {
+                                decision.send_replace(true);
+                            }
+                        } else if hub.is_failed(session) {
+                            // Never will be: the task stops waiting (the sender is dropped).
+                            handshaking.remove(&session);
                         }
                     }
                     due.insert(session);
@@ -576,5 +621,101 @@ fn pump<S: HubStore, P: Policy>(
         // Its last message (an Error) is queued: dropping the sender ends the stream after it.
         outbound.remove(&session);
         hub.close(session);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests: a panic is a failed test.
+
+    use std::pin::pin;
+
+    use futures_util::FutureExt;
+    use syncline_core::DocId;
+    use syncline_core::hub::AllowAll;
+    use syncline_core::identity::Identity;
+    use syncline_core::ops::Op;
+    use syncline_core::replica::{Replica, ReplicaOptions};
+    use syncline_core::store::SqliteHubStore;
+    use syncline_core::wire::{Auth, Push};
+
+    use super::*;
+
+    type Cmd = Command<SqliteHubStore, AllowAll>;
+
+    /// A push of one signed change, as a replica sends it.
+    fn push() -> Message {
+        let mut r =
+            Replica::open_in_memory(Identity::generate(), ReplicaOptions::default()).unwrap();
+        let doc = DocId::new("plant/a").unwrap();
+        let ops = Op::list_from_json(r#"[{"op":"put","path":["t"],"value":1}]"#).unwrap();
+        r.change(&doc, &ops).unwrap();
+        let entry = r.store().outbox_after(0, 1).unwrap().remove(0);
+        Message::Push(Push {
+            push_id: 1,
+            doc,
+            changes: vec![entry.signed.unwrap()],
+        })
+    }
+
+    fn incoming() -> (Incoming, watch::Sender<bool>) {
+        let (decided, decision) = watch::channel(false);
+        let incoming = Incoming {
+            session: 7,
+            auth: Some(Arc::new(AuthSeen {
+                decision,
+                auth_passed: AtomicBool::new(false),
+            })),
+        };
+        (incoming, decided)
+    }
+
+    fn auth() -> Message {
+        Message::Auth(Auth { signature: [0; 64] })
+    }
+
+    /// A push right behind its peer's `Auth` waits for the hub thread's decision on it, and is
+    /// verified in the connection task once the session is authenticated.
+    #[tokio::test]
+    async fn a_push_behind_its_auth_is_verified_here_once_the_session_is_authenticated() {
+        let (incoming, decided) = incoming();
+        assert!(matches!(
+            incoming.command::<_, _>(auth()).now_or_never(),
+            Some(Cmd::Message { .. })
+        ));
+        let mut waiting = pin!(incoming.command::<SqliteHubStore, AllowAll>(push()));
+        assert!(
+            waiting.as_mut().now_or_never().is_none(),
+            "the push waits for the decision on the Auth before it"
+        );
+        decided.send_replace(true);
+        assert!(matches!(waiting.await, Cmd::Push { session: 7, .. }));
+        // Later pushes are verified here at once.
+        assert!(matches!(
+            incoming
+                .command::<SqliteHubStore, AllowAll>(push())
+                .now_or_never(),
+            Some(Cmd::Push { .. })
+        ));
+    }
+
+    /// A push before any `Auth`, or behind one the hub thread refused, goes to the hub thread
+    /// unverified (which refuses it): nothing is verified for an unauthenticated peer.
+    #[tokio::test]
+    async fn a_push_of_an_unauthenticated_peer_is_not_verified_here() {
+        let (incoming, decided) = incoming();
+        assert!(matches!(
+            incoming
+                .command::<SqliteHubStore, AllowAll>(push())
+                .now_or_never(),
+            Some(Cmd::Message { .. })
+        ));
+        let _ = incoming
+            .command::<SqliteHubStore, AllowAll>(auth())
+            .now_or_never();
+        let mut waiting = pin!(incoming.command::<SqliteHubStore, AllowAll>(push()));
+        assert!(waiting.as_mut().now_or_never().is_none());
+        drop(decided);
+        assert!(matches!(waiting.await, Cmd::Message { session: 7, .. }));
     }
 }

@@ -26,15 +26,16 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Runs the stream until either direction ends. Outgoing messages come from `outbound`;
 /// `writable()` is sent to the owner whenever `outbound` has been drained, so the owner pumps
 /// more (it stops pumping while the channel is full). Each decoded message goes to the owner
-/// as `message(m)`; undecodable bytes are reported as `wire_error(e)` and end the stream.
+/// as what `message(m)` resolves to (in order: the next message is read after it); undecodable
+/// bytes are reported as `wire_error(e)` and end the stream.
 #[allow(clippy::too_many_arguments)] // Two call sites; each argument is named there.
-pub(crate) async fn run<C: Send>(
+pub(crate) async fn run<C: Send, M: Future<Output = C>>(
     traffic: Arc<Traffic>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     mut outbound: mpsc::Receiver<Message>,
     owner: mpsc::Sender<C>,
-    message: impl Fn(Message) -> C,
+    message: impl Fn(Message) -> M,
     writable: impl Fn() -> C,
     wire_error: impl Fn(WireError) -> Option<C>,
 ) -> Result<(), NetError> {
@@ -71,7 +72,7 @@ pub(crate) async fn run<C: Send>(
             loop {
                 match decoder.next_message() {
                     Ok(Some(m)) => owner
-                        .send(message(m))
+                        .send(message(m).await)
                         .await
                         .map_err(|_| NetError::Stopped)?,
                     Ok(None) => break,
