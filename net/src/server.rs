@@ -209,11 +209,9 @@ where
             session,
             // Pushes from the replicas (and peer hubs) that connect here, once authenticated;
             // on links this hub opened, the hub thread verifies what the peer sends.
-            auth: matches!(side, Side::Accepted).then(|| {
-                Arc::new(AuthSeen {
-                    decision,
-                    auth_passed: AtomicBool::new(false),
-                })
+            auth: matches!(side, Side::Accepted).then(|| AuthSeen {
+                decision,
+                auth_passed: AtomicBool::new(false),
             }),
         };
         Ok((session, out_rx, incoming))
@@ -253,7 +251,7 @@ where
 struct Incoming {
     session: SessionId,
     /// On sessions accepted here (`None` on links this hub opened).
-    auth: Option<Arc<AuthSeen>>,
+    auth: Option<AuthSeen>,
 }
 
 /// What a session's connection task knows of its authentication.
@@ -272,6 +270,9 @@ impl AuthSeen {
     /// session's messages stay in order. Before any `Auth`, a push is not waited for: the
     /// hub thread refuses it.
     async fn authenticated(&self) -> bool {
+        if *self.decision.borrow() {
+            return true;
+        }
         let mut decision = self.decision.clone();
         loop {
             if *decision.borrow_and_update() {
@@ -662,10 +663,10 @@ mod tests {
         let (decided, decision) = watch::channel(false);
         let incoming = Incoming {
             session: 7,
-            auth: Some(Arc::new(AuthSeen {
+            auth: Some(AuthSeen {
                 decision,
                 auth_passed: AtomicBool::new(false),
-            })),
+            }),
         };
         (incoming, decided)
     }
