@@ -326,7 +326,7 @@ fn verify_parallel_of(
     }
     parts.push((&docs[start..], changes));
     let mut all = Vec::new();
-    for r in crate::parallel::run(parts, |(d, c)| verify_batch_of(d, c)) {
+    for r in crate::parallel::run(parts, threads, |(d, c)| verify_batch_of(d, c)) {
         all.extend(r.unwrap_or_else(|| Err(thread_failed()))?);
     }
     Ok(all)
@@ -362,9 +362,15 @@ pub fn verify_docs_covered(
 ) -> Result<Vec<(DocId, Vec<VerifiedChange>)>, ChangeError> {
     let total: usize = batches.iter().map(|(_, c)| c.len()).sum();
     let threads = threads.min(total / MIN_PER_THREAD).max(1);
-    let parts = crate::parallel::split_by(batches, threads, |b| b.1.len());
+    let parts = if threads > 1 {
+        crate::parallel::split_by(batches, threads * crate::parallel::PARTS_PER_THREAD, |b| {
+            b.1.len()
+        })
+    } else {
+        vec![batches]
+    };
     let mut all = Vec::new();
-    for r in crate::parallel::run(parts, verify_covered_part) {
+    for r in crate::parallel::run(parts, threads, verify_covered_part) {
         all.extend(r.unwrap_or_else(|| Err(thread_failed()))?);
     }
     Ok(all)

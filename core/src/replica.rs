@@ -1875,7 +1875,8 @@ impl Replica {
         // Documents are independent: with enough changes, parts of them are applied on
         // threads of their own while this thread stores the changes, in a transaction that
         // commits only if every apply succeeds (changes a document refuses are taken out of
-        // it again). A small commit (a live change) is applied here, then stored.
+        // it again); once stored, this thread applies the parts still left. A small commit
+        // (a live change) is applied here, then stored.
         let max_pending = self.options.max_pending_per_doc;
         let patch_events = self.options.patch_events;
         let total: usize = work.iter().map(|w| w.2.len()).sum();
@@ -1920,8 +1921,12 @@ impl Replica {
             let applied = vec![Some(apply(items))];
             (applied, write())
         } else {
-            let parts = crate::parallel::split_by(items, threads, |i| i.2.len());
-            crate::parallel::run_beside(parts, apply, write)
+            let parts = crate::parallel::split_by(
+                items,
+                threads * crate::parallel::PARTS_PER_THREAD,
+                |i| i.2.len(),
+            );
+            crate::parallel::run_beside(parts, threads, apply, write)
         };
         let mut written = written?;
         let mut outcomes = Vec::with_capacity(work.len());
