@@ -60,3 +60,50 @@ pub fn http_get(addr: &str, path: &str) -> Result<String> {
         .context("no HTTP body")?;
     Ok(body)
 }
+
+/// The result of several runs of the reference on one workload: a failed run if there is one
+/// (the workload failed), otherwise the run of the median `seconds`, with every run's seconds
+/// in `runs_seconds`.
+pub fn median_run(runs: Vec<Value>) -> Value {
+    let seconds: Vec<Value> = runs.iter().map(|r| r["seconds"].clone()).collect();
+    let failed = runs
+        .iter()
+        .position(|r| r["converged"] != Value::Bool(true));
+    let mut pick = match failed {
+        Some(i) => runs.into_iter().nth(i),
+        None => {
+            let mut sorted: Vec<Value> = runs;
+            sorted.sort_by(|a, b| {
+                let s = |v: &Value| v["seconds"].as_f64().unwrap_or(f64::INFINITY);
+                s(a).total_cmp(&s(b))
+            });
+            let mid = sorted.len().saturating_sub(1) / 2;
+            sorted.into_iter().nth(mid)
+        }
+    }
+    .unwrap_or(Value::Null);
+    if pick.is_object() {
+        pick["runs_seconds"] = Value::Array(seconds);
+    }
+    pick
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_median_run_is_kept_with_every_runs_seconds_and_a_failure_wins() {
+        let ok = |s: f64| json!({"seconds": s, "converged": true});
+        let m = median_run(vec![ok(2.5), ok(6.1), ok(2.4), ok(2.7), ok(4.0)]);
+        assert_eq!(m["seconds"], 2.7);
+        assert_eq!(m["runs_seconds"], json!([2.5, 6.1, 2.4, 2.7, 4.0]));
+        let failed = json!({"seconds": 9.0, "converged": false, "error": "unavailable"});
+        let m = median_run(vec![ok(2.5), failed]);
+        assert_eq!(m["converged"], false);
+        assert_eq!(m["error"], "unavailable");
+        assert_eq!(m["runs_seconds"], json!([2.5, 9.0]));
+        assert_eq!(median_run(Vec::new()), Value::Null);
+    }
+}
