@@ -359,7 +359,20 @@ fn thread_failed() -> ChangeError {
 pub fn verify_docs_covered(
     batches: Vec<(DocId, Vec<SignedChange>)>,
     threads: usize,
-) -> Result<Vec<(DocId, Vec<VerifiedChange>)>, ChangeError> {
+) -> Result<VerifiedDocs, ChangeError> {
+    verify_docs_covered_beside(batches, threads, || ()).0
+}
+
+/// Changes verified per document, in input order.
+pub type VerifiedDocs = Vec<(DocId, Vec<VerifiedChange>)>;
+
+/// [`verify_docs_covered`] on up to `threads - 1` threads of its own while `beside` runs on
+/// the calling thread, which then verifies with them (`parallel::run_beside`).
+pub(crate) fn verify_docs_covered_beside<B>(
+    batches: Vec<(DocId, Vec<SignedChange>)>,
+    threads: usize,
+    beside: impl FnOnce() -> B,
+) -> (Result<VerifiedDocs, ChangeError>, B) {
     let total: usize = batches.iter().map(|(_, c)| c.len()).sum();
     let threads = threads.min(total / MIN_PER_THREAD).max(1);
     let parts = if threads > 1 {
@@ -369,11 +382,15 @@ pub fn verify_docs_covered(
     } else {
         vec![batches]
     };
+    let (results, b) = crate::parallel::run_beside(parts, threads - 1, verify_covered_part, beside);
     let mut all = Vec::new();
-    for r in crate::parallel::run(parts, threads, verify_covered_part) {
-        all.extend(r.unwrap_or_else(|| Err(thread_failed()))?);
+    for r in results {
+        match r.unwrap_or_else(|| Err(thread_failed())) {
+            Ok(part) => all.extend(part),
+            Err(e) => return (Err(e), b),
+        }
     }
-    Ok(all)
+    (Ok(all), b)
 }
 
 /// [`verify_docs_covered`] of one part, on one thread: one key decompression per author (the

@@ -1839,18 +1839,34 @@ impl Replica {
                 }
             }
         }
+        // A bucket forgotten during this session is left out: the hub keeps it.
+        let forgotten = |r: &Replica, doc: &DocId| {
+            !r.subscriptions.covers(doc) && r.options.rolling.iter().any(|p| p.split(doc).is_some())
+        };
+        let wanted: Vec<DocId> = received
+            .iter()
+            .filter(|(d, _)| !forgotten(self, d))
+            .map(|(d, _)| d.clone())
+            .collect();
         // One parallel batch for every message of the flush: many small documents verify on
-        // every core too.
-        let per_doc = change::verify_docs_covered(received, self.options.verify_threads)?;
+        // every core too. Meanwhile this thread reads the documents from the store (into the
+        // cache; a failed flush evicts them again), then verifies with the others.
+        let threads = self.options.verify_threads;
+        let (per_doc, loaded) = change::verify_docs_covered_beside(received, threads, || {
+            for doc in &wanted {
+                touched.push(doc.clone());
+                self.load(doc, true)?;
+            }
+            Ok::<_, Error>(())
+        });
+        loaded?;
+        let per_doc = per_doc?;
         // What is new to each document (dropping what it holds or waits for already).
         let mut work: Vec<(DocId, DocState, Vec<VerifiedChange>)> = Vec::new();
         for (doc, changes) in per_doc {
-            if !self.subscriptions.covers(&doc)
-                && self.options.rolling.iter().any(|p| p.split(&doc).is_some())
-            {
-                continue; // a bucket forgotten during this session: the hub keeps it
+            if forgotten(self, &doc) {
+                continue;
             }
-            touched.push(doc.clone());
             let state = self.load(&doc, true)?;
             let mut seen = HashSet::new();
             let fresh: Vec<VerifiedChange> = changes
@@ -2212,6 +2228,65 @@ mod tests {
             !r.store().commits_synced(),
             "the caught-up record committed unsynced"
         );
+    }
+
+    /// A large commit reads its documents while other threads verify it. When one of its
+    /// changes is forged, the commit fails and leaves no trace of the documents it read:
+    /// not in the store, not in memory either.
+    #[test]
+    fn a_large_commit_with_a_forged_change_leaves_no_document_behind() {
+        let mut hub = crate::hub::Hub::new(
+            Identity::generate(),
+            crate::store::SqliteHubStore::open_in_memory().unwrap(),
+            crate::hub::AllowAll,
+            None,
+        );
+        let options = ReplicaOptions {
+            verify_threads: 2,
+            ..ReplicaOptions::default()
+        };
+        let mut r = Replica::open_in_memory(Identity::generate(), options).unwrap();
+        let prefix = crate::ids::DocPrefix::new("plant/").unwrap();
+        r.subscribe(Target::Prefix(prefix)).unwrap();
+        let sid = crate::hub::suite::connect(&mut hub, &mut r);
+        let errors = crate::hub::suite::pump(&mut hub, &mut [(&mut r, sid)]);
+        assert!(errors.is_empty(), "{errors:?}");
+        // Four new documents of 40 changes each: enough for the verification to be split
+        // over threads (64 changes per thread at least).
+        let author = Identity::generate();
+        let docs: Vec<DocId> = (0..4)
+            .map(|d| DocId::new(format!("plant/m{d}")).unwrap())
+            .collect();
+        for (d, doc) in docs.iter().enumerate() {
+            let mut writer =
+                Document::new(doc.clone(), change::actor_for(&author.peer_id(), [1; 8]));
+            let mut changes = Vec::new();
+            for i in 0..40 {
+                let ops =
+                    Op::list_from_json(&json!([{"op":"put","path":["t"],"value":i}]).to_string())
+                        .unwrap();
+                let c = writer.apply_ops(&ops).unwrap().unwrap();
+                changes.push(change::sign(&author, doc, c).unwrap().signed().clone());
+            }
+            if d == docs.len() - 1 {
+                // The last change's signature covers the rest: it is the one checked.
+                changes[39].signature[0] ^= 1;
+            }
+            r.handle_message(Message::Changes(Changes {
+                doc: doc.clone(),
+                changes,
+                cursor: None,
+            }))
+            .unwrap();
+        }
+        assert!(r.flush().is_err(), "the forged change fails the commit");
+        for doc in &docs {
+            assert!(
+                matches!(r.doc(doc), Err(Error::UnknownDocument(_))),
+                "{doc} was read for the commit and is gone with it"
+            );
+        }
+        assert!(r.doc_ids().unwrap().is_empty());
     }
 
     #[test]
