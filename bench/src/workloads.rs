@@ -354,7 +354,7 @@ pub async fn many_docs(
     }
     let mut sorted = runs.clone();
     sorted.sort_by(f64::total_cmp);
-    let seconds = sorted[(sorted.len() - 1) / 2];
+    let seconds = percentile(&sorted, 50.0);
     Ok(CatchUp {
         docs,
         changes: docs * per_doc,

@@ -1851,14 +1851,15 @@ impl Replica {
         // One parallel batch for every message of the flush: many small documents verify on
         // every core too. Meanwhile this thread reads the documents from the store (into the
         // cache; a failed flush evicts them again), then verifies with the others.
-        let threads = self.options.verify_threads;
-        let (per_doc, loaded) = change::verify_docs_covered_beside(received, threads, || {
-            for doc in &wanted {
-                touched.push(doc.clone());
-                self.load(doc, true)?;
-            }
-            Ok::<_, Error>(())
-        });
+        let verify_threads = self.options.verify_threads;
+        let (per_doc, loaded) =
+            change::verify_docs_covered_beside(received, verify_threads, || {
+                for doc in &wanted {
+                    touched.push(doc.clone());
+                    self.load(doc, true)?;
+                }
+                Ok::<_, Error>(())
+            });
         loaded?;
         let per_doc = per_doc?;
         // What is new to each document (dropping what it holds or waits for already).
